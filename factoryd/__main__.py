@@ -1,0 +1,5 @@
+"""`python -m factoryd` runs the command line interface."""
+
+from factoryd.cli import main
+
+main()

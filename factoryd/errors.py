@@ -1,0 +1,222 @@
+"""The one exception tree of factoryd.
+
+Every layer raises only these, translating what it gets from below with
+``raise ... from exc``. ``transient`` says whether retrying the same step can help;
+the pipeline's retry policy reads that attribute and nothing else. Timeouts also
+inherit :class:`TimeoutError` so ``except TimeoutError`` keeps working.
+
+::
+
+    FactorydError                         (transient = False)
+    ├── ConfigError                       bad or missing configuration
+    ├── InputError                        bad input from a user/customer; nothing was changed
+    │   ├── IdListError                   an ID list refused whole (line and problem named)
+    │   └── BundleError                   a certificate bundle refused (reason named)
+    ├── LinkError                         serial link layer            (transient = True)
+    │   ├── LinkClosedError               the tty vanished or was closed
+    │   ├── LinkOpenError                 the tty could not be opened
+    │   └── FrameError                    a frame failed to decode (CRC, COBS, size)
+    ├── BoardError                        the board protocol layer
+    │   ├── BoardTimeoutError             no reply after every resend  (+ TimeoutError, transient)
+    │   ├── ProtocolViolationError        a malformed or unexpected reply (transient)
+    │   ├── BoardStatusError              the board answered with an error status
+    │   │   ├── BoardBusyError            (transient)
+    │   │   ├── BoardLockedError          the secure element is locked
+    │   │   └── FirmwareRejectedError     the bootloader refused the image
+    │   └── VerificationError             a reply that decodes but must not be trusted:
+    │       ├── CsrRejectedError          bad CSR signature, wrong CN, not P-256, extensions
+    │       ├── ReadbackMismatchError     an object read back differs from what was written
+    │       ├── ChallengeFailedError      the board's signature does not verify with its cert
+    │       └── IdentityMismatchError     the board answered with another board's identity
+    ├── LedgerError                       the allocation ledger
+    │   ├── LotNotFoundError
+    │   ├── LotStateError                 e.g. a closed or paused lot
+    │   ├── IdsExhaustedError             no available ID left in the lot
+    │   ├── ReservationConflictError      the ID/serial binding would break exactly-once
+    │   ├── SchemaVersionError            the database has a schema this build does not know
+    │   └── AuditChainError               the audit hash chain does not verify
+    ├── PkiError                          issuing and signing
+    │   ├── SignerError                   the CA key could not be used (passphrase, token)
+    │   └── IssuanceError                 a certificate could not be issued
+    ├── HubError                          switching ports, finding ttys    (transient = True)
+    │   ├── EnumerationTimeoutError       the tty did not appear in time (+ TimeoutError)
+    │   └── HubCommandError               the hub tool or driver failed
+    └── JobError                          a provisioning job ended without success
+        ├── JobAbortedError               stopped by the operator or shutdown
+        └── RefusedBoardError             the board may not be provisioned (already done, rework off)
+"""
+
+from __future__ import annotations
+
+
+class FactorydError(Exception):
+    """Base of every error factoryd raises on purpose."""
+
+    transient: bool = False
+
+    @property
+    def reason(self) -> str:
+        """A stable, label-safe reason code (used in metrics and events)."""
+        name = type(self).__name__.removesuffix("Error")
+        return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
+
+
+class ConfigError(FactorydError):
+    """Configuration is invalid or missing."""
+
+
+class InputError(FactorydError):
+    """User-supplied input was refused; nothing was stored."""
+
+
+class IdListError(InputError):
+    """A customer ID list was refused whole."""
+
+
+class BundleError(InputError):
+    """A customer certificate bundle was refused."""
+
+
+class LinkError(FactorydError):
+    """Serial link failure."""
+
+    transient = True
+
+
+class LinkClosedError(LinkError):
+    """The serial device vanished or was closed while requests were pending."""
+
+
+class LinkOpenError(LinkError):
+    """The serial device could not be opened."""
+
+
+class FrameError(LinkError):
+    """A frame could not be decoded."""
+
+
+class BoardError(FactorydError):
+    """Board protocol failure."""
+
+
+class BoardTimeoutError(BoardError, TimeoutError):
+    """The board did not answer after every resend."""
+
+    transient = True
+
+
+class ProtocolViolationError(BoardError):
+    """The board sent a reply that does not follow the protocol."""
+
+    transient = True
+
+
+class BoardStatusError(BoardError):
+    """The board answered with a non-OK status."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class BoardBusyError(BoardStatusError):
+    """The board is busy; try again."""
+
+    transient = True
+
+
+class BoardLockedError(BoardStatusError):
+    """The secure element is locked and refuses the change."""
+
+
+class FirmwareRejectedError(BoardStatusError):
+    """The bootloader refused a firmware image (bad signature or state)."""
+
+
+class VerificationError(BoardError):
+    """A reply decoded fine but failed verification; never retried blindly."""
+
+
+class CsrRejectedError(VerificationError):
+    """The CSR failed verification (signature, subject, key type, extensions)."""
+
+
+class ReadbackMismatchError(VerificationError):
+    """An object read back from the board differs from what was written."""
+
+    # A flaky write can be redone: the ledger keeps the reservation.
+    transient = True
+
+
+class ChallengeFailedError(VerificationError):
+    """The board's challenge signature does not verify with its issued certificate."""
+
+
+class IdentityMismatchError(VerificationError):
+    """The board reported another identity than the one this job started with."""
+
+
+class LedgerError(FactorydError):
+    """Allocation ledger failure."""
+
+
+class LotNotFoundError(LedgerError):
+    """No such lot."""
+
+
+class LotStateError(LedgerError):
+    """The lot is not in a state that allows the operation."""
+
+
+class IdsExhaustedError(LedgerError):
+    """The lot has no available IDs left."""
+
+
+class ReservationConflictError(LedgerError):
+    """The operation would bind an ID to two boards or a board to two IDs."""
+
+
+class SchemaVersionError(LedgerError):
+    """The database schema is unknown to this build."""
+
+
+class AuditChainError(LedgerError):
+    """The audit trail's hash chain does not verify."""
+
+
+class PkiError(FactorydError):
+    """Certificate issuing or signing failure."""
+
+
+class SignerError(PkiError):
+    """The CA key could not be used."""
+
+
+class IssuanceError(PkiError):
+    """A certificate could not be issued."""
+
+
+class HubError(FactorydError):
+    """Hub switching or tty resolution failure."""
+
+    transient = True
+
+
+class EnumerationTimeoutError(HubError, TimeoutError):
+    """The port's serial device did not appear in time."""
+
+
+class HubCommandError(HubError):
+    """A hub command or driver call failed."""
+
+
+class JobError(FactorydError):
+    """A provisioning job ended without success."""
+
+
+class JobAbortedError(JobError):
+    """The job was stopped by the operator or by shutdown."""
+
+
+class RefusedBoardError(JobError):
+    """The board may not be provisioned in this lot."""
