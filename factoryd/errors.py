@@ -15,10 +15,12 @@ inherit :class:`TimeoutError` so ``except TimeoutError`` keeps working.
     ├── LinkError                         serial link layer            (transient = True)
     │   ├── LinkClosedError               the tty vanished or was closed
     │   ├── LinkOpenError                 the tty could not be opened
-    │   └── FrameError                    a frame failed to decode (CRC, COBS, size)
+    │   └── FrameError                    a frame failed to decode (COBS, size, header)
+    │       └── CrcError                  the frame's CRC does not match
     ├── BoardError                        the board protocol layer
     │   ├── BoardTimeoutError             no reply after every resend  (+ TimeoutError, transient)
     │   ├── ProtocolViolationError        a malformed or unexpected reply (transient)
+    │   ├── BoardResetError               the board rebooted while a request was pending (transient)
     │   ├── BoardStatusError              the board answered with an error status
     │   │   ├── BoardBusyError            (transient)
     │   │   ├── BoardLockedError          the secure element is locked
@@ -95,6 +97,10 @@ class FrameError(LinkError):
     """A frame could not be decoded."""
 
 
+class CrcError(FrameError):
+    """A frame's CRC does not match its contents."""
+
+
 class BoardError(FactorydError):
     """Board protocol failure."""
 
@@ -111,12 +117,19 @@ class ProtocolViolationError(BoardError):
     transient = True
 
 
-class BoardStatusError(BoardError):
-    """The board answered with a non-OK status."""
+class BoardResetError(BoardError):
+    """The board rebooted (sent BOOT) while a request was pending."""
 
-    def __init__(self, message: str, status: int) -> None:
+    transient = True
+
+
+class BoardStatusError(BoardError):
+    """The board answered with a non-OK status; ``transient`` depends on the status."""
+
+    def __init__(self, message: str, status: int, *, transient: bool = False) -> None:
         super().__init__(message)
         self.status = status
+        self.transient = transient or type(self).transient
 
 
 class BoardBusyError(BoardStatusError):

@@ -1,0 +1,1 @@
+"""Alembic migration scripts of the ledger schema, run programmatically by ``Ledger.open``."""

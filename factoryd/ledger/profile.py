@@ -1,0 +1,56 @@
+"""The per-lot provisioning profile, stored as JSON in the lot row."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+ID_FORMAT_UUID = "uuid"
+ID_FORMAT_REGEX_PREFIX = "regex:"
+# Ten years: the usual lifetime of an industrial device certificate.
+DEFAULT_CERT_VALIDITY_DAYS = 3650
+# A hundred years is beyond any sane device lifetime; larger values are typos.
+MAX_CERT_VALIDITY_DAYS = 36_500
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+class LotProfile(BaseModel):
+    """How the boards of one lot are provisioned."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    protocol: Literal["factoryd-v1", "arduino-v1"] = "factoryd-v1"
+    id_format: str = ID_FORMAT_UUID
+    firmware_sha256: str | None = None
+    firmware_version: str | None = None
+    cert_validity_days: int = Field(default=DEFAULT_CERT_VALIDITY_DAYS, ge=1, le=MAX_CERT_VALIDITY_DAYS)
+    endpoint: str = Field(default="mqtts://iot.example.com:8883", min_length=1)
+    lock: bool = False
+    allow_rework: bool = False
+    max_attempts: int = Field(default=3, ge=1)
+
+    @field_validator("id_format")
+    @classmethod
+    def _check_id_format(cls, value: str) -> str:
+        if value == ID_FORMAT_UUID:
+            return value
+        if value.startswith(ID_FORMAT_REGEX_PREFIX):
+            pattern = value.removeprefix(ID_FORMAT_REGEX_PREFIX)
+            if not pattern:
+                raise ValueError("regex id_format has an empty pattern")
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"regex id_format does not compile: {exc}") from exc
+            return value
+        raise ValueError(f"id_format must be 'uuid' or 'regex:<pattern>', not {value!r}")
+
+    @field_validator("firmware_sha256")
+    @classmethod
+    def _check_sha256(cls, value: str | None) -> str | None:
+        if value is not None and not _SHA256_HEX.fullmatch(value):
+            raise ValueError("firmware_sha256 must be 64 lowercase hex digits")
+        return value

@@ -1,0 +1,140 @@
+"""SQLModel rows of the ledger. The schema itself is owned by the Alembic migrations."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlmodel import Field, SQLModel
+
+# Column sizes; IDs and serials beyond these are refused at the API before they reach SQL.
+NAME_MAX_CHARS = 64
+ID_MAX_CHARS = 128
+SERIAL_MAX_CHARS = 128
+LABEL_MAX_CHARS = 128
+AUDIT_HEAD_ROW_ID = 1
+GENESIS_HASH = "0" * 64
+
+
+def _ts(*, nullable: bool) -> Any:
+    return Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=nullable))
+
+
+class LotRow(SQLModel, table=True):
+    """One customer order."""
+
+    __tablename__ = "lot"
+    __table_args__ = (UniqueConstraint("name", name="uq_lot_name"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(sa_column=Column(String(NAME_MAX_CHARS), nullable=False))
+    customer: str = Field(sa_column=Column(String(LABEL_MAX_CHARS), nullable=False))
+    state: str = Field(sa_column=Column(String(16), nullable=False))
+    profile: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    target_quantity: int | None = Field(default=None, sa_column=Column(Integer, nullable=True))
+    created_at: datetime = _ts(nullable=False)
+
+
+class DeviceRow(SQLModel, table=True):
+    """One device ID from a customer's list and what became of it."""
+
+    __tablename__ = "device"
+    __table_args__ = (
+        # One serial never holds two IDs in a lot (NULLs, i.e. available IDs, do not collide).
+        UniqueConstraint("lot_id", "hw_serial", name="uq_device_lot_serial"),
+        # An ID is unique across every lot: it is never on two boards.
+        UniqueConstraint("device_id", name="uq_device_device_id"),
+        # The claim query: first available ID of a lot in import order.
+        Index("ix_device_lot_state", "lot_id", "state", "id"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    lot_id: int = Field(sa_column=Column(Integer, ForeignKey("lot.id", name="fk_device_lot"), nullable=False))
+    device_id: str = Field(sa_column=Column(String(ID_MAX_CHARS), nullable=False))
+    state: str = Field(sa_column=Column(String(16), nullable=False))
+    metadata_: dict[str, str] = Field(sa_column=Column("metadata", JSON, nullable=False))
+    hw_serial: str | None = Field(default=None, sa_column=Column(String(SERIAL_MAX_CHARS), nullable=True))
+    station: str | None = Field(default=None, sa_column=Column(String(LABEL_MAX_CHARS), nullable=True))
+    port: str | None = Field(default=None, sa_column=Column(String(LABEL_MAX_CHARS), nullable=True))
+    job_id: int | None = Field(default=None, sa_column=Column(Integer, nullable=True))
+    reserved_at: datetime | None = _ts(nullable=True)
+    provisioned_at: datetime | None = _ts(nullable=True)
+    cert_der: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))
+    cert_serial: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
+    cert_fingerprint_sha256: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
+    void_reason: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+
+
+class JobRow(SQLModel, table=True):
+    """One provisioning job on one port."""
+
+    __tablename__ = "job"
+
+    id: int | None = Field(default=None, primary_key=True)
+    lot_id: int = Field(
+        sa_column=Column(Integer, ForeignKey("lot.id", name="fk_job_lot"), nullable=False, index=True)
+    )
+    station: str = Field(sa_column=Column(String(LABEL_MAX_CHARS), nullable=False))
+    port: str = Field(sa_column=Column(String(LABEL_MAX_CHARS), nullable=False))
+    hw_serial: str | None = Field(default=None, sa_column=Column(String(SERIAL_MAX_CHARS), nullable=True))
+    started_at: datetime = _ts(nullable=False)
+    finished_at: datetime | None = _ts(nullable=True)
+    outcome: str | None = Field(default=None, sa_column=Column(String(32), nullable=True))
+    reason: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+
+
+class AttemptRow(SQLModel, table=True):
+    """One attempt of one pipeline step within a job."""
+
+    __tablename__ = "attempt"
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: int = Field(
+        sa_column=Column(Integer, ForeignKey("job.id", name="fk_attempt_job"), nullable=False, index=True)
+    )
+    step: str = Field(sa_column=Column(String(64), nullable=False))
+    outcome: str = Field(sa_column=Column(String(32), nullable=False))
+    reason: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    duration_s: float = Field(sa_column=Column(Float, nullable=False))
+    at: datetime = _ts(nullable=False)
+
+
+class AuditEntryRow(SQLModel, table=True):
+    """One link of the append-only, hash-chained audit trail."""
+
+    __tablename__ = "audit_entry"
+
+    seq: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    at: datetime = _ts(nullable=False)
+    actor: str = Field(sa_column=Column(String(LABEL_MAX_CHARS), nullable=False))
+    action: str = Field(sa_column=Column(String(64), nullable=False))
+    subject: str = Field(sa_column=Column(String(ID_MAX_CHARS + NAME_MAX_CHARS), nullable=False))
+    # Kept as the exact canonical JSON text that was hashed, so verification never
+    # depends on how a backend normalises JSON values.
+    details: str = Field(sa_column=Column(Text, nullable=False))
+    prev_hash: str = Field(sa_column=Column(String(64), nullable=False))
+    hash: str = Field(sa_column=Column(String(64), nullable=False))
+
+
+class AuditHeadRow(SQLModel, table=True):
+    """The single row that names the chain's last link; locked to serialise appends."""
+
+    __tablename__ = "audit_head"
+
+    id: int = Field(sa_column=Column(Integer, primary_key=True, autoincrement=False))
+    seq: int = Field(sa_column=Column(BigInteger, nullable=False))
+    hash: str = Field(sa_column=Column(String(64), nullable=False))

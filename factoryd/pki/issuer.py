@@ -1,0 +1,250 @@
+"""Verify device CSRs and issue device certificates with a lot's CA."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from factoryd.errors import BundleError, CsrRejectedError, IssuanceError
+from factoryd.pki.bundle import _validate_arduino
+from factoryd.pki.profile import CertProfile, arduino_subject, utc_now
+from factoryd.pki.signer import Signer, spki_der
+
+# CA/Browser Forum BR 7.1: at least 64 bits of CSPRNG output; 16 bytes leave a wide margin.
+SERIAL_BYTES = 16
+# A PEM CSR is well under 1 KiB; bigger input is refused before parsing.
+MAX_CSR_BYTES = 16 * 1024
+ACCEPTED_CSR_HASHES = ("sha256", "sha384", "sha512")
+# PKCS#9 extensionRequest: the one CSR attribute we tolerate (empty, or with allowed extensions).
+EXTENSION_REQUEST_OID = x509.ObjectIdentifier("1.2.840.113549.1.9.14")
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    """A freshly issued device certificate in the forms the pipeline and ledger need."""
+
+    cert: x509.Certificate
+    der: bytes
+    pem: str
+    serial_hex: str
+    fingerprint_sha256: str
+    not_before: dt.datetime
+    not_after: dt.datetime
+
+    @classmethod
+    def from_certificate(cls, cert: x509.Certificate) -> IssuedCertificate:
+        """Wrap an x509 certificate."""
+        der = cert.public_bytes(serialization.Encoding.DER)
+        return cls(
+            cert=cert,
+            der=der,
+            pem=cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
+            serial_hex=f"{cert.serial_number:x}",
+            fingerprint_sha256=hashlib.sha256(der).hexdigest(),
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+        )
+
+
+def parse_csr(csr_data: bytes) -> x509.CertificateSigningRequest:
+    """Parse a CSR given as DER or PEM, refusing with CsrRejectedError."""
+    if len(csr_data) > MAX_CSR_BYTES:
+        raise CsrRejectedError(f"CSR is too large: {len(csr_data)} bytes (limit {MAX_CSR_BYTES})")
+    try:
+        if csr_data.lstrip().startswith(b"-----BEGIN"):
+            return x509.load_pem_x509_csr(csr_data)
+        return x509.load_der_x509_csr(csr_data)
+    except ValueError as exc:
+        raise CsrRejectedError(f"CSR does not parse: {exc}") from None
+
+
+def verify_csr(
+    csr_data: bytes,
+    expected_cn: str,
+    *,
+    allowed_extensions: frozenset[x509.ObjectIdentifier] = frozenset(),
+) -> x509.CertificateSigningRequest:
+    """Check a device CSR: proof of possession, subject exactly CN=expected_cn, P-256 key, no extensions."""
+    csr = parse_csr(csr_data)
+    if not csr.is_signature_valid:
+        raise CsrRejectedError("CSR signature is invalid (no proof of possession of the key)")
+    hash_algorithm = csr.signature_hash_algorithm
+    if hash_algorithm is None or hash_algorithm.name not in ACCEPTED_CSR_HASHES:
+        name = hash_algorithm.name if hash_algorithm else "none"
+        raise CsrRejectedError(f"CSR signed with {name}; SHA-256 or stronger required")
+    attributes = [a for rdn in csr.subject.rdns for a in rdn]
+    if len(attributes) != 1 or attributes[0].oid != NameOID.COMMON_NAME:
+        raise CsrRejectedError(
+            f"CSR subject must be exactly CN={expected_cn}, got {csr.subject.rfc4514_string()!r}"
+        )
+    if attributes[0].value != expected_cn:
+        raise CsrRejectedError(f"CSR common name {attributes[0].value!r} is not the allocated ID {expected_cn!r}")
+    public_key = csr.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey) or public_key.curve.name != "secp256r1":
+        raise CsrRejectedError(f"CSR key is {_key_name(public_key)}; EC P-256 required")
+    for attribute in csr.attributes:
+        if attribute.oid != EXTENSION_REQUEST_OID:
+            raise CsrRejectedError(f"CSR carries a disallowed attribute {attribute.oid.dotted_string}")
+    try:
+        extensions = list(csr.extensions)
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
+        raise CsrRejectedError(f"CSR extensions do not parse: {exc}") from None
+    for extension in extensions:
+        if extension.oid not in allowed_extensions:
+            name = extension.oid._name or extension.oid.dotted_string
+            raise CsrRejectedError(f"CSR requests a disallowed extension {name} ({extension.oid.dotted_string})")
+    return csr
+
+
+def _key_name(key: object) -> str:
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return f"EC {key.curve.name}"
+    size = getattr(key, "key_size", None)
+    base = type(key).__name__.removeprefix("_").replace("PublicKey", "")
+    return f"{base} {size}" if size else base
+
+
+def random_serial() -> int:
+    """A positive serial from 16 CSPRNG bytes with the top bit cleared (>= 64 bits of entropy)."""
+    raw = bytearray(secrets.token_bytes(SERIAL_BYTES))
+    raw[0] &= 0x7F
+    return int.from_bytes(raw, "big") or 1
+
+
+def arduino_serial() -> int:
+    """A serial whose DER content is exactly 16 bytes (first byte 0x01..0x7F), as the board stores it."""
+    while True:
+        raw = bytearray(secrets.token_bytes(SERIAL_BYTES))
+        raw[0] &= 0x7F
+        if raw[0]:
+            return int.from_bytes(raw, "big")
+
+
+def key_identifier(public_key: ec.EllipticCurvePublicKey | object) -> bytes:
+    """RFC 5280 4.2.1.2 method 1 key identifier: SHA-1 of the subjectPublicKey bits (20 bytes)."""
+    return x509.SubjectKeyIdentifier.from_public_key(public_key).digest  # type: ignore[arg-type]
+
+
+class Issuer:
+    """Issues device certificates for one lot with its CA signer, chain and profile."""
+
+    def __init__(self, signer: Signer, chain: Sequence[x509.Certificate], profile: CertProfile) -> None:
+        if not chain:
+            raise IssuanceError("the CA chain is empty")
+        if spki_der(chain[0]) != spki_der(signer.certificate) or chain[0] != signer.certificate:
+            raise IssuanceError("chain[0] must be the signer's CA certificate")
+        if profile.kind == "arduino-v1":
+            try:
+                _validate_arduino(signer.certificate)
+            except BundleError as exc:
+                raise IssuanceError(str(exc)) from None
+        self._signer = signer
+        self._chain = tuple(chain)
+        self._profile = profile
+        ca = signer.certificate
+        try:
+            ski = ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+        except x509.ExtensionNotFound:
+            ski = key_identifier(ca.public_key())
+        self._aki = ski
+
+    def __repr__(self) -> str:
+        return f"Issuer(ca={self._signer.certificate.subject.rfc4514_string()!r}, profile={self._profile.kind!r})"
+
+    @property
+    def profile(self) -> CertProfile:
+        """The device certificate profile."""
+        return self._profile
+
+    @property
+    def chain(self) -> tuple[x509.Certificate, ...]:
+        """Issuing CA first, root last."""
+        return self._chain
+
+    @property
+    def authority_key_identifier(self) -> bytes:
+        """The key identifier put into every device certificate's AKI."""
+        return self._aki
+
+    def verify_csr(self, csr_der: bytes, expected_cn: str) -> x509.CertificateSigningRequest:
+        """Check a device CSR against this lot's profile (see module-level ``verify_csr``)."""
+        return verify_csr(csr_der, expected_cn, allowed_extensions=self._profile.allowed_csr_extensions)
+
+    def issue(
+        self, csr: x509.CertificateSigningRequest, device_id: str, *, now: dt.datetime | None = None
+    ) -> IssuedCertificate:
+        """Issue the device certificate for a verified CSR; refuses if the CA would expire first."""
+        public_key = csr.public_key()
+        if not isinstance(public_key, ec.EllipticCurvePublicKey) or public_key.curve.name != "secp256r1":
+            raise IssuanceError(f"device key is {_key_name(public_key)}; EC P-256 required")
+        now = utc_now(now)
+        not_before, not_after = self._profile.validity_window(now)
+        ca = self._signer.certificate
+        if now > ca.not_valid_after_utc or now < ca.not_valid_before_utc:
+            raise IssuanceError(
+                f"the CA certificate is not valid now (valid {ca.not_valid_before_utc:%Y-%m-%d} to "
+                f"{ca.not_valid_after_utc:%Y-%m-%d})"
+            )
+        if not_after > ca.not_valid_after_utc:
+            raise IssuanceError(
+                f"the CA certificate expires {ca.not_valid_after_utc:%Y-%m-%d %H:%M}Z, before the device "
+                f"certificate would ({not_after:%Y-%m-%d %H:%M}Z); shorten the device validity or renew the CA"
+            )
+        if not_before < ca.not_valid_before_utc:
+            if self._profile.kind == "arduino-v1":
+                raise IssuanceError(
+                    "arduino-v1: the CA became valid after the start of the current hour; "
+                    "issue again after the next full hour"
+                )
+            # Never start before the CA itself: path validation would fail on the overlap.
+            not_before = ca.not_valid_before_utc
+        aki = x509.AuthorityKeyIdentifier(self._aki, None, None)
+        builder = (
+            x509.CertificateBuilder()
+            .issuer_name(ca.subject)
+            .public_key(public_key)
+            .not_valid_before(not_before)
+            .not_valid_after(not_after)
+        )
+        if self._profile.kind == "arduino-v1":
+            # The board rebuilds exactly this shape from a template: AKI and nothing else.
+            builder = (
+                builder.subject_name(arduino_subject(device_id))
+                .serial_number(arduino_serial())
+                .add_extension(aki, critical=False)
+            )
+        else:
+            builder = (
+                builder.subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
+                .serial_number(random_serial())
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(
+                    x509.KeyUsage(
+                        digital_signature=True,
+                        content_commitment=False,
+                        key_encipherment=False,
+                        data_encipherment=False,
+                        key_agreement=False,
+                        key_cert_sign=False,
+                        crl_sign=False,
+                        encipher_only=False,
+                        decipher_only=False,
+                    ),
+                    critical=True,
+                )
+                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+                .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+                .add_extension(aki, critical=False)
+            )
+        cert = self._signer.sign_certificate(builder)
+        if self._profile.kind == "arduino-v1" and not isinstance(cert.signature_hash_algorithm, hashes.SHA256):
+            raise IssuanceError("arduino-v1 certificates must be signed with ecdsa-with-SHA256")
+        return IssuedCertificate.from_certificate(cert)

@@ -1,0 +1,357 @@
+"""The simulated board: provisioning firmware + bootloader + secure element, on the production codec.
+
+``SimBoard`` holds what survives a power cycle (secure element, installed firmware) and turns
+request frames into reply frames. It does no I/O: ``factoryd.sim.pty`` puts it behind a real
+pseudo-terminal. Faults are drawn from a seeded RNG so a failing run can be replayed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+from dataclasses import dataclass, field, fields
+from enum import StrEnum
+
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from factoryd.errors import ProtocolViolationError
+from factoryd.protocol.messages import (
+    HOST_PROTOCOL_VERSION,
+    MAX_FW_CHUNK,
+    MAX_OBJECT,
+    REQUEST_TYPES,
+    BoardInfo,
+    Command,
+    CsrReply,
+    DataReply,
+    DigestReply,
+    FwBegin,
+    FwChunk,
+    FwEnd,
+    GenKey,
+    GetCsr,
+    Hello,
+    Lock,
+    ObjectId,
+    PublicKeyReply,
+    Read,
+    Reboot,
+    Request,
+    Sign,
+    SignatureReply,
+    Status,
+    Write,
+)
+from factoryd.sim.firmware import FACTORY_FW_IMAGE, FACTORY_FW_VERSION, verify_firmware
+from factoryd.sim.secure_element import SeRefusal, SimSecureElement, make_csr
+from factoryd.transport.framing import Frame, FrameKind
+
+DEFAULT_MODEL = "factoryd-sim-m0"
+# Largest firmware image the simulated flash takes.
+MAX_FW_IMAGE = 1 << 20
+
+
+class Fault(StrEnum):
+    """Fault kinds the simulator can inject."""
+
+    CORRUPT_BYTE = "corrupt_byte"  # flip one byte of a reply on the wire
+    DROP_REPLY = "drop_reply"  # say nothing (the host resends; the reply cache answers)
+    HANG = "hang"  # stop answering until the next power cycle
+    RESET_MID_WRITE = "reset_mid_write"  # reboot during WRITE without storing
+    WRONG_CN = "wrong_cn"  # CSR for another subject
+    BAD_CSR_SIGNATURE = "bad_csr_signature"  # CSR whose signature does not verify
+    WEAK_KEY = "weak_key"  # CSR with a non-P-256 key
+    OVERSIZE_FRAME = "oversize_frame"  # a run of bytes longer than any frame before the reply
+    BOOT_GARBAGE = "boot_garbage"  # noise on the line at boot
+    READBACK_DIFFERS = "readback_differs"  # the object store keeps something else than it acknowledged
+
+
+@dataclass(frozen=True)
+class FaultPlan:
+    """Probability of each fault per opportunity (0..1); ``seed`` makes a run reproducible."""
+
+    corrupt_byte: float = 0.0
+    drop_reply: float = 0.0
+    hang: float = 0.0
+    reset_mid_write: float = 0.0
+    wrong_cn: float = 0.0
+    bad_csr_signature: float = 0.0
+    weak_key: float = 0.0
+    oversize_frame: float = 0.0
+    boot_garbage: float = 0.0
+    readback_differs: float = 0.0
+    seed: int = 0
+
+    @classmethod
+    def uniform(cls, probability: float, *, seed: int = 0) -> FaultPlan:
+        """Every fault kind at the same probability."""
+        return cls(**{f.value: probability for f in Fault}, seed=seed)
+
+    @classmethod
+    def only(cls, fault: Fault, probability: float = 1.0, *, seed: int = 0) -> FaultPlan:
+        """One fault kind only."""
+        return cls(**{fault.value: probability}, seed=seed)
+
+    def probability(self, fault: Fault) -> float:
+        """Probability of one fault kind."""
+        value: float = getattr(self, fault.value)
+        return value
+
+    def active(self) -> list[Fault]:
+        """The fault kinds with a non-zero probability."""
+        return [f for f in Fault if self.probability(f) > 0]
+
+
+NO_FAULTS = FaultPlan()
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How long the simulated hardware takes (all zero by default)."""
+
+    # None = no baud-rate limit; otherwise bytes take 10 bits each at this rate.
+    baudrate: int | None = None
+    boot_s: float = 0.0
+    keygen_s: float = 0.0
+    csr_s: float = 0.0
+    sign_s: float = 0.0
+    write_s: float = 0.0
+    lock_s: float = 0.0
+    fw_chunk_s: float = 0.0
+    # USB enumeration after port power-on, before the tty appears (used by the simulated hub).
+    enumerate_s: float = 0.0
+
+    @classmethod
+    def realistic(cls) -> Timing:
+        """A timing model of a real board.
+
+        115200 baud CDC-ACM bridge; ATECC608 keygen ~115 ms and ECDSA sign ~50 ms (Microchip
+        datasheet, plus firmware overhead); data-zone writes ~30 ms per object; bootloader +
+        sketch start ~0.5 s; USB enumeration ~1 s after power-on (hub power-good, debounce, reset,
+        CDC probe; HUBS.md).
+        """
+        return cls(
+            baudrate=115200,
+            boot_s=0.5,
+            keygen_s=0.115,
+            csr_s=0.06,
+            sign_s=0.05,
+            write_s=0.03,
+            lock_s=0.02,
+            fw_chunk_s=0.01,
+            enumerate_s=1.0,
+        )
+
+    def scaled(self, factor: float) -> Timing:
+        """Every delay multiplied by factor (the baud rate divided)."""
+        values = {f.name: getattr(self, f.name) * factor for f in fields(self) if f.name != "baudrate"}
+        baud = None if self.baudrate is None or factor == 0 else int(self.baudrate / factor)
+        return Timing(baudrate=baud, **values)
+
+
+ZERO_TIMING = Timing()
+
+
+@dataclass
+class _FwUpdate:
+    size: int
+    version: str
+    image: bytearray = field(default_factory=bytearray)
+
+
+class BoardReset(Exception):  # noqa: N818 - control flow inside the simulator, not an error
+    """The board resets now (REBOOT or an injected reset)."""
+
+
+class BoardHang(Exception):  # noqa: N818 - control flow inside the simulator, not an error
+    """The board stops answering until its next power cycle."""
+
+
+class SimBoard:
+    """A board's firmware logic; state survives power cycles, the reply cache does not."""
+
+    def __init__(
+        self,
+        *,
+        firmware_key: ec.EllipticCurvePublicKey | None = None,
+        se: SimSecureElement | None = None,
+        model: str = DEFAULT_MODEL,
+        faults: FaultPlan = NO_FAULTS,
+        timing: Timing = ZERO_TIMING,
+    ) -> None:
+        self.se = se or SimSecureElement()
+        self.model = model
+        self.firmware_key = firmware_key
+        self.fw_version = FACTORY_FW_VERSION
+        self.fw_sha256 = hashlib.sha256(FACTORY_FW_IMAGE).digest()
+        self.faults = faults
+        self.timing = timing
+        # Reproducible fault draws, not cryptography: a seeded PRNG is the point.
+        self.rng = random.Random(faults.seed ^ int.from_bytes(self.se.serial, "big"))  # noqa: S311
+        self.injected: dict[Fault, int] = {}
+        self.commands_handled = 0
+        self._fw: _FwUpdate | None = None
+        self._last_reply: tuple[int, int, Frame] | None = None
+
+    @property
+    def serial_hex(self) -> str:
+        """The secure-element serial as the ledger stores it."""
+        return self.se.serial.hex()
+
+    def info(self) -> BoardInfo:
+        """What HELLO and BOOT report."""
+        return BoardInfo(
+            version=HOST_PROTOCOL_VERSION,
+            model=self.model,
+            fw_version=self.fw_version,
+            fw_sha256=self.fw_sha256,
+            se_serial=self.se.serial,
+            locked=self.se.locked,
+            objects=frozenset(self.se.objects),
+            key_slots=frozenset(s for s in range(2) if self.se.has_key(s)),
+        )
+
+    def fault(self, kind: Fault) -> bool:
+        """Draw whether a fault happens at this opportunity, and count it."""
+        p = self.faults.probability(kind)
+        if p <= 0 or self.rng.random() >= p:
+            return False
+        self.injected[kind] = self.injected.get(kind, 0) + 1
+        return True
+
+    def power_on(self) -> None:
+        """Reset volatile state (reply cache, unfinished firmware update)."""
+        self._last_reply = None
+        self._fw = None
+
+    def boot_frame(self) -> Frame:
+        """The BOOT event the board sends after reset."""
+        return Frame(FrameKind.EVENT, 0, Command.BOOT, 0, self.info().encode())
+
+    def nack_frame(self) -> Frame:
+        """What the board sends after an undecodable frame."""
+        seq = self._last_reply[0] if self._last_reply else 0
+        return Frame(FrameKind.NACK, seq, 0, 0, b"")
+
+    async def handle(self, frame: Frame) -> Frame | None:
+        """Answer one frame; None for frames that get no answer.
+
+        Raises BoardReset or BoardHang for the transport to act on.
+        """
+        if frame.kind is not FrameKind.REQUEST:
+            return None
+        cached = self._last_reply
+        if cached is not None and cached[0] == frame.seq and cached[1] == frame.command:
+            return cached[2]  # a resend: answer again without running the command twice
+        self.commands_handled += 1
+        if self.fault(Fault.HANG):
+            raise BoardHang
+        request: Request | None = None
+        try:
+            command = Command(frame.command)
+            request = REQUEST_TYPES[command].decode(frame.payload)
+        except (ValueError, KeyError):
+            reply = self._reply(frame, Status.UNKNOWN_COMMAND)
+        except ProtocolViolationError:
+            reply = self._reply(frame, Status.BAD_ARGUMENT)
+        else:
+            try:
+                status, payload = await self._execute(request)
+            except SeRefusal as refusal:
+                status, payload = Status[refusal.status], b""
+            reply = self._reply(frame, status, payload)
+        self._last_reply = (frame.seq, frame.command, reply)
+        if isinstance(request, Reboot):
+            raise BoardReset(reply)
+        return reply
+
+    @staticmethod
+    def _reply(frame: Frame, status: Status, payload: bytes = b"") -> Frame:
+        return Frame(FrameKind.RESPONSE, frame.seq, frame.command, status, payload)
+
+    async def _execute(self, request: Request) -> tuple[Status, bytes]:
+        match request:
+            case Hello(host_version=v):
+                if v != HOST_PROTOCOL_VERSION:
+                    return Status.VERSION, b""
+                return Status.OK, self.info().encode()
+            case GenKey(slot=slot):
+                await _sleep(self.timing.keygen_s)
+                return Status.OK, PublicKeyReply(self.se.genkey(slot)).encode()
+            case GetCsr(slot=slot, common_name=cn):
+                await _sleep(self.timing.csr_s)
+                return Status.OK, CsrReply(self._csr(slot, cn)).encode()
+            case Write(obj=obj, data=data):
+                return await self._write(obj, data)
+            case Read(obj=obj):
+                return Status.OK, DataReply(self.se.objects.get(obj, b"")).encode()
+            case Sign(slot=slot, challenge=challenge):
+                await _sleep(self.timing.sign_s)
+                return Status.OK, SignatureReply(self.se.sign(slot, challenge)).encode()
+            case Lock():
+                await _sleep(self.timing.lock_s)
+                self.se.lock()
+                return Status.OK, b""
+            case Reboot():
+                return Status.OK, b""
+            case FwBegin() | FwChunk() | FwEnd():
+                return await self._firmware(request)
+
+    def _csr(self, slot: int, common_name: str) -> bytes:
+        if not self.se.has_key(slot):
+            raise SeRefusal("NO_KEY")
+        if self.fault(Fault.WRONG_CN):
+            return self.se.csr(slot, common_name[::-1])
+        if self.fault(Fault.WEAK_KEY):
+            # The fault is a weak key on purpose: the station must refuse it.
+            weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505
+            return make_csr(weak, common_name)
+        csr = self.se.csr(slot, common_name)
+        if self.fault(Fault.BAD_CSR_SIGNATURE):
+            # The DER signature ends the CSR: flipping its last byte keeps it parseable but invalid.
+            csr = csr[:-1] + bytes([csr[-1] ^ 0x01])
+        return csr
+
+    async def _write(self, obj: ObjectId, data: bytes) -> tuple[Status, bytes]:
+        if len(data) > MAX_OBJECT:
+            return Status.TOO_LARGE, b""
+        await _sleep(self.timing.write_s)
+        if self.fault(Fault.RESET_MID_WRITE):
+            raise BoardReset(None)
+        digest = self.se.store(obj, data)
+        if self.fault(Fault.READBACK_DIFFERS) and data:
+            self.se.objects[obj] = data[:-1] + bytes([data[-1] ^ 0x55])
+        return Status.OK, DigestReply(digest).encode()
+
+    async def _firmware(self, request: FwBegin | FwChunk | FwEnd) -> tuple[Status, bytes]:
+        if isinstance(request, FwBegin):
+            if request.size > MAX_FW_IMAGE or request.size == 0:
+                return Status.TOO_LARGE, b""
+            self._fw = _FwUpdate(request.size, request.version)
+            return Status.OK, b""
+        fw = self._fw
+        if fw is None:
+            return Status.FW_STATE, b""
+        if isinstance(request, FwChunk):
+            if request.offset != len(fw.image) or len(request.data) > MAX_FW_CHUNK:
+                return Status.FW_STATE, b""
+            if len(fw.image) + len(request.data) > fw.size:
+                return Status.FW_STATE, b""
+            await _sleep(self.timing.fw_chunk_s)
+            fw.image += request.data
+            return Status.OK, b""
+        self._fw = None
+        if len(fw.image) != fw.size:
+            return Status.FW_STATE, b""
+        image = bytes(fw.image)
+        if self.firmware_key is None or not verify_firmware(image, request.signature, self.firmware_key):
+            return Status.FW_SIGNATURE, b""
+        self.fw_version = fw.version
+        self.fw_sha256 = hashlib.sha256(image).digest()
+        return Status.OK, DigestReply(self.fw_sha256).encode()
+
+
+async def _sleep(seconds: float) -> None:
+    if seconds > 0:
+        await asyncio.sleep(seconds)

@@ -1,0 +1,159 @@
+"""A simulated board behind a real pseudo-terminal.
+
+The host opens the pty's slave path exactly like a ``/dev/ttyACM*``, so the production
+pyserial path runs. One ``PtyBoard`` is one power-on period: closing it is unplugging the
+board (the host's tty read fails, as with a vanished USB device).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import secrets
+import tty
+from collections.abc import AsyncIterator
+
+import structlog
+
+from factoryd.sim.board import BoardHang, BoardReset, Fault, SimBoard
+from factoryd.transport.framing import MAX_ENCODED_FRAME, Frame, FrameDecoder
+
+log = structlog.get_logger(__name__)
+
+READ_CHUNK = 65536
+# A write the host does not drain within this long is dropped, as a real UART would overrun.
+WRITE_STALL_S = 2.0
+_NACK = object()
+
+
+class PtyBoard:
+    """Serves one SimBoard on a fresh pseudo-terminal until closed."""
+
+    def __init__(self, board: SimBoard) -> None:
+        self.board = board
+        self._master, self._slave = os.openpty()
+        # Raw mode: no echo, no line editing, no CR/LF translation on the board's side.
+        tty.setraw(self._slave)
+        os.set_blocking(self._master, False)
+        self.path = os.ttyname(self._slave)
+        self._decoder = FrameDecoder()
+        self._inbox: asyncio.Queue[Frame | object] = asyncio.Queue()
+        self._closed = False
+        self.hung = False
+        asyncio.get_running_loop().add_reader(self._master, self._readable)
+
+    async def serve(self) -> None:
+        """Boot, then answer frames until cancelled or closed."""
+        try:
+            await self._boot()
+            while not self._closed:
+                item = await self._inbox.get()
+                if item is _NACK:
+                    await self._send(self.board.nack_frame().encode())
+                elif isinstance(item, Frame) and not self.hung:
+                    await self._answer(item)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Unplug: the host's tty goes away."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(ValueError, RuntimeError):  # loop already closed at interpreter exit
+            asyncio.get_running_loop().remove_reader(self._master)
+        for fd in (self._master, self._slave):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    async def _boot(self) -> None:
+        self.board.power_on()
+        timing = self.board.timing
+        if timing.boot_s > 0:
+            await asyncio.sleep(timing.boot_s)
+        if self.board.fault(Fault.BOOT_GARBAGE):
+            # Bootloader banner noise, with no frame delimiter in it.
+            await self._send(b"\r\nBOOT v1.2 ... " + secrets.token_bytes(40).replace(b"\x00", b"\x01"))
+        await self._send(self.board.boot_frame().encode())
+
+    async def _answer(self, frame: Frame) -> None:
+        board = self.board
+        try:
+            reply = await board.handle(frame)
+        except BoardHang:
+            self.hung = True
+            log.debug("sim board hangs", serial=board.serial_hex)
+            return
+        except BoardReset as reset:
+            ack = reset.args[0] if reset.args else None
+            if isinstance(ack, Frame):
+                await self._send(ack.encode())
+            self._drain_inbox()
+            await self._boot()
+            return
+        if reply is None:
+            return
+        if board.fault(Fault.DROP_REPLY):
+            return
+        if board.fault(Fault.OVERSIZE_FRAME):
+            await self._send(b"\x55" * (MAX_ENCODED_FRAME + 16))
+        data = reply.encode()
+        if board.fault(Fault.CORRUPT_BYTE):
+            i = board.rng.randrange(len(data) - 1)  # never the delimiter
+            flipped = data[i] ^ 0x5A or 0x01
+            data = data[:i] + bytes([flipped]) + data[i + 1 :]
+        await self._send(data)
+
+    def _drain_inbox(self) -> None:
+        while not self._inbox.empty():
+            self._inbox.get_nowait()
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self._master, READ_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.EIO:  # EIO: no process has the slave open right now
+                log.warning("sim pty read failed", error=str(exc))
+            return
+        for frame in self._decoder.feed(data):
+            self._inbox.put_nowait(frame)
+        for _ in range(self._decoder.take_errors()):
+            self._inbox.put_nowait(_NACK)
+
+    async def _send(self, data: bytes) -> None:
+        baud = self.board.timing.baudrate
+        if baud:
+            await asyncio.sleep(len(data) * 10 / baud)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WRITE_STALL_S
+        view = memoryview(data)
+        while view and not self._closed:
+            try:
+                written = os.write(self._master, view)
+            except BlockingIOError:
+                if loop.time() > deadline:
+                    log.debug("sim pty write stalled; dropping", pending=len(view))
+                    return
+                await asyncio.sleep(0.005)
+                continue
+            except OSError:
+                return
+            view = view[written:]
+
+
+@contextlib.asynccontextmanager
+async def serve_pty(board: SimBoard) -> AsyncIterator[PtyBoard]:
+    """Run a board behind a pty for the duration of the block; yields it (``.path`` is the tty)."""
+    pty_board = PtyBoard(board)
+    task = asyncio.create_task(pty_board.serve(), name=f"sim-board-{board.serial_hex}")
+    try:
+        yield pty_board
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        pty_board.close()

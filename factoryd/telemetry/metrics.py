@@ -1,0 +1,306 @@
+"""Prometheus metrics of one station (``factoryd_`` prefix, base units, no device-ID labels).
+
+Every metric lives in the :class:`Metrics` instance's own :class:`CollectorRegistry`, so tests and
+tools can create as many as they like. ``docs/metrics.md`` lists each metric, its labels and the
+PromQL of the Grafana panels. Label values that come from events (step, reason, outcome, lot, port)
+are cleaned and capped per label so that a bug upstream cannot explode the series count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+from wsgiref.simple_server import WSGIServer
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import make_asgi_app as _make_asgi_app
+from prometheus_client import start_http_server as _start_http_server
+
+from factoryd.errors import ConfigError
+from factoryd.telemetry.events import JobEvent, LotProgressUpdate, PortState, PortUpdate, TelemetrySink
+
+__all__ = [
+    "JOB_DURATION_BUCKETS_S",
+    "LOT_ID_STATES",
+    "STEP_DURATION_BUCKETS_S",
+    "Metrics",
+]
+
+_log = structlog.get_logger(__name__)
+
+# A whole job is seconds (native sim) to minutes (firmware flash over 115200 baud); 10 min is the
+# pipeline's outer limit, anything longer lands in +Inf.
+JOB_DURATION_BUCKETS_S = (2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0, 600.0)
+# Steps range from a HELLO round trip (ms) to key generation on an ECC608 (~1 s) and firmware chunks.
+STEP_DURATION_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+LOT_ID_STATES = ("available", "reserved", "provisioned", "void")
+FAILED_JOB_OUTCOMES = frozenset({"failed", "aborted", "refused"})
+
+# Distinct values kept per label before new ones are folded into "other". Steps and reasons are
+# enum-like (pipeline steps, FactorydError.reason) so real values stay far below these caps.
+MAX_STEP_LABELS = 64
+MAX_REASON_LABELS = 128
+MAX_PORT_LABELS = 512
+MAX_LOT_LABELS = 256
+LABEL_VALUE_MAX_CHARS = 64
+OTHER_LABEL = "other"
+NO_REASON_LABEL = "none"
+UNKNOWN_LABEL = "unknown"
+
+_LABEL_UNSAFE = re.compile(r"[^a-z0-9_.:-]+")
+
+
+class _LabelGuard:
+    """Cleans label values and folds values past the cap into ``other`` (bounded cardinality)."""
+
+    def __init__(self, limit: int, *, lowercase: bool = True) -> None:
+        self._limit = limit
+        self._lowercase = lowercase
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, value: str | None, default: str) -> str:
+        if value is None:
+            return default
+        text = value.lower() if self._lowercase else value
+        if self._lowercase:
+            text = _LABEL_UNSAFE.sub("_", text).strip("_")
+        text = text[:LABEL_VALUE_MAX_CHARS]
+        if not text:
+            return default
+        if text in self._seen:
+            return text
+        with self._lock:
+            if text in self._seen:
+                return text
+            if len(self._seen) >= self._limit:
+                return OTHER_LABEL
+            self._seen.add(text)
+        return text
+
+
+class Metrics(TelemetrySink):
+    """The station's Prometheus metrics; also a :class:`TelemetrySink`."""
+
+    def __init__(self, *, station: str, line: str, version: str) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self._steps = _LabelGuard(MAX_STEP_LABELS)
+        self._reasons = _LabelGuard(MAX_REASON_LABELS)
+        self._outcomes = _LabelGuard(16)
+        self._ports = _LabelGuard(MAX_PORT_LABELS, lowercase=False)
+        self._lots = _LabelGuard(MAX_LOT_LABELS, lowercase=False)
+
+        self.build_info = Gauge(
+            "factoryd_build_info",
+            "Always 1; labels carry the factoryd version and the station identity.",
+            ["version", "station", "line"],
+            registry=r,
+        )
+        self.build_info.labels(version=version, station=station, line=line).set(1)
+
+        self.jobs = Counter(
+            "factoryd_jobs",
+            "Finished provisioning jobs by outcome (ok, failed, aborted, refused) and reason code.",
+            ["outcome", "reason"],
+            registry=r,
+        )
+        self.jobs_first_pass = Counter(
+            "factoryd_jobs_first_pass",
+            "Finished jobs for first-pass yield: outcome=pass if it ended ok on attempt 1, else fail.",
+            ["outcome"],
+            registry=r,
+        )
+        self.job_failures = Counter(
+            "factoryd_job_failures",
+            "Failed jobs by the step that failed last and the reason code.",
+            ["step", "reason"],
+            registry=r,
+        )
+        self.job_duration = Histogram(
+            "factoryd_job_duration_seconds",
+            "Duration of finished jobs from power-on to the final outcome.",
+            ["outcome"],
+            buckets=JOB_DURATION_BUCKETS_S,
+            registry=r,
+        )
+        self.step_duration = Histogram(
+            "factoryd_step_duration_seconds",
+            "Duration of pipeline steps by step and outcome.",
+            ["step", "outcome"],
+            buckets=STEP_DURATION_BUCKETS_S,
+            registry=r,
+        )
+        self.retries = Counter(
+            "factoryd_retries",
+            "Retries (step-level and job-level) by the step that was retried.",
+            ["step"],
+            registry=r,
+        )
+        self.port_state = Gauge(
+            "factoryd_port_state",
+            "One-hot state of each hub port: 1 for the current state, 0 for the others.",
+            ["port", "state"],
+            registry=r,
+        )
+        self.port_state_since = Gauge(
+            "factoryd_port_state_since_timestamp_seconds",
+            "Unix time at which the port entered its current state.",
+            ["port"],
+            registry=r,
+        )
+        self.lot_ids = Gauge(
+            "factoryd_lot_ids",
+            "Device IDs of a lot by ledger state (available, reserved, provisioned, void).",
+            ["lot", "state"],
+            registry=r,
+        )
+        self.frames_sent = Counter(
+            "factoryd_frames_sent", "Protocol frames written to boards.", ["port"], registry=r
+        )
+        self.frames_received = Counter(
+            "factoryd_frames_received", "Protocol frames decoded from boards.", ["port"], registry=r
+        )
+        self.frame_crc_errors = Counter(
+            "factoryd_frame_crc_errors", "Frames from boards dropped for a bad CRC.", ["port"], registry=r
+        )
+        self.frame_resends = Counter(
+            "factoryd_frame_resends",
+            "Requests resent after a CRC error, NACK or timeout.",
+            ["port"],
+            registry=r,
+        )
+        self.mqtt_connected = Gauge(
+            "factoryd_mqtt_connected", "1 while connected to the MQTT broker, else 0.", registry=r
+        )
+        self.mqtt_queue_depth = Gauge(
+            "factoryd_mqtt_queue_depth", "MQTT events waiting to be published.", registry=r
+        )
+        self.mqtt_dropped = Counter(
+            "factoryd_mqtt_dropped",
+            "MQTT events dropped because the bounded queue was full (oldest first).",
+            registry=r,
+        )
+        self.mqtt_connected.set(0)
+
+    # -- direct instrumentation ---------------------------------------------------------------
+
+    def observe_step(self, step: str, duration_s: float, outcome: str) -> None:
+        """Record one pipeline step's duration and outcome."""
+        self.step_duration.labels(
+            step=self._steps(step, UNKNOWN_LABEL), outcome=self._outcomes(outcome, UNKNOWN_LABEL)
+        ).observe(max(duration_s, 0.0))
+
+    def frame_sent(self, port: str = UNKNOWN_LABEL, count: int = 1) -> None:
+        """Count frames written to a board."""
+        self.frames_sent.labels(port=self._ports(port, UNKNOWN_LABEL)).inc(count)
+
+    def frame_received(self, port: str = UNKNOWN_LABEL, count: int = 1) -> None:
+        """Count frames decoded from a board."""
+        self.frames_received.labels(port=self._ports(port, UNKNOWN_LABEL)).inc(count)
+
+    def crc_error(self, port: str = UNKNOWN_LABEL, count: int = 1) -> None:
+        """Count frames dropped for a bad CRC."""
+        self.frame_crc_errors.labels(port=self._ports(port, UNKNOWN_LABEL)).inc(count)
+
+    def resend(self, port: str = UNKNOWN_LABEL, count: int = 1) -> None:
+        """Count resent requests."""
+        self.frame_resends.labels(port=self._ports(port, UNKNOWN_LABEL)).inc(count)
+
+    def mqtt_state(self, connected: bool, queue_depth: int, dropped_total_increment: int = 0) -> None:
+        """Record the MQTT publisher's connection state, queue depth and new drops."""
+        self.mqtt_connected.set(1 if connected else 0)
+        self.mqtt_queue_depth.set(queue_depth)
+        if dropped_total_increment > 0:
+            self.mqtt_dropped.inc(dropped_total_increment)
+
+    # -- TelemetrySink --------------------------------------------------------------------------
+
+    def port_update(self, update: PortUpdate) -> None:
+        """Set the port's one-hot state gauge and its since-timestamp."""
+        try:
+            port = self._ports(update.port, UNKNOWN_LABEL)
+            for state in PortState:
+                self.port_state.labels(port=port, state=state.value).set(1 if state is update.state else 0)
+            self.port_state_since.labels(port=port).set(update.since.timestamp())
+        except Exception:  # a sink never raises (TelemetrySink contract)
+            _log.exception("metrics_port_update_failed", port=update.port)
+
+    def job_event(self, event: JobEvent) -> None:
+        """Update job, step, retry and first-pass metrics from a job event."""
+        try:
+            self._job_event(event)
+        except Exception:  # a sink never raises (TelemetrySink contract)
+            _log.exception("metrics_job_event_failed", kind=event.kind, port=event.port)
+
+    def _job_event(self, event: JobEvent) -> None:
+        if event.kind == "step":
+            if event.step is not None and event.duration_s is not None:
+                self.observe_step(event.step, event.duration_s, event.outcome or UNKNOWN_LABEL)
+        elif event.kind == "retry":
+            self.retries.labels(step=self._steps(event.step, UNKNOWN_LABEL)).inc()
+        elif event.kind in ("job_finished", "job_failed"):
+            if event.kind == "job_finished":
+                outcome, reason = "ok", NO_REASON_LABEL
+            else:
+                outcome = event.outcome if event.outcome in FAILED_JOB_OUTCOMES else "failed"
+                reason = self._reasons(event.reason, UNKNOWN_LABEL)
+                self.job_failures.labels(step=self._steps(event.step, UNKNOWN_LABEL), reason=reason).inc()
+            self.jobs.labels(outcome=outcome, reason=reason).inc()
+            first_pass = event.kind == "job_finished" and event.attempt <= 1
+            self.jobs_first_pass.labels(outcome="pass" if first_pass else "fail").inc()
+            if event.duration_s is not None:
+                self.job_duration.labels(outcome=outcome).observe(event.duration_s)
+
+    def lot_progress(self, update: LotProgressUpdate) -> None:
+        """Set the lot's ID counts by ledger state."""
+        try:
+            lot = self._lots(update.lot, UNKNOWN_LABEL)
+            for state in LOT_ID_STATES:
+                self.lot_ids.labels(lot=lot, state=state).set(getattr(update, state))
+        except Exception:  # a sink never raises (TelemetrySink contract)
+            _log.exception("metrics_lot_progress_failed", lot=update.lot)
+
+    # -- exposition -----------------------------------------------------------------------------
+
+    def exposition(self) -> bytes:
+        """The metrics in the Prometheus text format."""
+        return generate_latest(self.registry)
+
+    def asgi_app(self) -> Callable[..., Any]:
+        """An ASGI app serving this registry (mount it at ``/metrics`` in FastAPI)."""
+        return make_asgi_app(self.registry)
+
+    @contextlib.asynccontextmanager
+    async def serve(self, host: str, port: int) -> AsyncIterator[int]:
+        """Serve ``/metrics`` on host:port from a thread; yields the bound port (use 0 for any)."""
+        try:
+            server, thread = await asyncio.to_thread(_start_http_server, port, host, self.registry)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen for metrics on {host}:{port}: {exc}") from exc
+        try:
+            yield int(server.server_port)
+        finally:
+            await asyncio.to_thread(_stop_http_server, server, thread)
+
+
+def make_asgi_app(registry: CollectorRegistry) -> Callable[..., Any]:
+    """An ASGI app serving ``registry`` in the Prometheus text format."""
+    app: Callable[..., Any] = _make_asgi_app(registry=registry)
+    return app
+
+
+# serve_forever polls its shutdown flag every 0.5 s; joining for longer only waits on a stuck scrape.
+HTTP_SERVER_JOIN_TIMEOUT_S = 5.0
+
+
+def _stop_http_server(server: WSGIServer, thread: threading.Thread) -> None:
+    server.shutdown()
+    server.server_close()
+    thread.join(HTTP_SERVER_JOIN_TIMEOUT_S)

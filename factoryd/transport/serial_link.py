@@ -1,0 +1,177 @@
+"""The serial link: a tty opened through pyserial-asyncio-fast, carrying native frames.
+
+The link only moves frames. It hands every decoded frame and every decode error to one
+``LinkListener`` (the BoardClient) and tells it once when the tty goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from enum import Enum
+from types import TracebackType
+from typing import Protocol, Self
+
+import serial
+import serial_asyncio_fast
+
+from factoryd.errors import LinkClosedError, LinkOpenError
+from factoryd.transport.framing import Frame, FrameDecoder
+
+DEFAULT_BAUDRATE = 115200
+# Bits per byte on an 8N1 line: start + 8 data + stop.
+BITS_PER_BYTE = 10
+
+
+class LinkState(Enum):
+    """Connection state of a link."""
+
+    OPENING = "opening"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class LinkListener(Protocol):
+    """What the link reports upward."""
+
+    def frame_received(self, frame: Frame) -> None:
+        """A frame arrived."""
+
+    def frame_errors(self, count: int) -> None:
+        """Undecodable frames arrived (bad CRC, COBS, size)."""
+
+    def link_lost(self, exc: BaseException | None) -> None:
+        """The tty closed or vanished; no more frames will arrive."""
+
+
+@dataclass
+class LinkStats:
+    """Traffic counters of one link."""
+
+    frames_sent: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+
+@dataclass
+class _NullListener:
+    """Listener used before the client attaches."""
+
+    frames: list[Frame] = field(default_factory=list)
+
+    def frame_received(self, frame: Frame) -> None:
+        self.frames.append(frame)
+
+    def frame_errors(self, count: int) -> None:
+        pass
+
+    def link_lost(self, exc: BaseException | None) -> None:
+        pass
+
+
+class _SerialProtocol(asyncio.Protocol):
+    def __init__(self, link: SerialLink) -> None:
+        self._link = link
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._link._connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._link._data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._link._connection_lost(exc)
+
+
+class SerialLink:
+    """One open serial device carrying native protocol frames."""
+
+    def __init__(self, path: str, *, baudrate: int = DEFAULT_BAUDRATE) -> None:
+        self.path = path
+        self.baudrate = baudrate
+        self.state = LinkState.OPENING
+        self.decoder = FrameDecoder()
+        self.stats = LinkStats()
+        self._listener: LinkListener = _NullListener()
+        self._transport: asyncio.BaseTransport | None = None
+        self._closed = asyncio.get_running_loop().create_future()
+
+    @classmethod
+    async def open(cls, path: str, *, baudrate: int = DEFAULT_BAUDRATE) -> Self:
+        """Open the tty; raise LinkOpenError naming the path when it cannot be opened."""
+        link = cls(path, baudrate=baudrate)
+        loop = asyncio.get_running_loop()
+        try:
+            transport, _ = await serial_asyncio_fast.create_serial_connection(
+                loop, lambda: _SerialProtocol(link), path, baudrate=baudrate
+            )
+        except (serial.SerialException, OSError) as exc:
+            link.state = LinkState.CLOSED
+            raise LinkOpenError(f"cannot open serial device {path}: {exc}") from exc
+        # connection_made() runs on the next loop iteration; the link is usable now.
+        link._connection_made(transport)
+        return link
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def attach(self, listener: LinkListener) -> None:
+        """Route frames to a listener; frames that arrived before are replayed to it."""
+        early = self._listener
+        self._listener = listener
+        if isinstance(early, _NullListener):
+            for frame in early.frames:
+                listener.frame_received(frame)
+        if self.state is LinkState.CLOSED:
+            listener.link_lost(None)
+
+    def send(self, frame: Frame) -> None:
+        """Queue one frame for sending; raise LinkClosedError when the link is gone."""
+        transport = self._transport
+        if self.state is not LinkState.OPEN or not isinstance(transport, asyncio.WriteTransport):
+            raise LinkClosedError(f"serial link {self.path} is closed")
+        data = frame.encode()
+        self.stats.frames_sent += 1
+        self.stats.bytes_sent += len(data)
+        transport.write(data)
+
+    def wire_time_s(self, nbytes: int) -> float:
+        """Seconds that nbytes take on the line at the link's baud rate."""
+        return nbytes * BITS_PER_BYTE / self.baudrate
+
+    async def close(self) -> None:
+        """Close the tty and wait until the transport is gone."""
+        if self._transport is not None and self.state is not LinkState.CLOSED:
+            self._transport.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._closed), 2.0)
+        self.state = LinkState.CLOSED
+
+    async def wait_closed(self) -> None:
+        """Wait until the tty is gone."""
+        await asyncio.shield(self._closed)
+
+    def _connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.state is LinkState.OPENING:
+            self._transport = transport
+            self.state = LinkState.OPEN
+
+    def _data_received(self, data: bytes) -> None:
+        self.stats.bytes_received += len(data)
+        for frame in self.decoder.feed(data):
+            self._listener.frame_received(frame)
+        errors = self.decoder.take_errors()
+        if errors:
+            self._listener.frame_errors(errors)
+
+    def _connection_lost(self, exc: Exception | None) -> None:
+        self.state = LinkState.CLOSED
+        if not self._closed.done():
+            self._closed.set_result(None)
+        self._listener.link_lost(exc)

@@ -1,0 +1,55 @@
+"""Shared fixtures: leftover-task check, simulated boards behind real PTYs."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from factoryd.protocol.client import BoardClient, Timeouts
+from factoryd.sim.board import FaultPlan, SimBoard
+from factoryd.sim.pty import PtyBoard, serve_pty
+
+# Short timeouts so fault tests that wait for resends stay fast.
+FAST_TIMEOUTS = Timeouts(
+    hello_s=0.2,
+    keygen_s=0.3,
+    csr_s=0.3,
+    write_s=0.3,
+    read_s=0.2,
+    sign_s=0.3,
+    lock_s=0.2,
+    reboot_s=0.2,
+    fw_chunk_s=0.2,
+    fw_end_s=0.3,
+)
+
+
+@pytest.fixture(autouse=True)
+async def no_leftover_tasks() -> AsyncIterator[None]:
+    """Fail a test that leaves tasks running behind it."""
+    before = asyncio.all_tasks()
+    yield
+    await asyncio.sleep(0)
+    leftover = [t for t in asyncio.all_tasks() - before if not t.done() and t is not asyncio.current_task()]
+    assert not leftover, f"tasks left behind: {[t.get_name() for t in leftover]}"
+
+
+@pytest.fixture
+async def sim_board() -> AsyncIterator[PtyBoard]:
+    """One fault-free simulated board behind a real PTY."""
+    async with serve_pty(SimBoard()) as pty_board:
+        yield pty_board
+
+
+@pytest.fixture
+async def client(sim_board: PtyBoard) -> AsyncIterator[BoardClient]:
+    """A client on the production serial path to the simulated board."""
+    async with await BoardClient.open(sim_board.path, timeouts=FAST_TIMEOUTS) as c:
+        yield c
+
+
+def faulty_board(fault_plan: FaultPlan) -> SimBoard:
+    """A board with a fault plan."""
+    return SimBoard(faults=fault_plan)
