@@ -19,18 +19,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import getpass
+import json
 import os
 import shutil
 import signal
 import socket
+import ssl
+import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import aiomqtt
 import pytest
 import pytest_asyncio
 
-__all__ = ["BrokerTls", "MosquittoBroker", "mqtt_broker", "mqtt_broker_factory"]
+__all__ = [
+    "BrokerTls",
+    "MosquittoBroker",
+    "MqttRecorder",
+    "TcpGate",
+    "free_port",
+    "mqtt_broker",
+    "mqtt_broker_factory",
+]
 
 LOOPBACK = "127.0.0.1"
 BROKER_START_TIMEOUT_S = 10.0
@@ -199,6 +212,147 @@ class MosquittoBroker:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
+
+
+class TcpGate:
+    """A TCP forwarder in front of a broker: closed (connection refused), open, or cut (drop links).
+
+    Cutting drops every live connection without an MQTT DISCONNECT, as a pulled cable would, so the
+    broker publishes the client's last will while the broker itself stays up.
+    """
+
+    host = LOOPBACK
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self._target = (target_host, target_port)
+        self.port = free_port()
+        self._server: asyncio.Server | None = None
+        self._links: dict[asyncio.Task[None], list[asyncio.StreamWriter]] = {}
+
+    async def open(self) -> None:
+        """Start accepting and forwarding connections."""
+        if self._server is None:
+            self._server = await asyncio.start_server(self._handle, self.host, self.port)
+
+    async def cut(self) -> None:
+        """Drop every live connection at once (the listener stays as it is)."""
+        for writers in self._links.values():
+            for writer in writers:
+                writer.transport.abort()
+        if self._links:
+            await asyncio.wait(list(self._links))
+
+    async def close(self) -> None:
+        """Stop listening (new connections are refused) and drop live ones."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        await self.cut()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is None:
+            return
+        writers = [writer]
+        self._links[task] = writers
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self._target)
+            writers.append(up_writer)
+            await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer))
+        except OSError:
+            pass
+        finally:
+            for w in writers:
+                w.transport.abort()
+            del self._links[task]
+
+    @staticmethod
+    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        # End of one direction ends the link: the other pump then sees EOF on the same socket.
+        writer.transport.abort()
+
+    async def __aenter__(self) -> TcpGate:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+class MqttRecorder:
+    """Subscribes to a topic filter and keeps every message, for asserting what was published."""
+
+    def __init__(
+        self,
+        broker: MosquittoBroker,
+        topic_filter: str = "factory/#",
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        tls_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self._client = aiomqtt.Client(
+            broker.host,
+            broker.port,
+            username=username,
+            password=password,
+            tls_context=tls_context,
+            identifier=f"recorder-{uuid.uuid4().hex[:8]}",
+        )
+        self._filter = topic_filter
+        self.messages: list[aiomqtt.Message] = []
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> MqttRecorder:
+        await self._client.__aenter__()
+        await self._client.subscribe(self._filter, qos=1)
+        self._task = asyncio.create_task(self._read(), name="mqtt-recorder")
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                await self._task
+        with contextlib.suppress(aiomqtt.MqttError):
+            await self._client.__aexit__(None, None, None)
+
+    async def _read(self) -> None:
+        async for message in self._client.messages:
+            self.messages.append(message)
+            self._changed.set()
+
+    def on(self, suffix: str) -> list[dict[str, Any]]:
+        """Decoded payloads of every message whose topic ends with ``suffix``, oldest first."""
+        return [_decode(m.payload) for m in self.messages if m.topic.value.endswith(suffix)]
+
+    def latest(self, suffix: str) -> dict[str, Any] | None:
+        """The newest decoded payload on a topic ending with ``suffix``."""
+        found = self.on(suffix)
+        return found[-1] if found else None
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
+        """Wait until ``predicate()`` holds; fail the test with what was received otherwise."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while not predicate():
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            got = [(m.topic.value, m.payload) for m in self.messages]
+            pytest.fail(f"condition not met within {timeout_s} s; received: {got}")
+
+
+def _decode(payload: object) -> dict[str, Any]:
+    if not isinstance(payload, bytes | bytearray):
+        pytest.fail(f"expected a bytes payload from the broker, got {payload!r}")
+    decoded: dict[str, Any] = json.loads(payload)
+    return decoded
 
 
 BrokerFactory = Callable[..., MosquittoBroker]

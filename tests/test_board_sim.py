@@ -24,7 +24,7 @@ from factoryd.errors import (
 from factoryd.protocol.client import BoardClient
 from factoryd.protocol.messages import ObjectId, Status
 from factoryd.sim.board import Fault, FaultPlan, SimBoard
-from factoryd.sim.firmware import sign_firmware
+from factoryd.firmware import sign_firmware
 from factoryd.sim.pty import PtyBoard, serve_pty
 from tests.conftest import FAST_TIMEOUTS
 

@@ -68,7 +68,9 @@ def verify_chain(links: Iterable[AuditLink], *, head_seq: int, head_hash: str) -
                 f"audit chain broken at seq {expected_seq}: entry missing (next entry is seq {link.seq})"
             )
         if link.prev_hash != prev_hash:
-            raise AuditChainError(f"audit chain broken at seq {link.seq}: prev_hash does not match seq {link.seq - 1}")
+            raise AuditChainError(
+                f"audit chain broken at seq {link.seq}: prev_hash does not match seq {link.seq - 1}"
+            )
         try:
             recomputed = link_hash(
                 seq=link.seq,

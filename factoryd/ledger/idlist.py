@@ -115,7 +115,7 @@ def _decode(data: bytes, source: str) -> str:
         position = exc.start + offset
         line = data.count(b"\n", 0, exc.start) + 1
         raise IdListError(
-            f"{source}: not UTF-8 at byte {position} (line {line}); save the list as UTF-8; nothing was imported"
+            f"{source}: not UTF-8 at byte {position} (line {line}); save it as UTF-8; nothing was imported"
         ) from exc
     # Lines as an editor shows them: \r\n and a lone \r both end a line.
     return text.replace("\r\n", "\n").replace("\r", "\n")
@@ -178,7 +178,9 @@ def _parse_csv(text: str, problems: _Problems, source: str) -> Iterator[ParsedId
         except StopIteration:
             break
         except csv.Error as exc:
-            raise IdListError(f"{source}: line {reader.line_num}: bad CSV ({exc}); nothing was imported") from exc
+            raise IdListError(
+                f"{source}: line {reader.line_num}: bad CSV ({exc}); nothing was imported"
+            ) from exc
         last_line = reader.line_num
         if not any(cell.strip() for cell in row):
             continue
@@ -241,7 +243,9 @@ def _parse_json(text: str, problems: _Problems, source: str) -> Iterator[ParsedI
     try:
         document = json.loads(text, parse_constant=_refuse_constant)
     except json.JSONDecodeError as exc:
-        raise IdListError(f"{source}: line {exc.lineno}: invalid JSON ({exc.msg}); nothing was imported") from exc
+        raise IdListError(
+            f"{source}: line {exc.lineno}: invalid JSON ({exc.msg}); nothing was imported"
+        ) from exc
     except (ValueError, RecursionError) as exc:
         raise IdListError(f"{source}: invalid JSON ({exc}); nothing was imported") from exc
     if not isinstance(document, list):
@@ -295,6 +299,19 @@ def _json_element_lines(text: str) -> Iterator[int]:
         _, index = decoder.raw_decode(text, index)
 
 
+def list_source(filename: str | None) -> str:
+    """How error messages name a list."""
+    return f"ID list {filename!r}" if filename else "ID list"
+
+
+def check_size(data: bytes, max_bytes: int, source: str) -> None:
+    """Refuse a list larger than ``max_bytes``."""
+    if len(data) > max_bytes:
+        raise IdListError(
+            f"{source}: {len(data)} bytes is over the size limit of {max_bytes} bytes; nothing was imported"
+        )
+
+
 def parse_id_list(
     data: bytes,
     *,
@@ -304,11 +321,8 @@ def parse_id_list(
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> ParsedList:
     """Parse and validate a whole ID list or raise :class:`IdListError` naming line and problem."""
-    source = f"ID list {filename!r}" if filename else "ID list"
-    if len(data) > max_bytes:
-        raise IdListError(
-            f"{source}: {len(data)} bytes is over the size limit of {max_bytes} bytes; nothing was imported"
-        )
+    source = list_source(filename)
+    check_size(data, max_bytes, source)
     text = _decode(data, source)
     resolved = _resolve_format(text, filename, fmt, source)
     validate = make_id_validator(id_format)

@@ -34,7 +34,8 @@ PUBLIC_KEY_BYTES = 64  # X||Y of a P-256 point, as the secure element returns it
 UTCTIME_LAST_YEAR = 2049
 
 _ECDSA_SHA256 = der.encode(der.TAG_SEQUENCE, der.encode(der.TAG_OID, bytes.fromhex("2a8648ce3d040302")))
-_P256_SPKI_PREFIX = bytes.fromhex("3059301306072a8648ce3d020106082a8648ce3d030107034200") + b"\x04"
+# AlgorithmIdentifier(ecPublicKey, prime256v1) and the BIT STRING header of an uncompressed point.
+_P256_SPKI_BODY_PREFIX = bytes.fromhex("301306072a8648ce3d020106082a8648ce3d03010703420004")
 _AKI_OID = der.encode(der.TAG_OID, bytes.fromhex("551d23"))
 
 
@@ -99,7 +100,9 @@ def arduino_compressed_fields(cert: x509.Certificate) -> ArduinoCertFields:
     end = cert.not_valid_after_utc
     years = end.year - start.year
     if start.minute or start.second or end != _add_years(start, years) or not 1 <= years <= 31:
-        raise IssuanceError("not an arduino-v1 certificate: validity must start on the hour and last N whole years")
+        raise IssuanceError(
+            "not an arduino-v1 certificate: validity must start on the hour and last N whole years"
+        )
     return ArduinoCertFields(
         serial16=cert.serial_number.to_bytes(SERIAL_BYTES, "big"),
         aki20=aki.key_identifier,
@@ -149,7 +152,7 @@ def arduino_reconstruct_certificate(fields: ArduinoCertFields, device_id: str, p
         + ARDUINO_ISSUER.public_bytes()
         + validity
         + arduino_subject(device_id).public_bytes()
-        + der.encode(der.TAG_SEQUENCE, _P256_SPKI_PREFIX[2:] + public_key64)
+        + der.encode(der.TAG_SEQUENCE, _P256_SPKI_BODY_PREFIX + public_key64)
         + extensions,
     )
     r = int.from_bytes(fields.signature64[:32], "big")

@@ -7,12 +7,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from factoryd.errors import BundleError
+from factoryd.errors import BundleError, IssuanceError
 from factoryd.pki.profile import ARDUINO_ISSUER, CertProfile, utc_now
 from factoryd.pki.signer import CaPrivateKey, SoftwareSigner, key_problem, spki_der
 
@@ -86,7 +86,9 @@ def load_pkcs12_bundle(
         parsed = pkcs12.load_pkcs12(data, bytes(passphrase))
     except ValueError as exc:
         if "password" in str(exc).lower():
-            raise BundleError("wrong passphrase for the PKCS#12 file (or its integrity check failed)") from None
+            raise BundleError(
+                "wrong passphrase for the PKCS#12 file (or its integrity check failed)"
+            ) from None
         raise BundleError("malformed PKCS#12 file: could not be parsed") from None
     if parsed.key is None:
         raise BundleError("malformed PKCS#12 file: it holds no private key")
@@ -126,9 +128,8 @@ def load_pem_bundle(
         if "password" in str(exc).lower() or "decrypt" in str(exc).lower():
             raise BundleError("wrong passphrase for the CA private key") from None
         raise BundleError("malformed key file: no readable PEM private key") from None
-    except Exception:
-        # Unsupported key algorithms surface as UnsupportedAlgorithm from the backend.
-        raise BundleError("malformed key file: key could not be loaded") from None
+    except UnsupportedAlgorithm:
+        raise BundleError("unsupported key type: the key file's algorithm is not supported") from None
     if not isinstance(loaded, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
         raise BundleError(_unsupported(loaded.public_key()))
     certs = _load_pem_certs("chain file", chain_pem)
@@ -136,7 +137,9 @@ def load_pem_bundle(
     return _assemble(loaded, certs, anchors, profile=profile, now=now, extras_are_anchors=False)
 
 
-def validate_bundle(bundle: CaBundle, profile: CertProfile | None = None, now: dt.datetime | None = None) -> None:
+def validate_bundle(
+    bundle: CaBundle, profile: CertProfile | None = None, now: dt.datetime | None = None
+) -> None:
     """Re-run every bundle check on an assembled bundle (e.g. before starting a lot)."""
     _validate(bundle, profile or CertProfile(), utc_now(now))
 
@@ -178,7 +181,9 @@ def _assemble(
     key_spki = spki_der(key.public_key())
     matching = [c for c in certs if spki_der(c) == key_spki]
     if not matching:
-        raise BundleError("private key does not match the CA certificate (no certificate carries its public key)")
+        raise BundleError(
+            "private key does not match the CA certificate (no certificate carries its public key)"
+        )
     ca_cert = matching[0]
     pool = [c for c in certs if c is not ca_cert]
     chain = _build_chain(ca_cert, pool)
@@ -227,7 +232,9 @@ def _check_signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> None:
     try:
         cert.verify_directly_issued_by(issuer)
     except (InvalidSignature, ValueError, TypeError):
-        raise BundleError(f"chain does not verify: the self-signature of root {describe(cert)} is invalid") from None
+        raise BundleError(
+            f"chain does not verify: the self-signature of root {describe(cert)} is invalid"
+        ) from None
 
 
 def _ext(cert: x509.Certificate, kind: type[x509.ExtensionType]) -> x509.ExtensionType | None:
@@ -254,13 +261,19 @@ def _validate(bundle: CaBundle, profile: CertProfile, now: dt.datetime) -> None:
         below = index
         if basic.path_length is not None and below > basic.path_length:
             raise BundleError(
-                f"path length violated: {role} allows {basic.path_length} CA(s) below it, the chain has {below}"
+                f"path length violated: {role} allows {basic.path_length} CA(s) below it, "
+                f"the chain has {below}"
             )
         if index > 0 and (problem := key_problem(cert.public_key())):
             raise BundleError(f"{role}: {problem}")
         _check_time(role, cert, now)
     _check_time_anchors(bundle.trust_anchors, now)
-    _, device_not_after = profile.validity_window(now)
+    if profile.kind == "arduino-v1":
+        _validate_arduino(ca)
+    try:
+        _, device_not_after = profile.validity_window(now)
+    except IssuanceError as exc:
+        raise BundleError(str(exc)) from None
     for index, cert in enumerate(bundle.chain):
         if cert.not_valid_after_utc < device_not_after:
             role = "CA certificate" if index == 0 else f"chain certificate {describe(cert)}"
@@ -268,8 +281,6 @@ def _validate(bundle: CaBundle, profile: CertProfile, now: dt.datetime) -> None:
                 f"{role} expires {cert.not_valid_after_utc:%Y-%m-%d}, before device certificates issued now "
                 f"would ({device_not_after:%Y-%m-%d}); shorten the lot's device validity or renew the CA"
             )
-    if profile.kind == "arduino-v1":
-        _validate_arduino(ca)
 
 
 def _check_time(role: str, cert: x509.Certificate, now: dt.datetime) -> None:
@@ -292,7 +303,9 @@ def _validate_arduino(ca: x509.Certificate) -> None:
         )
     public = ca.public_key()
     if not isinstance(public, ec.EllipticCurvePublicKey) or public.curve.name != "secp256r1":
-        raise BundleError("arduino-v1 profile: the CA key must be EC P-256 (the board stores r||s of 64 bytes)")
+        raise BundleError(
+            "arduino-v1 profile: the CA key must be EC P-256 (the board stores r||s of 64 bytes)"
+        )
     ski = _ext(ca, x509.SubjectKeyIdentifier)
     if isinstance(ski, x509.SubjectKeyIdentifier) and len(ski.digest) != ARDUINO_AKI_BYTES:
         raise BundleError(

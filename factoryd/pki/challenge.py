@@ -46,4 +46,6 @@ def verify_challenge(cert: x509.Certificate, challenge: bytes, signature: bytes)
     try:
         public_key.verify(raw_to_der_signature(signature), challenge, ec.ECDSA(hashes.SHA256()))
     except InvalidSignature:
-        raise ChallengeFailedError("challenge signature does not verify with the issued certificate") from None
+        raise ChallengeFailedError(
+            "challenge signature does not verify with the issued certificate"
+        ) from None

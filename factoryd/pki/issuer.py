@@ -10,13 +10,13 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from factoryd.errors import BundleError, CsrRejectedError, IssuanceError
 from factoryd.pki.bundle import _validate_arduino
 from factoryd.pki.profile import CertProfile, arduino_subject, utc_now
-from factoryd.pki.signer import Signer, spki_der
+from factoryd.pki.signer import CaPublicKey, Signer, spki_der
 
 # CA/Browser Forum BR 7.1: at least 64 bits of CSPRNG output; 16 bytes leave a wide margin.
 SERIAL_BYTES = 16
@@ -86,21 +86,26 @@ def verify_csr(
             f"CSR subject must be exactly CN={expected_cn}, got {csr.subject.rfc4514_string()!r}"
         )
     if attributes[0].value != expected_cn:
-        raise CsrRejectedError(f"CSR common name {attributes[0].value!r} is not the allocated ID {expected_cn!r}")
+        raise CsrRejectedError(
+            f"CSR common name {attributes[0].value!r} is not the allocated ID {expected_cn!r}"
+        )
     public_key = csr.public_key()
     if not isinstance(public_key, ec.EllipticCurvePublicKey) or public_key.curve.name != "secp256r1":
         raise CsrRejectedError(f"CSR key is {_key_name(public_key)}; EC P-256 required")
-    for attribute in csr.attributes:
-        if attribute.oid != EXTENSION_REQUEST_OID:
-            raise CsrRejectedError(f"CSR carries a disallowed attribute {attribute.oid.dotted_string}")
     try:
+        attributes_oids = [attribute.oid for attribute in csr.attributes]
         extensions = list(csr.extensions)
     except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
-        raise CsrRejectedError(f"CSR extensions do not parse: {exc}") from None
+        raise CsrRejectedError(f"CSR attributes or extensions do not parse: {exc}") from None
+    for oid in attributes_oids:
+        if oid != EXTENSION_REQUEST_OID:
+            raise CsrRejectedError(f"CSR carries a disallowed attribute {oid.dotted_string}")
     for extension in extensions:
         if extension.oid not in allowed_extensions:
             name = extension.oid._name or extension.oid.dotted_string
-            raise CsrRejectedError(f"CSR requests a disallowed extension {name} ({extension.oid.dotted_string})")
+            raise CsrRejectedError(
+                f"CSR requests a disallowed extension {name} ({extension.oid.dotted_string})"
+            )
     return csr
 
 
@@ -128,9 +133,9 @@ def arduino_serial() -> int:
             return int.from_bytes(raw, "big")
 
 
-def key_identifier(public_key: ec.EllipticCurvePublicKey | object) -> bytes:
+def key_identifier(public_key: CaPublicKey) -> bytes:
     """RFC 5280 4.2.1.2 method 1 key identifier: SHA-1 of the subjectPublicKey bits (20 bytes)."""
-    return x509.SubjectKeyIdentifier.from_public_key(public_key).digest  # type: ignore[arg-type]
+    return x509.SubjectKeyIdentifier.from_public_key(public_key).digest
 
 
 class Issuer:
@@ -153,11 +158,15 @@ class Issuer:
         try:
             ski = ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
         except x509.ExtensionNotFound:
-            ski = key_identifier(ca.public_key())
+            ca_key = ca.public_key()
+            if not isinstance(ca_key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+                raise IssuanceError("the CA key type is not supported") from None
+            ski = key_identifier(ca_key)
         self._aki = ski
 
     def __repr__(self) -> str:
-        return f"Issuer(ca={self._signer.certificate.subject.rfc4514_string()!r}, profile={self._profile.kind!r})"
+        subject = self._signer.certificate.subject.rfc4514_string()
+        return f"Issuer(ca={subject!r}, profile={self._profile.kind!r})"
 
     @property
     def profile(self) -> CertProfile:
@@ -196,7 +205,8 @@ class Issuer:
         if not_after > ca.not_valid_after_utc:
             raise IssuanceError(
                 f"the CA certificate expires {ca.not_valid_after_utc:%Y-%m-%d %H:%M}Z, before the device "
-                f"certificate would ({not_after:%Y-%m-%d %H:%M}Z); shorten the device validity or renew the CA"
+                f"certificate would ({not_after:%Y-%m-%d %H:%M}Z); "
+                "shorten the device validity or renew the CA"
             )
         if not_before < ca.not_valid_before_utc:
             if self._profile.kind == "arduino-v1":
@@ -245,6 +255,8 @@ class Issuer:
                 .add_extension(aki, critical=False)
             )
         cert = self._signer.sign_certificate(builder)
-        if self._profile.kind == "arduino-v1" and not isinstance(cert.signature_hash_algorithm, hashes.SHA256):
+        if self._profile.kind == "arduino-v1" and not isinstance(
+            cert.signature_hash_algorithm, hashes.SHA256
+        ):
             raise IssuanceError("arduino-v1 certificates must be signed with ecdsa-with-SHA256")
         return IssuedCertificate.from_certificate(cert)

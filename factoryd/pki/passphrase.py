@@ -8,7 +8,7 @@ from pathlib import Path
 from factoryd.errors import ConfigError
 
 DEFAULT_CREDENTIAL_NAME = "factoryd-ca-passphrase"
-DEFAULT_PASSPHRASE_ENV = "FACTORYD_CA_PASSPHRASE"
+DEFAULT_PASSPHRASE_ENV = "FACTORYD_CA_PASSPHRASE"  # noqa: S105 - the variable name, not a secret
 # A credential file is a few dozen bytes; anything bigger is a misconfiguration.
 MAX_CREDENTIAL_BYTES = 4096
 

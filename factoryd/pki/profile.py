@@ -58,7 +58,9 @@ class CertProfile:
 
     def __post_init__(self) -> None:
         if self.kind not in PROFILE_KINDS:
-            raise ConfigError(f"unknown certificate profile {self.kind!r} (known: {', '.join(PROFILE_KINDS)})")
+            raise ConfigError(
+                f"unknown certificate profile {self.kind!r} (known: {', '.join(PROFILE_KINDS)})"
+            )
         if self.cert_validity_days < 1:
             raise ConfigError(f"cert_validity_days must be >= 1, got {self.cert_validity_days}")
         if not 0 <= self.backdate_s <= 86400:

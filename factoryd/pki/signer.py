@@ -31,7 +31,7 @@ def key_problem(public_key: object) -> str | None:
     return f"unsupported key type: {type(public_key).__name__} (EC P-256/P-384 or RSA >= 2048 required)"
 
 
-def hash_for_key(public_key: CaPublicKey) -> hashes.HashAlgorithm:
+def hash_for_key(public_key: CaPublicKey) -> hashes.SHA256 | hashes.SHA384:
     """The digest paired with a CA key: SHA-384 for P-384, SHA-256 otherwise."""
     if isinstance(public_key, ec.EllipticCurvePublicKey) and public_key.curve.name == "secp384r1":
         return hashes.SHA384()

@@ -16,6 +16,7 @@ from enum import StrEnum
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from factoryd.errors import ProtocolViolationError
+from factoryd.firmware import verify_firmware
 from factoryd.protocol.messages import (
     HOST_PROTOCOL_VERSION,
     MAX_FW_CHUNK,
@@ -43,11 +44,15 @@ from factoryd.protocol.messages import (
     Status,
     Write,
 )
-from factoryd.sim.firmware import FACTORY_FW_IMAGE, FACTORY_FW_VERSION, verify_firmware
 from factoryd.sim.secure_element import SeRefusal, SimSecureElement, make_csr
 from factoryd.transport.framing import Frame, FrameKind
 
 DEFAULT_MODEL = "factoryd-sim-m0"
+FACTORY_FW_VERSION = "1.0.0-factory"
+# What a board that left the board maker runs: a fixed placeholder image.
+FACTORY_FW_IMAGE = b"factoryd-sim provisioning firmware " + FACTORY_FW_VERSION.encode()
+# A fault armed for a power-on period fires at one of this many first opportunities.
+FAULT_WINDOW = 4
 # Largest firmware image the simulated flash takes.
 MAX_FW_IMAGE = 1 << 20
 
@@ -69,7 +74,13 @@ class Fault(StrEnum):
 
 @dataclass(frozen=True)
 class FaultPlan:
-    """Probability of each fault per opportunity (0..1); ``seed`` makes a run reproducible."""
+    """Probability of each fault kind (0..1); ``seed`` makes a run reproducible.
+
+    By default a probability applies at every opportunity (every reply, every WRITE, ...).
+    With ``per_power_on`` it is the chance that a board shows the fault once during one
+    power-on period, at one of its first few opportunities: "10 % of boards hang" rather
+    than "every command hangs 10 % of the time".
+    """
 
     corrupt_byte: float = 0.0
     drop_reply: float = 0.0
@@ -82,11 +93,13 @@ class FaultPlan:
     boot_garbage: float = 0.0
     readback_differs: float = 0.0
     seed: int = 0
+    per_power_on: bool = False
 
     @classmethod
-    def uniform(cls, probability: float, *, seed: int = 0) -> FaultPlan:
+    def uniform(cls, probability: float, *, seed: int = 0, per_power_on: bool = False) -> FaultPlan:
         """Every fault kind at the same probability."""
-        return cls(**{f.value: probability for f in Fault}, seed=seed)
+        rates: dict[str, float] = {f.value: probability for f in Fault}
+        return cls(**rates, seed=seed, per_power_on=per_power_on)  # type: ignore[arg-type]
 
     @classmethod
     def only(cls, fault: Fault, probability: float = 1.0, *, seed: int = 0) -> FaultPlan:
@@ -192,6 +205,7 @@ class SimBoard:
         self.injected: dict[Fault, int] = {}
         self.commands_handled = 0
         self._fw: _FwUpdate | None = None
+        self._armed: dict[Fault, int] = {}
         self._last_reply: tuple[int, int, Frame] | None = None
 
     @property
@@ -214,16 +228,31 @@ class SimBoard:
 
     def fault(self, kind: Fault) -> bool:
         """Draw whether a fault happens at this opportunity, and count it."""
-        p = self.faults.probability(kind)
-        if p <= 0 or self.rng.random() >= p:
-            return False
+        if self.faults.per_power_on:
+            countdown = self._armed.get(kind)
+            if countdown is None:
+                return False
+            if countdown > 0:
+                self._armed[kind] = countdown - 1
+                return False
+            del self._armed[kind]
+        else:
+            p = self.faults.probability(kind)
+            if p <= 0 or self.rng.random() >= p:
+                return False
         self.injected[kind] = self.injected.get(kind, 0) + 1
         return True
 
     def power_on(self) -> None:
-        """Reset volatile state (reply cache, unfinished firmware update)."""
+        """Reset volatile state (reply cache, unfinished firmware update); arm this period's faults."""
         self._last_reply = None
         self._fw = None
+        if self.faults.per_power_on:
+            self._armed = {
+                kind: self.rng.randrange(FAULT_WINDOW)
+                for kind in Fault
+                if self.rng.random() < self.faults.probability(kind)
+            }
 
     def boot_frame(self) -> Frame:
         """The BOOT event the board sends after reset."""

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
+from factoryd.firmware import raw_signature
 from factoryd.protocol.messages import ObjectId
 
 # ATECC508/608 serial numbers are 9 bytes and start with 0x01 0x23.
@@ -31,12 +31,6 @@ class SeRefusal(Exception):  # noqa: N818 - a board-internal signal, mapped to a
 def new_se_serial() -> bytes:
     """A random serial in the ATECC format."""
     return SE_SERIAL_PREFIX + secrets.token_bytes(SE_SERIAL_LEN - len(SE_SERIAL_PREFIX))
-
-
-def raw_signature(der_signature: bytes) -> bytes:
-    """Convert a DER ECDSA signature to the raw r||s form secure elements produce."""
-    r, s = decode_dss_signature(der_signature)
-    return r.to_bytes(32, "big") + s.to_bytes(32, "big")
 
 
 @dataclass

@@ -17,7 +17,14 @@ from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client import make_asgi_app as _make_asgi_app
 from prometheus_client import start_http_server as _start_http_server
 
@@ -89,6 +96,8 @@ class Metrics(TelemetrySink):
     """The station's Prometheus metrics; also a :class:`TelemetrySink`."""
 
     def __init__(self, *, station: str, line: str, version: str) -> None:
+        # The *_created series double the exposition for no use on a dashboard (process-wide switch).
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus-client leaves it unannotated
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self._steps = _LabelGuard(MAX_STEP_LABELS)
@@ -188,6 +197,11 @@ class Metrics(TelemetrySink):
             registry=r,
         )
         self.mqtt_connected.set(0)
+        # Series that rates and ratios divide by exist from the start, so panels and alerts see 0, not
+        # "no data", before the first job of the day.
+        self.jobs.labels(outcome="ok", reason=NO_REASON_LABEL)
+        for outcome in ("pass", "fail"):
+            self.jobs_first_pass.labels(outcome=outcome)
 
     # -- direct instrumentation ---------------------------------------------------------------
 

@@ -258,7 +258,9 @@ class MqttPublisher(TelemetrySink):
                 _log.warning("mqtt_shutdown_timeout", timeout_s=SHUTDOWN_TIMEOUT_S)
                 task.cancel()
         try:
-            await group.__aexit__(exc_type, exc, tb)
+            # Only our own task lives in the group and it handles its errors: the caller's exception
+            # (if any) propagates unwrapped because we do not hand it to the group.
+            await group.__aexit__(None, None, None)
         finally:
             self._task_group = None
             self._task = None

@@ -1,0 +1,206 @@
+"""Station configuration: TOML file (config/factoryd.toml), overridden by FACTORYD_* environment variables.
+
+Unknown keys are errors (a typo must not silently fall back to a default). Secrets never live
+here in clear: the CA passphrase and the MQTT password come from systemd credentials or env.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from factoryd.errors import ConfigError
+
+_CONFIG_PATH: ContextVar[Path | None] = ContextVar("factoryd_config_path", default=None)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StationSettings(_Section):
+    """Who this station is and where it keeps state."""
+
+    name: str = "station-1"
+    line: str = "line-1"
+    state_dir: Path = Path("/var/lib/factoryd")
+
+
+class LedgerSettings(_Section):
+    """The allocation ledger's database."""
+
+    # None: SQLite file ledger.db in the state directory.
+    url: str | None = None
+
+
+class SimHubSettings(_Section):
+    """The simulated hub (the embedded default)."""
+
+    ports: int = Field(8, ge=1, le=1024)
+    # Boards the simulated operator feeds in over the run; None = endless.
+    boards: int | None = Field(None, ge=0)
+    fault_rate: float = Field(0.0, ge=0.0, le=1.0)
+    fault_seed: int = 0
+    timing: Literal["zero", "realistic"] = "zero"
+    timing_scale: float = Field(1.0, ge=0.0)
+    # Where the simulated boards run: in this process, or in a child process (benchmarks).
+    boards_in_subprocess: bool = False
+
+
+class UhubctlSettings(_Section):
+    """A hub switched with uhubctl."""
+
+    binary: str = "uhubctl"
+    location: str = ""
+    ports: list[int] = Field(default_factory=list)
+    # Port number -> tty path (prefer /dev/serial/by-path/... links, never ttyACM numbers).
+    tty: dict[str, str] = Field(default_factory=dict)
+
+
+class HubSettings(_Section):
+    """Port switching."""
+
+    backend: Literal["sim", "uhubctl"] = "sim"
+    # Ports powered at once (power budget and enumeration storms).
+    max_powered: int = Field(8, ge=1)
+    # HUBS.md: tools elsewhere use ~10 s re-enumeration timeouts.
+    enumerate_timeout_s: float = Field(10.0, gt=0)
+    # HUBS.md: 2 s power-cycle gaps are common practice.
+    power_cycle_off_s: float = Field(2.0, ge=0)
+    sim: SimHubSettings = SimHubSettings()
+    uhubctl: UhubctlSettings = UhubctlSettings()
+
+
+class JobSettings(_Section):
+    """The provisioning pipeline."""
+
+    # Lot to provision; None = the one active lot in the ledger.
+    lot: str | None = None
+    step_attempts: int = Field(3, ge=1)
+    job_attempts: int = Field(3, ge=1)
+    backoff_initial_s: float = Field(0.05, ge=0)
+    backoff_max_s: float = Field(2.0, ge=0)
+    # How often an empty or finished port is looked at again.
+    rescan_s: float = Field(2.0, gt=0)
+    baudrate: int = 115200
+    resends: int = Field(3, ge=0)
+    reply_timeout_scale: float = Field(1.0, gt=0)
+
+
+class PkiSettings(_Section):
+    """Where the CA passphrase comes from (never from this file)."""
+
+    passphrase_credential: str = "factoryd-ca-passphrase"
+    passphrase_env: str = "FACTORYD_CA_PASSPHRASE"
+
+
+class MqttConfig(_Section):
+    """Telemetry to an MQTT broker."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str | None = None
+    # Credential name (systemd LoadCredential=) or env variable holding the password.
+    password_credential: str = "factoryd-mqtt-password"
+    password_env: str = "FACTORYD_MQTT_PASSWORD"
+    tls: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    queue_size: int = Field(1000, ge=10)
+
+
+class MetricsConfig(_Section):
+    """Prometheus exposition."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 9464
+
+
+class ApiConfig(_Section):
+    """The HTTP API and station page."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+class LogConfig(_Section):
+    """Logging."""
+
+    level: str = "info"
+    format: Literal["json", "console"] = "json"
+
+
+class Settings(BaseSettings):
+    """All of factoryd's settings."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FACTORYD_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    station: StationSettings = StationSettings()
+    ledger: LedgerSettings = LedgerSettings()
+    hub: HubSettings = HubSettings()
+    jobs: JobSettings = JobSettings()
+    pki: PkiSettings = PkiSettings()
+    mqtt: MqttConfig = MqttConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    api: ApiConfig = ApiConfig()
+    log: LogConfig = LogConfig()
+
+    @model_validator(mode="after")
+    def _check_hub(self) -> Settings:
+        if self.hub.backend == "uhubctl" and (not self.hub.uhubctl.location or not self.hub.uhubctl.ports):
+            raise ValueError("hub.backend = 'uhubctl' needs hub.uhubctl.location and hub.uhubctl.ports")
+        return self
+
+    @property
+    def ledger_url(self) -> str:
+        """The ledger URL, defaulting to SQLite in the state directory."""
+        return self.ledger.url or f"sqlite:///{self.station.state_dir / 'ledger.db'}"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Arguments beat environment beats the TOML file."""
+        path = _CONFIG_PATH.get()
+        sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+        if path is not None:
+            sources += (TomlConfigSettingsSource(settings_cls, toml_file=path),)
+        return sources
+
+
+def load_settings(path: Path | None = None, **overrides: object) -> Settings:
+    """Load settings from a TOML file (optional) and the environment; ConfigError names each problem."""
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    token = _CONFIG_PATH.set(path)
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration{f' in {path}' if path else ''}: {problems}") from None
+    except ValueError as exc:  # TOML syntax errors
+        raise ConfigError(f"cannot read configuration {path}: {exc}") from None
+    finally:
+        _CONFIG_PATH.reset(token)

@@ -1,0 +1,234 @@
+"""The composition root: builds the station from settings and runs it until stopped.
+
+Every long-lived resource is an async context manager entered here, and every task lives in
+one TaskGroup. READY=1 goes to systemd only after the ledger is open, the lot can be read and
+the telemetry endpoints listen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import structlog
+
+from factoryd import __version__
+from factoryd.config import Settings
+from factoryd.errors import ConfigError
+from factoryd.hub.base import Hub
+from factoryd.hub.sim import SimHub
+from factoryd.jobs.lots import LotContext, load_lot_context
+from factoryd.jobs.pipeline import Pipeline, PipelineSettings
+from factoryd.jobs.scheduler import LotSource, Station
+from factoryd.ledger import AsyncLedger
+from factoryd.ledger.model import LotInfo
+from factoryd.pki.store import BundleStore
+from factoryd.protocol.client import Timeouts
+from factoryd.sdnotify import Notifier
+from factoryd.service import StationPaths, station_passphrase
+from factoryd.sim.board import FaultPlan, SimBoard, Timing
+from factoryd.telemetry.events import FanOut, TelemetrySink
+from factoryd.telemetry.metrics import Metrics
+from factoryd.telemetry.mqtt import MqttPublisher, MqttSettings
+
+log = structlog.get_logger(__name__)
+
+BoardFactory = Callable[[], SimBoard]
+StopWhen = Callable[[Station], bool]
+# How often the optional stop condition is evaluated.
+STOP_POLL_S = 0.05
+
+
+@dataclass
+class DaemonHooks:
+    """Extension points for the demo, benchmarks and tests."""
+
+    hub: Hub | None = None
+    board_factory: BoardFactory | None = None
+    passphrase: bytes | None = None
+    stop_when: StopWhen | None = None
+    on_ready: Callable[[Station], Awaitable[None]] | None = None
+    extra_sinks: tuple[TelemetrySink, ...] = ()
+
+
+def sim_board_factory(settings: Settings) -> BoardFactory:
+    """Boards for the simulated hub, with the configured fault plan and timing model."""
+    sim = settings.hub.sim
+    timing = (Timing.realistic() if sim.timing == "realistic" else Timing()).scaled(sim.timing_scale)
+    counter = iter(range(1, 1 << 62))
+
+    def make() -> SimBoard:
+        seed = sim.fault_seed * 1_000_003 + next(counter)
+        return SimBoard(faults=FaultPlan.uniform(sim.fault_rate, seed=seed, per_power_on=True), timing=timing)
+
+    return make
+
+
+def build_hub(settings: Settings, board_factory: BoardFactory | None) -> Hub:
+    """The hub backend the settings ask for."""
+    if settings.hub.backend == "sim":
+        return SimHub(
+            settings.hub.sim.ports,
+            board_factory or sim_board_factory(settings),
+            supply=settings.hub.sim.boards,
+        )
+    from factoryd.hub.uhubctl import UhubctlHub  # noqa: PLC0415 - optional backend, loaded on demand
+
+    return UhubctlHub.from_settings(settings.hub.uhubctl)
+
+
+def pipeline_settings(settings: Settings) -> PipelineSettings:
+    """Pipeline knobs from the config."""
+    jobs, hub = settings.jobs, settings.hub
+    base = Timeouts()
+    scale = jobs.reply_timeout_scale
+    timeouts = Timeouts(**{k: v * scale for k, v in base.__dict__.items()})
+    return PipelineSettings(
+        station=settings.station.name,
+        step_attempts=jobs.step_attempts,
+        job_attempts=jobs.job_attempts,
+        backoff_initial_s=jobs.backoff_initial_s,
+        backoff_max_s=jobs.backoff_max_s,
+        enumerate_timeout_s=hub.enumerate_timeout_s,
+        power_cycle_off_s=hub.power_cycle_off_s,
+        baudrate=jobs.baudrate,
+        resends=jobs.resends,
+        timeouts=timeouts,
+    )
+
+
+class Daemon:
+    """One station: ledger, hub, pipeline, telemetry."""
+
+    def __init__(self, settings: Settings, hooks: DaemonHooks | None = None) -> None:
+        self.settings = settings
+        self.hooks = hooks or DaemonHooks()
+        self.paths = StationPaths(settings.station.state_dir)
+        self.metrics = Metrics(station=settings.station.name, line=settings.station.line, version=__version__)
+        self.station: Station | None = None
+        self.notifier = Notifier()
+
+    async def run(self) -> Station:
+        """Run until SIGTERM/SIGINT or the stop condition; return the station (results, counts)."""
+        settings = self.settings
+        self.paths.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        passphrase = self.hooks.passphrase or station_passphrase(settings)
+        bundles = BundleStore(self.paths.bundles, passphrase)
+        hub = self.hooks.hub or build_hub(settings, self.hooks.board_factory)
+
+        def open_lot(info: LotInfo) -> LotContext:
+            return load_lot_context(info, bundles, self.paths.firmware)
+
+        async with contextlib.AsyncExitStack() as stack:
+            ledger = await stack.enter_async_context(AsyncLedger.open(settings.ledger_url))
+            sinks: list[TelemetrySink] = [self.metrics, *self.hooks.extra_sinks]
+            if settings.mqtt.enabled:
+                sinks.append(
+                    await stack.enter_async_context(MqttPublisher(self._mqtt(), metrics=self.metrics))
+                )
+            if settings.metrics.enabled:
+                port = await stack.enter_async_context(
+                    self.metrics.serve(settings.metrics.host, settings.metrics.port)
+                )
+                log.info("metrics listening", address=f"http://{settings.metrics.host}:{port}/metrics")
+            telemetry = FanOut(sinks)
+            if isinstance(hub, contextlib.AbstractAsyncContextManager):
+                await stack.enter_async_context(hub)
+            pipeline = Pipeline(
+                hub=hub,
+                ledger=ledger,
+                telemetry=telemetry,
+                settings=pipeline_settings(settings),
+                power_budget=asyncio.Semaphore(settings.hub.max_powered),
+                on_step=self.metrics.observe_step,
+            )
+            station = self.station = Station(
+                hub=hub,
+                pipeline=pipeline,
+                ledger=ledger,
+                lots=LotSource(ledger, settings.jobs.lot, open_lot),
+                telemetry=telemetry,
+                rescan_s=settings.jobs.rescan_s,
+            )
+            # Fail before READY if the lot cannot be opened (wrong passphrase, missing bundle).
+            lot = await station.lots.current()
+            log.info(
+                "station ready",
+                station=settings.station.name,
+                lot=lot.name if lot else None,
+                ports=len(station.ports),
+                hub=hub.name,
+                version=__version__,
+            )
+            self._install_signal_handlers(station)
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._supervise(station), name="supervise")
+                tg.create_task(station.run(), name="station")
+                self.notifier.notify("READY=1", f"STATUS=provisioning on {len(station.ports)} ports")
+                if self.hooks.on_ready is not None:
+                    await self.hooks.on_ready(station)
+            self.notifier.stopping()
+            await station.publish_progress()
+        return station
+
+    async def _supervise(self, station: Station) -> None:
+        watchdog = asyncio.ensure_future(self.notifier.watchdog())
+        try:
+            stop_when = self.hooks.stop_when
+            while not station.stopping:
+                if stop_when is not None and stop_when(station):
+                    log.info("stop condition reached")
+                    station.stop()
+                    break
+                await asyncio.sleep(STOP_POLL_S)
+        finally:
+            watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watchdog
+
+    def _install_signal_handlers(self, station: Station) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, self._on_signal, station, sig)
+
+    def _on_signal(self, station: Station, sig: signal.Signals) -> None:
+        log.info("stopping on signal", signal=sig.name)
+        self.notifier.stopping()
+        station.stop()
+
+    def _mqtt(self) -> MqttSettings:
+        cfg, station = self.settings.mqtt, self.settings.station
+        password = None
+        if cfg.username:
+            password = _credential(cfg.password_credential, cfg.password_env)
+        return MqttSettings(
+            host=cfg.host,
+            port=cfg.port,
+            line=station.line,
+            station=station.name,
+            username=cfg.username,
+            password=password,
+            tls=cfg.tls,
+            ca_file=cfg.ca_file,
+            cert_file=cfg.cert_file,
+            key_file=cfg.key_file,
+            queue_size=cfg.queue_size,
+        )
+
+
+def _credential(name: str, env: str) -> str:
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if directory:
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as fh:
+                return fh.read().strip()
+    value = os.environ.get(env)
+    if value is None:
+        raise ConfigError(f"MQTT password: neither credential {name!r} nor ${env} is set")
+    return value

@@ -1,0 +1,1 @@
+"""Switchable USB hubs: power ports on and off and find each port's serial device."""

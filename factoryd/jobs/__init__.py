@@ -1,0 +1,1 @@
+"""Provisioning jobs: the per-board pipeline and the per-port scheduler."""

@@ -1,0 +1,60 @@
+"""Everything a job needs about its lot, loaded once per lot and shared by all ports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from factoryd.errors import LotStateError
+from factoryd.firmware import FirmwareStore, SignedFirmware
+from factoryd.ledger import AsyncLedger
+from factoryd.ledger.model import LotInfo, LotState
+from factoryd.ledger.profile import LotProfile
+from factoryd.pki.bundle import chain_pem
+from factoryd.pki.issuer import Issuer
+from factoryd.pki.profile import CertProfile
+from factoryd.pki.store import BundleStore
+
+
+@dataclass(frozen=True, repr=False)
+class LotContext:
+    """A lot ready to provision: its profile, issuer (holding the CA key) and what gets written."""
+
+    name: str
+    profile: LotProfile
+    issuer: Issuer
+    chain_pem: bytes
+    firmware: SignedFirmware | None
+
+    def __repr__(self) -> str:
+        return f"LotContext({self.name!r}, protocol={self.profile.protocol!r})"
+
+
+def cert_profile(profile: LotProfile) -> CertProfile:
+    """The certificate profile a lot profile asks for."""
+    return CertProfile(kind=profile.protocol, cert_validity_days=profile.cert_validity_days)
+
+
+def load_lot_context(info: LotInfo, bundles: BundleStore, firmware_dir: Path) -> LotContext:
+    """Open a lot's CA bundle and firmware (blocking: run off the event loop)."""
+    bundle = bundles.load(info.name)
+    issuer = Issuer(bundle.signer(), bundle.chain, cert_profile(info.profile))
+    return LotContext(
+        name=info.name,
+        profile=info.profile,
+        issuer=issuer,
+        chain_pem=chain_pem(bundle),
+        firmware=FirmwareStore(firmware_dir).load(info.name),
+    )
+
+
+async def active_lot(ledger: AsyncLedger, wanted: str | None) -> LotInfo | None:
+    """The lot this station provisions now: the configured one if active, else the only active lot."""
+    if wanted is not None:
+        info = await ledger.get_lot(wanted)
+        return info if info.state is LotState.ACTIVE else None
+    active = [lot for lot in await ledger.list_lots() if lot.state is LotState.ACTIVE]
+    if len(active) > 1:
+        names = ", ".join(sorted(lot.name for lot in active))
+        raise LotStateError(f"several lots are active ({names}); set jobs.lot in the config to choose one")
+    return active[0] if active else None

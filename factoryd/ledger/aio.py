@@ -1,0 +1,244 @@
+"""Async facade of the ledger: every call runs on one private worker thread.
+
+The event loop never blocks on the database. A call that is cancelled while it
+runs still completes (and commits) on the worker; that is safe because every
+ledger operation is idempotent for the same board (reservations are keyed by
+the secure-element serial).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+from collections.abc import Callable, Generator
+from concurrent.futures import ThreadPoolExecutor
+from types import TracebackType
+from typing import ParamSpec, Self, TypeVar
+
+from factoryd.errors import LedgerError
+from factoryd.ledger.core import Ledger
+from factoryd.ledger.idlist import DEFAULT_MAX_BYTES
+from factoryd.ledger.model import DeviceRecord, LotInfo, LotProgress, LotState, Reservation
+from factoryd.ledger.profile import LotProfile
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+_THREAD_NAME = "factoryd-ledger"
+
+
+def _new_executor() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=_THREAD_NAME)
+
+
+class AsyncLedger:
+    """The :class:`Ledger` API with ``async def`` methods, run on a dedicated worker thread."""
+
+    def __init__(self, ledger: Ledger, executor: ThreadPoolExecutor) -> None:
+        """Wrap an open ledger and the executor that owns it; use :meth:`open` instead."""
+        self._ledger = ledger
+        self._executor = executor
+        self._closed = False
+
+    @classmethod
+    def open(cls, url: str) -> _Opening:
+        """Open and migrate the ledger; ``await`` it or use it as ``async with``."""
+        return _Opening(url)
+
+    @property
+    def sync(self) -> Ledger:
+        """The underlying sync ledger (for code that already runs off the event loop)."""
+        return self._ledger
+
+    async def _run(self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        if self._closed:
+            raise LedgerError("the ledger is closed")
+        loop = asyncio.get_running_loop()
+        context = contextvars.copy_context()  # keeps structlog's bound job context in the worker
+        call = functools.partial(context.run, fn, *args, **kwargs)
+        return await loop.run_in_executor(self._executor, call)
+
+    async def close(self) -> None:
+        """Close the ledger and stop its worker thread."""
+        if self._closed:
+            return
+        await self._run(self._ledger.close)
+        self._closed = True
+        # Every queued call ran before close (one FIFO worker), so this returns at once.
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def create_lot(
+        self, name: str, *, customer: str, profile: LotProfile, target_quantity: int | None, actor: str
+    ) -> LotInfo:
+        """See :meth:`Ledger.create_lot`."""
+        return await self._run(
+            self._ledger.create_lot,
+            name,
+            customer=customer,
+            profile=profile,
+            target_quantity=target_quantity,
+            actor=actor,
+        )
+
+    async def set_lot_state(self, lot: str, state: LotState, *, actor: str) -> LotInfo:
+        """See :meth:`Ledger.set_lot_state`."""
+        return await self._run(self._ledger.set_lot_state, lot, state, actor=actor)
+
+    async def get_lot(self, lot: str) -> LotInfo:
+        """See :meth:`Ledger.get_lot`."""
+        return await self._run(self._ledger.get_lot, lot)
+
+    async def list_lots(self) -> list[LotInfo]:
+        """See :meth:`Ledger.list_lots`."""
+        return await self._run(self._ledger.list_lots)
+
+    async def import_ids(
+        self,
+        lot: str,
+        data: bytes,
+        *,
+        filename: str | None = None,
+        fmt: str | None = None,
+        actor: str,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        signature: bytes | None = None,
+        signer_public_key_pem: bytes | None = None,
+    ) -> int:
+        """See :meth:`Ledger.import_ids`."""
+        return await self._run(
+            self._ledger.import_ids,
+            lot,
+            data,
+            filename=filename,
+            fmt=fmt,
+            actor=actor,
+            max_bytes=max_bytes,
+            signature=signature,
+            signer_public_key_pem=signer_public_key_pem,
+        )
+
+    async def reserve(
+        self, lot: str, hw_serial: str, *, station: str, port: str, job_id: int | None, actor: str
+    ) -> Reservation:
+        """See :meth:`Ledger.reserve`."""
+        return await self._run(
+            self._ledger.reserve, lot, hw_serial, station=station, port=port, job_id=job_id, actor=actor
+        )
+
+    async def mark_provisioned(
+        self,
+        lot: str,
+        device_id: str,
+        hw_serial: str,
+        *,
+        cert_der: bytes,
+        cert_serial: str,
+        fingerprint_sha256: str,
+        station: str,
+        port: str,
+        actor: str,
+    ) -> None:
+        """See :meth:`Ledger.mark_provisioned`."""
+        await self._run(
+            self._ledger.mark_provisioned,
+            lot,
+            device_id,
+            hw_serial,
+            cert_der=cert_der,
+            cert_serial=cert_serial,
+            fingerprint_sha256=fingerprint_sha256,
+            station=station,
+            port=port,
+            actor=actor,
+        )
+
+    async def void(self, lot: str, device_id: str, reason: str, *, actor: str) -> None:
+        """See :meth:`Ledger.void`."""
+        await self._run(self._ledger.void, lot, device_id, reason, actor=actor)
+
+    async def find_by_serial(self, lot: str, hw_serial: str) -> DeviceRecord | None:
+        """See :meth:`Ledger.find_by_serial`."""
+        return await self._run(self._ledger.find_by_serial, lot, hw_serial)
+
+    async def find_device(self, device_id: str) -> DeviceRecord | None:
+        """See :meth:`Ledger.find_device`."""
+        return await self._run(self._ledger.find_device, device_id)
+
+    async def progress(self, lot: str) -> LotProgress:
+        """See :meth:`Ledger.progress`."""
+        return await self._run(self._ledger.progress, lot)
+
+    async def provisioned_devices(self, lot: str) -> list[DeviceRecord]:
+        """See :meth:`Ledger.provisioned_devices`."""
+        return await self._run(self._ledger.provisioned_devices, lot)
+
+    async def start_job(self, lot: str, *, station: str, port: str) -> int:
+        """See :meth:`Ledger.start_job`."""
+        return await self._run(self._ledger.start_job, lot, station=station, port=port)
+
+    async def set_job_serial(self, job_id: int, hw_serial: str) -> None:
+        """See :meth:`Ledger.set_job_serial`."""
+        await self._run(self._ledger.set_job_serial, job_id, hw_serial)
+
+    async def finish_job(self, job_id: int, *, outcome: str, reason: str | None) -> None:
+        """See :meth:`Ledger.finish_job`."""
+        await self._run(self._ledger.finish_job, job_id, outcome=outcome, reason=reason)
+
+    async def record_attempt(
+        self, job_id: int, *, step: str, outcome: str, reason: str | None, duration_s: float
+    ) -> None:
+        """See :meth:`Ledger.record_attempt`."""
+        await self._run(
+            self._ledger.record_attempt,
+            job_id,
+            step=step,
+            outcome=outcome,
+            reason=reason,
+            duration_s=duration_s,
+        )
+
+    async def audit(self, *, actor: str, action: str, subject: str, details: dict[str, object]) -> None:
+        """See :meth:`Ledger.audit`."""
+        await self._run(self._ledger.audit, actor=actor, action=action, subject=subject, details=details)
+
+    async def verify_audit(self) -> int:
+        """See :meth:`Ledger.verify_audit`."""
+        return await self._run(self._ledger.verify_audit)
+
+
+class _Opening:
+    """What :meth:`AsyncLedger.open` returns: awaitable, and an async context manager that closes."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._ledger: AsyncLedger | None = None
+
+    async def _open(self) -> AsyncLedger:
+        executor = _new_executor()
+        try:
+            ledger = await asyncio.get_running_loop().run_in_executor(executor, Ledger.open, self._url)
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        return AsyncLedger(ledger, executor)
+
+    def __await__(self) -> Generator[object, None, AsyncLedger]:
+        return self._open().__await__()
+
+    async def __aenter__(self) -> AsyncLedger:
+        self._ledger = await self._open()
+        return self._ledger
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._ledger is not None:
+            await self._ledger.close()
