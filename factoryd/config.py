@@ -62,14 +62,60 @@ class UhubctlSettings(_Section):
     binary: str = "uhubctl"
     location: str = ""
     ports: list[int] = Field(default_factory=list)
-    # Port number -> tty path (prefer /dev/serial/by-path/... links, never ttyACM numbers).
+    # Port number -> tty: an absolute path (a /dev/serial/by-path/... link or a udev SYMLINK such as
+    # /dev/factoryd/slot-3) or an ID_PATH name under by_path_dir. Never ttyACM numbers. A port
+    # without an entry is found by its topology (usb-0:<location ports>.<port>) in by_path_dir.
     tty: dict[str, str] = Field(default_factory=dict)
+    # HUBS.md: a USB 3 hub is two logical hubs; the other half's location (e.g. "2-1" for "1-1").
+    # uhubctl >= 2.2 pairs the halves itself; set this when it does not (older uhubctl, odd hubs).
+    dual_location: str = ""
+    # uhubctl talks to the hub over a few control transfers; 10 s covers slow hubs and -r repeats.
+    command_timeout_s: float = Field(10.0, gt=0)
+    # After power-off, how long the tty may take to disappear (udev remove) before it is an error.
+    remove_timeout_s: float = Field(5.0, gt=0)
+    # uhubctl -r N: repeat the power-off N times, for kernels that switch the power back on by themselves.
+    off_repeat: int = Field(0, ge=0, le=1000)
+    by_path_dir: Path = Path("/dev/serial/by-path")
+    # Follow udev add/remove events (pyudev, extra "udev") when available; else poll by_path_dir.
+    udev: bool = True
+
+    @model_validator(mode="after")
+    def _check_tty(self) -> UhubctlSettings:
+        unknown = sorted(set(self.tty) - {str(p) for p in self.ports})
+        if unknown:
+            raise ValueError(f"tty entries for ports not in ports: {', '.join(unknown)}")
+        return self
+
+
+class SysfsHubSettings(_Section):
+    """A hub switched through the kernel's per-port 'disable' attribute (Linux >= 6.0)."""
+
+    # Hub location as uhubctl prints it: "1-1.4" (or "1" for a root hub).
+    hub: str = ""
+    ports: list[int] = Field(default_factory=list)
+    # As UhubctlSettings.tty.
+    tty: dict[str, str] = Field(default_factory=dict)
+    # The USB 3 half of the same hub (HUBS.md: switch both).
+    dual_hub: str = ""
+    # The hub's bConfigurationValue; None = read it from sysfs.
+    config: int | None = Field(None, ge=1)
+    sysfs_root: Path = Path("/sys/bus/usb/devices")
+    remove_timeout_s: float = Field(5.0, gt=0)
+    by_path_dir: Path = Path("/dev/serial/by-path")
+    udev: bool = True
+
+    @model_validator(mode="after")
+    def _check_tty(self) -> SysfsHubSettings:
+        unknown = sorted(set(self.tty) - {str(p) for p in self.ports})
+        if unknown:
+            raise ValueError(f"tty entries for ports not in ports: {', '.join(unknown)}")
+        return self
 
 
 class HubSettings(_Section):
     """Port switching."""
 
-    backend: Literal["sim", "uhubctl"] = "sim"
+    backend: Literal["sim", "uhubctl", "sysfs"] = "sim"
     # Ports powered at once (power budget and enumeration storms).
     max_powered: int = Field(8, ge=1)
     # HUBS.md: tools elsewhere use ~10 s re-enumeration timeouts.
@@ -78,6 +124,7 @@ class HubSettings(_Section):
     power_cycle_off_s: float = Field(2.0, ge=0)
     sim: SimHubSettings = SimHubSettings()
     uhubctl: UhubctlSettings = UhubctlSettings()
+    sysfs: SysfsHubSettings = SysfsHubSettings()
 
 
 class JobSettings(_Section):
@@ -91,6 +138,10 @@ class JobSettings(_Section):
     backoff_max_s: float = Field(2.0, ge=0)
     # How often an empty or finished port is looked at again.
     rescan_s: float = Field(2.0, gt=0)
+    # Boards failed in a row before a port stops in ATTENTION (a broken pogo pin fails every board).
+    attention_after_failures: int = Field(3, ge=1)
+    # On SIGTERM running jobs get this long to finish before they are cancelled (safe: rule 1).
+    shutdown_grace_s: float = Field(30.0, ge=0)
     baudrate: int = 115200
     resends: int = Field(3, ge=0)
     reply_timeout_scale: float = Field(1.0, gt=0)
@@ -99,8 +150,9 @@ class JobSettings(_Section):
 class PkiSettings(_Section):
     """Where the CA passphrase comes from (never from this file)."""
 
-    passphrase_credential: str = "factoryd-ca-passphrase"
-    passphrase_env: str = "FACTORYD_CA_PASSPHRASE"
+    # Names of a credential and of an env variable, not secrets themselves.
+    passphrase_credential: str = "factoryd-ca-passphrase"  # noqa: S105
+    passphrase_env: str = "FACTORYD_CA_PASSPHRASE"  # noqa: S105
 
 
 class MqttConfig(_Section):
@@ -111,8 +163,8 @@ class MqttConfig(_Section):
     port: int = 1883
     username: str | None = None
     # Credential name (systemd LoadCredential=) or env variable holding the password.
-    password_credential: str = "factoryd-mqtt-password"
-    password_env: str = "FACTORYD_MQTT_PASSWORD"
+    password_credential: str = "factoryd-mqtt-password"  # noqa: S105
+    password_env: str = "FACTORYD_MQTT_PASSWORD"  # noqa: S105
     tls: bool = False
     ca_file: Path | None = None
     cert_file: Path | None = None

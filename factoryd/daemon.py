@@ -153,6 +153,7 @@ class Daemon:
                 lots=LotSource(ledger, settings.jobs.lot, open_lot),
                 telemetry=telemetry,
                 rescan_s=settings.jobs.rescan_s,
+                attention_after=settings.jobs.attention_after_failures,
             )
             # Fail before READY if the lot cannot be opened (wrong passphrase, missing bundle).
             lot = await station.lots.current()
@@ -166,8 +167,8 @@ class Daemon:
             )
             self._install_signal_handlers(station)
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._supervise(station), name="supervise")
-                tg.create_task(station.run(), name="station")
+                running = tg.create_task(station.run(), name="station")
+                tg.create_task(self._supervise(station, running), name="supervise")
                 self.notifier.notify("READY=1", f"STATUS=provisioning on {len(station.ports)} ports")
                 if self.hooks.on_ready is not None:
                     await self.hooks.on_ready(station)
@@ -175,7 +176,7 @@ class Daemon:
             await station.publish_progress()
         return station
 
-    async def _supervise(self, station: Station) -> None:
+    async def _supervise(self, station: Station, running: asyncio.Task[None]) -> None:
         watchdog = asyncio.ensure_future(self.notifier.watchdog())
         try:
             stop_when = self.hooks.stop_when
@@ -185,6 +186,14 @@ class Daemon:
                     station.stop()
                     break
                 await asyncio.sleep(STOP_POLL_S)
+            grace_s = self.settings.jobs.shutdown_grace_s
+            _, pending = await asyncio.wait({running}, timeout=grace_s)
+            if pending:
+                # Cancelling mid-job is safe: the ledger keeps each reservation bound to its board.
+                log.warning(
+                    "jobs did not finish within the shutdown grace period; cancelling", grace_s=grace_s
+                )
+                running.cancel()
         finally:
             watchdog.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -195,11 +204,19 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(sig, self._on_signal, station, sig)
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signal.SIGHUP, self._on_reload, station)
 
     def _on_signal(self, station: Station, sig: signal.Signals) -> None:
         log.info("stopping on signal", signal=sig.name)
         self.notifier.stopping()
         station.stop()
+
+    def _on_reload(self, station: Station) -> None:
+        log.info("reloading lots on SIGHUP")
+        self.notifier.notify("RELOADING=1")
+        station.reload_lots()
+        self.notifier.notify("READY=1")
 
     def _mqtt(self) -> MqttSettings:
         cfg, station = self.settings.mqtt, self.settings.station

@@ -19,16 +19,20 @@ from typing import Any, Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from factoryd.config import Settings, load_settings
 from factoryd.daemon import Daemon, DaemonHooks, sim_board_factory
+from factoryd.errors import VerificationError
 from factoryd.firmware import FirmwareStore, sign_firmware
 from factoryd.hub.sim import SimHub
 from factoryd.jobs.scheduler import Station
 from factoryd.ledger import Ledger
-from factoryd.ledger.model import LotState
+from factoryd.ledger.model import DeviceRecord, LotState
 from factoryd.ledger.profile import LotProfile
+from factoryd.pki.store import BundleStore
 from factoryd.pki.testca import make_test_pki
+from factoryd.protocol.messages import ObjectId
 from factoryd.service import StationPaths, export_manifest, parse_bundle, store_bundle, write_manifest
 from factoryd.sim.board import SimBoard
 
@@ -125,6 +129,7 @@ def demo_settings(options: DemoOptions, state_dir: Path) -> Settings:
 def prepare_lot(options: DemoOptions, settings: Settings, passphrase: bytes) -> ec.EllipticCurvePublicKey:
     """Create the demo lot: PKI, bundle, firmware, ID list; return the firmware-signing public key."""
     paths = StationPaths(settings.station.state_dir)
+    paths.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     upload_passphrase = secrets.token_urlsafe(16).encode()
     pki = make_test_pki(profile_kind=options.profile, passphrase=upload_passphrase)
     fw_key = ec.generate_private_key(ec.SECP256R1())
@@ -173,22 +178,41 @@ async def run_demo(options: DemoOptions) -> DemoResult:
     daemon = Daemon(settings, DaemonHooks(hub=hub, passphrase=passphrase, stop_when=finished))
     station = await daemon.run()
     elapsed = time.monotonic() - started
-    return await asyncio.to_thread(_verify, settings, passphrase, station, elapsed)
+    return await asyncio.to_thread(_verify, settings, passphrase, station, hub.finished, elapsed)
 
 
-def _verify(settings: Settings, passphrase: bytes, station: Station, elapsed: float) -> DemoResult:
+def check_provisioned(
+    record: DeviceRecord, issuing_ca: x509.Certificate, boards: dict[str, SimBoard]
+) -> None:
+    """Check one provisioned device end to end; raise VerificationError naming what is wrong."""
+    cert = x509.load_der_x509_certificate(record.cert_der or b"")
+    cert.verify_directly_issued_by(issuing_ca)
+    cn = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value
+    board = boards.get(record.hw_serial or "")
+    if cn != record.device_id or board is None:
+        raise VerificationError(f"{record.device_id}: CN {cn!r} or board {record.hw_serial} does not match")
+    if board.se.objects.get(ObjectId.DEVICE_CERT) != record.cert_der:
+        raise VerificationError(f"{record.device_id}: board {record.hw_serial} holds another certificate")
+    key = cert.public_key()
+    point = key.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+    if not isinstance(key, ec.EllipticCurvePublicKey) or point != board.se.public_point(0):
+        raise VerificationError(f"{record.device_id}: certificate key is not the secure element's key")
+
+
+def _verify(
+    settings: Settings, passphrase: bytes, station: Station, boards: list[SimBoard], elapsed: float
+) -> DemoResult:
     paths = StationPaths(settings.station.state_dir)
     with Ledger.open(settings.ledger_url) as ledger:
         audit_entries = ledger.verify_audit()
         devices = ledger.provisioned_devices(DEMO_LOT)
         manifest = export_manifest(ledger, paths, passphrase, DEMO_LOT)
     json_path, sig_path = write_manifest(manifest, paths.manifests)
-    verified = 0
+    issuing_ca = BundleStore(paths.bundles, passphrase).load(DEMO_LOT).certificate
+    by_serial = {b.serial_hex: b for b in boards}
     for record in devices:
-        cert = x509.load_der_x509_certificate(record.cert_der or b"")
-        cn = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value
-        if cn == record.device_id:
-            verified += 1
+        check_provisioned(record, issuing_ca, by_serial)
+    verified = len(devices)
     failures: dict[str, int] = {}
     for result in station.results:
         if result.outcome in ("failed", "refused"):

@@ -31,4 +31,6 @@ def configure_logging(level: str = "info", fmt: LogFormat = "json") -> None:
         logger_factory=structlog.PrintLoggerFactory(sys.stdout),
         cache_logger_on_first_use=False,
     )
-    logging.basicConfig(level=max(numeric, logging.INFO), stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
+    logging.basicConfig(level=numeric, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
+    # Alembic narrates every migration context at INFO; only its warnings matter to an operator.
+    logging.getLogger("alembic").setLevel(max(numeric, logging.WARNING))

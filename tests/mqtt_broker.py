@@ -228,6 +228,16 @@ class TcpGate:
         self.port = free_port()
         self._server: asyncio.Server | None = None
         self._links: dict[asyncio.Task[None], list[asyncio.StreamWriter]] = {}
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+
+    def stall(self) -> None:
+        """Keep connections open but forward nothing (a hung broker or a congested link)."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        """Forward again, including what was held back."""
+        self._flowing.set()
 
     async def open(self) -> None:
         """Start accepting and forwarding connections."""
@@ -267,10 +277,10 @@ class TcpGate:
                 w.transport.abort()
             del self._links[task]
 
-    @staticmethod
-    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError):
             while data := await reader.read(65536):
+                await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()
         # End of one direction ends the link: the other pump then sees EOF on the same socket.

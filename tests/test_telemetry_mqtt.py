@@ -31,6 +31,7 @@ from factoryd.telemetry import (
     PortState,
     PortUpdate,
 )
+from factoryd.telemetry import mqtt as mqtt_module
 from factoryd.telemetry.payloads import load_schema
 
 pytestmark = pytest.mark.mqtt
@@ -221,6 +222,39 @@ async def test_queue_overflow_keeps_newest_events_in_order(mqtt_broker: Mosquitt
         assert await pub.wait_idle(5)
         await rec.wait_for(lambda: len(rec.on("/events")) == 5)
     assert [e["job_id"] for e in rec.on("/events")] == [7, 8, 9, 10, 11]
+
+
+async def test_hung_broker_never_blocks_the_sink_and_recovers(
+    mqtt_broker: MosquittoBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Short protocol timeouts so the hang is detected within the test's time budget.
+    monkeypatch.setattr(mqtt_module, "PUBLISH_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(mqtt_module, "CONNECT_TIMEOUT_S", 0.3)
+    async with (
+        TcpGate(mqtt_broker.host, mqtt_broker.port) as gate,
+        MqttRecorder(mqtt_broker) as rec,
+    ):
+        await gate.open()
+        async with MqttPublisher(settings(gate.host, gate.port)) as pub:
+            assert await pub.wait_connected(5)
+            gate.stall()
+            pub.job_event(job_event(0))  # its PUBACK never comes back
+            started = time.perf_counter()
+            for i in range(1, 1001):
+                pub.port_update(port_update("1", PortState.PROVISIONING, attempt=i))
+                pub.job_event(job_event(i))
+            assert time.perf_counter() - started < 0.5
+            async with asyncio.timeout(5):
+                while pub.connected:  # noqa: ASYNC110 - polls a plain property of the code under test
+                    await asyncio.sleep(0.01)
+            assert pub.last_error is not None
+            await gate.cut()
+            gate.resume()
+            assert await pub.wait_idle(5)
+            await rec.wait_for(lambda: any(e["job_id"] == 1000 for e in rec.on("/events")))
+            await rec.wait_for(lambda: (rec.latest("/ports/1/state") or {}).get("attempt") == 1000)
+    assert pub.dropped == 1  # queue_size 1000: 1001 events queued while hung, the oldest one dropped
+    assert_valid(rec)
 
 
 async def test_broker_restart_reconnects_and_republishes(mqtt_broker_factory: BrokerFactory) -> None:

@@ -37,6 +37,9 @@ class PortControl:
     enabled: bool = True
     skip_serial: str | None = None
     busy: bool = False
+    # Boards failed in a row; at the station's limit the port stops in ATTENTION until an operator acts.
+    failures_in_row: int = 0
+    attention: str | None = None
     last: JobResult | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -52,6 +55,10 @@ class LotSource:
         self._opener = opener
         self._cache: dict[str, LotContext] = {}
         self._lock = asyncio.Lock()
+
+    def clear(self) -> None:
+        """Drop cached lot contexts."""
+        self._cache.clear()
 
     async def current(self) -> LotContext | None:
         """The active lot's context, or None when no lot is active."""
@@ -79,6 +86,7 @@ class Station:
         lots: LotSource,
         telemetry: TelemetrySink,
         rescan_s: float,
+        attention_after: int = 3,
     ) -> None:
         self.hub = hub
         self.pipeline = pipeline
@@ -86,6 +94,7 @@ class Station:
         self.lots = lots
         self.telemetry = telemetry
         self.rescan_s = rescan_s
+        self.attention_after = attention_after
         self.ports = {p: PortControl(p) for p in hub.ports()}
         self.outcomes: Counter[str] = Counter()
         self.results: list[JobResult] = []
@@ -97,6 +106,10 @@ class Station:
         self._stop.set()
         for control in self.ports.values():
             control.wake.set()
+
+    def reload_lots(self) -> None:
+        """Forget opened lots (SIGHUP): the next job reads lot, bundle and firmware again."""
+        self.lots.clear()
 
     @property
     def stopping(self) -> bool:
@@ -117,9 +130,18 @@ class Station:
         control.wake.set()
 
     def retry(self, port: str) -> None:
-        """Run the port again now, even if the same board is still in it."""
+        """Run the port again now, even if the same board is still in it; clears ATTENTION."""
         control = self._control(port)
         control.skip_serial = None
+        control.attention = None
+        control.failures_in_row = 0
+        control.wake.set()
+
+    def acknowledge(self, port: str) -> None:
+        """The operator has seen the ATTENTION state: the port goes back to work with the next board."""
+        control = self._control(port)
+        control.attention = None
+        control.failures_in_row = 0
         control.wake.set()
 
     def _control(self, port: str) -> PortControl:
@@ -131,7 +153,10 @@ class Station:
     # Loops --------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Run all port loops and the progress publisher until stop()."""
+        """Switch every port off, then run all port loops and the progress publisher until stop()."""
+        # HUBS.md: start from a known state; a port left powered by a crash is switched off first.
+        for port in self.ports:
+            await self.hub.power_off(port)
         async with asyncio.TaskGroup() as tg:
             for port in self.ports:
                 tg.create_task(self._port_loop(self.ports[port]), name=f"port-{port}")
@@ -142,6 +167,10 @@ class Station:
         while not self.stopping:
             if not control.enabled:
                 self._publish(port, PortState.DISABLED)
+                await self._idle(control, None)
+                continue
+            if control.attention is not None:
+                self._publish(port, PortState.ATTENTION, reason=control.attention)
                 await self._idle(control, None)
                 continue
             try:
@@ -175,6 +204,16 @@ class Station:
         self.results.append(result)
         control.last = result
         control.skip_serial = result.hw_serial
+        if result.outcome in ("failed", "refused"):
+            control.failures_in_row += 1
+            if control.failures_in_row >= self.attention_after:
+                control.attention = (
+                    f"{control.failures_in_row} boards failed in a row on port {port} "
+                    f"(last: {result.reason}); check the fixture, then retry or acknowledge"
+                )
+                log.warning("port needs attention", port=port, reason=result.reason)
+        else:
+            control.failures_in_row = 0
         await self.hub.release(port)
 
     async def _idle(self, control: PortControl, timeout_s: float | None) -> None:

@@ -98,8 +98,12 @@ class FaultPlan:
     @classmethod
     def uniform(cls, probability: float, *, seed: int = 0, per_power_on: bool = False) -> FaultPlan:
         """Every fault kind at the same probability."""
-        rates: dict[str, float] = {f.value: probability for f in Fault}
-        return cls(**rates, seed=seed, per_power_on=per_power_on)  # type: ignore[arg-type]
+        p = probability
+        return cls(
+            corrupt_byte=p, drop_reply=p, hang=p, reset_mid_write=p, wrong_cn=p, bad_csr_signature=p,
+            weak_key=p, oversize_frame=p, boot_garbage=p, readback_differs=p,
+            seed=seed, per_power_on=per_power_on,
+        )  # fmt: skip
 
     @classmethod
     def only(cls, fault: Fault, probability: float = 1.0, *, seed: int = 0) -> FaultPlan:

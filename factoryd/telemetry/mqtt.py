@@ -44,10 +44,11 @@ _log = structlog.get_logger(__name__)
 # and rebuilt (a broker that stalls this long is as good as down for telemetry).
 CONNECT_TIMEOUT_S = 10.0
 PUBLISH_TIMEOUT_S = 10.0
-# On graceful exit: how long to keep draining the queue before publishing "offline" anyway.
+# On graceful exit: how long to keep draining the queue, then to wait for the "offline" PUBACK.
 SHUTDOWN_FLUSH_TIMEOUT_S = 3.0
+SHUTDOWN_PUBLISH_TIMEOUT_S = 2.0
 # Upper bound for the whole graceful exit (flush + offline + DISCONNECT) before the task is cancelled.
-SHUTDOWN_TIMEOUT_S = 5.0
+SHUTDOWN_TIMEOUT_S = 6.0
 QOS_AT_LEAST_ONCE = 1
 
 
@@ -326,13 +327,13 @@ class MqttPublisher(TelemetrySink):
                 # Graceful exit: flush what we can, then say goodbye (a clean DISCONNECT sends no will).
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(SHUTDOWN_FLUSH_TIMEOUT_S):
-                        await self._drain(client)
+                        await self._drain(client, finish=True)
                 await client.publish(
                     self._topics.status,
                     self._status("offline"),
                     qos=QOS_AT_LEAST_ONCE,
                     retain=True,
-                    timeout=PUBLISH_TIMEOUT_S,
+                    timeout=SHUTDOWN_PUBLISH_TIMEOUT_S,
                 )
                 watcher.cancel()
             _log.info("mqtt_disconnected_gracefully", host=s.host, port=s.port)
@@ -343,10 +344,15 @@ class MqttPublisher(TelemetrySink):
         async for _ in client.messages:
             pass
 
-    async def _drain(self, client: aiomqtt.Client) -> None:
-        """Publish dirty retained topics, then queued events; return once empty and stopping."""
+    async def _drain(self, client: aiomqtt.Client, *, finish: bool = False) -> None:
+        """Publish dirty retained topics, then queued events, until stopping.
+
+        On stop it returns after the publish in flight; with ``finish`` it first empties everything.
+        """
         while True:
             while self._dirty or self._events:
+                if self._stopping.is_set() and not finish:
+                    return
                 if self._dirty:
                     await self._publish_retained(client, next(iter(self._dirty)))
                 else:

@@ -1,0 +1,381 @@
+"""A hub switched with the ``uhubctl`` tool (Debian package; works on kernels before 6.0 too).
+
+Every call runs ``uhubctl -l <location> -p <ports> -a on|off`` as an asyncio subprocess with a
+timeout (killed, process group and all, when it does not answer), never two at once on one hub,
+and reads uhubctl's "New status" lines back to verify the port really changed (uhubctl exits 0
+even when a control transfer failed). After power-off the port's tty must disappear; after
+power-on :meth:`UhubctlHub.wait_for_tty` waits for it to appear (udev events or by-path polling).
+
+uhubctl's status output, for reference (``tests/data/uhubctl/`` has recorded examples)::
+
+    Current status for hub 1-1.4 [2109:2817 VIA Labs, Inc. USB2.0 Hub, USB 2.10, 4 ports, ppps]
+      Port 2: 0503 power highspeed enable connect [2e8a:000a Raspberry Pi Pico E6614C311B]
+    Sent power off request
+    New status for hub 1-1.4 [2109:2817 VIA Labs, Inc. USB2.0 Hub, USB 2.10, 4 ports, ppps]
+      Port 2: 0000 off
+
+Older releases print ``Current status for hub 20-1, vendor 2109:2811, 4 ports`` headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Literal, Self
+
+import structlog
+
+from factoryd.config import UhubctlSettings
+from factoryd.errors import ConfigError, HubCommandError, HubError
+from factoryd.hub.ttymap import PortTtys, TtyResolver, make_resolver
+
+log = structlog.get_logger(__name__)
+
+# uhubctl's own USB control timeout is 5 s per transfer; a whole call rarely takes 1 s.
+DEFAULT_COMMAND_TIMEOUT_S = 10.0
+DEFAULT_REMOVE_TIMEOUT_S = 5.0
+# How much of uhubctl's output an error message quotes.
+OUTPUT_EXCERPT_CHARS = 600
+
+Switching = Literal["ppps", "ganged", "nops", "unknown"]
+
+_HEADER = re.compile(r"^(Current|New) status for hub (\S+) \[(.*)\]\s*$")
+_HEADER_OLD = re.compile(
+    r"^(Current|New) status for hub (\S+), vendor ([0-9a-fA-F]{4}:[0-9a-fA-F]{4}), (\d+) ports"
+)
+_PORT = re.compile(r"^\s+Port (\d+): ([0-9a-fA-F]{4})\b(.*)$")
+_USB_VERSION = re.compile(r"\bUSB (\d+\.\d+)\b")
+_SWITCHING: dict[str, Switching] = {"ppps": "ppps", "ganged": "ganged", "nops": "nops"}
+_NO_HUB = "No compatible devices detected"
+_PERMISSION = "permission problems"
+
+
+@dataclass(frozen=True)
+class PortStatus:
+    """One ``Port N:`` line."""
+
+    port: int
+    status: int
+    flags: tuple[str, ...]
+    device: str | None
+    line: str
+
+    @property
+    def powered(self) -> bool:
+        """uhubctl prints ``off`` for an unpowered port and ``power`` for a powered one."""
+        return "off" not in self.flags and "power" in self.flags
+
+    @property
+    def connected(self) -> bool:
+        """A device is attached (it may not have enumerated yet)."""
+        return "connect" in self.flags
+
+
+@dataclass(frozen=True)
+class HubStatus:
+    """One ``Current status``/``New status`` block."""
+
+    location: str
+    description: str
+    new: bool
+    ports: tuple[PortStatus, ...]
+
+    @property
+    def switching(self) -> Switching:
+        """Per-port (ppps), ganged or no power switching, as uhubctl >= 2.2 reports it."""
+        return _SWITCHING.get(self.description.rsplit(",", 1)[-1].strip(), "unknown")
+
+    @property
+    def usb_version(self) -> str | None:
+        """``"2.10"``, ``"3.20"``… when uhubctl printed it."""
+        m = _USB_VERSION.search(self.description)
+        return m.group(1) if m else None
+
+    def port(self, number: int) -> PortStatus | None:
+        """The status line of one port, if uhubctl printed it."""
+        return next((p for p in self.ports if p.port == number), None)
+
+
+def parse_uhubctl(text: str) -> list[HubStatus]:
+    """Parse uhubctl's human-readable output into status blocks (other lines are ignored)."""
+    blocks: list[HubStatus] = []
+    header: tuple[str, str, bool] | None = None
+    ports: list[PortStatus] = []
+
+    def close() -> None:
+        if header is not None:
+            blocks.append(HubStatus(header[0], header[1], header[2], tuple(ports)))
+
+    for raw in text.splitlines():
+        line = raw.rstrip()
+        if m := _HEADER.match(line):
+            close()
+            header, ports = (m.group(2), m.group(3), m.group(1) == "New"), []
+        elif m := _HEADER_OLD.match(line):
+            close()
+            header, ports = (m.group(2), f"{m.group(3)}, {m.group(4)} ports", m.group(1) == "New"), []
+        elif (m := _PORT.match(line)) and header is not None:
+            rest = m.group(3)
+            device: str | None = None
+            if " [" in rest:
+                rest, _, tail = rest.partition(" [")
+                device = tail.removesuffix("]").strip()
+            ports.append(
+                PortStatus(int(m.group(1)), int(m.group(2), 16), tuple(rest.split()), device, line.strip())
+            )
+    close()
+    return blocks
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """What a finished command printed."""
+
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _excerpt(text: str) -> str:
+    text = text.strip()
+    return text if len(text) <= OUTPUT_EXCERPT_CHARS else "…" + text[-OUTPUT_EXCERPT_CHARS:]
+
+
+async def run_command(argv: Sequence[str], timeout_s: float) -> CommandResult:
+    """Run a command without blocking the loop; kill its process group on timeout or cancellation."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            # Its own process group, so a kill reaches anything it started.
+            start_new_session=True,
+        )
+    except FileNotFoundError as exc:
+        raise HubCommandError(
+            f"{argv[0]}: not found (install the 'uhubctl' package or set hub.uhubctl.binary)"
+        ) from exc
+    except PermissionError as exc:
+        raise HubCommandError(f"{argv[0]}: cannot execute ({exc.strerror})") from exc
+    try:
+        async with asyncio.timeout(timeout_s):
+            out, err = await proc.communicate()
+    except TimeoutError:
+        raise HubCommandError(f"{' '.join(argv)}: no answer after {timeout_s:.1f} s (killed)") from None
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            # Reap it: no zombie, also when we are being cancelled.
+            await proc.wait()
+    return CommandResult(
+        tuple(argv),
+        proc.returncode if proc.returncode is not None else -1,
+        out.decode("utf-8", "replace"),
+        err.decode("utf-8", "replace"),
+    )
+
+
+class UhubctlHub:
+    """Ports of one uhubctl-switchable hub (and optionally its USB 3 twin)."""
+
+    def __init__(
+        self,
+        location: str,
+        ports: Sequence[int],
+        *,
+        binary: str = "uhubctl",
+        tty: dict[str, str] | None = None,
+        dual_location: str = "",
+        resolver: TtyResolver | None = None,
+        command_timeout_s: float = DEFAULT_COMMAND_TIMEOUT_S,
+        remove_timeout_s: float = DEFAULT_REMOVE_TIMEOUT_S,
+        off_repeat: int = 0,
+        name: str | None = None,
+    ) -> None:
+        if not location:
+            raise ConfigError("uhubctl hub: location is empty (run 'factoryd hubs detect')")
+        if not ports or len(set(ports)) != len(ports) or min(ports) < 1:
+            raise ConfigError(
+                f"uhubctl hub {location}: ports must be distinct numbers >= 1, got {list(ports)}"
+            )
+        self.name = name or f"uhubctl:{location}"
+        self.location = location
+        self.dual_location = dual_location
+        self.binary = binary
+        self.command_timeout_s = command_timeout_s
+        self.remove_timeout_s = remove_timeout_s
+        self.off_repeat = off_repeat
+        self._ports = list(ports)
+        self._resolver = resolver if resolver is not None else make_resolver()
+        self._ttys = PortTtys.build(self.name, location, self._ports, tty or {}, self._resolver)
+        # uhubctl calls to one hub must not overlap (they read-modify-write the port state).
+        self._lock = asyncio.Lock()
+        self._stack = contextlib.AsyncExitStack()
+
+    @classmethod
+    def from_settings(cls, settings: UhubctlSettings, *, resolver: TtyResolver | None = None) -> UhubctlHub:
+        """A hub from ``[hub.uhubctl]``."""
+        return cls(
+            settings.location,
+            settings.ports,
+            binary=settings.binary,
+            tty=dict(settings.tty),
+            dual_location=settings.dual_location,
+            resolver=resolver or make_resolver(settings.by_path_dir, udev=settings.udev),
+            command_timeout_s=settings.command_timeout_s,
+            remove_timeout_s=settings.remove_timeout_s,
+            off_repeat=settings.off_repeat,
+        )
+
+    async def __aenter__(self) -> Self:
+        if isinstance(self._resolver, contextlib.AbstractAsyncContextManager):
+            await self._stack.enter_async_context(self._resolver)
+        try:
+            # HUBS.md: every port off at start (some hubs power all ports up with the hub).
+            await self.power_off_all()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            await self.power_off_all()
+        except HubError as err:
+            log.error("hub_power_off_at_exit_failed", hub=self.name, error=str(err))
+        finally:
+            await self._stack.aclose()
+
+    def ports(self) -> Sequence[str]:
+        """Port names (the hub's port numbers), in configured order."""
+        return [str(p) for p in self._ports]
+
+    def tty_key(self, port: str) -> str:
+        """The tty key (path or ID_PATH) the port is resolved with."""
+        self._number(port)
+        return self._ttys.keys[port]
+
+    async def power_on(self, port: str) -> None:
+        """Switch the port on and verify uhubctl reports it powered."""
+        await self._switch([self._number(port)], on=True)
+
+    async def power_off(self, port: str) -> None:
+        """Switch the port off, verify it, and wait until its tty is gone."""
+        await self._switch([self._number(port)], on=False)
+        await self._ttys.wait_absent(port, self.remove_timeout_s)
+
+    async def power_off_all(self) -> None:
+        """Every configured port off in one call; ttys that linger are logged, not raised."""
+        await self._switch(self._ports, on=False)
+        results = await asyncio.gather(
+            *(self._ttys.wait_absent(p, self.remove_timeout_s) for p in self.ports()), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, HubError):
+                log.warning("tty_lingers_after_power_off", hub=self.name, error=str(result))
+            elif isinstance(result, BaseException):
+                raise result
+
+    async def wait_for_tty(self, port: str, timeout_s: float) -> str:
+        """Wait until the port's tty appears; return its path (EnumerationTimeoutError)."""
+        self._number(port)
+        return await self._ttys.wait_present(port, timeout_s)
+
+    async def release(self, port: str) -> None:
+        """Nothing to do: power is already off and the operator is told by telemetry."""
+        self._number(port)
+
+    async def status(self) -> list[HubStatus]:
+        """uhubctl's current view of the hub (and its USB 3 twin)."""
+        blocks: list[HubStatus] = []
+        async with self._lock:
+            for loc in self._locations():
+                result = await run_command([self.binary, "-l", loc], self.command_timeout_s)
+                self._check_exit(result, loc)
+                blocks += parse_uhubctl(result.stdout)
+        return blocks
+
+    def _locations(self) -> list[str]:
+        return [self.location, self.dual_location] if self.dual_location else [self.location]
+
+    def _number(self, port: str) -> int:
+        try:
+            number = int(port)
+        except ValueError:
+            number = -1
+        if number not in self._ports:
+            raise HubCommandError(f"{self.name} has no port {port!r} (ports: {', '.join(self.ports())})")
+        return number
+
+    async def _switch(self, ports: list[int], *, on: bool) -> None:
+        action = "on" if on else "off"
+        port_list = ",".join(str(p) for p in ports)
+        async with self._lock:
+            for loc in self._locations():
+                argv = [self.binary, "-l", loc, "-p", port_list, "-a", action]
+                if not on and self.off_repeat:
+                    argv += ["-r", str(self.off_repeat)]
+                result = await run_command(argv, self.command_timeout_s)
+                self._check_exit(result, loc)
+                self._verify(result, loc, ports, on=on)
+                if result.stderr.strip():
+                    # e.g. the sysfs 'disable' write was refused and uhubctl fell back to libusb.
+                    log.warning("uhubctl_stderr", hub=self.name, location=loc, stderr=_excerpt(result.stderr))
+        log.debug("hub_ports_switched", hub=self.name, ports=port_list, action=action)
+
+    def _check_exit(self, result: CommandResult, loc: str) -> None:
+        cmd = " ".join(result.argv)
+        if _NO_HUB in result.stderr:
+            hint = (
+                " uhubctl reported USB permission problems: install deploy/udev/90-factoryd.rules"
+                if _PERMISSION in result.stderr
+                else ""
+            )
+            raise HubCommandError(
+                f"{cmd}: uhubctl found no per-port switchable hub at location {loc} — the hub is unplugged, "
+                "the location is wrong, or the hub is ganged (switches all ports together; uhubctl skips "
+                f"those). Run 'factoryd hubs detect'.{hint} uhubctl said: {_excerpt(result.stderr)}"
+            )
+        if result.returncode != 0:
+            said = _excerpt(result.stderr) or _excerpt(result.stdout) or "(no output)"
+            raise HubCommandError(f"{cmd}: exit status {result.returncode}: {said}")
+
+    def _verify(self, result: CommandResult, loc: str, ports: list[int], *, on: bool) -> None:
+        cmd = " ".join(result.argv)
+        new = [b for b in parse_uhubctl(result.stdout) if b.new]
+        mine = [b for b in new if b.location == loc]
+        if not mine:
+            raise HubCommandError(
+                f"{cmd}: uhubctl printed no new status for hub {loc}; output: {_excerpt(result.stdout)!r}"
+            )
+        if mine[0].switching == "ganged":
+            raise HubCommandError(
+                f"{cmd}: hub {loc} is ganged ({mine[0].description}): it switches every port together"
+            )
+        for block in new:
+            for number in ports:
+                st = block.port(number)
+                if st is None:
+                    if block.location == loc:
+                        raise HubCommandError(
+                            f"{cmd}: hub {loc} has no port {number} ({block.description}); "
+                            "check hub.uhubctl.ports"
+                        )
+                    continue
+                if st.powered != on:
+                    raise HubCommandError(
+                        f"{cmd}: hub {block.location} port {number} is still "
+                        f"{'off' if on else 'powered'} after power {'on' if on else 'off'}: {st.line!r}"
+                        + (f"; uhubctl stderr: {_excerpt(result.stderr)}" if result.stderr.strip() else "")
+                    )

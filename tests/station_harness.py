@@ -1,0 +1,71 @@
+"""Runs the real daemon on a simulated hub inside a test (lot, CA, firmware made by the demo's set-up)."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from factoryd.config import Settings
+from factoryd.daemon import Daemon, DaemonHooks
+from factoryd.demo import DEMO_LOT, DemoOptions, demo_settings, prepare_lot
+from factoryd.hub.sim import SimHub
+from factoryd.jobs.scheduler import Station
+from factoryd.ledger import Ledger
+from factoryd.sim.board import FaultPlan, SimBoard
+
+LOT = DEMO_LOT
+
+
+@dataclass
+class Line:
+    """A prepared lot plus what is needed to run stations on it."""
+
+    options: DemoOptions
+    settings: Settings
+    passphrase: bytes
+    fw_public: ec.EllipticCurvePublicKey
+
+    def board(self, faults: FaultPlan | None = None) -> SimBoard:
+        """A fresh board whose bootloader trusts the lot's firmware key."""
+        return SimBoard(firmware_key=self.fw_public, faults=faults or FaultPlan())
+
+    def hub(self, ports: int, supply: int | None, factory: Callable[[], SimBoard] | None = None) -> SimHub:
+        """A simulated hub fed with this line's boards."""
+        return SimHub(ports, factory or self.board, supply=supply)
+
+    def ledger(self) -> Ledger:
+        """A sync ledger on the line's database."""
+        return Ledger.open(self.settings.ledger_url)
+
+    async def run(
+        self,
+        hub: SimHub,
+        stop_when: Callable[[Station], bool] | None = None,
+        *,
+        settings: Settings | None = None,
+        timeout_s: float = 60.0,
+    ) -> Station:
+        """Run a daemon until the hub's supply is used up (or stop_when)."""
+
+        def done(station: Station) -> bool:
+            return stop_when(station) if stop_when else hub.exhausted
+
+        daemon = Daemon(
+            settings or self.settings, DaemonHooks(hub=hub, passphrase=self.passphrase, stop_when=done)
+        )
+        async with asyncio.timeout(timeout_s):
+            return await daemon.run()
+
+
+async def make_line(tmp_path: Path, **option_overrides: object) -> Line:
+    """Prepare a lot (CA, signed firmware, IDs) in an SQLite ledger under tmp_path."""
+    options = replace(DemoOptions(state_dir=tmp_path, boards=20, ports=4), **option_overrides)  # type: ignore[arg-type]
+    settings = demo_settings(options, tmp_path)
+    passphrase = secrets.token_urlsafe(16).encode()
+    fw_public = await asyncio.to_thread(prepare_lot, options, settings, passphrase)
+    return Line(options, settings, passphrase, fw_public)

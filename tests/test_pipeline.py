@@ -1,0 +1,169 @@
+"""The station end to end on simulated boards behind real PTYs: pipeline, retries, re-checks, refusals."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from factoryd.demo import DemoOptions, run_demo
+from factoryd.ledger.model import DeviceState
+from factoryd.protocol.messages import ObjectId
+from factoryd.sim.board import Fault, FaultPlan
+from tests.station_harness import LOT, make_line
+
+
+async def test_demo_16_ports_200_devices_10pct_faults(tmp_path: Path) -> None:
+    result = await run_demo(DemoOptions(ports=16, boards=200, fault_rate=0.1, seed=7, state_dir=tmp_path))
+    outcomes = result.outcomes
+    # Every board ends provisioned or failed with a reason; none is lost.
+    assert sum(outcomes.values()) == 200
+    assert set(outcomes) <= {"provisioned", "failed", "refused", "rechecked"}
+    assert outcomes["provisioned"] == result.provisioned >= 150
+    assert all(reason != "unknown" for reason in result.failures)
+    # check_provisioned() ran for every device: CA signature, CN, cert on board, key = SE key.
+    assert result.certificates_verified == result.provisioned
+    assert result.manifest_count == result.provisioned
+    assert result.audit_entries > result.provisioned
+
+
+async def test_every_board_gets_a_distinct_id_and_ledger_agrees(tmp_path: Path) -> None:
+    line = await make_line(tmp_path)
+    hub = line.hub(ports=4, supply=12)
+    station = await line.run(hub)
+    assert station.outcomes == Counter({"provisioned": 12})
+    ids = [b.se.objects[ObjectId.DEVICE_ID].decode() for b in hub.finished]
+    assert len(set(ids)) == 12
+    with line.ledger() as ledger:
+        records = {r.device_id: r for r in ledger.provisioned_devices(LOT)}
+        assert set(records) == set(ids)
+        for board in hub.finished:
+            record = records[board.se.objects[ObjectId.DEVICE_ID].decode()]
+            assert record.hw_serial == board.serial_hex
+        # The lot profile asks for signed firmware and a lock: both happened on every board.
+        assert all(b.fw_version == "2.0.0" and b.se.locked for b in hub.finished)
+        progress = ledger.progress(LOT)
+        assert progress.provisioned == 12
+        assert progress.reserved == 0
+
+
+async def test_reinserted_board_is_rechecked_not_reissued(tmp_path: Path) -> None:
+    line = await make_line(tmp_path)
+    hub = line.hub(ports=2, supply=2)
+    await line.run(hub)
+    done = hub.finished[0]
+    cert_before = done.se.objects[ObjectId.DEVICE_CERT]
+    again = line.hub(ports=1, supply=0)
+    again.insert("1", done)
+    station = await line.run(again)
+    assert station.outcomes == Counter({"rechecked": 1})
+    assert done.se.objects[ObjectId.DEVICE_CERT] == cert_before
+    with line.ledger() as ledger:
+        assert ledger.progress(LOT).provisioned == 2
+
+
+async def test_board_of_another_lot_is_refused_without_rework(tmp_path: Path) -> None:
+    first = await make_line(tmp_path / "a")
+    hub = first.hub(ports=1, supply=1)
+    await first.run(hub)
+    foreign = hub.finished[0]
+    second = await make_line(tmp_path / "b")
+    other = second.hub(ports=1, supply=0)
+    other.insert("1", foreign)
+    station = await second.run(other)
+    assert station.outcomes == Counter({"refused": 1})
+    assert station.results[0].reason == "refused_board"
+    with second.ledger() as ledger:
+        progress = ledger.progress(LOT)
+        assert progress.reserved == 0
+        assert progress.provisioned == 0
+
+
+async def test_interrupted_board_resumes_with_its_reserved_id(tmp_path: Path) -> None:
+    line = await make_line(tmp_path)
+    board = line.board()
+    with line.ledger() as ledger:
+        job = ledger.start_job(LOT, station="earlier-run", port="9")
+        reservation = ledger.reserve(
+            LOT, board.serial_hex, station="earlier-run", port="9", job_id=job, actor="test"
+        )
+    # The crashed run had already written the ID onto the board.
+    board.se.store(ObjectId.DEVICE_ID, reservation.device_id.encode())
+    hub = line.hub(ports=1, supply=0)
+    hub.insert("1", board)
+    station = await line.run(hub)
+    assert station.outcomes == Counter({"provisioned": 1})
+    assert station.results[0].device_id == reservation.device_id
+    with line.ledger() as ledger:
+        record = ledger.find_by_serial(LOT, board.serial_hex)
+        assert record is not None
+        assert record.state is DeviceState.PROVISIONED
+        assert record.device_id == reservation.device_id
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [
+        (Fault.WRONG_CN, "csr_rejected"),
+        (Fault.BAD_CSR_SIGNATURE, "csr_rejected"),
+        (Fault.WEAK_KEY, "csr_rejected"),
+        (Fault.HANG, "board_timeout"),
+    ],
+)
+async def test_permanent_board_faults_fail_with_reason_and_keep_reservation(
+    tmp_path: Path, fault: Fault, reason: str
+) -> None:
+    line = await make_line(tmp_path)
+    bad = line.board(FaultPlan.only(fault))
+    hub = line.hub(ports=1, supply=0)
+    hub.insert("1", bad)
+    station = await line.run(hub)
+    assert station.outcomes == Counter({"failed": 1})
+    assert station.results[0].reason == reason
+    with line.ledger() as ledger:
+        record = ledger.find_by_serial(LOT, bad.serial_hex)
+        if fault is Fault.HANG:
+            assert record is None  # it never answered HELLO: no ID was touched
+        else:
+            # The ID stays bound to this board (rule 1): a re-inserted board resumes with it.
+            assert record is not None
+            assert record.state is DeviceState.RESERVED
+        assert ledger.progress(LOT).provisioned == 0
+
+
+async def test_one_stuck_board_does_not_stall_the_others(tmp_path: Path) -> None:
+    line = await make_line(tmp_path)
+    boards = [line.board(FaultPlan.only(Fault.HANG))] + [line.board() for _ in range(9)]
+    feed = iter(boards)
+    hub = line.hub(ports=3, supply=10, factory=lambda: next(feed))
+    station = await line.run(hub)
+    assert station.outcomes == Counter({"provisioned": 9, "failed": 1})
+
+
+async def test_port_goes_to_attention_after_failures_in_a_row(tmp_path: Path) -> None:
+    line = await make_line(tmp_path)
+    hub = line.hub(ports=1, supply=5, factory=lambda: line.board(FaultPlan.only(Fault.WRONG_CN)))
+
+    def stuck(station: object) -> bool:
+        control = station.ports["1"]  # type: ignore[attr-defined]
+        return control.attention is not None and not control.busy
+
+    station = await line.run(hub, stuck)
+    control = station.ports["1"]
+    assert control.failures_in_row == 3
+    assert "3 boards failed in a row" in (control.attention or "")
+    assert station.outcomes == Counter({"failed": 3})
+
+
+async def test_transient_faults_recover_within_the_job(tmp_path: Path) -> None:
+    line = await make_line(tmp_path)
+    plan = FaultPlan(corrupt_byte=0.05, drop_reply=0.05, reset_mid_write=0.1, readback_differs=0.1, seed=5)
+    hub = line.hub(ports=4, supply=16, factory=lambda: line.board(plan))
+    station = await line.run(hub)
+    assert station.outcomes["provisioned"] >= 14
+    injected = Counter[str]()
+    for board in hub.finished:
+        injected.update(board.injected)
+    assert injected[Fault.RESET_MID_WRITE] > 0
+    assert injected[Fault.READBACK_DIFFERS] > 0
