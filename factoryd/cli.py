@@ -351,6 +351,56 @@ def sim_board(
         asyncio.run(serve())
 
 
+@sim_app.command("hub")
+def sim_hub(
+    socket: Annotated[
+        Path, typer.Option(help="Control socket path for the daemon (hub.sim.control_socket).")
+    ],
+    ports: Annotated[int, typer.Option(min=1, max=1024, help="Ports.")] = 8,
+    boards: Annotated[
+        int | None, typer.Option(help="Boards the simulated operator feeds in (default endless).")
+    ] = None,
+    fault_rate: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Chance per fault kind per board.")
+    ] = 0.0,
+    seed: Annotated[int, typer.Option(help="Fault seed.")] = 1,
+    timing: Annotated[str, typer.Option(help="zero or realistic.")] = "zero",
+    timing_scale: Annotated[float, typer.Option(min=0.0, help="Multiply every simulated delay.")] = 1.0,
+    firmware_key: Annotated[Path | None, typer.Option(help="PEM public key the bootloaders trust.")] = None,
+) -> None:
+    """Run a simulated hub with boards in this process, controlled over a Unix socket."""
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key  # noqa: PLC0415
+
+    from factoryd.hub.remote import SimHubServer  # noqa: PLC0415
+    from factoryd.hub.sim import SimHub  # noqa: PLC0415
+    from factoryd.sim.board import FaultPlan, SimBoard, Timing  # noqa: PLC0415
+
+    key = load_pem_public_key(_read(firmware_key)) if firmware_key else None
+    if key is not None and not isinstance(key, ec.EllipticCurvePublicKey):
+        _fail(f"{firmware_key}: the firmware-signing key must be an EC key")
+    base = (Timing.realistic() if timing == "realistic" else Timing()).scaled(timing_scale)
+    counter = iter(range(1, 1 << 62))
+
+    def make_board() -> SimBoard:
+        plan = FaultPlan.uniform(fault_rate, seed=seed * 1_000_003 + next(counter), per_power_on=True)
+        return SimBoard(faults=plan, timing=base, firmware_key=key)  # type: ignore[arg-type]
+
+    async def serve() -> None:
+        async with SimHub(ports, make_board, supply=boards) as hub:
+            ready = asyncio.Event()
+            server = SimHubServer(hub, socket)
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(server.serve(ready))
+                await ready.wait()
+                typer.echo(f"sim hub with {ports} ports listening on {socket}")
+                sys.stdout.flush()
+
+    configure_logging("warning", "console")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve())
+
+
 # Benchmarks -----------------------------------------------------------------------------------------
 
 

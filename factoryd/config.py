@@ -52,8 +52,8 @@ class SimHubSettings(_Section):
     fault_seed: int = 0
     timing: Literal["zero", "realistic"] = "zero"
     timing_scale: float = Field(1.0, ge=0.0)
-    # Where the simulated boards run: in this process, or in a child process (benchmarks).
-    boards_in_subprocess: bool = False
+    # backend "sim-remote": the control socket of a `factoryd sim hub` process (boards outlive the daemon).
+    control_socket: Path | None = None
 
 
 class UhubctlSettings(_Section):
@@ -115,7 +115,7 @@ class SysfsHubSettings(_Section):
 class HubSettings(_Section):
     """Port switching."""
 
-    backend: Literal["sim", "uhubctl", "sysfs"] = "sim"
+    backend: Literal["sim", "sim-remote", "uhubctl", "sysfs"] = "sim"
     # Ports powered at once (power budget and enumeration storms).
     max_powered: int = Field(8, ge=1)
     # HUBS.md: tools elsewhere use ~10 s re-enumeration timeouts.
@@ -214,6 +214,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_hub(self) -> Settings:
+        if self.hub.backend == "sim-remote" and self.hub.sim.control_socket is None:
+            raise ValueError("hub.backend = 'sim-remote' needs hub.sim.control_socket")
         if self.hub.backend == "uhubctl" and (not self.hub.uhubctl.location or not self.hub.uhubctl.ports):
             raise ValueError("hub.backend = 'uhubctl' needs hub.uhubctl.location and hub.uhubctl.ports")
         return self

@@ -20,6 +20,7 @@ from factoryd import __version__
 from factoryd.config import Settings
 from factoryd.errors import ConfigError
 from factoryd.hub.base import Hub
+from factoryd.hub.remote import RemoteSimHub
 from factoryd.hub.sim import SimHub
 from factoryd.jobs.lots import LotContext, load_lot_context
 from factoryd.jobs.pipeline import Pipeline, PipelineSettings
@@ -76,6 +77,8 @@ def build_hub(settings: Settings, board_factory: BoardFactory | None) -> Hub:
             board_factory or sim_board_factory(settings),
             supply=settings.hub.sim.boards,
         )
+    if settings.hub.backend == "sim-remote" and settings.hub.sim.control_socket is not None:
+        return RemoteSimHub(settings.hub.sim.control_socket)
     from factoryd.hub.uhubctl import UhubctlHub  # noqa: PLC0415 - optional backend, loaded on demand
 
     return UhubctlHub.from_settings(settings.hub.uhubctl)
@@ -138,6 +141,8 @@ class Daemon:
             telemetry = FanOut(sinks)
             if isinstance(hub, contextlib.AbstractAsyncContextManager):
                 await stack.enter_async_context(hub)
+            if isinstance(hub, RemoteSimHub):
+                await hub.connect()
             pipeline = Pipeline(
                 hub=hub,
                 ledger=ledger,

@@ -41,8 +41,12 @@ def disable_path(root: Path, hub: str, config: int, port: int) -> Path:
 
 
 def _write_and_read(path: Path, value: str) -> str:
-    with path.open("w") as f:
-        f.write(value)
+    # No O_CREAT: a missing attribute must fail (old kernel, wrong path), never become a new file.
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
     return path.read_text().strip()
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -108,7 +109,8 @@ class FaultPlan:
     @classmethod
     def only(cls, fault: Fault, probability: float = 1.0, *, seed: int = 0) -> FaultPlan:
         """One fault kind only."""
-        return cls(**{fault.value: probability}, seed=seed)
+        changes: dict[str, Any] = {fault.value: probability}
+        return replace(cls(seed=seed), **changes)
 
     def probability(self, fault: Fault) -> float:
         """Probability of one fault kind."""

@@ -1,0 +1,208 @@
+"""A simulated hub in another process, driven over a Unix socket.
+
+``factoryd sim hub`` runs a SimHub (boards behind PTYs) in its own process; the daemon talks to
+it through ``RemoteSimHub``. The boards then outlive a daemon that is killed or restarted, as real
+boards do, and their CPU time is not the daemon's (benchmarks). The control protocol is one JSON
+object per line each way: ``{"op": ..., ...}`` → ``{"ok": true, ...}`` or
+``{"ok": false, "error": "enumeration_timeout" | "hub_command", "message": ...}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from factoryd.errors import EnumerationTimeoutError, HubCommandError
+from factoryd.hub.sim import SimHub
+from factoryd.protocol.messages import ObjectId
+from factoryd.sim.board import SimBoard
+
+log = structlog.get_logger(__name__)
+# A control request is a short JSON line; anything longer is a protocol error.
+MAX_LINE_BYTES = 64 * 1024
+# Extra time over a wait_for_tty timeout before the client gives up on the hub process itself.
+CONTROL_SLACK_S = 5.0
+
+
+def board_inventory(board: SimBoard, where: str) -> dict[str, Any]:
+    """What a test or benchmark may know about a simulated board (never its private key)."""
+    objects = board.se.objects
+    return {
+        "serial": board.serial_hex,
+        "where": where,
+        "public_key": board.se.public_point(0).hex() if board.se.has_key(0) else None,
+        "device_id": objects.get(ObjectId.DEVICE_ID, b"").decode("utf-8", "replace") or None,
+        "cert": objects[ObjectId.DEVICE_CERT].hex() if ObjectId.DEVICE_CERT in objects else None,
+        "locked": board.se.locked,
+        "fw_version": board.fw_version,
+        "commands": board.commands_handled,
+        "injected": {str(k): v for k, v in board.injected.items()},
+    }
+
+
+class SimHubServer:
+    """Serves a SimHub's operations on a Unix socket."""
+
+    def __init__(self, hub: SimHub, socket_path: Path) -> None:
+        self.hub = hub
+        self.socket_path = socket_path
+
+    async def serve(self, ready: asyncio.Event | None = None) -> None:
+        """Serve until cancelled."""
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+        server = await asyncio.start_unix_server(
+            self._client, path=str(self.socket_path), limit=MAX_LINE_BYTES
+        )
+        try:
+            async with server:
+                if ready is not None:
+                    ready.set()
+                await server.serve_forever()
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                self.socket_path.unlink()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                reply = await self._handle(line)
+                writer.write(json.dumps(reply).encode() + b"\n")
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+            pass
+        finally:
+            writer.close()
+
+    async def _handle(self, line: bytes) -> dict[str, Any]:
+        try:
+            request = json.loads(line)
+            op = request["op"]
+            port = str(request.get("port", ""))
+            match op:
+                case "ports":
+                    return {"ok": True, "ports": list(self.hub.ports())}
+                case "power_on":
+                    await self.hub.power_on(port)
+                case "power_off":
+                    await self.hub.power_off(port)
+                case "release":
+                    await self.hub.release(port)
+                case "wait_for_tty":
+                    path = await self.hub.wait_for_tty(port, float(request["timeout_s"]))
+                    return {"ok": True, "path": path}
+                case "status":
+                    return {
+                        "ok": True,
+                        "exhausted": self.hub.exhausted,
+                        "inserted": self.hub.boards_inserted,
+                        "finished": len(self.hub.finished),
+                    }
+                case "inventory":
+                    return {"ok": True, "boards": self._inventory()}
+                case _:
+                    return {"ok": False, "error": "hub_command", "message": f"unknown op {op!r}"}
+        except EnumerationTimeoutError as exc:
+            return {"ok": False, "error": "enumeration_timeout", "message": str(exc)}
+        except (HubCommandError, KeyError, TypeError, ValueError) as exc:
+            return {"ok": False, "error": "hub_command", "message": str(exc)}
+        return {"ok": True}
+
+    def _inventory(self) -> list[dict[str, Any]]:
+        boards = [board_inventory(b, "finished") for b in self.hub.finished]
+        for port in self.hub.ports():
+            board = self.hub.board(port)
+            if board is not None:
+                boards.append(board_inventory(board, f"port {port}"))
+        return boards
+
+
+class RemoteSimHub:
+    """The Hub interface over a SimHubServer's socket (one connection per call: survives restarts)."""
+
+    def __init__(self, socket_path: Path, *, name: str = "sim-hub-remote") -> None:
+        self.name = name
+        self.socket_path = socket_path
+        self._ports: list[str] | None = None
+
+    async def connect(self, timeout_s: float = 10.0) -> None:
+        """Wait for the hub process and learn its ports."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            try:
+                reply = await self.call({"op": "ports"}, timeout_s=2.0)
+            except HubCommandError:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+                continue
+            self._ports = [str(p) for p in reply["ports"]]
+            return
+
+    def ports(self) -> Sequence[str]:
+        """Port names (after connect())."""
+        if self._ports is None:
+            raise HubCommandError(f"{self.name}: not connected to {self.socket_path}")
+        return self._ports
+
+    async def power_on(self, port: str) -> None:
+        """Switch a port on."""
+        await self.call({"op": "power_on", "port": port})
+
+    async def power_off(self, port: str) -> None:
+        """Switch a port off."""
+        await self.call({"op": "power_off", "port": port})
+
+    async def release(self, port: str) -> None:
+        """The simulated operator swaps the board."""
+        await self.call({"op": "release", "port": port})
+
+    async def wait_for_tty(self, port: str, timeout_s: float) -> str:
+        """Wait for the port's PTY."""
+        reply = await self.call(
+            {"op": "wait_for_tty", "port": port, "timeout_s": timeout_s},
+            timeout_s=timeout_s + CONTROL_SLACK_S,
+        )
+        return str(reply["path"])
+
+    async def status(self) -> dict[str, Any]:
+        """Supply and progress of the simulated operator."""
+        return await self.call({"op": "status"})
+
+    async def inventory(self) -> list[dict[str, Any]]:
+        """Every board the hub has seen, with its secure element's public state."""
+        reply = await self.call({"op": "inventory"}, timeout_s=30.0)
+        boards: list[dict[str, Any]] = reply["boards"]
+        return boards
+
+    async def call(self, request: dict[str, Any], timeout_s: float = 10.0) -> dict[str, Any]:
+        """Send one request and return the reply; errors become typed hub errors."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                reader, writer = await asyncio.open_unix_connection(str(self.socket_path), limit=1 << 24)
+                try:
+                    writer.write(json.dumps(request).encode() + b"\n")
+                    await writer.drain()
+                    line = await reader.readline()
+                finally:
+                    writer.close()
+                    with contextlib.suppress(ConnectionError):
+                        await writer.wait_closed()
+        except (OSError, TimeoutError) as exc:
+            raise HubCommandError(f"{self.name}: {request['op']} failed: {exc}") from exc
+        try:
+            reply: dict[str, Any] = json.loads(line)
+        except ValueError as exc:
+            raise HubCommandError(f"{self.name}: malformed reply to {request['op']}") from exc
+        if not reply.get("ok"):
+            message = str(reply.get("message", "hub error"))
+            if reply.get("error") == "enumeration_timeout":
+                raise EnumerationTimeoutError(message)
+            raise HubCommandError(f"{self.name}: {message}")
+        return reply
