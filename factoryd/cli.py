@@ -98,9 +98,12 @@ def run(config: ConfigOption = None) -> None:
 @app.command()
 def demo(
     ports: Annotated[int, typer.Option(min=1, max=512, help="Simulated hub ports.")] = 8,
-    boards: Annotated[int, typer.Option(min=1, help="Boards the simulated operator feeds in.")] = 24,
+    boards: Annotated[
+        int, typer.Option("--boards", "--devices", min=1, help="Boards the simulated operator feeds in.")
+    ] = 24,
     fault_rate: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Chance per fault kind per board.")
+        float,
+        typer.Option("--fault-rate", "--faults", min=0.0, max=1.0, help="Chance per fault kind per board."),
     ] = 0.0,
     seed: Annotated[int, typer.Option(help="Fault seed (runs are reproducible).")] = 1,
     timing: Annotated[str, typer.Option(help="zero or realistic.")] = "zero",
@@ -136,10 +139,12 @@ def demo(
         ledger_url=ledger_url,
         metrics=metrics,
         log_level=log_level,
+        live_view=not as_json and sys.stdout.isatty(),
     )
     result = _run_async(run_demo(options))
     if as_json:
-        _echo_json(result.as_dict())
+        # One JSON object on the last line of stdout, for scripts.
+        typer.echo(json.dumps(result.as_dict(), sort_keys=True))
         return
     outcomes = ", ".join(f"{k} {v}" for k, v in sorted(result.outcomes.items())) or "none"
     typer.echo(f"factoryd demo: {boards} boards on {ports} simulated ports ({profile}, timing {timing})")
@@ -151,6 +156,7 @@ def demo(
     typer.echo(
         f"  provisioned         {result.provisioned} (certificates checked: {result.certificates_verified})"
     )
+    typer.echo(f"  duplicate IDs       {result.duplicate_ids}")
     typer.echo(f"  audit chain         verified, {result.audit_entries} entries")
     typer.echo(f"  manifest            {result.manifest_path} ({result.manifest_count} devices)")
     typer.echo(f"  signature           {result.signature_path}")

@@ -33,6 +33,7 @@ from factoryd.sdnotify import Notifier
 from factoryd.service import StationPaths, station_passphrase
 from factoryd.sim.board import FaultPlan, SimBoard, Timing
 from factoryd.telemetry.events import FanOut, TelemetrySink
+from factoryd.telemetry.live import LiveState
 from factoryd.telemetry.metrics import Metrics
 from factoryd.telemetry.mqtt import MqttPublisher, MqttSettings
 
@@ -112,6 +113,7 @@ class Daemon:
         self.hooks = hooks or DaemonHooks()
         self.paths = StationPaths(settings.station.state_dir)
         self.metrics = Metrics(station=settings.station.name, line=settings.station.line, version=__version__)
+        self.live = LiveState()
         self.station: Station | None = None
         self.notifier = Notifier()
 
@@ -128,7 +130,7 @@ class Daemon:
 
         async with contextlib.AsyncExitStack() as stack:
             ledger = await stack.enter_async_context(AsyncLedger.open(settings.ledger_url))
-            sinks: list[TelemetrySink] = [self.metrics, *self.hooks.extra_sinks]
+            sinks: list[TelemetrySink] = [self.metrics, self.live, *self.hooks.extra_sinks]
             if settings.mqtt.enabled:
                 sinks.append(
                     await stack.enter_async_context(MqttPublisher(self._mqtt(), metrics=self.metrics))

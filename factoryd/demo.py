@@ -13,6 +13,7 @@ import secrets
 import tempfile
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -60,6 +61,8 @@ class DemoOptions:
     metrics: bool = False
     mqtt: bool = False
     log_level: str = "warning"
+    # Show a live view of the ports on the terminal (rich).
+    live_view: bool = False
 
 
 @dataclass
@@ -76,11 +79,17 @@ class DemoResult:
     certificates_verified: int
     elapsed_s: float
     devices_per_hour: float
+    devices: int = 0
+    duplicate_ids: int = 0
     failures: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
         return {
+            "devices": self.devices,
+            "failed": sum(v for k, v in self.outcomes.items() if k in ("failed", "refused")),
+            "duplicate_ids": self.duplicate_ids,
+            "certs_verified": self.certificates_verified,
             "state_dir": str(self.state_dir),
             "outcomes": self.outcomes,
             "provisioned": self.provisioned,
@@ -175,7 +184,15 @@ async def run_demo(options: DemoOptions) -> DemoResult:
         return hub.exhausted
 
     started = time.monotonic()
-    daemon = Daemon(settings, DaemonHooks(hub=hub, passphrase=passphrase, stop_when=finished))
+    hooks = DaemonHooks(hub=hub, passphrase=passphrase, stop_when=finished)
+    daemon = Daemon(settings, hooks)
+    if options.live_view:
+        from factoryd.demo_view import show  # noqa: PLC0415 - terminal only
+
+        async def view(station: Station) -> None:
+            await show(daemon.live, station, options.boards)
+
+        hooks.on_ready = view
     station = await daemon.run()
     elapsed = time.monotonic() - started
     return await asyncio.to_thread(_verify, settings, passphrase, station, hub.finished, elapsed)
@@ -213,6 +230,9 @@ def _verify(
     for record in devices:
         check_provisioned(record, issuing_ca, by_serial)
     verified = len(devices)
+    on_boards = Counter(
+        b.se.objects[ObjectId.DEVICE_ID] for b in boards if ObjectId.DEVICE_ID in b.se.objects
+    )
     failures: dict[str, int] = {}
     for result in station.results:
         if result.outcome in ("failed", "refused"):
@@ -230,5 +250,7 @@ def _verify(
         certificates_verified=verified,
         elapsed_s=elapsed,
         devices_per_hour=provisioned / elapsed * 3600 if elapsed > 0 else 0.0,
+        devices=len(boards),
+        duplicate_ids=sum(1 for n in on_boards.values() if n > 1),
         failures=failures,
     )

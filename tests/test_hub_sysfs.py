@@ -44,9 +44,12 @@ def by_path(tmp_path: Path) -> Path:
     return d
 
 
-def make_hub(root: Path, by_path: Path, hub: str = "1-1.4", **kw: object) -> SysfsHub:
+def make_hub(
+    root: Path, by_path: Path, hub: str = "1-1.4", *, dual_hub: str = "", config: int | None = None
+) -> SysfsHub:
     """A sysfs hub on the fake tree."""
-    return SysfsHub(hub, [1, 2, 3, 4], sysfs_root=root, resolver=ByPathResolver(by_path, poll_interval_s=0.01), **kw)  # type: ignore[arg-type]
+    resolver = ByPathResolver(by_path, poll_interval_s=0.01)
+    return SysfsHub(hub, [1, 2, 3, 4], sysfs_root=root, resolver=resolver, dual_hub=dual_hub, config=config)
 
 
 def disabled(root: Path, hub: str, port: int, config: int = 1) -> str:
@@ -86,24 +89,26 @@ async def test_old_kernel_without_disable_attribute(tmp_path: Path, by_path: Pat
     root = tmp_path / "sys"
     make_tree(root, "1-1.4", disable=False)
     hub = make_hub(root, by_path)
-    with pytest.raises(HubCommandError, match=r"no per-port 'disable' attribute \(needs Linux >= 6.0\).*uhubctl"):
+    with pytest.raises(
+        HubCommandError, match=r"no per-port 'disable' attribute \(needs Linux >= 6.0\).*uhubctl"
+    ):
         await hub.power_on("1")
 
 
 async def test_wrong_hub_location(root: Path, by_path: Path) -> None:
     hub = make_hub(root, by_path, hub="1-9")
-    with pytest.raises(HubCommandError, match="no USB device 1-9 under .*hubs detect"):
+    with pytest.raises(HubCommandError, match=r"no USB device 1-9 under .*hubs detect"):
         await hub.power_on("1")
     explicit = make_hub(root, by_path, hub="1-9", config=1)
-    with pytest.raises(HubCommandError, match="no USB device 1-9"):
+    with pytest.raises(HubCommandError, match=r"no USB device 1-9"):
         await explicit.power_on("1")
 
 
 async def test_wrong_configuration_and_missing_port(root: Path, by_path: Path) -> None:
-    with pytest.raises(HubCommandError, match="no hub interface 1-1.4:3.0"):
+    with pytest.raises(HubCommandError, match=r"no hub interface 1-1.4:3.0"):
         await make_hub(root, by_path, config=3).power_on("1")
     small = SysfsHub("1-1.4", [6], sysfs_root=root, resolver=ByPathResolver(by_path))
-    with pytest.raises(HubCommandError, match="hub 1-1.4 has no port 6"):
+    with pytest.raises(HubCommandError, match=r"hub 1-1.4 has no port 6"):
         await small.power_on("6")
 
 
@@ -115,13 +120,15 @@ async def test_permission_denied_names_udev_rule_and_unit(
 
     # Tests may run as root, which ignores file modes: refuse the write directly.
     monkeypatch.setattr(sysfs_mod, "_write_and_read", refuse)
-    with pytest.raises(HubCommandError, match=r"permission denied writing .*90-factoryd.rules.*ReadWritePaths"):
+    with pytest.raises(
+        HubCommandError, match=r"permission denied writing .*90-factoryd.rules.*ReadWritePaths"
+    ):
         await make_hub(root, by_path).power_off("1")
 
 
 async def test_readback_mismatch(root: Path, by_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sysfs_mod, "_write_and_read", lambda path, value: "0")
-    with pytest.raises(HubCommandError, match="port 1 of hub 1-1.4 reads disable='0' after writing 1"):
+    with pytest.raises(HubCommandError, match=r"port 1 of hub 1-1.4 reads disable='0' after writing 1"):
         await make_hub(root, by_path).power_off("1")
 
 
@@ -137,7 +144,7 @@ async def test_power_off_waits_for_tty_and_wait_for_tty(root: Path, by_path: Pat
     assert not task.done()
     link.unlink()
     await asyncio.wait_for(task, 1.0)
-    with pytest.raises(EnumerationTimeoutError, match="sysfs:1-1.4 port 2"):
+    with pytest.raises(EnumerationTimeoutError, match=r"sysfs:1-1.4 port 2"):
         await hub.wait_for_tty("2", 0.05)
 
 
@@ -154,11 +161,11 @@ def test_from_settings(root: Path, by_path: Path) -> None:
     hub = SysfsHub.from_settings(settings)
     assert hub.ports() == ["2", "1"]
     assert hub.name == "sysfs:1-1.4"
-    with pytest.raises(ValueError, match="tty entries for ports not in ports: 3"):
+    with pytest.raises(ValueError, match=r"tty entries for ports not in ports: 3"):
         SysfsHubSettings(hub="1-1", ports=[1], tty={"3": "/dev/x"})
 
 
 async def test_unknown_port(root: Path, by_path: Path) -> None:
     hub = make_hub(root, by_path)
-    with pytest.raises(HubCommandError, match="has no port '5'"):
+    with pytest.raises(HubCommandError, match=r"has no port '5'"):
         await hub.power_on("5")

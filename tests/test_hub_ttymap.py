@@ -79,7 +79,7 @@ def test_topology_key() -> None:
     assert topology_key("1-1.4", 2) == "usb-0:1.4.2"
     assert topology_key("3-2", 1) == "usb-0:2.1"
     assert topology_key("1", 3) == "usb-0:3"  # a root hub's port
-    with pytest.raises(HubCommandError, match="not of the form"):
+    with pytest.raises(HubCommandError, match=r"not of the form"):
         topology_key("1-1.x", 2)
 
 
@@ -103,7 +103,7 @@ def test_find_by_id_path_topology_and_absolute_path(by_path: Path, tmp_path: Pat
 def test_topology_key_on_two_controllers_is_ambiguous(by_path: Path) -> None:
     link(by_path, "pci-0000:00:14.0-usb-0:1.4.2:1.0")
     link(by_path, "pci-0000:03:00.0-usb-0:1.4.2:1.0")
-    with pytest.raises(HubCommandError, match="several USB controllers.*full ID_PATH"):
+    with pytest.raises(HubCommandError, match=r"several USB controllers.*full ID_PATH"):
         ByPathResolver(by_path).find("usb-0:1.4.2")
 
 
@@ -130,19 +130,25 @@ async def test_wait_present_and_absent(by_path: Path) -> None:
 
 async def test_timeouts_name_key_and_directory(by_path: Path) -> None:
     resolver = ByPathResolver(by_path, poll_interval_s=0.01)
-    with pytest.raises(EnumerationTimeoutError, match=rf"no tty for usb-0:1.4.2 after 0.1 s \(looked in {by_path}\)"):
+    with pytest.raises(
+        EnumerationTimeoutError, match=rf"no tty for usb-0:1.4.2 after 0.1 s \(looked in {by_path}\)"
+    ):
         await resolver.wait_present("usb-0:1.4.2", 0.1)
     link(by_path, "pci-0000:00:14.0-usb-0:1.4.2:1.0")
-    with pytest.raises(TtyStillPresentError, match="still present 0.1 s after power-off"):
+    with pytest.raises(TtyStillPresentError, match=r"still present 0.1 s after power-off"):
         await resolver.wait_absent("usb-0:1.4.2", 0.1)
     with pytest.raises(TimeoutError):  # both are TimeoutErrors too
         await resolver.wait_absent("usb-0:1.4.2", 0.05)
 
 
 async def test_port_ttys_name_the_port(by_path: Path) -> None:
-    ttys = PortTtys.build("hub-a", "1-1.4", [1, 2], {"2": "pci-0000:00:14.0-usb-0:1.4.2"}, ByPathResolver(by_path))
+    ttys = PortTtys.build(
+        "hub-a", "1-1.4", [1, 2], {"2": "pci-0000:00:14.0-usb-0:1.4.2"}, ByPathResolver(by_path)
+    )
     assert ttys.keys == {"1": "usb-0:1.4.1", "2": "pci-0000:00:14.0-usb-0:1.4.2"}
-    with pytest.raises(EnumerationTimeoutError, match="^hub-a port 2: no tty for pci-0000:00:14.0-usb-0:1.4.2"):
+    with pytest.raises(
+        EnumerationTimeoutError, match=r"^hub-a port 2: no tty for pci-0000:00:14.0-usb-0:1.4.2"
+    ):
         await ttys.wait_present("2", 0.05)
 
 

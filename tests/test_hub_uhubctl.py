@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import sys
@@ -117,7 +118,12 @@ def test_parse_listing_with_usb3_halves_and_devices() -> None:
 
 def test_parse_new_status_usb3_off_and_old_format() -> None:
     dual = parse_uhubctl((DATA / "off_usb3_dual.txt").read_text())
-    assert [(h.location, h.new) for h in dual] == [("2-1.3", False), ("2-1.3", True), ("1-1.4", False), ("1-1.4", True)]
+    assert [(h.location, h.new) for h in dual] == [
+        ("2-1.3", False),
+        ("2-1.3", True),
+        ("1-1.4", False),
+        ("1-1.4", True),
+    ]
     off = dual[1].port(2)
     assert off is not None
     assert off.status == 0x00A0
@@ -175,21 +181,23 @@ async def test_stuck_port_in_synthesised_output(fake: FakeUhubctl, by_path: Path
     fake.configure(stuck_on=[3])
     hub = make_hub(fake, by_path)
     await hub.power_off("2")
-    with pytest.raises(HubCommandError, match="port 3 is still powered"):
+    with pytest.raises(HubCommandError, match=r"port 3 is still powered"):
         await hub.power_off("3")
 
 
 async def test_output_without_new_status_is_an_error(fake: FakeUhubctl, by_path: Path) -> None:
     fake.configure(stdout_files={"on": str(DATA / "list_ppps.txt")})
     hub = make_hub(fake, by_path)
-    with pytest.raises(HubCommandError, match="no new status for hub 1-1.4"):
+    with pytest.raises(HubCommandError, match=r"no new status for hub 1-1.4"):
         await hub.power_on("2")
 
 
 async def test_no_compatible_devices_names_location_and_ganged(fake: FakeUhubctl, by_path: Path) -> None:
     fake.configure(stderr=(DATA / "no_devices.stderr").read_text(), exit=1)
     hub = make_hub(fake, by_path)
-    with pytest.raises(HubCommandError, match=r"no per-port switchable hub at location 1-1.4.*ganged") as info:
+    with pytest.raises(
+        HubCommandError, match=r"no per-port switchable hub at location 1-1.4.*ganged"
+    ) as info:
         await hub.power_on("1")
     assert "No compatible devices detected at location 9-9" in str(info.value)
 
@@ -197,7 +205,7 @@ async def test_no_compatible_devices_names_location_and_ganged(fake: FakeUhubctl
 async def test_permission_problem_points_to_udev_rule(fake: FakeUhubctl, by_path: Path) -> None:
     fake.configure(stderr=(DATA / "permission.stderr").read_text(), exit=1)
     hub = make_hub(fake, by_path)
-    with pytest.raises(HubCommandError, match="90-factoryd.rules"):
+    with pytest.raises(HubCommandError, match=r"90-factoryd.rules"):
         await hub.power_on("1")
 
 
@@ -211,7 +219,7 @@ async def test_failure_exit_status_carries_stderr(fake: FakeUhubctl, by_path: Pa
 async def test_ganged_hub_is_refused(fake: FakeUhubctl, by_path: Path) -> None:
     fake.configure(stdout_files={"on": str(DATA / "ganged_on.txt")})
     hub = UhubctlHub("3-4", [1], binary=fake.binary, resolver=ByPathResolver(by_path))
-    with pytest.raises(HubCommandError, match="ganged"):
+    with pytest.raises(HubCommandError, match=r"ganged"):
         await hub.power_on("1")
 
 
@@ -224,22 +232,22 @@ async def test_stderr_warning_with_good_output_is_success(fake: FakeUhubctl, by_
 
 async def test_port_missing_from_hub(fake: FakeUhubctl, by_path: Path) -> None:
     hub = UhubctlHub("1-1.4", [7], binary=fake.binary, resolver=ByPathResolver(by_path))
-    with pytest.raises(HubCommandError, match="has no port 7"):
+    with pytest.raises(HubCommandError, match=r"has no port 7"):
         await hub.power_on("7")  # uhubctl prints no line for a port the hub does not have
 
 
 async def test_unknown_port_name_is_refused_without_running(fake: FakeUhubctl, by_path: Path) -> None:
     hub = make_hub(fake, by_path)
-    with pytest.raises(HubCommandError, match="has no port '9'"):
+    with pytest.raises(HubCommandError, match=r"has no port '9'"):
         await hub.power_on("9")
-    with pytest.raises(HubCommandError, match="has no port 'x'"):
+    with pytest.raises(HubCommandError, match=r"has no port 'x'"):
         await hub.release("x")
     assert fake.argvs() == []
 
 
 async def test_missing_binary(by_path: Path, tmp_path: Path) -> None:
     hub = UhubctlHub("1-1.4", [1], binary=str(tmp_path / "nope"), resolver=ByPathResolver(by_path))
-    with pytest.raises(HubCommandError, match="not found"):
+    with pytest.raises(HubCommandError, match=r"not found"):
         await hub.power_on("1")
 
 
@@ -302,7 +310,7 @@ async def test_calls_to_one_hub_never_overlap(fake: FakeUhubctl, by_path: Path) 
         if e["event"] == "end" and e["pid"] == s["pid"]
     )
     assert len(spans) == 3
-    for (_, end), (next_start, _) in zip(spans, spans[1:], strict=False):
+    for (_, end), (next_start, _) in itertools.pairwise(spans):
         assert end <= next_start, f"overlapping uhubctl calls: {spans}"
 
 
@@ -411,11 +419,11 @@ def test_from_settings(fake: FakeUhubctl, by_path: Path) -> None:
 
 
 def test_bad_settings() -> None:
-    with pytest.raises(ValueError, match="tty entries for ports not in ports: 5"):
+    with pytest.raises(ValueError, match=r"tty entries for ports not in ports: 5"):
         UhubctlSettings(location="1-1", ports=[1], tty={"5": "/dev/x"})
-    with pytest.raises(ConfigError, match="location is empty"):
+    with pytest.raises(ConfigError, match=r"location is empty"):
         UhubctlHub("", [1])
-    with pytest.raises(ConfigError, match="distinct"):
+    with pytest.raises(ConfigError, match=r"distinct"):
         UhubctlHub("1-1", [1, 1])
-    with pytest.raises(HubCommandError, match="not of the form"):
+    with pytest.raises(HubCommandError, match=r"not of the form"):
         UhubctlHub("hub-a", [1])

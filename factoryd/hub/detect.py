@@ -240,7 +240,12 @@ def format_report(report: HubReport) -> str:
             "unknown": "power switching unknown",
         }[hub.switching]
         sysfs = "sysfs 'disable': yes" if hub.sysfs_disable else "sysfs 'disable': no"
-        verdict = "switchable" if hub.switchable else "not switchable per port"
+        if not hub.switchable:
+            verdict = "not switchable per port"
+        elif hub.switching == "ppps":
+            verdict = "switchable"
+        else:
+            verdict = "switchable via sysfs 'disable' (whether power is really cut is unverified)"
         lines.append(f"hub {hub.location} [{hub.description}]")
         lines.append(f"  {verdict}: {how}; {sysfs}; seen by {', '.join(hub.sources)}")
         lines += [_port_line(p) for p in hub.ports]
