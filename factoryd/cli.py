@@ -411,6 +411,7 @@ def sim_hub(
 
 
 def _write_json(result: dict[str, Any], out: Path | None) -> None:
+    """Print a benchmark result and write it to a file."""
     text = json.dumps(result, indent=2, sort_keys=True)
     if out is not None:
         out.write_text(text + "\n")

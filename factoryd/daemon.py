@@ -80,7 +80,11 @@ def build_hub(settings: Settings, board_factory: BoardFactory | None) -> Hub:
         )
     if settings.hub.backend == "sim-remote" and settings.hub.sim.control_socket is not None:
         return RemoteSimHub(settings.hub.sim.control_socket)
-    from factoryd.hub.uhubctl import UhubctlHub  # noqa: PLC0415 - optional backend, loaded on demand
+    if settings.hub.backend == "sysfs":
+        from factoryd.hub.sysfs import SysfsHub  # noqa: PLC0415 - hardware backends load on demand
+
+        return SysfsHub.from_settings(settings.hub.sysfs)
+    from factoryd.hub.uhubctl import UhubctlHub  # noqa: PLC0415
 
     return UhubctlHub.from_settings(settings.hub.uhubctl)
 

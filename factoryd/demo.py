@@ -81,6 +81,9 @@ class DemoResult:
     devices_per_hour: float
     devices: int = 0
     duplicate_ids: int = 0
+    # Mean modelled physical time per finished board, and the first-job-to-last-job window.
+    physical_s_mean: float = 0.0
+    window_s: float = 0.0
     failures: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -252,5 +255,9 @@ def _verify(
         devices_per_hour=provisioned / elapsed * 3600 if elapsed > 0 else 0.0,
         devices=len(boards),
         duplicate_ids=sum(1 for n in on_boards.values() if n > 1),
+        physical_s_mean=sum(b.physical_s for b in boards) / len(boards) if boards else 0.0,
+        window_s=(station.last_job_at - station.first_job_at)
+        if station.first_job_at is not None and station.last_job_at is not None
+        else 0.0,
         failures=failures,
     )

@@ -139,8 +139,7 @@ class SimHub:
         return self._factory()
 
     async def _run(self, slot: _Slot, board: SimBoard) -> None:
-        if board.timing.enumerate_s > 0:
-            await asyncio.sleep(board.timing.enumerate_s)
+        await board.spend(board.timing.enumerate_s)
         pty = PtyBoard(board)
         slot.pty = pty
         slot.ready.set()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -100,6 +101,9 @@ class Station:
         self.results: list[JobResult] = []
         self._stop = asyncio.Event()
         self.started_at = datetime.now(UTC)
+        # Monotonic start of the first and end of the last finished job (throughput window).
+        self.first_job_at: float | None = None
+        self.last_job_at: float | None = None
 
     def stop(self) -> None:
         """Ask every port loop to finish its current job and end."""
@@ -202,6 +206,9 @@ class Station:
             return
         self.outcomes[result.outcome] += 1
         self.results.append(result)
+        finished = time.monotonic()
+        self.first_job_at = min(self.first_job_at or finished, finished - result.duration_s)
+        self.last_job_at = finished
         control.last = result
         control.skip_serial = result.hw_serial
         if result.outcome in ("failed", "refused"):

@@ -52,6 +52,8 @@ DEFAULT_MODEL = "factoryd-sim-m0"
 FACTORY_FW_VERSION = "1.0.0-factory"
 # What a board that left the board maker runs: a fixed placeholder image.
 FACTORY_FW_IMAGE = b"factoryd-sim provisioning firmware " + FACTORY_FW_VERSION.encode()
+# Lateness of a wake-up still treated as part of the same chain of delays (event-loop timer jitter).
+TIMER_SLACK_S = 0.002
 # A fault armed for a power-on period fires at one of this many first opportunities.
 FAULT_WINDOW = 4
 # Largest firmware image the simulated flash takes.
@@ -210,9 +212,32 @@ class SimBoard:
         self.rng = random.Random(faults.seed ^ int.from_bytes(self.se.serial, "big"))  # noqa: S311
         self.injected: dict[Fault, int] = {}
         self.commands_handled = 0
+        # Modelled physical time this board has taken (enumeration, boot, crypto, wire), in seconds.
+        self.physical_s = 0.0
+        self._due = 0.0
         self._fw: _FwUpdate | None = None
         self._armed: dict[Fault, int] = {}
         self._last_reply: tuple[int, int, Frame] | None = None
+
+    async def spend(self, seconds: float) -> None:
+        """Take a modelled amount of physical time (and count it: the benchmarks' limit model).
+
+        Back-to-back delays are scheduled against a running deadline, so the event loop's timer
+        granularity (~1 ms per sleep) does not add up over the dozens of delays of one command.
+        """
+        if seconds <= 0:
+            return
+        self.physical_s += seconds
+        now = asyncio.get_running_loop().time()
+        # Continuing a chain of delays: schedule from where the last one should have ended.
+        start = self._due if 0 <= now - self._due < TIMER_SLACK_S else now
+        self._due = start + seconds
+        await asyncio.sleep(max(0.0, self._due - now))
+
+    def wire_s(self, nbytes: int) -> float:
+        """Seconds nbytes take on the serial line (0 without a baud-rate limit)."""
+        baud = self.timing.baudrate
+        return nbytes * 10 / baud if baud else 0.0
 
     @property
     def serial_hex(self) -> str:
@@ -312,20 +337,20 @@ class SimBoard:
                     return Status.VERSION, b""
                 return Status.OK, self.info().encode()
             case GenKey(slot=slot):
-                await _sleep(self.timing.keygen_s)
+                await self.spend(self.timing.keygen_s)
                 return Status.OK, PublicKeyReply(self.se.genkey(slot)).encode()
             case GetCsr(slot=slot, common_name=cn):
-                await _sleep(self.timing.csr_s)
+                await self.spend(self.timing.csr_s)
                 return Status.OK, CsrReply(self._csr(slot, cn)).encode()
             case Write(obj=obj, data=data):
                 return await self._write(obj, data)
             case Read(obj=obj):
                 return Status.OK, DataReply(self.se.objects.get(obj, b"")).encode()
             case Sign(slot=slot, challenge=challenge):
-                await _sleep(self.timing.sign_s)
+                await self.spend(self.timing.sign_s)
                 return Status.OK, SignatureReply(self.se.sign(slot, challenge)).encode()
             case Lock():
-                await _sleep(self.timing.lock_s)
+                await self.spend(self.timing.lock_s)
                 self.se.lock()
                 return Status.OK, b""
             case Reboot():
@@ -351,7 +376,7 @@ class SimBoard:
     async def _write(self, obj: ObjectId, data: bytes) -> tuple[Status, bytes]:
         if len(data) > MAX_OBJECT:
             return Status.TOO_LARGE, b""
-        await _sleep(self.timing.write_s)
+        await self.spend(self.timing.write_s)
         if self.fault(Fault.RESET_MID_WRITE):
             raise BoardReset(None)
         digest = self.se.store(obj, data)
@@ -373,7 +398,7 @@ class SimBoard:
                 return Status.FW_STATE, b""
             if len(fw.image) + len(request.data) > fw.size:
                 return Status.FW_STATE, b""
-            await _sleep(self.timing.fw_chunk_s)
+            await self.spend(self.timing.fw_chunk_s)
             fw.image += request.data
             return Status.OK, b""
         self._fw = None
@@ -387,6 +412,3 @@ class SimBoard:
         return Status.OK, DigestReply(self.fw_sha256).encode()
 
 
-async def _sleep(seconds: float) -> None:
-    if seconds > 0:
-        await asyncio.sleep(seconds)

@@ -70,9 +70,7 @@ class PtyBoard:
 
     async def _boot(self) -> None:
         self.board.power_on()
-        timing = self.board.timing
-        if timing.boot_s > 0:
-            await asyncio.sleep(timing.boot_s)
+        await self.board.spend(self.board.timing.boot_s)
         if self.board.fault(Fault.BOOT_GARBAGE):
             # Bootloader banner noise, with no frame delimiter in it.
             await self._send(b"\r\nBOOT v1.2 ... " + secrets.token_bytes(40).replace(b"\x00", b"\x01"))
@@ -80,6 +78,8 @@ class PtyBoard:
 
     async def _answer(self, frame: Frame) -> None:
         board = self.board
+        # The request took its time on the wire from the host too.
+        await board.spend(board.wire_s(len(frame.encode())))
         try:
             reply = await board.handle(frame)
         except BoardHang:
@@ -125,9 +125,7 @@ class PtyBoard:
             self._inbox.put_nowait(_NACK)
 
     async def _send(self, data: bytes) -> None:
-        baud = self.board.timing.baudrate
-        if baud:
-            await asyncio.sleep(len(data) * 10 / baud)
+        await self.board.spend(self.board.wire_s(len(data)))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + WRITE_STALL_S
         view = memoryview(data)

@@ -1,0 +1,75 @@
+"""`factoryd bench line`: line throughput against the physical limit, and against one board at a time.
+
+The limit model: a board takes a fixed amount of physical time — USB enumeration after power-on,
+firmware boot, key generation and signing in the secure element, storage writes, and every byte
+of the conversation at the line's baud rate — which the simulator accounts per board as
+``physical_s``. N independent ports can at best finish N boards per ``physical_s``:
+``limit = N * 3600 / mean(physical_s)`` devices per hour. Efficiency is what the real daemon
+code achieved over the window from the first job's start to the last job's end, divided by that.
+The one-board-at-a-time baseline (connect, provision, swap; swap time not counted) is the same
+code with one port, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Literal
+
+from factoryd.demo import DemoOptions, DemoResult, run_demo
+
+# Boards for the one-at-a-time baseline: enough for a stable mean, short enough to be cheap.
+BASELINE_BOARDS = 6
+
+
+def _summary(result: DemoResult, ports: int) -> dict[str, Any]:
+    window = result.window_s or result.elapsed_s
+    achieved = result.provisioned / window * 3600 if window > 0 else 0.0
+    limit = ports * 3600 / result.physical_s_mean if result.physical_s_mean > 0 else 0.0
+    return {
+        "ports": ports,
+        "devices": result.devices,
+        "provisioned": result.provisioned,
+        "duplicate_ids": result.duplicate_ids,
+        "window_s": round(window, 3),
+        "physical_s_per_board": round(result.physical_s_mean, 4),
+        "limit_devices_per_hour": round(limit, 1),
+        "achieved_devices_per_hour": round(achieved, 1),
+        "efficiency": round(achieved / limit, 4) if limit else None,
+    }
+
+
+async def run_line_bench(
+    ports: int,
+    devices: int,
+    *,
+    timing: Literal["zero", "realistic"] = "realistic",
+    flash: bool = False,
+    lock: bool = True,
+) -> dict[str, Any]:
+    """Run the baseline and the line; return both with efficiency and speed-up."""
+    base = DemoOptions(timing=timing, flash=flash, lock=lock, log_level="error")
+    with tempfile.TemporaryDirectory(prefix="factoryd-bench-") as tmp:
+        baseline = await run_demo(replace(base, ports=1, boards=BASELINE_BOARDS, state_dir=Path(tmp) / "one"))
+        line = await run_demo(replace(base, ports=ports, boards=devices, state_dir=Path(tmp) / "line"))
+    one = _summary(baseline, 1)
+    many = _summary(line, ports)
+    speedup = (
+        many["achieved_devices_per_hour"] / one["achieved_devices_per_hour"]
+        if one["achieved_devices_per_hour"]
+        else None
+    )
+    return {
+        "bench": "line",
+        "timing": timing,
+        "firmware_update": flash,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "one_board_at_a_time": one,
+        "line": many,
+        "efficiency": many["efficiency"],
+        "speedup_vs_one_at_a_time": round(speedup, 2) if speedup else None,
+    }
