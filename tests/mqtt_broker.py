@@ -280,7 +280,11 @@ class TcpGate:
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError):
             while data := await reader.read(65536):
-                await self._flowing.wait()
+                # Poll rather than wait on the event so that a cut link ends even while stalled.
+                while not self._flowing.is_set() and not writer.transport.is_closing():  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+                if writer.transport.is_closing():
+                    break
                 writer.write(data)
                 await writer.drain()
         # End of one direction ends the link: the other pump then sees EOF on the same socket.

@@ -107,18 +107,23 @@ def lot_update(available: int, total: int = 100_000) -> LotProgressUpdate:
     )
 
 
+VALIDATORS = {
+    name: jsonschema.Draft202012Validator(
+        load_schema(name), format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
+    )
+    for name in SCHEMA_BY_SUFFIX.values()
+}
+
+
 def assert_valid(recorder: MqttRecorder) -> None:
     """Every received payload validates against the schema of its topic."""
+    assert recorder.messages
     for message in recorder.messages:
         topic = message.topic.value
         name = next(v for k, v in SCHEMA_BY_SUFFIX.items() if topic.endswith(k))
         payload = message.payload
         assert isinstance(payload, bytes | bytearray)
-        jsonschema.validate(
-            json.loads(payload),
-            load_schema(name),
-            format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER,
-        )
+        VALIDATORS[name].validate(json.loads(payload))
 
 
 async def test_publishes_every_topic_with_valid_payloads(mqtt_broker: MosquittoBroker) -> None:

@@ -15,27 +15,21 @@ from __future__ import annotations
 import os
 import platform
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
-from factoryd.demo import DemoOptions, DemoResult, run_demo
+from factoryd.bench.harness import RemoteRun, run_remote_line
 
 # Boards for the one-at-a-time baseline: enough for a stable mean, short enough to be cheap.
 BASELINE_BOARDS = 6
 
 
-def _summary(result: DemoResult, ports: int) -> dict[str, Any]:
-    window = result.window_s or result.elapsed_s
-    achieved = result.provisioned / window * 3600 if window > 0 else 0.0
-    limit = ports * 3600 / result.physical_s_mean if result.physical_s_mean > 0 else 0.0
+def _summary(run: RemoteRun) -> dict[str, Any]:
+    window = run.window_s
+    achieved = run.provisioned / window * 3600 if window > 0 else 0.0
+    limit = run.ports * 3600 / run.physical_s_mean if run.physical_s_mean > 0 else 0.0
     return {
-        "ports": ports,
-        "devices": result.devices,
-        "provisioned": result.provisioned,
-        "duplicate_ids": result.duplicate_ids,
-        "window_s": round(window, 3),
-        "physical_s_per_board": round(result.physical_s_mean, 4),
+        **run.summary(),
         "limit_devices_per_hour": round(limit, 1),
         "achieved_devices_per_hour": round(achieved, 1),
         "efficiency": round(achieved / limit, 4) if limit else None,
@@ -51,21 +45,25 @@ async def run_line_bench(
     lock: bool = True,
 ) -> dict[str, Any]:
     """Run the baseline and the line; return both with efficiency and speed-up."""
-    base = DemoOptions(timing=timing, flash=flash, lock=lock, log_level="error")
     with tempfile.TemporaryDirectory(prefix="factoryd-bench-") as tmp:
-        baseline = await run_demo(replace(base, ports=1, boards=BASELINE_BOARDS, state_dir=Path(tmp) / "one"))
-        line = await run_demo(replace(base, ports=ports, boards=devices, state_dir=Path(tmp) / "line"))
-    one = _summary(baseline, 1)
-    many = _summary(line, ports)
-    speedup = (
-        many["achieved_devices_per_hour"] / one["achieved_devices_per_hour"]
-        if one["achieved_devices_per_hour"]
-        else None
-    )
+        one_dir, line_dir = Path(tmp) / "one", Path(tmp) / "line"
+        one_dir.mkdir()
+        line_dir.mkdir()
+        baseline = await run_remote_line(
+            one_dir, ports=1, devices=BASELINE_BOARDS, timing=timing, flash=flash, lock=lock
+        )
+        line = await run_remote_line(
+            line_dir, ports=ports, devices=devices, timing=timing, flash=flash, lock=lock
+        )
+    one = _summary(baseline)
+    many = _summary(line)
+    one_rate = one["achieved_devices_per_hour"]
+    speedup = many["achieved_devices_per_hour"] / one_rate if one_rate else None
     return {
         "bench": "line",
         "timing": timing,
         "firmware_update": flash,
+        "boards": "separate process (factoryd sim hub), real PTYs",
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "one_board_at_a_time": one,

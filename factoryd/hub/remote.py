@@ -42,6 +42,7 @@ def board_inventory(board: SimBoard, where: str) -> dict[str, Any]:
         "locked": board.se.locked,
         "fw_version": board.fw_version,
         "commands": board.commands_handled,
+        "physical_s": board.physical_s,
         "injected": {str(k): v for k, v in board.injected.items()},
     }
 

@@ -139,7 +139,7 @@ class SimHub:
         return self._factory()
 
     async def _run(self, slot: _Slot, board: SimBoard) -> None:
-        await board.spend(board.timing.enumerate_s)
+        await board.spend(board.jittered(board.timing.enumerate_s))
         pty = PtyBoard(board)
         slot.pty = pty
         slot.ready.set()

@@ -142,6 +142,8 @@ class Timing:
     fw_chunk_s: float = 0.0
     # USB enumeration after port power-on, before the tty appears (used by the simulated hub).
     enumerate_s: float = 0.0
+    # Relative spread of enumeration and boot times between boards and power-ons (0.2 = ±20 %).
+    jitter: float = 0.0
 
     @classmethod
     def realistic(cls) -> Timing:
@@ -150,7 +152,7 @@ class Timing:
         115200 baud CDC-ACM bridge; ATECC608 keygen ~115 ms and ECDSA sign ~50 ms (Microchip
         datasheet, plus firmware overhead); data-zone writes ~30 ms per object; bootloader +
         sketch start ~0.5 s; USB enumeration ~1 s after power-on (hub power-good, debounce, reset,
-        CDC probe; HUBS.md).
+        CDC probe; HUBS.md); enumeration and boot vary by ±20 % between boards and power-ons.
         """
         return cls(
             baudrate=115200,
@@ -162,13 +164,18 @@ class Timing:
             lock_s=0.02,
             fw_chunk_s=0.01,
             enumerate_s=1.0,
+            jitter=0.2,
         )
 
     def scaled(self, factor: float) -> Timing:
         """Every delay multiplied by factor (the baud rate divided)."""
-        values = {f.name: getattr(self, f.name) * factor for f in fields(self) if f.name != "baudrate"}
+        values = {
+            f.name: getattr(self, f.name) * factor
+            for f in fields(self)
+            if f.name not in ("baudrate", "jitter")
+        }
         baud = None if self.baudrate is None or factor == 0 else int(self.baudrate / factor)
-        return Timing(baudrate=baud, **values)
+        return Timing(baudrate=baud, jitter=self.jitter, **values)
 
 
 ZERO_TIMING = Timing()
@@ -215,6 +222,7 @@ class SimBoard:
         # Modelled physical time this board has taken (enumeration, boot, crypto, wire), in seconds.
         self.physical_s = 0.0
         self._due = 0.0
+        self._timing_rng = random.Random(self.rng.random())  # noqa: S311 - simulation timing
         self._fw: _FwUpdate | None = None
         self._armed: dict[Fault, int] = {}
         self._last_reply: tuple[int, int, Frame] | None = None
@@ -233,6 +241,11 @@ class SimBoard:
         start = self._due if 0 <= now - self._due < TIMER_SLACK_S else now
         self._due = start + seconds
         await asyncio.sleep(max(0.0, self._due - now))
+
+    def jittered(self, seconds: float) -> float:
+        """A nominal delay varied by the timing model's jitter (its own RNG: faults stay reproducible)."""
+        spread = self.timing.jitter
+        return seconds * (1 + self._timing_rng.uniform(-spread, spread)) if spread else seconds
 
     def wire_s(self, nbytes: int) -> float:
         """Seconds nbytes take on the serial line (0 without a baud-rate limit)."""
@@ -410,5 +423,3 @@ class SimBoard:
         self.fw_version = fw.version
         self.fw_sha256 = hashlib.sha256(image).digest()
         return Status.OK, DigestReply(self.fw_sha256).encode()
-
-

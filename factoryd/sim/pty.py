@@ -70,7 +70,7 @@ class PtyBoard:
 
     async def _boot(self) -> None:
         self.board.power_on()
-        await self.board.spend(self.board.timing.boot_s)
+        await self.board.spend(self.board.jittered(self.board.timing.boot_s))
         if self.board.fault(Fault.BOOT_GARBAGE):
             # Bootloader banner noise, with no frame delimiter in it.
             await self._send(b"\r\nBOOT v1.2 ... " + secrets.token_bytes(40).replace(b"\x00", b"\x01"))

@@ -13,6 +13,7 @@ import dataclasses
 from collections import deque
 from collections.abc import AsyncIterator
 from datetime import datetime
+from enum import Enum
 from typing import Any
 
 from factoryd.telemetry.events import JobEvent, LotProgressUpdate, PortUpdate, TelemetrySink
@@ -24,13 +25,15 @@ SUBSCRIBER_QUEUE = 256
 
 
 def to_json(obj: Any) -> dict[str, Any]:
-    """A dataclass event as a JSON-friendly dict."""
-    data = dataclasses.asdict(obj)
-    for key, value in data.items():
+    """A flat dataclass event as a JSON-friendly dict (shallow: events hold only scalars)."""
+    data: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
         if isinstance(value, datetime):
-            data[key] = value.isoformat()
-        elif hasattr(value, "value"):
-            data[key] = value.value
+            value = value.isoformat()
+        elif isinstance(value, Enum):
+            value = value.value
+        data[f.name] = value
     return data
 
 
@@ -53,19 +56,22 @@ class LiveState(TelemetrySink):
     def port_update(self, update: PortUpdate) -> None:
         """Remember and broadcast a port's state."""
         self.ports[update.port] = update
-        self._broadcast({"type": "port", **to_json(update)})
+        if self._subscribers:  # serialise only when someone is watching: this is on the hot path
+            self._broadcast({"type": "port", **to_json(update)})
 
     def job_event(self, event: JobEvent) -> None:
         """Remember and broadcast a job event."""
         self.events.append(event)
         if event.kind == "job_finished":
             self.finished.append(event.at)
-        self._broadcast({"type": "event", **to_json(event)})
+        if self._subscribers:
+            self._broadcast({"type": "event", **to_json(event)})
 
     def lot_progress(self, update: LotProgressUpdate) -> None:
         """Remember and broadcast a lot's counts."""
         self.lots[update.lot] = update
-        self._broadcast({"type": "lot", **to_json(update)})
+        if self._subscribers:
+            self._broadcast({"type": "lot", **to_json(update)})
 
     def units_per_hour(self, now: datetime, window_s: float = 600.0) -> float:
         """Boards finished per hour over the last window."""

@@ -312,6 +312,13 @@ class MqttPublisher(TelemetrySink):
             timeout=CONNECT_TIMEOUT_S,
             clean_session=True,
         )
+        try:
+            await self._connected_session(client)
+        finally:
+            _close_socket(client)
+
+    async def _connected_session(self, client: aiomqtt.Client) -> None:
+        s = self._settings
         async with client:
             self.connections += 1
             self.last_error = None
@@ -408,6 +415,20 @@ class MqttPublisher(TelemetrySink):
         else:
             self._connected_event.clear()
         self._report()
+
+
+def _close_socket(client: aiomqtt.Client) -> None:
+    """Close the client's socket if a failed connect or a timed-out DISCONNECT left it open.
+
+    aiomqtt leaves the paho socket (and its housekeeping task) open when CONNACK or the DISCONNECT
+    acknowledgement times out; paho would only drop it after ``keepalive_s``. A hung broker must not
+    pile up sockets, so close it here. Private API, hence guarded: a no-op if it ever goes away.
+    """
+    paho_client = getattr(client, "_client", None)
+    sock_close = getattr(paho_client, "_sock_close", None)
+    if callable(sock_close):
+        with contextlib.suppress(Exception):
+            sock_close()
 
 
 def _describe(group: BaseExceptionGroup[BaseException]) -> str:

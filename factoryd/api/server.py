@@ -1,0 +1,105 @@
+"""Serve the API with uvicorn inside the daemon's event loop, as a task this context owns."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Generator
+from pathlib import Path
+
+import structlog
+import uvicorn
+from fastapi import FastAPI
+
+from factoryd.errors import ConfigError
+
+log = structlog.get_logger(__name__)
+
+# Requests in flight get this long to finish when the daemon stops.
+SHUTDOWN_GRACE_S = 5.0
+# Start-up is binding a socket we already hold plus the app's lifespan: seconds at most.
+STARTUP_TIMEOUT_S = 10.0
+STARTUP_POLL_S = 0.01
+# Concurrent connections beyond this get 503: a station API has a handful of clients.
+MAX_CONNECTIONS = 64
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """A uvicorn server that leaves signal handling to the daemon."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        """Install nothing: SIGTERM/SIGINT belong to the daemon, which stops us by context exit."""
+        yield
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"API host {host!r} does not resolve: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"the API cannot listen on {host}:{port}: {exc.strerror}") from None
+    return sock
+
+
+@contextlib.asynccontextmanager
+async def serve_api(
+    app: FastAPI,
+    host: str,
+    port: int,
+    *,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+) -> AsyncIterator[int]:
+    """Listen on host:port (0 = any free port), yield the bound port, shut down cleanly on exit."""
+    if (tls_cert is None) != (tls_key is None):
+        raise ConfigError("API TLS needs both tls_cert and tls_key")
+    for path in (tls_cert, tls_key):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"API TLS file {path} does not exist")
+    sock = _bind(host, port)
+    bound = int(sock.getsockname()[1])
+    config = uvicorn.Config(
+        app,
+        log_config=None,
+        access_log=False,  # every call is in the ledger's audit trail instead
+        lifespan="on",
+        server_header=False,
+        limit_concurrency=MAX_CONNECTIONS,
+        timeout_graceful_shutdown=int(SHUTDOWN_GRACE_S),
+        ssl_certfile=str(tls_cert) if tls_cert else None,
+        ssl_keyfile=str(tls_key) if tls_key else None,
+    )
+    server = _EmbeddedServer(config)
+    try:
+        task = asyncio.create_task(server.serve(sockets=[sock]), name="api-server")
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        async with asyncio.timeout(STARTUP_TIMEOUT_S):
+            while not server.started:
+                if task.done():
+                    break
+                await asyncio.sleep(STARTUP_POLL_S)
+        if not server.started:
+            raise ConfigError("the API server did not start (see the log for why)")
+        scheme = "https" if tls_cert else "http"
+        log.info("api listening", address=f"{scheme}://{host}:{bound}")
+        yield bound
+    finally:
+        server.should_exit = True
+        try:
+            await task
+        finally:
+            sock.close()

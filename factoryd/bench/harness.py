@@ -1,0 +1,143 @@
+"""Runs the real daemon against simulated boards in a separate `factoryd sim hub` process.
+
+The boards' CPU (key generation, PTY I/O) then lands in another process, so what the
+benchmarks measure in this process is the daemon: pipeline, ledger, PKI, telemetry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import resource
+import secrets
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from factoryd.daemon import Daemon, DaemonHooks
+from factoryd.demo import DEMO_LOT, DemoOptions, demo_settings, prepare_lot
+from factoryd.hub.remote import RemoteSimHub
+from factoryd.jobs.scheduler import Station
+
+# How often the hub's supply is checked while the line runs.
+STATUS_POLL_S = 0.1
+
+
+@dataclass
+class RemoteRun:
+    """What one run of the daemon against a remote simulated hub measured."""
+
+    ports: int
+    devices: int
+    outcomes: dict[str, int]
+    provisioned: int
+    duplicate_ids: int
+    window_s: float
+    physical_s_mean: float
+    cpu_s: float
+    peak_rss_bytes: int
+    rss_before_bytes: int
+    inventory: list[dict[str, Any]]
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON-friendly figures (without the inventory)."""
+        return {
+            "ports": self.ports,
+            "devices": self.devices,
+            "outcomes": self.outcomes,
+            "provisioned": self.provisioned,
+            "duplicate_ids": self.duplicate_ids,
+            "window_s": round(self.window_s, 4),
+            "physical_s_per_board": round(self.physical_s_mean, 4),
+            "daemon_cpu_s": round(self.cpu_s, 4),
+            "peak_rss_bytes": self.peak_rss_bytes,
+        }
+
+
+def _rss_now() -> int:
+    with open("/proc/self/statm") as fh:
+        pages = int(fh.read().split()[1])
+    return pages * resource.getpagesize()
+
+
+async def run_remote_line(
+    workdir: Path,
+    *,
+    ports: int,
+    devices: int,
+    timing: Literal["zero", "realistic"],
+    flash: bool = False,
+    lock: bool = True,
+) -> RemoteRun:
+    """Prepare a lot, start a sim hub process, run the daemon until the supply is used up."""
+    options = DemoOptions(
+        ports=ports, boards=devices, timing=timing, flash=flash, lock=lock, log_level="error"
+    )
+    options = replace(options, state_dir=workdir)
+    settings = demo_settings(options, workdir)
+    # The bench drives the hub's supply itself; the remote hub needs no power-cycle gap either.
+    settings = settings.model_copy(
+        update={"hub": settings.hub.model_copy(update={"max_powered": max(ports, 1)})}
+    )
+    passphrase = secrets.token_urlsafe(16).encode()
+    await asyncio.to_thread(prepare_lot, options, settings, passphrase)
+    socket = workdir / "hub.sock"
+    args = [
+        sys.executable, "-m", "factoryd", "sim", "hub", "--socket", str(socket), "--ports", str(ports),
+        "--boards", str(devices), "--timing", timing,
+        "--firmware-key", str(workdir / "firmware" / DEMO_LOT / "signing-key.pem"),
+    ]  # fmt: skip
+    if not flash:
+        args = args[:-2]
+    with (workdir / "sim-hub.log").open("wb") as log:
+        # Popen returns at once (no waiting on the loop); the child is reaped off-loop in `finally`.
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)  # noqa: S603, ASYNC220
+    try:
+        hub = RemoteSimHub(socket)
+        await hub.connect(timeout_s=30)
+        cpu: dict[str, float] = {}
+
+        async def watch(station: Station) -> None:
+            # CPU from READY to the last board: the daemon at work, without start-up and shutdown.
+            cpu["ready"] = time.process_time()
+            # The supply lives in the other process: poll it (no event can cross the boundary).
+            while not (await hub.status())["exhausted"]:
+                await asyncio.sleep(STATUS_POLL_S)  # noqa: ASYNC110
+            cpu["done"] = time.process_time()
+            station.stop()
+
+        rss_before = _rss_now()
+        daemon = Daemon(settings, DaemonHooks(hub=hub, passphrase=passphrase, on_ready=watch))
+        station = await daemon.run()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        inventory = await hub.inventory()
+    finally:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            await asyncio.to_thread(proc.wait, 10)
+        if proc.poll() is None:
+            proc.kill()
+    ids = Counter(b["device_id"] for b in inventory if b["device_id"])
+    physical = [b["physical_s"] for b in inventory if b["where"] == "finished"]
+    window = (
+        station.last_job_at - station.first_job_at
+        if station.first_job_at is not None and station.last_job_at is not None
+        else 0.0
+    )
+    return RemoteRun(
+        ports=ports,
+        devices=devices,
+        outcomes=dict(station.outcomes),
+        provisioned=station.outcomes.get("provisioned", 0),
+        duplicate_ids=sum(1 for n in ids.values() if n > 1),
+        window_s=window,
+        physical_s_mean=sum(physical) / len(physical) if physical else 0.0,
+        cpu_s=cpu["done"] - cpu["ready"],
+        peak_rss_bytes=peak,
+        rss_before_bytes=rss_before,
+        inventory=inventory,
+    )
