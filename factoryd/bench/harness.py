@@ -105,8 +105,8 @@ async def run_remote_line(
             # CPU from READY to the last board: the daemon at work, without start-up and shutdown.
             cpu["ready"] = time.process_time()
             # The supply lives in the other process: poll it (no event can cross the boundary).
-            while not (await hub.status())["exhausted"]:
-                await asyncio.sleep(STATUS_POLL_S)  # noqa: ASYNC110
+            while not (await hub.status())["exhausted"]:  # noqa: ASYNC110
+                await asyncio.sleep(STATUS_POLL_S)
             cpu["done"] = time.process_time()
             station.stop()
 
