@@ -12,11 +12,12 @@
 #   user/group factoryd (system account, member of dialout)
 #   /opt/factoryd/venv             factoryd and its dependencies (pip install of this tree)
 #   /opt/factoryd/docs             the guides
-#   /etc/factoryd/factoryd.toml    from config/factoryd.toml, only if absent (0640 root:factoryd)
+#   /etc/factoryd/factoryd.toml    from config/factoryd.toml, only if absent (0644: no secrets in it)
 #   /etc/factoryd/ca-passphrase    generated if absent (0600 root:root): back it up offline
 #   /var/lib/factoryd              state directory (0700 factoryd:factoryd)
 #   /etc/udev/rules.d/             deploy/udev/*.rules, only those not yet installed
 #   /etc/systemd/system/           factoryd.service, plus the drop-ins the config needs
+#   /usr/local/bin/factoryd        link to the venv's factoryd (operators: ports, status)
 #   /usr/local/sbin/factoryd-admin runs factoryd commands as user factoryd with the passphrase
 set -euo pipefail
 
@@ -80,6 +81,7 @@ units=$prefix/etc/systemd/system
 dropins=$units/factoryd.service.d
 udev_rules=$prefix/etc/udev/rules.d
 sbin=$prefix/usr/local/sbin
+bin=$prefix/usr/local/bin
 
 say() { printf '==> %s\n' "$*"; }
 
@@ -139,12 +141,13 @@ done
 
 # 3. Configuration ----------------------------------------------------------------------------------
 say "configuration in $etc"
-run install -d -m 0750 "$etc"
-priv chown "root:$SERVICE_GROUP" "$etc"
+# World-readable: operators' `factoryd ports …` reads [api] from it. Secrets live in root-only files.
+run install -d -m 0755 "$etc"
+priv chown root:root "$etc"
 if [ -e "$etc/factoryd.toml" ]; then
     echo "    keeping the existing $etc/factoryd.toml (compare with $src/config/factoryd.toml)"
 else
-    put 0640 "root:$SERVICE_GROUP" "$src/config/factoryd.toml" "$etc/factoryd.toml"
+    put 0644 root:root "$src/config/factoryd.toml" "$etc/factoryd.toml"
     echo "    NOTE: edit $etc/factoryd.toml ([station], [hub]) before starting factoryd"
 fi
 
@@ -236,7 +239,12 @@ for dropin in "$src"/systemd/drop-ins/*.conf; do
     fi
 done
 
-# 8. Admin wrapper ------------------------------------------------------------------------------
+# 8. Commands ----------------------------------------------------------------------------------
+say "command $bin/factoryd"
+run mkdir -p "$bin"
+run ln -sfn /opt/factoryd/venv/bin/factoryd "$bin/factoryd"
+
+# Admin wrapper ------------------------------------------------------------------------------
 say "admin wrapper $sbin/factoryd-admin"
 run mkdir -p "$sbin"
 write_wrapper() {

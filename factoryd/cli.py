@@ -432,6 +432,43 @@ def bench_link(
     _write_json(_run_async(run_link_bench(seconds)), out)
 
 
+@bench_app.command("line")
+def bench_line(
+    ports: Annotated[int, typer.Option(min=1, max=1024, help="Ports on the line.")] = 16,
+    devices: Annotated[int, typer.Option(min=1, help="Boards to provision.")] = 256,
+    timing: Annotated[str, typer.Option(help="realistic or zero.")] = "realistic",
+    flash: Annotated[bool, typer.Option(help="Include the signed firmware update.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="JSON only (the default output is JSON too).")
+    ] = True,
+    out: OutOption = None,
+) -> None:
+    """Line throughput against the physical limit and against one board at a time."""
+    from factoryd.bench.line import run_line_bench  # noqa: PLC0415
+
+    if timing not in ("zero", "realistic"):
+        _fail(f"--timing must be 'zero' or 'realistic', not {timing!r}")
+    configure_logging("error", "console")
+    result = _run_async(run_line_bench(ports, devices, timing=timing, flash=flash))  # type: ignore[arg-type]
+    _write_json(result, out)
+
+
+@bench_app.command("overhead")
+def bench_overhead(
+    ports: Annotated[list[int] | None, typer.Option(help="Port counts (repeatable).")] = None,
+    single: Annotated[bool, typer.Option(hidden=True, help="Run one port count in this process.")] = False,
+    out: OutOption = None,
+) -> None:
+    """Daemon CPU per device, devices per second and RSS per port with zero-latency boards."""
+    from factoryd.bench.overhead import DEFAULT_PORTS, run_overhead_bench, single_main  # noqa: PLC0415
+
+    configure_logging("error", "console")
+    if single:
+        typer.echo(json.dumps(_guard(lambda: single_main((ports or [8])[0]))))
+        return
+    _write_json(_guard(lambda: run_overhead_bench(tuple(ports or DEFAULT_PORTS))), out)
+
+
 @bench_app.command("ledger")
 def bench_ledger(
     url: Annotated[str | None, typer.Option(help="Ledger URL (default: a temporary SQLite file).")] = None,
@@ -467,6 +504,168 @@ def hubs_detect() -> None:
 
     report = _run_async(detect_hubs())
     typer.echo(format_report(report))
+
+
+# API tokens, ports and status (issue 7) ----------------------------------------------------------
+# `tokens` works on the ledger database directly (it makes the first admin token); `ports` and
+# `status` talk to the running daemon over its HTTP API on this machine, with an API token.
+
+tokens_app = typer.Typer(no_args_is_help=True, help="API tokens: create (shown once), list, revoke.")
+ports_app = typer.Typer(no_args_is_help=True, help="Hub ports of the running daemon (over its HTTP API).")
+app.add_typer(tokens_app, name="tokens")
+app.add_typer(ports_app, name="ports")
+
+TokenFileOption = Annotated[
+    Path | None,
+    typer.Option("--token-file", help="File holding the API token (default: $FACTORYD_TOKEN)."),
+]
+
+
+def _token_store_call(config: Path | None, action: str | None, subject: str, call: Callable[[Any], T]) -> T:
+    """Run ``call(store)`` on the ledger's token store; audit it as the CLI when ``action`` is set."""
+    from factoryd.api.tokens import TokenStore  # noqa: PLC0415
+    from factoryd.ledger import Ledger  # noqa: PLC0415
+
+    settings = _settings(config)
+
+    def body() -> T:
+        # Opening the ledger migrates its schema (the api_tokens table) before the store uses it.
+        with Ledger.open(settings.ledger_url) as ledger, TokenStore.open(settings.ledger_url) as store:
+            result = call(store)
+            if action is not None:
+                ledger.audit(actor="cli", action=action, subject=subject, details={})
+            return result
+
+    return _guard(body)
+
+
+@tokens_app.command("create")
+def tokens_create(
+    name: Annotated[str, typer.Option(help="Token name (the actor in the audit trail); never reused.")],
+    role: Annotated[str, typer.Option(help="customer, supervisor, operator or admin.")],
+    customer: Annotated[str | None, typer.Option(help="The customer (customer tokens only).")] = None,
+    expires_days: Annotated[int | None, typer.Option(min=1, help="Expire after this many days.")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Create an API token and print it once (stdout: the token alone, for a file or a pipe)."""
+    info, secret = _token_store_call(
+        config,
+        "token.created",
+        name,
+        lambda store: store.create(name, role, customer=customer, expires_days=expires_days),
+    )
+    typer.echo(secret)
+    expiry = f", expires {info.expires_at.isoformat()}" if info.expires_at else ""
+    typer.echo(f"created {info.role} token {info.name!r}{expiry}; it is not shown again", err=True)
+
+
+@tokens_app.command("list")
+def tokens_list(config: ConfigOption = None) -> None:
+    """List tokens (names, roles, expiry, revocation, last use; never secrets)."""
+    tokens = _token_store_call(config, None, "", lambda store: store.list_tokens())
+    _echo_json([t.as_dict() for t in tokens])
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(name: str, config: ConfigOption = None) -> None:
+    """Revoke a token for good."""
+    info = _token_store_call(config, "token.revoked", name, lambda store: store.revoke(name))
+    typer.echo(f"token {info.name!r} revoked at {info.revoked_at.isoformat() if info.revoked_at else '?'}")
+
+
+def _api(config: Path | None, token_file: Path | None) -> Any:
+    from factoryd.api.client import ApiClient, read_token  # noqa: PLC0415
+
+    settings = _settings(config)
+    return ApiClient.for_settings(settings, _guard(lambda: read_token(token_file)))
+
+
+def _port_line(port: dict[str, Any]) -> str:
+    flags = "enabled" if port.get("enabled") else "DISABLED"
+    if port.get("busy"):
+        flags += ", busy"
+    line = f"{port['port']:>6}  {port.get('state') or '-':<13} {flags}"
+    if port.get("attention"):
+        line += f"  ATTENTION: {port['attention']}"
+    elif port.get("reason"):
+        line += f"  ({port['reason']})"
+    return line
+
+
+@ports_app.command("list")
+def ports_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    token_file: TokenFileOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """List the daemon's ports with their state."""
+    client = _api(config, token_file)
+    ports = _guard(lambda: client.get("/ports"))
+    if as_json:
+        _echo_json(ports)
+        return
+    for port in ports:
+        typer.echo(_port_line(port))
+
+
+def _port_action(port: str, action: str, config: Path | None, token_file: Path | None) -> None:
+    from urllib.parse import quote  # noqa: PLC0415
+
+    client = _api(config, token_file)
+    result = _guard(lambda: client.post(f"/ports/{quote(port, safe='')}/{action}"))
+    typer.echo(_port_line(result))
+
+
+@ports_app.command("enable")
+def ports_enable(port: str, token_file: TokenFileOption = None, config: ConfigOption = None) -> None:
+    """Let a port take boards again."""
+    _port_action(port, "enable", config, token_file)
+
+
+@ports_app.command("disable")
+def ports_disable(port: str, token_file: TokenFileOption = None, config: ConfigOption = None) -> None:
+    """Stop a port after its current board."""
+    _port_action(port, "disable", config, token_file)
+
+
+@ports_app.command("retry")
+def ports_retry(port: str, token_file: TokenFileOption = None, config: ConfigOption = None) -> None:
+    """Run a port again now, even with the same board in it (clears ATTENTION)."""
+    _port_action(port, "retry", config, token_file)
+
+
+@ports_app.command("ack")
+def ports_ack(port: str, token_file: TokenFileOption = None, config: ConfigOption = None) -> None:
+    """Acknowledge a port's ATTENTION state."""
+    _port_action(port, "ack", config, token_file)
+
+
+@app.command("status")
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    token_file: TokenFileOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """The running station at a glance: ports, outcomes, throughput, lots."""
+    client = _api(config, token_file)
+    data = _guard(lambda: client.get("/status"))
+    if as_json:
+        _echo_json(data)
+        return
+    state = "running" if data["running"] else "not running"
+    typer.echo(f"station {data['station']} on {data['line']} (factoryd {data['version']}): {state}")
+    typer.echo(
+        f"  ports     {data['ports_total']} total, {data['ports_enabled']} enabled, "
+        f"{data['ports_busy']} busy, {data['ports_attention']} need attention"
+    )
+    outcomes = ", ".join(f"{k} {v}" for k, v in sorted(data["outcomes"].items())) or "none yet"
+    typer.echo(f"  outcomes  {outcomes}")
+    typer.echo(f"  rate      {data['units_per_hour']:.0f} boards/h (last 10 min)")
+    for lot in data["lots"]:
+        typer.echo(
+            f"  lot {lot['lot']}: {lot['provisioned']} provisioned, {lot['available']} available, "
+            f"{lot['reserved']} reserved, {lot['void']} void of {lot['total']}"
+        )
 
 
 def main() -> None:

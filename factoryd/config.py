@@ -186,6 +186,15 @@ class ApiConfig(_Section):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = 8080
+    # HTTPS: PEM certificate (chain) and key, both or neither; use it whenever host is not loopback.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> ApiConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("api.tls_cert and api.tls_key go together: set both or neither")
+        return self
 
 
 class LogConfig(_Section):

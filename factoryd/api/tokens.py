@@ -232,6 +232,8 @@ class TokenStore:
 
     def get(self, name: str) -> TokenInfo:
         """The token named ``name``; TokenNotFoundError if none."""
+        if not _NAME.fullmatch(name):
+            raise TokenNotFoundError(f"no token named {name!r}")
         with self._session() as session:
             row = session.exec(select(ApiTokenRow).where(ApiTokenRow.name == name)).first()
             if row is None:
@@ -240,6 +242,8 @@ class TokenStore:
 
     def revoke(self, name: str, *, now: datetime | None = None) -> TokenInfo:
         """Revoke a token for good (revoking twice keeps the first time)."""
+        if not _NAME.fullmatch(name):
+            raise TokenNotFoundError(f"no token named {name!r}")
         with self._session() as session:
             session.connection().execute(
                 update(ApiTokenRow)

@@ -26,6 +26,7 @@ from typing import Literal, TypeVar
 
 import structlog
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
@@ -153,6 +154,9 @@ class Pipeline:
         self.settings = settings
         self._budget = power_budget
         self._on_step = on_step
+        # Secure-element serials being provisioned right now, by port: a second board claiming a
+        # serial that is in flight is a clone or a liar, never a second holder of the same ID.
+        self._in_flight: dict[str, str] = {}
 
     # Public -------------------------------------------------------------------------------
 
@@ -163,6 +167,8 @@ class Pipeline:
         try:
             return await self._run(port, lot, skip_serial, started)
         finally:
+            for serial in [s for s, p in self._in_flight.items() if p == port]:
+                del self._in_flight[serial]
             structlog.contextvars.unbind_contextvars("port", "lot", "job_id", "hw_serial", "device_id")
 
     # Job level ----------------------------------------------------------------------------
@@ -252,6 +258,13 @@ class Pipeline:
     async def _provision(self, job: _Job, client: BoardClient, info: BoardInfo, started: float) -> JobResult:
         lot = job.lot
         serial = info.serial_hex
+        holder = self._in_flight.get(serial)
+        if holder is not None and holder != job.port:
+            raise IdentityMismatchError(
+                f"secure-element serial {serial} is already being provisioned on port {holder}: "
+                "a cloned or lying board"
+            )
+        self._in_flight[serial] = job.port
         if job.hw_serial is None:
             job.hw_serial = serial
             structlog.contextvars.bind_contextvars(hw_serial=serial)
@@ -304,21 +317,7 @@ class Pipeline:
             if not (await client.hello()).locked:
                 raise VerificationError("board acknowledged LOCK but reports itself unlocked")
 
-        await self._step(
-            job,
-            Step.RECORD,
-            lambda: self.ledger.mark_provisioned(
-                lot.name,
-                device_id,
-                serial,
-                cert_der=issued.der,
-                cert_serial=issued.serial_hex,
-                fingerprint_sha256=issued.fingerprint_sha256,
-                station=self.settings.station,
-                port=job.port,
-                actor=self.settings.station,
-            ),
-        )
+        await self._record(job, device_id, issued)
         return await self._succeed(job, "provisioned", started)
 
     async def _succeed(self, job: _Job, outcome: Outcome, started: float) -> JobResult:
@@ -356,6 +355,13 @@ class Pipeline:
         """A board that already holds an identity: re-check it, resume it, rework it, or refuse it."""
         lot = job.lot
         serial = info.serial_hex
+        reserved = await self.ledger.find_by_serial(lot.name, serial)
+        if reserved is not None and reserved.state is DeviceState.RESERVED:
+            if not info.locked:
+                return None  # an interrupted job on this very board: resume with its reservation
+            # Interrupted between LOCK and the ledger record: the board can no longer be written, so
+            # finish the job from what it holds, after proving it is exactly what we issued.
+            return await self._complete_locked(job, client, reserved.device_id, started)
         raw_id = await client.read(ObjectId.DEVICE_ID)
         stored_id = raw_id.decode("utf-8", errors="replace").rstrip("\x00")
         record: DeviceRecord | None = await self.ledger.find_device(stored_id) if stored_id else None
@@ -377,8 +383,6 @@ class Pipeline:
                 details={"hw_serial": serial, "port": job.port, "job_id": job.job_id},
             )
             return await self._succeed(job, "rechecked", started)
-        if ours and record is not None and record.state is DeviceState.RESERVED and not info.locked:
-            return None  # an interrupted job on this very board: resume with its reservation
         if lot.profile.allow_rework and not info.locked:
             await self.ledger.audit(
                 actor=self.settings.station,
@@ -395,6 +399,47 @@ class Pipeline:
         state = "locked, " if info.locked else ""
         raise RefusedBoardError(
             f"board {serial} is {state}already provisioned with {where}; lot does not allow rework"
+        )
+
+    async def _complete_locked(
+        self, job: _Job, client: BoardClient, device_id: str, started: float
+    ) -> JobResult:
+        cert_der = await client.read(ObjectId.DEVICE_CERT)
+        try:
+            cert = x509.load_der_x509_certificate(cert_der)
+            cert.verify_directly_issued_by(job.lot.issuer.chain[0])
+        except (ValueError, TypeError, InvalidSignature) as exc:
+            raise VerificationError(f"{device_id}: certificate on the locked board is not ours") from exc
+        names = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        if not names or names[0].value != device_id:
+            raise VerificationError(f"{device_id}: certificate on the locked board names another ID")
+        for obj, data in self._objects(job.lot, device_id, cert_der):
+            if await client.read(obj) != data:
+                raise ReadbackMismatchError(f"{device_id}: {obj.name} on the locked board differs")
+        challenge = secrets.token_bytes(CHALLENGE_BYTES)
+        signature = await self._step(job, Step.CHALLENGE, lambda: client.sign(challenge))
+        verify_challenge(cert, challenge, signature)
+        issued = IssuedCertificate.from_certificate(cert)
+        job.device_id = device_id
+        await self._record(job, device_id, issued)
+        return await self._succeed(job, "provisioned", started)
+
+    async def _record(self, job: _Job, device_id: str, issued: IssuedCertificate) -> None:
+        serial = job.hw_serial or ""
+        await self._step(
+            job,
+            Step.RECORD,
+            lambda: self.ledger.mark_provisioned(
+                job.lot.name,
+                device_id,
+                serial,
+                cert_der=issued.der,
+                cert_serial=issued.serial_hex,
+                fingerprint_sha256=issued.fingerprint_sha256,
+                station=self.settings.station,
+                port=job.port,
+                actor=self.settings.station,
+            ),
         )
 
     async def _issue(self, job: _Job, csr_der: bytes, point: bytes) -> IssuedCertificate:

@@ -26,6 +26,9 @@ from factoryd.ledger.model import LotInfo
 from factoryd.telemetry.events import LotProgressUpdate, PortState, PortUpdate, TelemetrySink
 
 log = structlog.get_logger(__name__)
+# How long the active lot is trusted before the ledger is asked again: a pause or close reaches
+# every port within this time, and a busy line does not query the lot once per board.
+LOT_RECHECK_S = 1.0
 # How often lot counts are published (retained MQTT, Prometheus gauges).
 PROGRESS_INTERVAL_S = 2.0
 
@@ -56,23 +59,34 @@ class LotSource:
         self._opener = opener
         self._cache: dict[str, LotContext] = {}
         self._lock = asyncio.Lock()
+        self._current: LotContext | None = None
+        self._checked_at: float | None = None
 
     def clear(self) -> None:
         """Drop cached lot contexts."""
         self._cache.clear()
+        self._checked_at = None
 
     async def current(self) -> LotContext | None:
-        """The active lot's context, or None when no lot is active."""
+        """The active lot's context, or None when no lot is active (re-read at most every second)."""
+        async with self._lock:
+            now = time.monotonic()
+            if self._checked_at is not None and now - self._checked_at < LOT_RECHECK_S:
+                return self._current
+            self._current = await self._load()
+            self._checked_at = time.monotonic()
+            return self._current
+
+    async def _load(self) -> LotContext | None:
         info = await active_lot(self._ledger, self._wanted)
         if info is None:
             return None
-        async with self._lock:
-            context = self._cache.get(info.name)
-            if context is None or context.profile != info.profile:
-                # Opening decrypts the CA key (a deliberately slow KDF): keep it off the event loop.
-                context = await asyncio.to_thread(self._opener, info)
-                self._cache[info.name] = context
-            return context
+        context = self._cache.get(info.name)
+        if context is None or context.profile != info.profile:
+            # Opening decrypts the CA key (a deliberately slow KDF): keep it off the event loop.
+            context = await asyncio.to_thread(self._opener, info)
+            self._cache[info.name] = context
+        return context
 
 
 class Station:

@@ -28,6 +28,7 @@ _UUID_CANONICAL = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[
 _UUID_ANY_CASE = re.compile(_UUID_CANONICAL.pattern, re.IGNORECASE)
 _UUID_EXAMPLE = "123e4567-e89b-12d3-a456-426614174000"
 _CSV_DELIMITERS = (",", ";", "\t")
+_WHITESPACE = re.compile(r"\s")
 # Only the first problems are spelled out; the rest are counted.
 _MAX_PROBLEMS_SHOWN = 1
 
@@ -89,7 +90,7 @@ def make_id_validator(id_format: str) -> Callable[[str], str | None]:
             return "empty ID"
         if len(value) > ID_MAX_CHARS:
             return f"ID {_show(value)} is {len(value)} characters long, over the limit of {ID_MAX_CHARS}"
-        if any(not ch.isprintable() or ch.isspace() for ch in value):
+        if not value.isprintable() or _WHITESPACE.search(value):
             return f"ID {_show(value)} contains whitespace or control characters"
         if pattern is None:
             if _UUID_CANONICAL.fullmatch(value):

@@ -20,7 +20,7 @@ import structlog
 
 from factoryd.errors import (
     BoardBusyError,
-    BoardError,
+    BoardFloodError,
     BoardLockedError,
     BoardResetError,
     BoardStatusError,
@@ -63,6 +63,9 @@ log = structlog.get_logger(__name__)
 
 # Status codes after which the same request may succeed when tried again later.
 TRANSIENT_STATUSES = frozenset({Status.BUSY, Status.STORAGE, Status.INTERNAL})
+# Undecodable frames one link may deliver before the board is declared broken: line noise
+# costs a handful, a board that sprays garbage costs hundreds.
+MAX_FRAME_ERRORS = 64
 # Requests that change nothing on the board: after a BOOT they are simply asked again; any other
 # pending request fails with BoardResetError, since the reset may have undone it.
 RESEND_AFTER_BOOT = frozenset({Command.HELLO, Command.READ})
@@ -232,6 +235,8 @@ class BoardClient:
                 return self._seq
 
     async def _call(self, request: Request) -> bytes:
+        if isinstance(self._lost, BoardFloodError):
+            raise self._lost
         if self._lost is not None:
             raise LinkClosedError(f"link {self.link.path} is closed") from self._lost
         command = request.command
@@ -298,7 +303,7 @@ class BoardClient:
             raise FirmwareRejectedError(message, status)
         raise BoardStatusError(message, status, transient=status in TRANSIENT_STATUSES)
 
-    def _fail_all(self, exc: BoardError | LinkClosedError) -> None:
+    def _fail_all(self, exc: BaseException) -> None:
         for waiter in self._waiters.values():
             if not waiter.future.done():
                 waiter.future.set_exception(exc)
@@ -332,6 +337,15 @@ class BoardClient:
     def frame_errors(self, count: int) -> None:
         """A garbled frame arrived: most likely our reply, so ask again at once."""
         self.stats.frame_errors += count
+        if self.stats.frame_errors > MAX_FRAME_ERRORS:
+            if self._lost is None:
+                error = BoardFloodError(
+                    f"board on {self.link.path} sent {self.stats.frame_errors} undecodable frames; "
+                    "refusing to talk to it"
+                )
+                self._lost = error
+                self._fail_all(error)
+            return
         self._kick_all()
 
     def link_lost(self, exc: BaseException | None) -> None:

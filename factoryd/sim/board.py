@@ -222,6 +222,13 @@ class SimBoard:
         # Modelled physical time this board has taken (enumeration, boot, crypto, wire), in seconds.
         self.physical_s = 0.0
         self._due = 0.0
+        # Hostile behaviours (tests of the station's defences), all off by default:
+        # report another board's serial; answer GET_CSR with a CSR of an earlier key; spray this
+        # many bytes of frame-like garbage before every reply.
+        self.claimed_serial: bytes | None = None
+        self.replay_csr = False
+        self.flood_bytes = 0
+        self._first_csr: dict[int, bytes] = {}
         self._timing_rng = random.Random(self.rng.random())  # noqa: S311 - simulation timing
         self._fw: _FwUpdate | None = None
         self._armed: dict[Fault, int] = {}
@@ -264,7 +271,7 @@ class SimBoard:
             model=self.model,
             fw_version=self.fw_version,
             fw_sha256=self.fw_sha256,
-            se_serial=self.se.serial,
+            se_serial=self.claimed_serial or self.se.serial,
             locked=self.se.locked,
             objects=frozenset(self.se.objects),
             key_slots=frozenset(s for s in range(2) if self.se.has_key(s)),
@@ -381,6 +388,9 @@ class SimBoard:
             weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505
             return make_csr(weak, common_name)
         csr = self.se.csr(slot, common_name)
+        first = self._first_csr.setdefault(slot, csr)
+        if self.replay_csr:
+            return first
         if self.fault(Fault.BAD_CSR_SIGNATURE):
             # The DER signature ends the CSR: flipping its last byte keeps it parseable but invalid.
             csr = csr[:-1] + bytes([csr[-1] ^ 0x01])

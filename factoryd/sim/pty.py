@@ -97,6 +97,10 @@ class PtyBoard:
             return
         if board.fault(Fault.DROP_REPLY):
             return
+        if board.flood_bytes:
+            # Delimited junk: every piece is a "frame" that fails its CRC on the host.
+            junk = secrets.token_bytes(board.flood_bytes).replace(b"\x00", b"\x01")
+            await self._send(b"".join(junk[i : i + 50] + b"\x00" for i in range(0, len(junk), 50)))
         if board.fault(Fault.OVERSIZE_FRAME):
             await self._send(b"\x55" * (MAX_ENCODED_FRAME + 16))
         data = reply.encode()

@@ -1,0 +1,168 @@
+"""Hostile boards: each trick is refused with a reason and wastes no ID beyond its reservation."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from factoryd.errors import BoardFloodError
+from factoryd.ledger import AsyncLedger, LedgerUnavailableError
+from factoryd.ledger.model import DeviceState
+from factoryd.protocol.client import BoardClient
+from factoryd.protocol.messages import ObjectId
+from factoryd.sim.board import Fault, FaultPlan, SimBoard
+from factoryd.sim.pty import serve_pty
+from factoryd.transport.framing import MAX_ENCODED_FRAME
+from tests.conftest import FAST_TIMEOUTS
+from tests.station_harness import LOT, make_line
+
+
+async def test_board_claiming_a_provisioned_boards_serial_is_refused(tmp_path: Path) -> None:
+    line = await make_line(tmp_path)
+    hub = line.hub(ports=1, supply=1)
+    await line.run(hub)
+    victim = hub.finished[0]
+    clone = line.board()
+    clone.claimed_serial = victim.se.serial
+    again = line.hub(ports=1, supply=0)
+    again.insert("1", clone)
+    station = await line.run(again)
+    assert station.outcomes == Counter({"refused": 1})
+    assert station.results[0].reason == "refused_board"
+    assert ObjectId.DEVICE_CERT not in clone.se.objects
+    with line.ledger() as ledger:
+        progress = ledger.progress(LOT)
+        assert (progress.provisioned, progress.reserved) == (1, 0)
+
+
+async def test_two_boards_with_one_serial_never_share_an_id(tmp_path: Path) -> None:
+    line = await make_line(tmp_path)
+    # A slow genuine board and a clone of it on the next port, powered at the same time.
+    genuine = line.board()
+    clone = line.board()
+    clone.claimed_serial = genuine.se.serial
+    hub = line.hub(ports=2, supply=0)
+    hub.insert("1", genuine)
+    hub.insert("2", clone)
+    station = await line.run(hub)
+    assert sum(station.outcomes.values()) == 2
+    written = [b.se.objects.get(ObjectId.DEVICE_ID) for b in (genuine, clone)]
+    assert written.count(None) >= 1 or written[0] != written[1]
+    with line.ledger() as ledger:
+        assert ledger.progress(LOT).provisioned <= 1
+    reasons = {r.reason for r in station.results if r.outcome != "provisioned"}
+    assert reasons <= {"identity_mismatch", "refused_board", None}
+
+
+async def test_replayed_csr_is_rejected_and_reservation_kept(tmp_path: Path) -> None:
+    line = await make_line(tmp_path)
+    board = line.board()
+    board.replay_csr = True
+    # A first CSR from an earlier key exists on the board already.
+    board.se.genkey(0)
+    board._first_csr[0] = board.se.csr(0, "00000000-0000-4000-8000-000000000000")
+    hub = line.hub(ports=1, supply=0)
+    hub.insert("1", board)
+    station = await line.run(hub)
+    assert station.outcomes == Counter({"failed": 1})
+    assert station.results[0].reason == "csr_rejected"
+    with line.ledger() as ledger:
+        record = ledger.find_by_serial(LOT, board.serial_hex)
+        assert record is not None
+        assert record.state is DeviceState.RESERVED
+
+
+async def test_flooding_board_fails_alone_and_buffers_stay_bounded(tmp_path: Path) -> None:
+    line = await make_line(tmp_path)
+    flooder = line.board()
+    flooder.flood_bytes = 200_000
+    feed = iter([flooder, *(line.board() for _ in range(5))])
+    hub = line.hub(ports=2, supply=6, factory=lambda: next(feed))
+    station = await line.run(hub)
+    assert station.outcomes["provisioned"] == 5
+    assert station.outcomes["failed"] == 1
+    failed = next(r for r in station.results if r.outcome == "failed")
+    assert failed.reason == "board_flood"
+    # Refused before anything was written: no certificate on it, no ID bound to it.
+    assert ObjectId.DEVICE_CERT not in flooder.se.objects
+    with line.ledger() as ledger:
+        assert ledger.find_by_serial(LOT, flooder.serial_hex) is None
+
+
+async def test_flood_does_not_grow_the_host_buffer() -> None:
+    board = SimBoard()
+    board.flood_bytes = 100_000
+    async with serve_pty(board) as pty, await BoardClient.open(pty.path, timeouts=FAST_TIMEOUTS) as client:
+        with pytest.raises(BoardFloodError, match="undecodable frames"):
+            await client.hello()
+        assert client.pending == 0
+        assert client.link.decoder.buffered <= MAX_ENCODED_FRAME
+        with pytest.raises(BoardFloodError):
+            await client.hello()
+
+
+async def test_readback_that_differs_is_never_recorded_as_provisioned(tmp_path: Path) -> None:
+    line = await make_line(tmp_path)
+    board = line.board(FaultPlan.only(Fault.READBACK_DIFFERS))
+    hub = line.hub(ports=1, supply=0)
+    hub.insert("1", board)
+    station = await line.run(hub)
+    assert station.outcomes == Counter({"failed": 1})
+    assert station.results[0].reason == "readback_mismatch"
+    with line.ledger() as ledger:
+        assert ledger.progress(LOT).provisioned == 0
+
+
+async def test_board_locked_before_the_ledger_record_is_completed_not_refused(tmp_path: Path) -> None:
+    line = await make_line(tmp_path)
+    hub = line.hub(ports=1, supply=1)
+    await line.run(hub)
+    board = hub.finished[0]
+    device_id = board.se.objects[ObjectId.DEVICE_ID].decode()
+    # Rewind the ledger as if the station died after LOCK and before recording: a fresh lot
+    # whose reservation for this board is still open.
+    other = await make_line(tmp_path / "rewound")
+    with other.ledger() as ledger:
+        job = ledger.start_job(LOT, station="crashed", port="1")
+        reservation = ledger.reserve(
+            LOT, board.serial_hex, station="crashed", port="1", job_id=job, actor="t"
+        )
+    assert reservation.device_id != device_id  # different lot: its CA did not issue the board's cert
+    again = other.hub(ports=1, supply=0)
+    again.insert("1", board)
+    station = await other.run(again)
+    # The board is locked and holds another CA's certificate: it fails verification, never re-issued.
+    assert station.outcomes == Counter({"failed": 1})
+    assert station.results[0].reason == "verification"
+    with other.ledger() as ledger:
+        assert ledger.progress(LOT).provisioned == 0
+
+
+async def test_station_dying_between_lock_and_record_completes_on_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    line = await make_line(tmp_path)
+    original = AsyncLedger.mark_provisioned
+    calls = {"n": 0}
+
+    async def lost_once(self: AsyncLedger, *args: Any, **kwargs: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise LedgerUnavailableError("database went away after LOCK")
+        await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(AsyncLedger, "mark_provisioned", lost_once)
+    hub = line.hub(ports=1, supply=1)
+    station = await line.run(hub)
+    board = hub.finished[0]
+    assert board.se.locked
+    assert station.outcomes == Counter({"provisioned": 1})
+    assert station.results[0].attempts == 2
+    with line.ledger() as ledger:
+        record = ledger.find_by_serial(LOT, board.serial_hex)
+        assert record is not None
+        assert record.state is DeviceState.PROVISIONED
+        assert record.cert_der == board.se.objects[ObjectId.DEVICE_CERT]
