@@ -28,7 +28,7 @@ from factoryd.jobs.scheduler import LotSource, Station
 from factoryd.ledger import AsyncLedger
 from factoryd.ledger.model import LotInfo
 from factoryd.pki.store import BundleStore
-from factoryd.protocol.client import Timeouts
+from factoryd.protocol.client import BoardClient, Timeouts
 from factoryd.sdnotify import Notifier
 from factoryd.service import StationPaths, station_passphrase
 from factoryd.sim.board import FaultPlan, SimBoard, Timing
@@ -155,7 +155,7 @@ class Daemon:
                 telemetry=telemetry,
                 settings=pipeline_settings(settings),
                 power_budget=asyncio.Semaphore(settings.hub.max_powered),
-                on_step=self.metrics.observe_step,
+                on_link=self._link_metrics,
             )
             station = self.station = Station(
                 hub=hub,
@@ -209,6 +209,14 @@ class Daemon:
             watchdog.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watchdog
+
+    def _link_metrics(self, port: str, client: BoardClient) -> None:
+        """Fold one closed link's counters into the metrics."""
+        link, decoder = client.link, client.link.decoder.stats
+        self.metrics.frame_sent(port, link.stats.frames_sent)
+        self.metrics.frame_received(port, decoder.frames)
+        self.metrics.crc_error(port, decoder.crc_errors)
+        self.metrics.resend(port, client.stats.resends)
 
     def _install_signal_handlers(self, station: Station) -> None:
         loop = asyncio.get_running_loop()

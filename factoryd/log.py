@@ -8,6 +8,8 @@ from typing import Literal
 
 import structlog
 
+from factoryd.errors import ConfigError
+
 LogFormat = Literal["json", "console"]
 
 
@@ -15,7 +17,7 @@ def configure_logging(level: str = "info", fmt: LogFormat = "json") -> None:
     """Configure structlog (and stdlib logging, which uvicorn and aiomqtt use) once at start-up."""
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
-        raise ValueError(f"unknown log level {level!r}")
+        raise ConfigError(f"log.level: unknown log level {level!r} (debug, info, warning, error)")
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
     )

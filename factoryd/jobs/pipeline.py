@@ -146,14 +146,14 @@ class Pipeline:
         telemetry: TelemetrySink,
         settings: PipelineSettings,
         power_budget: asyncio.Semaphore,
-        on_step: Callable[[str, float, str], None] | None = None,
+        on_link: Callable[[str, BoardClient], None] | None = None,
     ) -> None:
         self.hub = hub
         self.ledger = ledger
         self.telemetry = telemetry
         self.settings = settings
         self._budget = power_budget
-        self._on_step = on_step
+        self._on_link = on_link
         # Secure-element serials being provisioned right now, by port: a second board claiming a
         # serial that is in flight is a clone or a liar, never a second holder of the same ID.
         self._in_flight: dict[str, str] = {}
@@ -188,13 +188,17 @@ class Pipeline:
                         timeouts=self.settings.timeouts,
                         resends=self.settings.resends,
                     ) as client:
-                        info = await self._step(job, Step.HELLO, client.hello, port=port)
-                        if skip_serial is not None and info.serial_hex == skip_serial:
-                            return JobResult(port, "same_board", hw_serial=skip_serial)
-                        if job is None:
-                            job = await self._start_job(port, lot)
-                        job.attempt = attempt
-                        return await self._provision(job, client, info, started)
+                        try:
+                            info = await self._step(job, Step.HELLO, client.hello, port=port)
+                            if skip_serial is not None and info.serial_hex == skip_serial:
+                                return JobResult(port, "same_board", hw_serial=skip_serial)
+                            if job is None:
+                                job = await self._start_job(port, lot)
+                            job.attempt = attempt
+                            return await self._provision(job, client, info, started)
+                        finally:
+                            if self._on_link is not None:
+                                self._on_link(port, client)
             except FactorydError as exc:
                 last_error = exc
                 if job is None or not restart_job(exc) or attempt == self.settings.job_attempts:
@@ -508,8 +512,8 @@ class Pipeline:
             outcome = "ok"
             return result
         finally:
-            if self._on_step is not None:
-                self._on_step(str(step), time.monotonic() - started, outcome)
+            if job is not None:
+                self._event(job, "step", step=step, outcome=outcome, duration_s=time.monotonic() - started)
 
     def _step_retry(self, job: _Job | None, step: Step, outcome: object) -> None:
         exc = outcome.exception() if hasattr(outcome, "exception") else None

@@ -60,8 +60,9 @@ class LiveState(TelemetrySink):
             self._broadcast({"type": "port", **to_json(update)})
 
     def job_event(self, event: JobEvent) -> None:
-        """Remember and broadcast a job event."""
-        self.events.append(event)
+        """Remember and broadcast a job event (step events are broadcast, not kept in the history)."""
+        if event.kind != "step":
+            self.events.append(event)
         if event.kind == "job_finished":
             self.finished.append(event.at)
         if self._subscribers:

@@ -98,6 +98,8 @@ class Metrics(TelemetrySink):
     def __init__(self, *, station: str, line: str, version: str) -> None:
         # The *_created series double the exposition for no use on a dashboard (process-wide switch).
         disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus-client leaves it unannotated
+        self._port_children: dict[str, dict[PortState | None, Gauge]] = {}
+        self._port_current: dict[str, PortState] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self._steps = _LabelGuard(MAX_STEP_LABELS)
@@ -240,9 +242,24 @@ class Metrics(TelemetrySink):
         """Set the port's one-hot state gauge and its since-timestamp."""
         try:
             port = self._ports(update.port, UNKNOWN_LABEL)
-            for state in PortState:
-                self.port_state.labels(port=port, state=state.value).set(1 if state is update.state else 0)
-            self.port_state_since.labels(port=port).set(update.since.timestamp())
+            children = self._port_children.get(port)
+            if children is None:
+                # labels() is a locked dict lookup per call; a port's children never change: keep them.
+                children = {
+                    state: self.port_state.labels(port=port, state=state.value) for state in PortState
+                }
+                children[None] = self.port_state_since.labels(port=port)
+                self._port_children[port] = children
+            previous = self._port_current.get(port)
+            if previous is not update.state:
+                if previous is not None:
+                    children[previous].set(0)
+                else:
+                    for state in PortState:
+                        children[state].set(0)
+                children[update.state].set(1)
+                self._port_current[port] = update.state
+            children[None].set(update.since.timestamp())
         except Exception:  # a sink never raises (TelemetrySink contract)
             _log.exception("metrics_port_update_failed", port=update.port)
 
