@@ -24,8 +24,8 @@ from factoryd.errors import ConfigError
 from factoryd.ledger.core import create_ledger_engine
 from factoryd.ledger.tables import AuditEntryRow
 from factoryd.pki.manifest import verify_manifest
-from factoryd.pki.testca import make_test_pki
 from factoryd.pki.store import BundleStore
+from factoryd.pki.testca import make_test_pki
 from tests.test_api_harness import STATION_PASSPHRASE, Api, running_api
 
 UUIDS = [f"123e4567-e89b-12d3-a456-4266141740{i:02d}" for i in range(10)]
@@ -359,7 +359,9 @@ def _case_request(case: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
         parts = []
         for part in case["multipart"]:
             filename = part.get("filename")
-            raw_name = filename.encode("utf-8").decode("unicode_escape").encode("latin-1") if filename else None
+            raw_name = (
+                filename.encode("utf-8").decode("unicode_escape").encode("latin-1") if filename else None
+            )
             content = (CORPUS / part["file"]).read_bytes() if "file" in part else part["text"].encode()
             parts.append((part["name"], raw_name, content))
         body, headers["Content-Type"] = multipart(parts)
@@ -438,9 +440,9 @@ async def test_every_call_is_audited_including_refusals(api: Api) -> None:
     assert entries == [
         ("acme", "GET /lots/{lot}/progress", "acme-1", 200),
         ("acme", "POST /lots/{lot}/activate", "acme-1", 403),
-        ("(anonymous)", "GET /lots", "", 401),
+        ("(anonymous)", "GET /lots", "/lots", 401),
         ("acme", "GET /lots/{lot}", "ghost", 404),
-        ("(anonymous)", "GET (no route)", "", 404),
+        ("(anonymous)", "GET (no route)", "(no route)", 404),
     ]
     assert await api.ledger.verify_audit() == len(audit_rows(api))
 
@@ -460,7 +462,9 @@ def _self_signed(directory: Path) -> tuple[Path, Path]:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
+        )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
@@ -479,7 +483,9 @@ async def test_tls(tmp_path: Path) -> None:
     async with running_api(tmp_path, tls=(cert, key)) as api:
         assert api.url.startswith("https://")
         context = ssl.create_default_context(cafile=str(cert))
-        async with httpx.AsyncClient(base_url=api.url, verify=context, headers=api.headers("admin")) as client:
+        async with httpx.AsyncClient(
+            base_url=api.url, verify=context, headers=api.headers("admin")
+        ) as client:
             assert (await client.get("/lots")).status_code == 200
         plain = api.url.replace("https://", "http://")
         async with httpx.AsyncClient(base_url=plain) as client:

@@ -70,7 +70,14 @@ async def test_customer_flow_against_a_running_station(tmp_path: Path) -> None:
         )
         try:
             async with serve_api(create_app(daemon_ctx), "127.0.0.1", 0) as port:
-                await _drive(f"http://127.0.0.1:{port}", root, pki, station, tmp_path, port)
+                await _drive(
+                    url=f"http://127.0.0.1:{port}",
+                    root=root,
+                    pki=pki,
+                    station=station,
+                    tmp_path=tmp_path,
+                    port=port,
+                )
                 checked.append("flow")
         finally:
             done.set()
@@ -85,7 +92,7 @@ async def test_customer_flow_against_a_running_station(tmp_path: Path) -> None:
     assert station.outcomes["provisioned"] == BOARDS
 
 
-async def _drive(url: str, root: str, pki: object, station: Station, tmp_path: Path, port: int) -> None:
+async def _drive(*, url: str, root: str, pki: object, station: Station, tmp_path: Path, port: int) -> None:
     from factoryd.pki.testca import TestPki
 
     assert isinstance(pki, TestPki)
@@ -122,7 +129,8 @@ async def _drive(url: str, root: str, pki: object, station: Station, tmp_path: P
         assert (await op.post("/lots/order-1/activate")).json()["state"] == "active"
 
         async with asyncio.timeout(PROVISION_TIMEOUT_S):
-            while (progress := (await acme.get("/lots/order-1/progress")).json())["provisioned"] < BOARDS:
+            # Polling is the point: the customer watches progress over HTTP.
+            while (progress := (await acme.get("/lots/order-1/progress")).json())["provisioned"] < BOARDS:  # noqa: ASYNC110
                 await asyncio.sleep(POLL_S)
         assert progress["total"] == len(IDS)
         assert progress["available"] == len(IDS) - BOARDS

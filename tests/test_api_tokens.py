@@ -71,14 +71,16 @@ def test_the_secret_is_shown_once_and_stored_only_as_its_hash(store: TokenStore,
 
 
 def test_a_wrong_secret_for_a_real_id_is_unknown(store: TokenStore) -> None:
-    info, secret = store.create("op", Role.OPERATOR)
+    _, secret = store.create("op", Role.OPERATOR)
     forged = secret[:-1] + ("A" if secret[-1] != "A" else "B")
     with pytest.raises(TokenRejectedError, match="unknown API token") as caught:
         store.authenticate(forged)
     assert caught.value.name is None  # a guessed token does not learn whose id it hit
 
 
-@pytest.mark.parametrize("token", ["", "fdt_", "fdt_1_short", "Bearer fdt_1_" + "A" * 43, "fdt_0_" + "A" * 43])
+@pytest.mark.parametrize(
+    "token", ["", "fdt_", "fdt_1_short", "Bearer fdt_1_" + "A" * 43, "fdt_0_" + "A" * 43]
+)
 def test_malformed_tokens(store: TokenStore, token: str) -> None:
     with pytest.raises(TokenRejectedError, match="malformed API token"):
         store.authenticate(token)
@@ -133,7 +135,7 @@ def test_names_are_never_reused(store: TokenStore) -> None:
         ("ok", "admin", None, 3651, "expires_days must be 1..3650"),
     ],
 )
-def test_bad_token_requests_are_refused(
+def test_bad_token_requests_are_refused(  # noqa: PLR0917 - one argument per parametrized column
     store: TokenStore, name: str, role: str, customer: str | None, days: int | None, fragment: str
 ) -> None:
     with pytest.raises(InputError, match=None) as caught:

@@ -126,6 +126,18 @@ def test_deleted_entries_are_detected(fresh_url: str) -> None:
         verify_audit(fresh_url)
 
 
+def test_entries_appended_behind_the_ledgers_back_are_detected(fresh_url: str) -> None:
+    count = populate(fresh_url)
+    run_sql(
+        fresh_url,
+        "INSERT INTO audit_entry (seq, at, actor, action, subject, details, prev_hash, hash) "
+        "SELECT seq + 1, at, actor, action, subject, details, hash, hash FROM audit_entry WHERE seq = :seq",
+        seq=count,
+    )
+    with pytest.raises(AuditChainError, match=rf"seq {count + 1}: entries beyond the chain head"):
+        verify_audit(fresh_url)
+
+
 def test_chain_continues_across_reopen(fresh_url: str) -> None:
     populate(fresh_url)
     with Ledger.open(fresh_url) as ledger:

@@ -1,7 +1,8 @@
 """Every API call goes into the ledger's audit trail, refused ones included.
 
 Actor: the token's name (or ``(anonymous)``); action: method and route template
-(``POST /lots/{lot}/ids``); subject: the lot, port or token the path names; details: the
+(``POST /lots/{lot}/ids``); subject: the lot, port or token the path names, else the route
+(``/lots``); details: the
 status code and the client address. The entry is committed before the response starts, so a
 client that saw an answer can rely on the trail having it. Liveness and readiness probes and
 the OpenAPI document are not audited: they carry no data and are polled all day long.
@@ -24,6 +25,7 @@ log = structlog.get_logger(__name__)
 UNAUDITED_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json"})
 # Subjects longer than this are cut; the audit column holds 192 characters.
 SUBJECT_MAX_CHARS = 128
+NO_ROUTE = "(no route)"
 _METHOD = re.compile(r"[A-Z]{1,16}")
 _SUBJECT_PARAMS = ("lot", "port", "name")
 
@@ -43,9 +45,11 @@ def audit_entry(scope: Scope, status: int) -> tuple[str, str, str, dict[str, obj
     method = method if _METHOD.fullmatch(method) else "OTHER"
     route = scope.get("route")
     template = getattr(route, "path", None)
-    action = f"{method} {template}" if isinstance(template, str) else f"{method} (no route)"
+    action = f"{method} {template}" if isinstance(template, str) else f"{method} {NO_ROUTE}"
     params: dict[str, Any] = scope.get("path_params") or {}
-    subject = next((str(params[key]) for key in _SUBJECT_PARAMS if key in params), "")
+    named = next((str(params[key]) for key in _SUBJECT_PARAMS if key in params), "")
+    # The ledger wants a subject: the lot, port or token named in the path, else the collection.
+    subject = named or (template if isinstance(template, str) else NO_ROUTE)
     client = scope.get("client")
     details: dict[str, object] = {"status": status, "client": client[0] if client else None}
     return actor, action[:64], _printable(subject, SUBJECT_MAX_CHARS), details

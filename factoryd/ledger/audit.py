@@ -88,11 +88,16 @@ def verify_chain(links: Iterable[AuditLink], *, head_seq: int, head_hash: str) -
         prev_hash = link.hash
         expected_seq += 1
         count += 1
-    if count != head_seq or prev_hash != head_hash:
+    if count < head_seq:
         raise AuditChainError(
             f"audit chain broken at seq {count + 1}: the chain head records seq {head_seq} "
-            f"but the trail ends at seq {count}"
-            if count != head_seq
-            else f"audit chain broken at seq {count}: last entry does not match the chain head"
+            f"but the trail ends at seq {count} (entries removed)"
         )
+    if count > head_seq:
+        raise AuditChainError(
+            f"audit chain broken at seq {head_seq + 1}: entries beyond the chain head (seq {head_seq}) "
+            "were added outside the ledger"
+        )
+    if prev_hash != head_hash:
+        raise AuditChainError(f"audit chain broken at seq {count}: last entry does not match the chain head")
     return count

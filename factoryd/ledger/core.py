@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -19,11 +20,11 @@ from types import TracebackType
 from typing import Any, Literal, Self
 
 import psycopg
-from sqlalchemy import ARRAY, String, any_, event, func, insert, literal
+from sqlalchemy import ARRAY, String, any_, event, func, literal
 from sqlalchemy.engine import URL, Engine, make_url
-from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, IntegrityError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
-from sqlmodel import Session, SQLModel, col, create_engine, select
+from sqlmodel import Session, col, create_engine, select
 
 from factoryd.errors import (
     ConfigError,
@@ -58,6 +59,7 @@ from factoryd.ledger.profile import LotProfile
 from factoryd.ledger.signature import verify_list_signature
 from factoryd.ledger.tables import (
     AUDIT_HEAD_ROW_ID,
+    AUDIT_SUBJECT_MAX_CHARS,
     LABEL_MAX_CHARS,
     SERIAL_MAX_CHARS,
     AttemptRow,
@@ -79,7 +81,6 @@ PG_ID_QUERY_CHUNK = 10_000
 PG_POOL_SIZE = 10
 PG_MAX_OVERFLOW = 20
 _WRITE_OPTION = "factoryd_ledger_write"
-_DEVICE_TABLE = SQLModel.metadata.tables[DeviceRow.__tablename__]
 _LOT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _HEX = re.compile(r"[0-9a-f]+")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -131,7 +132,7 @@ def create_ledger_engine(url: str | URL) -> Engine:
     """Create the engine for a ``sqlite:///`` or ``postgresql+psycopg://`` ledger URL."""
     try:
         sa_url = make_url(url)
-    except Exception as exc:  # sqlalchemy raises ArgumentError and ValueError for junk URLs
+    except (ArgumentError, ValueError) as exc:
         raise ConfigError(f"not a database URL: {exc}") from exc
     backend = sa_url.get_backend_name()
     if backend == "sqlite":
@@ -177,6 +178,10 @@ class Ledger:
         self._engine = engine
         self._write_engine = engine.execution_options(**{_WRITE_OPTION: True})
         self._is_postgres = engine.dialect.name == "postgresql"
+        # verify_audit reads the head and every entry from one snapshot while writers go on.
+        self._snapshot_engine = (
+            engine.execution_options(isolation_level="REPEATABLE READ") if self._is_postgres else engine
+        )
         self._closed = False
 
     # -- life cycle -------------------------------------------------------------------------
@@ -225,9 +230,7 @@ class Ledger:
         """One transaction: committed on success, rolled back on any error, DB errors translated."""
         if self._closed:
             raise LedgerError("the ledger is closed")
-        bind = self._write_engine if write else self._engine
-        if snapshot and self._is_postgres:
-            bind = bind.execution_options(isolation_level="REPEATABLE READ")
+        bind = self._write_engine if write else self._snapshot_engine if snapshot else self._engine
         try:
             with Session(bind, expire_on_commit=False) as session, session.begin():
                 yield session
@@ -257,6 +260,7 @@ class Ledger:
         """Append one link; the head row lock serialises every writer of the chain."""
         _require_label(actor, "actor")
         _require_label(action, "action", 64)
+        _require_label(subject, "subject", AUDIT_SUBJECT_MAX_CHARS)
         details_json = canonical_json(details)
         head = session.exec(
             select(AuditHeadRow).where(AuditHeadRow.id == AUDIT_HEAD_ROW_ID).with_for_update()
@@ -479,30 +483,22 @@ class Ledger:
 
     def _insert_ids(self, session: Session, lot_id: int, parsed: ParsedList) -> None:
         """Insert every parsed ID as available, in list order, inside the caller's transaction."""
-        connection = session.connection()
-        if self._is_postgres:
-            # COPY: a 400k-ID list loads in seconds; executemany would send one INSERT per row.
-            raw = connection.connection.driver_connection
-            if not isinstance(raw, psycopg.Connection):
-                raise LedgerError(f"expected a psycopg connection, got {type(raw).__name__}")
+        raw = session.connection().connection.driver_connection
+        state = DeviceState.AVAILABLE.value
+        rows = ((lot_id, item.device_id, state, json.dumps(item.metadata)) for item in parsed.ids)
+        # Straight to the driver: COPY on PostgreSQL, executemany on SQLite. A 400k-ID list
+        # loads in seconds; SQLAlchemy's per-row parameter processing alone would double that.
+        if isinstance(raw, psycopg.Connection):
             copy_sql = "COPY device (lot_id, device_id, state, metadata) FROM STDIN"
             with raw.cursor() as cursor, cursor.copy(copy_sql) as copy:
-                for item in parsed.ids:
-                    copy.write_row(
-                        (lot_id, item.device_id, DeviceState.AVAILABLE.value, json.dumps(item.metadata))
-                    )
-            return
-        values = [
-            {
-                "lot_id": lot_id,
-                "device_id": item.device_id,
-                "state": DeviceState.AVAILABLE.value,
-                "metadata": item.metadata,
-            }
-            for item in parsed.ids
-        ]
-        # Core executemany; the ORM's bulk path costs several times more per row.
-        connection.execute(insert(_DEVICE_TABLE), values)
+                for values in rows:
+                    copy.write_row(values)
+        elif isinstance(raw, sqlite3.Connection):
+            raw.executemany(
+                "INSERT INTO device (lot_id, device_id, state, metadata) VALUES (?, ?, ?, ?)", rows
+            )
+        else:
+            raise LedgerError(f"unsupported database driver {type(raw).__name__}")
 
     def _refuse_known_ids(self, session: Session, parsed: ParsedList, source: str) -> None:
         lines = {item.device_id: item.line for item in parsed.ids}

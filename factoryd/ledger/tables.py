@@ -26,6 +26,7 @@ NAME_MAX_CHARS = 64
 ID_MAX_CHARS = 128
 SERIAL_MAX_CHARS = 128
 LABEL_MAX_CHARS = 128
+AUDIT_SUBJECT_MAX_CHARS = ID_MAX_CHARS + NAME_MAX_CHARS
 AUDIT_HEAD_ROW_ID = 1
 GENESIS_HASH = "0" * 64
 
@@ -122,7 +123,7 @@ class AuditEntryRow(SQLModel, table=True):
     at: datetime = _ts(nullable=False)
     actor: str = Field(sa_column=Column(String(LABEL_MAX_CHARS), nullable=False))
     action: str = Field(sa_column=Column(String(64), nullable=False))
-    subject: str = Field(sa_column=Column(String(ID_MAX_CHARS + NAME_MAX_CHARS), nullable=False))
+    subject: str = Field(sa_column=Column(String(AUDIT_SUBJECT_MAX_CHARS), nullable=False))
     # Kept as the exact canonical JSON text that was hashed, so verification never
     # depends on how a backend normalises JSON values.
     details: str = Field(sa_column=Column(Text, nullable=False))
