@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import MetaData, inspect, text
 from sqlmodel import SQLModel
 
@@ -19,7 +20,7 @@ from factoryd.api.tokens import LAST_USED_RESOLUTION_S, ApiTokenRow, Role, Token
 from factoryd.errors import InputError
 from factoryd.ledger import Ledger
 from factoryd.ledger.core import create_ledger_engine
-from factoryd.ledger.migrate import head_revision
+from factoryd.ledger.migrate import alembic_config
 
 
 @pytest.fixture
@@ -37,8 +38,10 @@ def store(url: str) -> Iterator[TokenStore]:
         yield token_store
 
 
-def test_migration_0002_is_head_and_matches_the_model(url: str) -> None:
-    assert head_revision() == "0002_api_tokens"
+def test_migration_0002_follows_0001_and_matches_the_model(url: str) -> None:
+    scripts = ScriptDirectory.from_config(alembic_config())
+    assert scripts.get_revision("0002_api_tokens").down_revision == "0001_initial"
+    assert len(scripts.get_heads()) == 1
     metadata = MetaData()
     SQLModel.metadata.tables[ApiTokenRow.__tablename__].to_metadata(metadata)
     engine = create_ledger_engine(url)

@@ -2,10 +2,10 @@
 
 Actor: the token's name (or ``(anonymous)``); action: method and route template
 (``POST /lots/{lot}/ids``); subject: the lot, port or token the path names, else the route
-(``/lots``); details: the
-status code and the client address. The entry is committed before the response starts, so a
-client that saw an answer can rely on the trail having it. Liveness and readiness probes and
-the OpenAPI document are not audited: they carry no data and are polled all day long.
+(``/lots``); details: the status code and the client address. The entry is committed before
+the response starts, so a client that saw an answer can rely on the trail having it. Liveness
+and readiness probes and the OpenAPI document are not audited: they carry no data and are
+polled all day long.
 """
 
 from __future__ import annotations

@@ -512,8 +512,10 @@ class Pipeline:
             outcome = "ok"
             return result
         finally:
+            duration = time.monotonic() - started
+            log.debug("step", step=str(step), outcome=outcome, duration_s=round(duration, 4))
             if job is not None:
-                self._event(job, "step", step=step, outcome=outcome, duration_s=time.monotonic() - started)
+                self._event(job, "step", step=step, outcome=outcome, duration_s=duration)
 
     def _step_retry(self, job: _Job | None, step: Step, outcome: object) -> None:
         exc = outcome.exception() if hasattr(outcome, "exception") else None

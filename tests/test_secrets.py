@@ -1,0 +1,94 @@
+"""Secrets stay secret: after a full run with debug logging, the CA key and the passphrases appear
+nowhere in the logs, the database, the MQTT payloads or the metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from mqtt_broker import MosquittoBroker, MqttRecorder
+
+from factoryd.config import load_settings
+from factoryd.daemon import Daemon, DaemonHooks
+from factoryd.hub.sim import SimHub
+from factoryd.ledger import Ledger, LotProfile, LotState
+from factoryd.log import configure_logging
+from factoryd.pki.testca import make_test_pki
+from factoryd.service import StationPaths, parse_bundle, store_bundle
+from factoryd.sim.board import SimBoard
+
+LOT = "secret-lot"
+
+
+@pytest.mark.mqtt
+async def test_no_secret_leaks_anywhere(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mqtt_broker: MosquittoBroker
+) -> None:
+    station_pass = b"station-" + secrets.token_hex(12).encode()
+    upload_pass = b"upload-" + secrets.token_hex(12).encode()
+    settings = load_settings(
+        None,
+        station={"name": "secret-station", "state_dir": tmp_path},
+        hub={"backend": "sim", "sim": {"ports": 2, "boards": 4}, "power_cycle_off_s": 0},
+        jobs={"lot": LOT, "rescan_s": 0.1},
+        metrics={"enabled": False},
+        mqtt={"enabled": True, "port": mqtt_broker.port},
+        log={"level": "debug", "format": "json"},
+    )
+    configure_logging("debug", "json")
+    pki = make_test_pki(passphrase=upload_pass)
+    with Ledger.open(settings.ledger_url) as ledger:
+        info = ledger.create_lot(LOT, customer="c", profile=LotProfile(), target_quantity=4, actor="test")
+        bundle = parse_bundle(pki.pkcs12, upload_pass, info)
+        store_bundle(StationPaths(tmp_path), station_pass, LOT, bundle)
+        ids = "\n".join(f"00000000-0000-4000-8000-{n:012d}" for n in range(8))
+        ledger.import_ids(LOT, ids.encode(), filename="ids.txt", actor="test")
+        ledger.set_lot_state(LOT, LotState.ACTIVE, actor="test")
+
+    hub = SimHub(2, SimBoard, supply=4)
+    daemon = Daemon(
+        settings, DaemonHooks(hub=hub, passphrase=station_pass, stop_when=lambda _s: hub.exhausted)
+    )
+    async with MqttRecorder(mqtt_broker) as recorder:
+        station = await daemon.run()
+        await recorder.wait_for(lambda: len(recorder.messages) > 10)
+        await asyncio.sleep(0.2)
+    assert station.outcomes["provisioned"] == 4
+
+    key = bundle.private_key
+    scalar = key.private_numbers().private_value  # type: ignore[union-attr]
+    forbidden = {
+        "station passphrase": station_pass,
+        "upload passphrase": upload_pass,
+        "CA key scalar (hex)": f"{scalar:x}".encode(),
+        "CA key scalar (decimal)": str(scalar).encode(),
+        "CA key DER": key.private_bytes(
+            serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ),
+        "CA key PEM body": key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ).splitlines()[1],
+    }
+    captured = capsys.readouterr()
+    logs = (captured.out + captured.err).encode()
+    assert b'"level": "debug"' in logs  # debug logging really was on
+    database = b"".join(p.read_bytes() for p in tmp_path.glob("ledger.db*"))
+    mqtt = b"".join(bytes(m.payload) for m in recorder.messages)  # type: ignore[arg-type]
+    metrics = daemon.metrics.exposition()
+    stores = {"logs": logs, "database": database, "mqtt payloads": mqtt, "metrics": metrics}
+    for where, blob in stores.items():
+        assert blob, f"{where} is empty: the check would prove nothing"
+        for what, secret in forbidden.items():
+            assert secret not in blob, f"{what} found in {where}"
+            assert secret.hex().encode() not in blob, f"{what} (hex) found in {where}"
+    # At rest the key file is encrypted and private.
+    key_files = list((tmp_path / "bundles").rglob("*key*"))
+    assert key_files
+    for path in key_files:
+        assert path.stat().st_mode & 0o077 == 0
+        data = path.read_bytes()
+        assert b"ENCRYPTED" in data
+        assert forbidden["CA key PEM body"] not in data
