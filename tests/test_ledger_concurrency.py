@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from factoryd.errors import IdsExhaustedError
+from factoryd.errors import IdListError, IdsExhaustedError
 from factoryd.ledger import Ledger, LotProfile, LotState
 from factoryd.ledger.bench import run_ledger_bench
 from factoryd.ledger.testing import throwaway_postgres_database
@@ -183,6 +183,48 @@ def test_stations_asking_for_the_same_serial_at_once_share_one_reservation(url: 
     fresh = [serial for serial, _, resumed in replies if not resumed]
     assert sorted(fresh) == [f"board-{n}" for n in range(rounds)]  # exactly one fresh claim per board
     check_invariants(url, lot, [(serial, device_id) for serial, device_id, _ in replies])
+
+
+@pytest.mark.postgres
+def test_concurrent_imports_of_overlapping_lists_leave_one_whole_list(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shared = [str(uuid.uuid4()) for _ in range(50)]
+    lists = {name: shared + [str(uuid.uuid4()) for _ in range(10)] for name in ("left", "right")}
+    lots = {name: f"{name}-{uuid.uuid4().hex[:8]}" for name in lists}
+    with Ledger.open(pg_url) as ledger:
+        for lot in lots.values():
+            ledger.create_lot(lot, customer="ACME", profile=LotProfile(), target_quantity=None, actor=ACTOR)
+    # Both imports pass the duplicate check before either commits: the unique index decides.
+    both_checked = threading.Barrier(2, timeout=30)
+    original = Ledger._refuse_known_ids
+
+    def check_then_wait(self: Ledger, *args: object, **kwargs: object) -> None:
+        original(self, *args, **kwargs)  # type: ignore[arg-type]
+        both_checked.wait()
+
+    monkeypatch.setattr(Ledger, "_refuse_known_ids", check_then_wait)
+    outcomes: dict[str, object] = {}
+
+    def importer(name: str) -> None:
+        with Ledger.open(pg_url) as ledger:
+            try:
+                outcomes[name] = ledger.import_ids(lots[name], "\n".join(lists[name]).encode(), actor=ACTOR)
+            except IdListError as exc:
+                outcomes[name] = exc
+
+    threads = [threading.Thread(target=importer, args=(name,)) for name in lists]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    counts = sorted(v for v in outcomes.values() if isinstance(v, int))
+    refusals = [v for v in outcomes.values() if isinstance(v, IdListError)]
+    assert counts == [60]
+    assert len(refusals) == 1
+    assert "imported concurrently" in str(refusals[0])
+    with Ledger.open(pg_url) as ledger:
+        assert sorted(ledger.progress(lot).total for lot in lots.values()) == [0, 60]
 
 
 def _process_station(url: str, lot: str, worker: int, serials: list[str], out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]

@@ -464,7 +464,7 @@ class Ledger:
             self._refuse_known_ids(session, parsed, source)
             if row.id is None:
                 raise LedgerError(f"lot {lot!r} has no id")
-            self._insert_ids(session, row.id, parsed)
+            self._insert_ids(session, row.id, parsed, source)
             self._append_audit(
                 session,
                 actor=actor,
@@ -481,24 +481,34 @@ class Ledger:
             )
         return len(parsed.ids)
 
-    def _insert_ids(self, session: Session, lot_id: int, parsed: ParsedList) -> None:
+    def _insert_ids(self, session: Session, lot_id: int, parsed: ParsedList, source: str) -> None:
         """Insert every parsed ID as available, in list order, inside the caller's transaction."""
         raw = session.connection().connection.driver_connection
         state = DeviceState.AVAILABLE.value
         rows = ((lot_id, item.device_id, state, json.dumps(item.metadata)) for item in parsed.ids)
         # Straight to the driver: COPY on PostgreSQL, executemany on SQLite. A 400k-ID list
         # loads in seconds; SQLAlchemy's per-row parameter processing alone would double that.
-        if isinstance(raw, psycopg.Connection):
-            copy_sql = "COPY device (lot_id, device_id, state, metadata) FROM STDIN"
-            with raw.cursor() as cursor, cursor.copy(copy_sql) as copy:
-                for values in rows:
-                    copy.write_row(values)
-        elif isinstance(raw, sqlite3.Connection):
-            raw.executemany(
-                "INSERT INTO device (lot_id, device_id, state, metadata) VALUES (?, ?, ?, ?)", rows
-            )
-        else:
-            raise LedgerError(f"unsupported database driver {type(raw).__name__}")
+        # Driver errors are not wrapped by SQLAlchemy here, so they are translated here.
+        try:
+            if isinstance(raw, psycopg.Connection):
+                copy_sql = "COPY device (lot_id, device_id, state, metadata) FROM STDIN"
+                with raw.cursor() as cursor, cursor.copy(copy_sql) as copy:
+                    for values in rows:
+                        copy.write_row(values)
+            elif isinstance(raw, sqlite3.Connection):
+                raw.executemany(
+                    "INSERT INTO device (lot_id, device_id, state, metadata) VALUES (?, ?, ?, ?)", rows
+                )
+            else:
+                raise LedgerError(f"unsupported database driver {type(raw).__name__}")
+        except (psycopg.IntegrityError, sqlite3.IntegrityError) as exc:
+            raise IdListError(
+                f"{source}: an ID was imported concurrently elsewhere ({exc}); nothing was imported"
+            ) from exc
+        except (psycopg.OperationalError, sqlite3.OperationalError) as exc:
+            raise LedgerUnavailableError(f"ledger database unavailable: {exc}") from exc
+        except (psycopg.Error, sqlite3.Error) as exc:
+            raise LedgerError(f"ledger database error: {exc}") from exc
 
     def _refuse_known_ids(self, session: Session, parsed: ParsedList, source: str) -> None:
         lines = {item.device_id: item.line for item in parsed.ids}
