@@ -142,6 +142,10 @@ class JobSettings(_Section):
     attention_after_failures: int = Field(3, ge=1)
     # On SIGTERM running jobs get this long to finish before they are cancelled (safe: rule 1).
     shutdown_grace_s: float = Field(30.0, ge=0)
+    # External tool that flashes the lot's signed firmware onto a board that does not answer
+    # HELLO yet, e.g. ["arduino-cli", "upload", "-p", "{tty}", "--fqbn", "…", "--input-file", "{image}"].
+    flash_command: list[str] | None = None
+    flash_timeout_s: float = Field(120.0, gt=0)
     baudrate: int = 115200
     resends: int = Field(3, ge=0)
     reply_timeout_scale: float = Field(1.0, gt=0)

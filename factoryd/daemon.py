@@ -19,6 +19,7 @@ import structlog
 from factoryd import __version__
 from factoryd.config import Settings
 from factoryd.errors import ConfigError
+from factoryd.flashing import ExternalFlasher
 from factoryd.hub.base import Hub
 from factoryd.hub.remote import RemoteSimHub
 from factoryd.hub.sim import SimHub
@@ -106,6 +107,7 @@ def pipeline_settings(settings: Settings) -> PipelineSettings:
         baudrate=jobs.baudrate,
         resends=jobs.resends,
         timeouts=timeouts,
+        flasher=ExternalFlasher(jobs.flash_command, jobs.flash_timeout_s) if jobs.flash_command else None,
     )
 
 

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from factoryd.demo import DemoOptions, run_demo
+from factoryd.jobs.pipeline import Pipeline
 from factoryd.ledger.model import DeviceState
 from factoryd.protocol.messages import ObjectId
 from factoryd.sim.board import Fault, FaultPlan
 from tests.station_harness import LOT, make_line
 
 
+@pytest.mark.timeout(600)
 async def test_demo_16_ports_200_devices_10pct_faults(tmp_path: Path) -> None:
     result = await run_demo(DemoOptions(ports=16, boards=200, fault_rate=0.1, seed=7, state_dir=tmp_path))
     outcomes = result.outcomes
@@ -167,3 +170,25 @@ async def test_transient_faults_recover_within_the_job(tmp_path: Path) -> None:
         injected.update(board.injected)
     assert injected[Fault.RESET_MID_WRITE] > 0
     assert injected[Fault.READBACK_DIFFERS] > 0
+
+
+async def test_a_bug_in_one_port_costs_that_port_not_the_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    line = await make_line(tmp_path)
+    original = Pipeline.run
+
+    async def buggy(self: Pipeline, port: str, *args: Any, **kwargs: Any) -> Any:
+        if port == "1":
+            raise RuntimeError("simulated bug")
+        return await original(self, port, *args, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "run", buggy)
+    hub = line.hub(ports=2, supply=6)
+
+    def done(station: Any) -> bool:
+        return bool(station.ports["1"].attention) and station.outcomes["provisioned"] >= 4
+
+    station = await line.run(hub, done)
+    assert "simulated bug" in (station.ports["1"].attention or "")
+    assert station.outcomes["provisioned"] >= 4

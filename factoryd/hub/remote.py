@@ -43,6 +43,7 @@ def board_inventory(board: SimBoard, where: str) -> dict[str, Any]:
         "fw_version": board.fw_version,
         "commands": board.commands_handled,
         "physical_s": board.physical_s,
+        "sequence": board.sequence,
         "injected": {str(k): v for k, v in board.injected.items()},
     }
 

@@ -136,7 +136,9 @@ class SimHub:
         if self._supply is not None and self.boards_inserted >= self._supply:
             return None
         self.boards_inserted += 1
-        return self._factory()
+        board = self._factory()
+        board.sequence = self.boards_inserted
+        return board
 
     async def _run(self, slot: _Slot, board: SimBoard) -> None:
         await board.spend(board.jittered(board.timing.enumerate_s))

@@ -34,6 +34,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 from factoryd.errors import (
     BoardResetError,
     BoardStatusError,
+    BoardTimeoutError,
     CsrRejectedError,
     EnumerationTimeoutError,
     FactorydError,
@@ -45,6 +46,7 @@ from factoryd.errors import (
     RefusedBoardError,
     VerificationError,
 )
+from factoryd.flashing import ExternalFlasher
 from factoryd.hub.base import Hub
 from factoryd.jobs.lots import LotContext
 from factoryd.ledger import AsyncLedger
@@ -108,6 +110,7 @@ class PipelineSettings:
     baudrate: int = 115200
     resends: int = 3
     timeouts: Timeouts = field(default_factory=Timeouts)
+    flasher: ExternalFlasher | None = None
 
 
 def retry_in_step(exc: BaseException) -> bool:
@@ -201,10 +204,25 @@ class Pipeline:
                                 self._on_link(port, client)
             except FactorydError as exc:
                 last_error = exc
-                if job is None or not restart_job(exc) or attempt == self.settings.job_attempts:
+                if not restart_job(exc) or attempt == self.settings.job_attempts:
                     break
                 log.info("job restarts after power cycle", reason=exc.reason, error=str(exc), attempt=attempt)
-                self._event(job, "retry", step=job.step, reason=exc.reason)
+                if job is not None:
+                    self._event(job, "retry", step=job.step, reason=exc.reason)
+                    await self.ledger.record_attempt(
+                        job.job_id,
+                        step=str(job.step or "job"),
+                        outcome="retry",
+                        reason=f"{exc.reason}: {exc}"[:500],
+                        duration_s=time.monotonic() - started,
+                    )
+                elif isinstance(exc, BoardTimeoutError):
+                    try:
+                        if await self._flash_if_configured(port, lot):
+                            continue  # the board did not speak the protocol: it does now
+                    except FactorydError as flash_error:
+                        last_error = flash_error
+                        break
                 await asyncio.sleep(self.settings.power_cycle_off_s)
         error = last_error or FactorydError("job ended without a result")
         if job is None:
@@ -222,6 +240,19 @@ class Pipeline:
                 yield
             finally:
                 await self.hub.power_off(port)
+
+    async def _flash_if_configured(self, port: str, lot: LotContext) -> bool:
+        """Flash the lot's signed firmware with the external tool; False when none is configured."""
+        flasher, firmware = self.settings.flasher, lot.firmware
+        if flasher is None or firmware is None:
+            return False
+        async with self._powered(port, lot, None):
+            path = await self._enumerate(port)
+            if path is None:
+                return False
+            self._port(port, PortState.PROVISIONING, lot.name, step=Step.FIRMWARE)
+            await flasher.flash(path, firmware, lot.profile.firmware_sha256)
+        return True
 
     async def _enumerate(self, port: str) -> str | None:
         try:

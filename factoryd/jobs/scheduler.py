@@ -205,6 +205,10 @@ class Station:
             control.busy = True
             try:
                 result = await self.pipeline.run(port, lot, skip_serial=control.skip_serial)
+            except Exception as exc:  # a bug must cost one port one board, never the whole line
+                log.exception("port loop crashed", port=port)
+                control.attention = f"internal error on port {port}: {type(exc).__name__}: {exc}"
+                continue
             finally:
                 control.busy = False
             await self._after(control, lot, result)

@@ -477,6 +477,8 @@ class _Waiter:
     # GET_CSR is not resent on a timeout: a late first reply would carry a key the second call replaced.
     resend_on_timeout: bool
     timer: asyncio.TimerHandle | None = None
+    # Garbled frames that arrived while this request waited (the replies, most likely).
+    garbled: int = 0
 
 
 def _ascii_number(value: int, lowest: int, highest: int, width: int, what: str) -> bytes:
@@ -703,8 +705,16 @@ class ArduinoClient:
         if waiter.resend_on_timeout and waiter.resends_left > 0:
             self._resend(waiter)
             return
-        self.stats.timeouts += 1
         tries = 1 + self.resends - waiter.resends_left
+        if waiter.garbled:
+            waiter.future.set_exception(
+                ProtocolViolationError(
+                    f"{waiter.command.name} to {self.link.path}: {waiter.garbled} garbled replies and "
+                    f"no valid one after {tries} attempts"
+                )
+            )
+            return
+        self.stats.timeouts += 1
         waiter.future.set_exception(
             BoardTimeoutError(
                 f"{waiter.command.name} to {self.link.path}: no reply after {tries} "
@@ -767,7 +777,10 @@ class ArduinoClient:
                 self._fail(error)
             return
         waiter = self._waiter
-        if waiter is not None and not waiter.future.done() and waiter.resends_left > 0:
+        if waiter is None or waiter.future.done():
+            return
+        waiter.garbled += count
+        if waiter.resends_left > 0:
             self._resend(waiter)
 
     def link_lost(self, exc: BaseException | None) -> None:

@@ -48,6 +48,7 @@ from factoryd.protocol.arduino import (
     BOARD_BUFFER_BYTES,
     DEVICE_ID_BYTES,
     HEADER_BYTES,
+    START,
     TRAILER_BYTES,
     ArduinoCommand,
     ArduinoDecoder,
@@ -148,6 +149,8 @@ class SimArduinoBoard(SimBoard):
         # The secure element's data zone: slot number -> contents.
         self.data_slots: dict[int, bytes] = {}
         self.config_locked = False
+        # This many next host frames arrive corrupted on the board's side (it NACKs each).
+        self.garble_requests = 0
         self.csr_count = 0
         self._device_id: str | None = None
         self._staging = _Staging()
@@ -381,8 +384,9 @@ class ArduinoPtyBoard:
         board.power_on()
         await board.spend(board.jittered(board.timing.boot_s))
         if board.fault(Fault.BOOT_GARBAGE):
-            # Bootloader noise; it may even hold a start marker, which the host must skip.
-            await self._send(b"\r\nSAMD boot ... \x55\xaa\x03" + secrets.token_bytes(24))
+            # Bootloader noise without a start marker (false markers are the decoder tests' job).
+            noise = bytes(board.rng.randrange(256) for _ in range(40)).replace(START[:1], b"\x54")
+            await self._send(b"\r\nSAMD boot ... " + noise)
         board.boot()
 
     async def _answer(self, frame: ArduinoFrame) -> None:
@@ -414,6 +418,10 @@ class ArduinoPtyBoard:
                 log.warning("sim pty read failed", error=str(exc))
             return
         for frame in self._decoder.feed(data):
+            if self.board.garble_requests > 0:
+                self.board.garble_requests -= 1
+                self._inbox.put_nowait(_NACK)
+                continue
             self._inbox.put_nowait(frame)
         for _ in range(self._decoder.take_errors()):
             self._inbox.put_nowait(_NACK)

@@ -222,10 +222,15 @@ class SimBoard:
         # Modelled physical time this board has taken (enumeration, boot, crypto, wire), in seconds.
         self.physical_s = 0.0
         self._due = 0.0
+        # Order in which the simulated operator fed this board in (0 = not fed by a hub).
+        self.sequence = 0
         # Hostile behaviours (tests of the station's defences), all off by default:
         # report another board's serial; answer GET_CSR with a CSR of an earlier key; spray this
         # many bytes of frame-like garbage before every reply.
         self.claimed_serial: bytes | None = None
+        # A board fresh from the board maker: no provisioning firmware yet, so it ignores frames
+        # until an external tool flashes it (see FLASH_MAGIC in factoryd.sim.pty).
+        self.blank = False
         self.replay_csr = False
         self.flood_bytes = 0
         self._first_csr: dict[int, bytes] = {}

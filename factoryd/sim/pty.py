@@ -26,6 +26,10 @@ READ_CHUNK = 65536
 # A write the host does not drain within this long is dropped, as a real UART would overrun.
 WRITE_STALL_S = 2.0
 _NACK = object()
+_REBOOT = object()
+# What the simulated ROM bootloader of a blank board accepts from an external flashing tool:
+# this marker, the image's SHA-256 in hex, a newline (the tool has written the image itself).
+FLASH_MAGIC = b"FACTORYD-SIM-FLASH "
 
 
 class PtyBoard:
@@ -41,6 +45,7 @@ class PtyBoard:
         self._decoder = FrameDecoder()
         self._inbox: asyncio.Queue[Frame | object] = asyncio.Queue()
         self._closed = False
+        self._rom = bytearray()
         self.hung = False
         asyncio.get_running_loop().add_reader(self._master, self._readable)
 
@@ -52,6 +57,8 @@ class PtyBoard:
                 item = await self._inbox.get()
                 if item is _NACK:
                     await self._send(self.board.nack_frame().encode())
+                elif item is _REBOOT:
+                    await self._boot()
                 elif isinstance(item, Frame) and not self.hung:
                     await self._answer(item)
         finally:
@@ -70,6 +77,8 @@ class PtyBoard:
 
     async def _boot(self) -> None:
         self.board.power_on()
+        if self.board.blank:
+            return  # nothing runs that could announce itself
         await self.board.spend(self.board.jittered(self.board.timing.boot_s))
         if self.board.fault(Fault.BOOT_GARBAGE):
             # Bootloader banner noise, with no frame delimiter in it.
@@ -123,10 +132,29 @@ class PtyBoard:
             if exc.errno != errno.EIO:  # EIO: no process has the slave open right now
                 log.warning("sim pty read failed", error=str(exc))
             return
+        if self.board.blank:
+            self._rom_bootloader(data)
+            return
         for frame in self._decoder.feed(data):
             self._inbox.put_nowait(frame)
         for _ in range(self._decoder.take_errors()):
             self._inbox.put_nowait(_NACK)
+
+    def _rom_bootloader(self, data: bytes) -> None:
+        """A blank board only listens for an external flashing tool."""
+        self._rom += data
+        start = self._rom.find(FLASH_MAGIC)
+        end = self._rom.find(b"\n", start)
+        if start < 0 or end < 0:
+            del self._rom[: max(0, len(self._rom) - 256)]
+            return
+        digest = bytes(self._rom[start + len(FLASH_MAGIC) : end]).decode("ascii", "replace").strip()
+        self._rom.clear()
+        if len(digest) == 64 and all(c in "0123456789abcdef" for c in digest):
+            self.board.blank = False
+            self.board.fw_sha256 = bytes.fromhex(digest)
+            self.board.fw_version = "flashed-by-tool"
+            self._inbox.put_nowait(_REBOOT)
 
     async def _send(self, data: bytes) -> None:
         await self.board.spend(self.board.wire_s(len(data)))

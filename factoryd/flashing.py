@@ -1,0 +1,79 @@
+"""Flashing the provisioning firmware with an external tool (arduino-cli, bossac, esptool, dfu-util).
+
+Used when a board does not speak the provisioning protocol yet (fresh from the board maker).
+The image is the lot's signed firmware: its signature is checked before the tool ever sees it
+(FirmwareStore.load verifies it, and it is checked again here against the digest the lot names).
+The tool runs as an async subprocess in its own process group, killed whole on timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from factoryd.errors import FirmwareRejectedError, HubCommandError
+from factoryd.firmware import SignedFirmware
+
+log = structlog.get_logger(__name__)
+# Output kept from a failing tool for the error message.
+TOOL_OUTPUT_TAIL = 600
+
+
+@dataclass(frozen=True)
+class ExternalFlasher:
+    """A command template: ``{tty}`` and ``{image}`` are replaced per board."""
+
+    command: Sequence[str]
+    timeout_s: float = 120.0
+
+    def argv(self, tty: str, image: Path) -> list[str]:
+        """The command line for one board."""
+        return [part.replace("{tty}", tty).replace("{image}", str(image)) for part in self.command]
+
+    async def flash(self, tty: str, firmware: SignedFirmware, expected_sha256: str | None) -> None:
+        """Write the image to a private temp file and run the tool; raise on any failure."""
+        if expected_sha256 is not None and firmware.sha256.hex() != expected_sha256:
+            raise FirmwareRejectedError(
+                f"firmware {firmware.version} has digest {firmware.sha256.hex()[:12]}…, "
+                f"the lot asks for {expected_sha256[:12]}…",
+                0,
+            )
+        with tempfile.TemporaryDirectory(prefix="factoryd-flash-") as tmp:
+            image = Path(tmp) / "firmware.bin"
+            fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(firmware.image)
+            argv = self.argv(tty, image)
+            log.info("flashing", tool=argv[0], tty=tty, version=firmware.version)
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                raise HubCommandError(f"cannot run flashing tool {argv[0]!r}: {exc.strerror}") from exc
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    output, _ = await proc.communicate()
+            except TimeoutError:
+                raise HubCommandError(
+                    f"flashing tool {argv[0]!r} did not finish in {self.timeout_s:.0f} s"
+                ) from None
+            finally:
+                if proc.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    await proc.wait()
+        if proc.returncode != 0:
+            tail = output.decode("utf-8", "replace")[-TOOL_OUTPUT_TAIL:].strip()
+            raise HubCommandError(f"flashing tool {argv[0]!r} failed (exit {proc.returncode}): {tail}")
