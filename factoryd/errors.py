@@ -11,7 +11,9 @@ inherit :class:`TimeoutError` so ``except TimeoutError`` keeps working.
     ├── ConfigError                       bad or missing configuration
     ├── InputError                        bad input from a user/customer; nothing was changed
     │   ├── IdListError                   an ID list refused whole (line and problem named)
-    │   └── BundleError                   a certificate bundle refused (reason named)
+    │   ├── BundleError                   a certificate bundle refused (reason named)
+    │   ├── TokenExistsError              api/errors.py: an API token name is taken
+    │   └── TokenNotFoundError            api/errors.py: no such API token
     ├── LinkError                         serial link layer            (transient = True)
     │   ├── LinkClosedError               the tty vanished or was closed
     │   ├── LinkOpenError                 the tty could not be opened
@@ -30,9 +32,15 @@ inherit :class:`TimeoutError` so ``except TimeoutError`` keeps working.
     │       ├── CsrRejectedError          bad CSR signature, wrong CN, not P-256, extensions
     │       ├── ReadbackMismatchError     an object read back differs from what was written
     │       ├── ChallengeFailedError      the board's signature does not verify with its cert
-    │       └── IdentityMismatchError     the board answered with another board's identity
-    ├── LedgerError                       the allocation ledger
+    │       ├── IdentityMismatchError     the board answered with another board's identity
+    │       └── CertificateNotStoredError jobs/arduino.py: the sketch did not rebuild the cert
+    ├── LedgerError                       the allocation ledger (refinements in ledger/errors.py)
     │   ├── LotNotFoundError
+    │   ├── LotExistsError                a lot with that name exists
+    │   ├── DeviceNotFoundError           no such device ID in the lot
+    │   ├── DeviceStateError              the ID's state forbids it (e.g. voiding a void ID)
+    │   ├── JobNotFoundError
+    │   ├── LedgerUnavailableError        database unreachable or locked (transient)
     │   ├── LotStateError                 e.g. a closed or paused lot
     │   ├── IdsExhaustedError             no available ID left in the lot
     │   ├── ReservationConflictError      the ID/serial binding would break exactly-once
@@ -40,10 +48,14 @@ inherit :class:`TimeoutError` so ``except TimeoutError`` keeps working.
     │   └── AuditChainError               the audit hash chain does not verify
     ├── PkiError                          issuing and signing
     │   ├── SignerError                   the CA key could not be used (passphrase, token)
-    │   └── IssuanceError                 a certificate could not be issued
+    │   ├── IssuanceError                 a certificate could not be issued
+    │   └── ManifestError                 pki/manifest.py: a manifest cannot be built or verified
     ├── HubError                          switching ports, finding ttys    (transient = True)
     │   ├── EnumerationTimeoutError       the tty did not appear in time (+ TimeoutError)
+    │   ├── TtyStillPresentError          hub/ttymap.py: the tty stayed after power-off (+ TimeoutError)
     │   └── HubCommandError               the hub tool or driver failed
+    ├── TokenRejectedError                api/errors.py: an API token is unknown, expired or revoked
+    ├── ApiCallError                      api/client.py: the CLI's call to the local API failed
     └── JobError                          a provisioning job ended without success
         ├── JobAbortedError               stopped by the operator or shutdown
         └── RefusedBoardError             the board may not be provisioned (already done, rework off)

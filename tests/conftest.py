@@ -6,11 +6,11 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from mqtt_broker import mqtt_broker, mqtt_broker_factory  # noqa: F401 - pytest fixtures
 
 from factoryd.protocol.client import BoardClient, Timeouts
 from factoryd.sim.board import FaultPlan, SimBoard
 from factoryd.sim.pty import PtyBoard, serve_pty
-from mqtt_broker import mqtt_broker, mqtt_broker_factory  # noqa: F401 - pytest fixtures
 
 # Short timeouts so fault tests that wait for resends stay fast.
 FAST_TIMEOUTS = Timeouts(

@@ -60,9 +60,11 @@ async def arduino(
     board: SimArduinoBoard | None = None, timeouts: ArduinoTimeouts = FAST
 ) -> AsyncIterator[tuple[ArduinoPtyBoard, ArduinoClient]]:
     """A simulated sketch behind a PTY and a client on the production serial path."""
-    async with serve_arduino_pty(board or SimArduinoBoard()) as pty:
-        async with await ArduinoClient.open(pty.path, timeouts=timeouts) as client:
-            yield pty, client
+    async with (
+        serve_arduino_pty(board or SimArduinoBoard()) as pty,
+        await ArduinoClient.open(pty.path, timeouts=timeouts) as client,
+    ):
+        yield pty, client
 
 
 def once(fault: Fault) -> FaultPlan:
@@ -151,7 +153,7 @@ async def test_storage_errors_name_the_command() -> None:
         await client.get_csr(DEVICE_ID)
         await client.begin_storage()
         await client.set_year(2024)
-        with pytest.raises(BoardStatusError, match="END_STORAGE refused .*: ERROR") as caught:
+        with pytest.raises(BoardStatusError, match=r"END_STORAGE refused .*: ERROR") as caught:
             await client.end_storage()  # fields missing
         assert caught.value.status == ResponseCode.ERROR
         assert client.pending == 0
@@ -165,7 +167,7 @@ async def test_client_refuses_bad_arguments_before_sending() -> None:
             await client.get_csr("é" * 36)
         with pytest.raises(ValueError, match="serial must be exactly 16 bytes"):
             await client.set_cert_serial(b"s" * 15)
-        with pytest.raises(ValueError, match="year must be within 2000..2031"):
+        with pytest.raises(ValueError, match=r"year must be within 2000..2031"):
             await client.set_year(2032)
         with pytest.raises(ValueError, match="validity years"):
             await client.set_validity(32)
@@ -217,7 +219,7 @@ async def test_every_reply_garbled_is_a_protocol_violation() -> None:
 async def test_every_reply_dropped_times_out_after_resends() -> None:
     board = SimArduinoBoard(faults=FaultPlan.only(Fault.DROP_REPLY))
     async with arduino(board) as (_, client):
-        with pytest.raises(BoardTimeoutError, match="SET_YEAR .* no reply after 4 attempts"):
+        with pytest.raises(BoardTimeoutError, match=r"SET_YEAR .* no reply after 4 attempts"):
             await client.set_year(2024)
         assert client.stats.resends == 3
         assert client.stats.timeouts == 1
@@ -249,7 +251,7 @@ async def test_hang_is_a_timeout() -> None:
 async def test_board_that_never_answers_get_csr_times_out_without_resending() -> None:
     board = SimArduinoBoard(csr_never_answers=True)
     async with arduino(board) as (_, client):
-        with pytest.raises(BoardTimeoutError, match="GET_CSR .* no reply after 1 attempt "):
+        with pytest.raises(BoardTimeoutError, match=r"GET_CSR .* no reply after 1 attempt "):
             await client.get_csr(DEVICE_ID)
         assert client.stats.resends == 0
         assert client.pending == 0

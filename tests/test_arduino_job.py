@@ -79,9 +79,11 @@ class Steps:
 
 @contextlib.asynccontextmanager
 async def arduino(board: SimArduinoBoard, timeouts: ArduinoTimeouts = FAST) -> AsyncIterator[ArduinoClient]:
-    async with serve_arduino_pty(board) as pty:
-        async with await ArduinoClient.open(pty.path, timeouts=timeouts) as client:
-            yield client
+    async with (
+        serve_arduino_pty(board) as pty,
+        await ArduinoClient.open(pty.path, timeouts=timeouts) as client,
+    ):
+        yield client
 
 
 def check_board_holds(board: SimArduinoBoard, issued: IssuedCertificate, pki: TestPki) -> None:

@@ -21,10 +21,10 @@ from factoryd.errors import (
     LinkClosedError,
     LinkOpenError,
 )
+from factoryd.firmware import sign_firmware
 from factoryd.protocol.client import BoardClient
 from factoryd.protocol.messages import ObjectId, Status
 from factoryd.sim.board import Fault, FaultPlan, SimBoard
-from factoryd.firmware import sign_firmware
 from factoryd.sim.pty import PtyBoard, serve_pty
 from tests.conftest import FAST_TIMEOUTS
 

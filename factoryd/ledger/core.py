@@ -13,15 +13,16 @@ import hashlib
 import json
 import re
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, TypeAlias, Unpack, cast
 
 import psycopg
-from sqlalchemy import ARRAY, String, any_, event, func, literal
-from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy import ARRAY, Row, String, Table, any_, bindparam, event, func, insert, literal, update
+from sqlalchemy import select as core_select
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
 from sqlmodel import Session, col, create_engine, select
@@ -84,6 +85,136 @@ _WRITE_OPTION = "factoryd_ledger_write"
 _LOT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _HEX = re.compile(r"[0-9a-f]+")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+# What a job that ends in mark_provisioned(..., finish_job=...) is closed with.
+PROVISIONED_JOB_OUTCOME = "provisioned"
+
+_DbRow: TypeAlias = Row[Unpack[tuple[Any, ...]]]
+
+# -- hot path: SQLAlchemy Core statements, built once ----------------------------------------------
+# The per-board calls (jobs, reserve, audit, mark_provisioned, lookups) run these on a plain
+# Connection: no ORM unit of work, and each statement object is built once so its compiled
+# form comes straight from the engine's cache. Locking is the same as the ORM path's: FOR
+# SHARE on the lot, FOR UPDATE on device/job/head rows, SKIP LOCKED for the claim (SQLite
+# renders none of these; its writers are serialised by BEGIN IMMEDIATE).
+_LOT = cast(Table, LotRow.__table__)  # type: ignore[attr-defined]
+_DEVICE = cast(Table, DeviceRow.__table__)  # type: ignore[attr-defined]
+_JOB = cast(Table, JobRow.__table__)  # type: ignore[attr-defined]
+_ATTEMPT = cast(Table, AttemptRow.__table__)  # type: ignore[attr-defined]
+_AUDIT = cast(Table, AuditEntryRow.__table__)  # type: ignore[attr-defined]
+_HEAD = cast(Table, AuditHeadRow.__table__)  # type: ignore[attr-defined]
+_DEVICE_COLUMNS = (
+    _DEVICE.c.id,
+    _DEVICE.c.device_id,
+    _DEVICE.c.state,
+    _DEVICE.c["metadata"],
+    _DEVICE.c.hw_serial,
+    _DEVICE.c.station,
+    _DEVICE.c.port,
+    _DEVICE.c.job_id,
+    _DEVICE.c.reserved_at,
+    _DEVICE.c.provisioned_at,
+    _DEVICE.c.cert_der,
+    _DEVICE.c.cert_serial,
+    _DEVICE.c.cert_fingerprint_sha256,
+    _DEVICE.c.void_reason,
+)
+_Q_LOT_ID = core_select(_LOT.c.id).where(_LOT.c.name == bindparam("name"))
+_Q_LOT_STATE_SHARED = (
+    core_select(_LOT.c.id, _LOT.c.state).where(_LOT.c.name == bindparam("name")).with_for_update(read=True)
+)
+_Q_HEAD_LOCKED = (
+    core_select(_HEAD.c.seq, _HEAD.c.hash).where(_HEAD.c.id == AUDIT_HEAD_ROW_ID).with_for_update()
+)
+_Q_INSERT_AUDIT = insert(_AUDIT)
+_Q_UPDATE_HEAD = (
+    update(_HEAD)
+    .where(_HEAD.c.id == AUDIT_HEAD_ROW_ID)
+    .values(seq=bindparam("new_seq"), hash=bindparam("new_hash"))
+)
+_Q_DEVICE_BY_SERIAL_LOCKED = (
+    core_select(*_DEVICE_COLUMNS)
+    .where(_DEVICE.c.lot_id == bindparam("lot_id"), _DEVICE.c.hw_serial == bindparam("hw_serial"))
+    .with_for_update()
+)
+_Q_DEVICE_BY_SERIAL = core_select(*_DEVICE_COLUMNS).where(
+    _DEVICE.c.lot_id == bindparam("lot_id"), _DEVICE.c.hw_serial == bindparam("hw_serial")
+)
+_Q_DEVICE_BY_ID_LOCKED = (
+    core_select(*_DEVICE_COLUMNS)
+    .where(_DEVICE.c.lot_id == bindparam("lot_id"), _DEVICE.c.device_id == bindparam("device_id"))
+    .with_for_update()
+)
+_Q_DEVICE_ANY_LOT = (
+    core_select(*_DEVICE_COLUMNS, _LOT.c.name)
+    .join(_LOT, _LOT.c.id == _DEVICE.c.lot_id)
+    .where(_DEVICE.c.device_id == bindparam("device_id"))
+)
+_Q_CLAIM = (
+    core_select(*_DEVICE_COLUMNS)
+    .where(_DEVICE.c.lot_id == bindparam("lot_id"), _DEVICE.c.state == DeviceState.AVAILABLE.value)
+    .order_by(_DEVICE.c.id)
+    .limit(1)
+    .with_for_update(skip_locked=True)
+)
+_Q_RESERVE = (
+    update(_DEVICE)
+    .where(_DEVICE.c.id == bindparam("row_id"))
+    .values(
+        state=DeviceState.RESERVED.value,
+        hw_serial=bindparam("b_hw_serial"),
+        station=bindparam("b_station"),
+        port=bindparam("b_port"),
+        job_id=bindparam("b_job_id"),
+        reserved_at=bindparam("b_at"),
+    )
+)
+_Q_MOVE_RESERVATION = (
+    update(_DEVICE)
+    .where(_DEVICE.c.id == bindparam("row_id"))
+    .values(station=bindparam("b_station"), port=bindparam("b_port"), job_id=bindparam("b_job_id"))
+)
+_Q_PROVISION = (
+    update(_DEVICE)
+    .where(_DEVICE.c.id == bindparam("row_id"))
+    .values(
+        state=DeviceState.PROVISIONED.value,
+        cert_der=bindparam("b_cert_der"),
+        cert_serial=bindparam("b_cert_serial"),
+        cert_fingerprint_sha256=bindparam("b_fingerprint"),
+        provisioned_at=bindparam("b_at"),
+        station=bindparam("b_station"),
+        port=bindparam("b_port"),
+    )
+)
+_Q_INSERT_JOB = insert(_JOB).values(
+    lot_id=bindparam("b_lot_id"),
+    station=bindparam("b_station"),
+    port=bindparam("b_port"),
+    hw_serial=bindparam("b_hw_serial"),
+    started_at=bindparam("b_at"),
+)
+_Q_JOB_LOCKED = (
+    core_select(_JOB.c.id, _JOB.c.outcome, _JOB.c.finished_at)
+    .where(_JOB.c.id == bindparam("job_id"))
+    .with_for_update()
+)
+_Q_SET_JOB_SERIAL = (
+    update(_JOB).where(_JOB.c.id == bindparam("job_id")).values(hw_serial=bindparam("b_hw_serial"))
+)
+# Only an open job is finished: the WHERE makes "already finished" a 0-row update, atomically.
+_Q_FINISH_JOB = (
+    update(_JOB)
+    .where(_JOB.c.id == bindparam("job_id"), _JOB.c.finished_at.is_(None))
+    .values(finished_at=bindparam("b_at"), outcome=bindparam("b_outcome"), reason=bindparam("b_reason"))
+)
+_Q_INSERT_ATTEMPT = insert(_ATTEMPT).values(
+    job_id=bindparam("b_job_id"),
+    step=bindparam("b_step"),
+    outcome=bindparam("b_outcome"),
+    reason=bindparam("b_reason"),
+    duration_s=bindparam("b_duration_s"),
+    at=bindparam("b_at"),
+)
 
 
 def _now() -> datetime:
@@ -182,6 +313,9 @@ class Ledger:
         self._snapshot_engine = (
             engine.execution_options(isolation_level="REPEATABLE READ") if self._is_postgres else engine
         )
+        # Lot name -> id. Lots are never deleted or renamed, so an entry never goes stale; a
+        # lot's *state* is never cached: the calls that depend on it read it in their transaction.
+        self._lot_ids: dict[str, int] = {}
         self._closed = False
 
     # -- life cycle -------------------------------------------------------------------------
@@ -220,20 +354,12 @@ class Ledger:
         return self._engine.dialect.name
 
     @contextmanager
-    def _transaction(
-        self,
-        *,
-        write: bool,
-        on_integrity: Callable[[IntegrityError], Exception] | None = None,
-        snapshot: bool = False,
-    ) -> Iterator[Session]:
-        """One transaction: committed on success, rolled back on any error, DB errors translated."""
+    def _translated(self, on_integrity: Callable[[IntegrityError], Exception] | None) -> Iterator[None]:
+        """Translate database errors raised inside the block into ledger errors."""
         if self._closed:
             raise LedgerError("the ledger is closed")
-        bind = self._write_engine if write else self._snapshot_engine if snapshot else self._engine
         try:
-            with Session(bind, expire_on_commit=False) as session, session.begin():
-                yield session
+            yield
         except IntegrityError as exc:
             if on_integrity is None:
                 raise ReservationConflictError(
@@ -245,11 +371,37 @@ class Ledger:
         except SQLAlchemyError as exc:
             raise LedgerError(f"ledger database error: {exc}") from exc
 
+    @contextmanager
+    def _transaction(
+        self,
+        *,
+        write: bool,
+        on_integrity: Callable[[IntegrityError], Exception] | None = None,
+        snapshot: bool = False,
+    ) -> Iterator[Session]:
+        """One ORM transaction: committed on success, rolled back on any error, DB errors translated."""
+        bind = self._write_engine if write else self._snapshot_engine if snapshot else self._engine
+        with (
+            self._translated(on_integrity),
+            Session(bind, expire_on_commit=False) as session,
+            session.begin(),
+        ):
+            yield session
+
+    @contextmanager
+    def _connection(
+        self, *, write: bool, on_integrity: Callable[[IntegrityError], Exception] | None = None
+    ) -> Iterator[Connection]:
+        """One Core transaction (the hot path): committed on success, rolled back on any error."""
+        bind = self._write_engine if write else self._engine
+        with self._translated(on_integrity), bind.begin() as connection:
+            yield connection
+
     # -- audit ------------------------------------------------------------------------------
 
     def _append_audit(
         self,
-        session: Session,
+        connection: Connection,
         *,
         actor: str,
         action: str,
@@ -257,15 +409,13 @@ class Ledger:
         details: dict[str, object],
         at: datetime,
     ) -> None:
-        """Append one link; the head row lock serialises every writer of the chain."""
+        """Append one link in the caller's transaction; the head row lock serialises every writer."""
         _require_label(actor, "actor")
         _require_label(action, "action", 64)
         _require_label(subject, "subject", AUDIT_SUBJECT_MAX_CHARS)
         details_json = canonical_json(details)
-        head = session.exec(
-            select(AuditHeadRow).where(AuditHeadRow.id == AUDIT_HEAD_ROW_ID).with_for_update()
-        ).one()
-        seq = head.seq + 1
+        head_seq, head_hash = connection.execute(_Q_HEAD_LOCKED).one()
+        seq = head_seq + 1
         digest = link_hash(
             seq=seq,
             at=at,
@@ -273,29 +423,28 @@ class Ledger:
             action=action,
             subject=subject,
             details_json=details_json,
-            prev_hash=head.hash,
+            prev_hash=head_hash,
         )
-        session.add(
-            AuditEntryRow(
-                seq=seq,
-                at=at,
-                actor=actor,
-                action=action,
-                subject=subject,
-                details=details_json,
-                prev_hash=head.hash,
-                hash=digest,
-            )
+        connection.execute(
+            _Q_INSERT_AUDIT,
+            {
+                "seq": seq,
+                "at": at,
+                "actor": actor,
+                "action": action,
+                "subject": subject,
+                "details": details_json,
+                "prev_hash": head_hash,
+                "hash": digest,
+            },
         )
-        head.seq = seq
-        head.hash = digest
-        session.add(head)
+        connection.execute(_Q_UPDATE_HEAD, {"new_seq": seq, "new_hash": digest})
 
     def audit(self, *, actor: str, action: str, subject: str, details: dict[str, object]) -> None:
         """Append an entry to the audit trail (for events outside the ledger's own transitions)."""
-        with self._transaction(write=True) as session:
+        with self._connection(write=True) as connection:
             self._append_audit(
-                session, actor=actor, action=action, subject=subject, details=details, at=_now()
+                connection, actor=actor, action=action, subject=subject, details=details, at=_now()
             )
 
     def verify_audit(self) -> int:
@@ -377,7 +526,7 @@ class Ledger:
             session.add(row)
             session.flush()
             self._append_audit(
-                session,
+                session.connection(),
                 actor=actor,
                 action="lot.created",
                 subject=name,
@@ -402,7 +551,7 @@ class Ledger:
             row.state = target.value
             session.add(row)
             self._append_audit(
-                session,
+                session.connection(),
                 actor=actor,
                 action="lot.state_changed",
                 subject=lot,
@@ -466,7 +615,7 @@ class Ledger:
                 raise LedgerError(f"lot {lot!r} has no id")
             self._insert_ids(session, row.id, parsed, source)
             self._append_audit(
-                session,
+                session.connection(),
                 actor=actor,
                 action="ids.imported",
                 subject=lot,
@@ -541,14 +690,31 @@ class Ledger:
     # -- reservations -----------------------------------------------------------------------
 
     @staticmethod
-    def _reservation(row: DeviceRow, *, resumed: bool) -> Reservation:
+    def _reservation(row: _DbRow, *, resumed: bool, state: DeviceState | None = None) -> Reservation:
         return Reservation(
             device_id=row.device_id,
             hw_serial=row.hw_serial or "",
             resumed=resumed,
-            state=DeviceState(row.state),
-            metadata=dict(row.metadata_),
+            state=state or DeviceState(row.state),
+            metadata=dict(row.metadata),
         )
+
+    def _lot_shared(self, connection: Connection, lot: str) -> tuple[int, LotState]:
+        """The lot's id and state, share-locked for the transaction (a state change waits for it)."""
+        found = connection.execute(_Q_LOT_STATE_SHARED, {"name": lot}).first()
+        if found is None:
+            raise LotNotFoundError(f"no lot named {lot!r}")
+        return found.id, LotState(found.state)
+
+    def _lot_id(self, connection: Connection, lot: str) -> int:
+        """The lot's id; cached, since a lot keeps its name and id for good (lots are never deleted)."""
+        lot_id = self._lot_ids.get(lot)
+        if lot_id is None:
+            lot_id = connection.execute(_Q_LOT_ID, {"name": lot}).scalar()
+            if lot_id is None:
+                raise LotNotFoundError(f"no lot named {lot!r}")
+            self._lot_ids[lot] = lot_id
+        return lot_id
 
     def reserve(
         self, lot: str, hw_serial: str, *, station: str, port: str, job_id: int | None, actor: str
@@ -575,39 +741,34 @@ class Ledger:
             return _SerialRaceError()
 
         now = _now()
-        with self._transaction(write=True, on_integrity=race) as session:
-            lot_row = self._lot_row(session, lot, lock="share")
-            if lot_row.state != LotState.ACTIVE:
-                raise LotStateError(f"lot {lot!r} is {lot_row.state}; reservations need an active lot")
-            existing = session.exec(
-                select(DeviceRow)
-                .where(DeviceRow.lot_id == lot_row.id, DeviceRow.hw_serial == hw_serial)
-                .with_for_update()
+        with self._connection(write=True, on_integrity=race) as connection:
+            lot_id, lot_state = self._lot_shared(connection, lot)
+            if lot_state is not LotState.ACTIVE:
+                raise LotStateError(f"lot {lot!r} is {lot_state}; reservations need an active lot")
+            existing = connection.execute(
+                _Q_DEVICE_BY_SERIAL_LOCKED, {"lot_id": lot_id, "hw_serial": hw_serial}
             ).first()
             if existing is not None:
                 return self._resume(
-                    session, existing, lot, station=station, port=port, job_id=job_id, actor=actor
+                    connection, existing, lot, station=station, port=port, job_id=job_id, actor=actor
                 )
-            row = session.exec(
-                select(DeviceRow)
-                .where(DeviceRow.lot_id == lot_row.id, DeviceRow.state == DeviceState.AVAILABLE.value)
-                .order_by(col(DeviceRow.id))
-                .limit(1)
-                .with_for_update(skip_locked=True)
-            ).first()
+            row = connection.execute(_Q_CLAIM, {"lot_id": lot_id}).first()
             if row is None:
                 raise IdsExhaustedError(f"lot {lot!r} has no available IDs left")
-            row.state = DeviceState.RESERVED.value
-            row.hw_serial = hw_serial
-            row.station = station
-            row.port = port
-            row.job_id = job_id
-            row.reserved_at = now
-            session.add(row)
-            # Surface a concurrent reservation of the same serial (unique index) before auditing.
-            session.flush()
+            # A concurrent reservation of the same serial fails here (unique index), before auditing.
+            connection.execute(
+                _Q_RESERVE,
+                {
+                    "row_id": row.id,
+                    "b_hw_serial": hw_serial,
+                    "b_station": station,
+                    "b_port": port,
+                    "b_job_id": job_id,
+                    "b_at": now,
+                },
+            )
             self._append_audit(
-                session,
+                connection,
                 actor=actor,
                 action="id.reserved",
                 subject=row.device_id,
@@ -620,12 +781,18 @@ class Ledger:
                 },
                 at=now,
             )
-            return self._reservation(row, resumed=False)
+            return Reservation(
+                device_id=row.device_id,
+                hw_serial=hw_serial,
+                resumed=False,
+                state=DeviceState.RESERVED,
+                metadata=dict(row.metadata),
+            )
 
     def _resume(
         self,
-        session: Session,
-        row: DeviceRow,
+        connection: Connection,
+        row: _DbRow,
         lot: str,
         *,
         station: str,
@@ -641,12 +808,12 @@ class Ledger:
             )
         if state is DeviceState.RESERVED:
             moved = {"station": row.station, "port": row.port, "job_id": row.job_id}
-            row.station = station
-            row.port = port
-            row.job_id = job_id
-            session.add(row)
+            connection.execute(
+                _Q_MOVE_RESERVATION,
+                {"row_id": row.id, "b_station": station, "b_port": port, "b_job_id": job_id},
+            )
             self._append_audit(
-                session,
+                connection,
                 actor=actor,
                 action="id.resumed",
                 subject=row.device_id,
@@ -662,14 +829,11 @@ class Ledger:
             )
         return self._reservation(row, resumed=True)
 
-    def _device_row(self, session: Session, lot_row: LotRow, device_id: str) -> DeviceRow:
-        row = session.exec(
-            select(DeviceRow)
-            .where(DeviceRow.lot_id == lot_row.id, DeviceRow.device_id == device_id)
-            .with_for_update()
-        ).first()
+    @staticmethod
+    def _device_row(connection: Connection, lot_id: int, lot: str, device_id: str) -> _DbRow:
+        row = connection.execute(_Q_DEVICE_BY_ID_LOCKED, {"lot_id": lot_id, "device_id": device_id}).first()
         if row is None:
-            raise DeviceNotFoundError(f"no ID {device_id!r} in lot {lot_row.name!r}")
+            raise DeviceNotFoundError(f"no ID {device_id!r} in lot {lot!r}")
         return row
 
     def mark_provisioned(
@@ -684,8 +848,12 @@ class Ledger:
         station: str,
         port: str,
         actor: str,
+        finish_job: int | None = None,
     ) -> None:
-        """Record that the board holding this reservation now carries its verified certificate."""
+        """Record that the board holding this reservation now carries its verified certificate.
+
+        With ``finish_job``, that job is closed as ``provisioned`` in the same transaction.
+        """
         _require_serial(hw_serial)
         fingerprint = fingerprint_sha256.lower()
         serial_hex = cert_serial.lower().replace(":", "")
@@ -696,33 +864,48 @@ class Ledger:
         if not _HEX.fullmatch(serial_hex) or len(serial_hex) > 64:
             raise InputError(f"cert_serial must be hex, got {cert_serial!r}")
         now = _now()
-        with self._transaction(write=True) as session:
-            lot_row = self._lot_row(session, lot, lock="share")
-            if lot_row.state not in (LotState.ACTIVE, LotState.PAUSED):
-                raise LotStateError(f"lot {lot!r} is {lot_row.state}; it records no more devices")
-            row = self._device_row(session, lot_row, device_id)
+        with self._connection(write=True) as connection:
+            lot_id, lot_state = self._lot_shared(connection, lot)
+            if lot_state not in (LotState.ACTIVE, LotState.PAUSED):
+                raise LotStateError(f"lot {lot!r} is {lot_state}; it records no more devices")
+            row = self._device_row(connection, lot_id, lot, device_id)
             if (
                 row.state == DeviceState.PROVISIONED
                 and row.hw_serial == hw_serial
                 and row.cert_fingerprint_sha256 == fingerprint
             ):
-                return  # a retry after a commit whose reply was lost: already recorded
+                # A retry after a commit whose reply was lost: already recorded (and the job
+                # closed with it, if it was asked to be).
+                if finish_job is not None:
+                    self._finish_job(
+                        connection,
+                        finish_job,
+                        outcome=PROVISIONED_JOB_OUTCOME,
+                        reason=None,
+                        at=now,
+                        retry=True,
+                    )
+                return
             if row.state != DeviceState.RESERVED or row.hw_serial != hw_serial:
                 raise ReservationConflictError(
                     f"ID {device_id!r} in lot {lot!r} is {row.state}"
                     f"{f' for serial {row.hw_serial!r}' if row.hw_serial else ''}, "
                     f"not reserved to serial {hw_serial!r}"
                 )
-            row.state = DeviceState.PROVISIONED.value
-            row.cert_der = cert_der
-            row.cert_serial = serial_hex
-            row.cert_fingerprint_sha256 = fingerprint
-            row.provisioned_at = now
-            row.station = station
-            row.port = port
-            session.add(row)
+            connection.execute(
+                _Q_PROVISION,
+                {
+                    "row_id": row.id,
+                    "b_cert_der": cert_der,
+                    "b_cert_serial": serial_hex,
+                    "b_fingerprint": fingerprint,
+                    "b_at": now,
+                    "b_station": station,
+                    "b_port": port,
+                },
+            )
             self._append_audit(
-                session,
+                connection,
                 actor=actor,
                 action="id.provisioned",
                 subject=device_id,
@@ -736,25 +919,29 @@ class Ledger:
                 },
                 at=now,
             )
+            if finish_job is not None:
+                self._finish_job(connection, finish_job, outcome=PROVISIONED_JOB_OUTCOME, reason=None, at=now)
 
     def void(self, lot: str, device_id: str, reason: str, *, actor: str) -> None:
         """Take an ID out of use for good, keeping its serial binding and certificate on record."""
         if not reason.strip():
             raise InputError("voiding an ID needs a reason")
         now = _now()
-        with self._transaction(write=True) as session:
-            lot_row = self._lot_row(session, lot, lock="share")
-            if lot_row.state == LotState.CLOSED:
+        with self._connection(write=True) as connection:
+            lot_id, lot_state = self._lot_shared(connection, lot)
+            if lot_state is LotState.CLOSED:
                 raise LotStateError(f"lot {lot!r} is closed; its IDs can no longer change")
-            row = self._device_row(session, lot_row, device_id)
+            row = self._device_row(connection, lot_id, lot, device_id)
             previous = DeviceState(row.state)
             if previous is DeviceState.VOID:
                 raise DeviceStateError(f"ID {device_id!r} in lot {lot!r} is already void ({row.void_reason})")
-            row.state = DeviceState.VOID.value
-            row.void_reason = reason
-            session.add(row)
+            connection.execute(
+                update(_DEVICE)
+                .where(_DEVICE.c.id == row.id)
+                .values(state=DeviceState.VOID.value, void_reason=reason)
+            )
             self._append_audit(
-                session,
+                connection,
                 actor=actor,
                 action="id.voided",
                 subject=device_id,
@@ -770,12 +957,12 @@ class Ledger:
     # -- queries ----------------------------------------------------------------------------
 
     @staticmethod
-    def _record(row: DeviceRow, lot: str) -> DeviceRecord:
+    def _record(row: _DbRow, lot: str) -> DeviceRecord:
         return DeviceRecord(
             device_id=row.device_id,
             lot=lot,
             state=DeviceState(row.state),
-            metadata=dict(row.metadata_),
+            metadata=dict(row.metadata),
             hw_serial=row.hw_serial,
             station=row.station,
             port=row.port,
@@ -790,32 +977,26 @@ class Ledger:
 
     def find_by_serial(self, lot: str, hw_serial: str) -> DeviceRecord | None:
         """The ID a serial holds in a lot, whatever its state, or None."""
-        with self._transaction(write=False) as session:
-            lot_row = self._lot_row(session, lot)
-            row = session.exec(
-                select(DeviceRow).where(DeviceRow.lot_id == lot_row.id, DeviceRow.hw_serial == hw_serial)
-            ).first()
+        with self._connection(write=False) as connection:
+            lot_id = self._lot_id(connection, lot)
+            row = connection.execute(_Q_DEVICE_BY_SERIAL, {"lot_id": lot_id, "hw_serial": hw_serial}).first()
             return None if row is None else self._record(row, lot)
 
     def find_device(self, device_id: str) -> DeviceRecord | None:
         """An ID in any lot (IDs are unique across lots), or None."""
-        with self._transaction(write=False) as session:
-            found = session.exec(
-                select(DeviceRow, LotRow.name)
-                .join(LotRow, col(LotRow.id) == col(DeviceRow.lot_id))
-                .where(DeviceRow.device_id == device_id)
-            ).first()
-            return None if found is None else self._record(found[0], found[1])
+        with self._connection(write=False) as connection:
+            row = connection.execute(_Q_DEVICE_ANY_LOT, {"device_id": device_id}).first()
+            return None if row is None else self._record(row, row.name)
 
     def progress(self, lot: str) -> LotProgress:
         """How many IDs of the lot are available, reserved, provisioned and void."""
-        with self._transaction(write=False) as session:
-            lot_row = self._lot_row(session, lot)
+        with self._connection(write=False) as connection:
+            lot_id = self._lot_id(connection, lot)
             counts: dict[str, int] = dict.fromkeys(DeviceState, 0)
-            grouped = session.exec(
-                select(DeviceRow.state, func.count())
-                .where(DeviceRow.lot_id == lot_row.id)
-                .group_by(col(DeviceRow.state))
+            grouped = connection.execute(
+                core_select(_DEVICE.c.state, func.count())
+                .where(_DEVICE.c.lot_id == lot_id)
+                .group_by(_DEVICE.c.state)
             ).all()
             for state, count in grouped:
                 counts[DeviceState(state)] = count
@@ -829,57 +1010,77 @@ class Ledger:
 
     def provisioned_devices(self, lot: str) -> list[DeviceRecord]:
         """Every provisioned device of the lot in the order they were made (for the manifest)."""
-        with self._transaction(write=False) as session:
-            lot_row = self._lot_row(session, lot)
-            rows: Sequence[DeviceRow] = session.exec(
-                select(DeviceRow)
-                .where(DeviceRow.lot_id == lot_row.id, DeviceRow.state == DeviceState.PROVISIONED.value)
-                .order_by(col(DeviceRow.provisioned_at), col(DeviceRow.id))
+        with self._connection(write=False) as connection:
+            lot_id = self._lot_id(connection, lot)
+            rows = connection.execute(
+                core_select(*_DEVICE_COLUMNS)
+                .where(_DEVICE.c.lot_id == lot_id, _DEVICE.c.state == DeviceState.PROVISIONED.value)
+                .order_by(_DEVICE.c.provisioned_at, _DEVICE.c.id)
             ).all()
             return [self._record(row, lot) for row in rows]
 
     # -- jobs -------------------------------------------------------------------------------
 
-    def start_job(self, lot: str, *, station: str, port: str) -> int:
-        """Open a job record for one board on one port; return its id."""
+    def start_job(self, lot: str, *, station: str, port: str, hw_serial: str | None = None) -> int:
+        """Open a job record for one board on one port (and its serial, if known); return its id."""
         _require_label(station, "station")
         _require_label(port, "port")
-        with self._transaction(write=True) as session:
-            lot_row = self._lot_row(session, lot)
-            if lot_row.id is None:
-                raise LedgerError(f"lot {lot!r} has no id")
-            job = JobRow(lot_id=lot_row.id, station=station, port=port, started_at=_now())
-            session.add(job)
-            session.flush()
-            if job.id is None:
+        if hw_serial is not None:
+            _require_serial(hw_serial)
+        with self._connection(write=True) as connection:
+            lot_id = self._lot_id(connection, lot)
+            result = connection.execute(
+                _Q_INSERT_JOB,
+                {
+                    "b_lot_id": lot_id,
+                    "b_station": station,
+                    "b_port": port,
+                    "b_hw_serial": hw_serial,
+                    "b_at": _now(),
+                },
+            )
+            job_id = result.inserted_primary_key[0] if result.inserted_primary_key else None
+            if job_id is None:
                 raise LedgerError("the database assigned no job id")
-            return job.id
-
-    def _job_row(self, session: Session, job_id: int) -> JobRow:
-        job = session.exec(select(JobRow).where(JobRow.id == job_id).with_for_update()).first()
-        if job is None:
-            raise JobNotFoundError(f"no job {job_id}")
-        return job
+            return int(job_id)
 
     def set_job_serial(self, job_id: int, hw_serial: str) -> None:
         """Record which board (secure-element serial) a job is working on."""
         _require_serial(hw_serial)
-        with self._transaction(write=True) as session:
-            job = self._job_row(session, job_id)
-            job.hw_serial = hw_serial
-            session.add(job)
+        with self._connection(write=True) as connection:
+            if (
+                connection.execute(_Q_SET_JOB_SERIAL, {"job_id": job_id, "b_hw_serial": hw_serial}).rowcount
+                == 0
+            ):
+                raise JobNotFoundError(f"no job {job_id}")
+
+    def _finish_job(
+        self,
+        connection: Connection,
+        job_id: int,
+        *,
+        outcome: str,
+        reason: str | None,
+        at: datetime,
+        retry: bool = False,
+    ) -> None:
+        """Close an open job in the caller's transaction; with ``retry``, a job closed already is fine."""
+        finished = connection.execute(
+            _Q_FINISH_JOB, {"job_id": job_id, "b_at": at, "b_outcome": outcome, "b_reason": reason}
+        ).rowcount
+        if finished == 1:
+            return
+        job = connection.execute(_Q_JOB_LOCKED, {"job_id": job_id}).first()
+        if job is None:
+            raise JobNotFoundError(f"no job {job_id}")
+        if not retry:
+            raise LedgerError(f"job {job_id} already finished ({job.outcome})")
 
     def finish_job(self, job_id: int, *, outcome: str, reason: str | None) -> None:
         """Close a job with its outcome (e.g. ``ok``, ``failed``, ``aborted``) and reason."""
         _require_label(outcome, "outcome", 32)
-        with self._transaction(write=True) as session:
-            job = self._job_row(session, job_id)
-            if job.finished_at is not None:
-                raise LedgerError(f"job {job_id} already finished ({job.outcome})")
-            job.finished_at = _now()
-            job.outcome = outcome
-            job.reason = reason
-            session.add(job)
+        with self._connection(write=True) as connection:
+            self._finish_job(connection, job_id, outcome=outcome, reason=reason, at=_now())
 
     def record_attempt(
         self, job_id: int, *, step: str, outcome: str, reason: str | None, duration_s: float
@@ -889,12 +1090,19 @@ class Ledger:
         _require_label(outcome, "outcome", 32)
         if not duration_s >= 0:
             raise InputError(f"duration_s must be >= 0, got {duration_s}")
-        with self._transaction(write=True) as session:
-            self._job_row(session, job_id)
-            session.add(
-                AttemptRow(
-                    job_id=job_id, step=step, outcome=outcome, reason=reason, duration_s=duration_s, at=_now()
-                )
+        with self._connection(write=True) as connection:
+            if connection.execute(_Q_JOB_LOCKED, {"job_id": job_id}).first() is None:
+                raise JobNotFoundError(f"no job {job_id}")
+            connection.execute(
+                _Q_INSERT_ATTEMPT,
+                {
+                    "b_job_id": job_id,
+                    "b_step": step,
+                    "b_outcome": outcome,
+                    "b_reason": reason,
+                    "b_duration_s": duration_s,
+                    "b_at": _now(),
+                },
             )
 
 

@@ -676,6 +676,8 @@ class ArduinoClient:
                 if waiter.timer is not None:
                     waiter.timer.cancel()
                 if not waiter.future.done():
+                    # Cancelled from outside: its reply may still come and must not answer the next one.
+                    self._late_reply_possible = True
                     waiter.future.cancel()
 
     def _check_open(self) -> None:
