@@ -122,6 +122,8 @@ class HubSettings(_Section):
     enumerate_timeout_s: float = Field(10.0, gt=0)
     # HUBS.md: 2 s power-cycle gaps are common practice.
     power_cycle_off_s: float = Field(2.0, ge=0)
+    # Minimum gap between two power-ons on the hub: spreads the boards' inrush current (HUBS.md).
+    power_on_stagger_s: float = Field(0.01, ge=0)
     sim: SimHubSettings = SimHubSettings()
     uhubctl: UhubctlSettings = UhubctlSettings()
     sysfs: SysfsHubSettings = SysfsHubSettings()

@@ -104,6 +104,7 @@ def pipeline_settings(settings: Settings) -> PipelineSettings:
         backoff_max_s=jobs.backoff_max_s,
         enumerate_timeout_s=hub.enumerate_timeout_s,
         power_cycle_off_s=hub.power_cycle_off_s,
+        power_on_stagger_s=hub.power_on_stagger_s,
         baudrate=jobs.baudrate,
         resends=jobs.resends,
         timeouts=timeouts,

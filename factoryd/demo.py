@@ -117,6 +117,7 @@ def demo_settings(options: DemoOptions, state_dir: Path) -> Settings:
             "backend": "sim",
             "max_powered": options.ports,
             "power_cycle_off_s": 0.0 if options.timing == "zero" else 0.5,
+            "power_on_stagger_s": 0.0 if options.timing == "zero" else 0.01,
             "sim": {
                 "ports": options.ports,
                 "boards": options.boards,

@@ -262,7 +262,7 @@ async def test_board_that_never_answers_get_csr_times_out_without_resending() ->
 async def test_late_reply_is_not_taken_for_the_next_request() -> None:
     # The CSR comes after the host gave up: without the quiet period it would answer SKETCH_INFO.
     board = SimArduinoBoard(timing=Timing(csr_s=0.6))
-    timeouts = dataclasses.replace(FAST, late_reply_s=0.5)
+    timeouts = dataclasses.replace(FAST, late_reply_s=0.8)
     async with arduino(board, timeouts) as (_, client):
         with pytest.raises(BoardTimeoutError):
             await client.get_csr(DEVICE_ID)

@@ -107,6 +107,7 @@ class PipelineSettings:
     backoff_max_s: float = 2.0
     enumerate_timeout_s: float = 10.0
     power_cycle_off_s: float = 2.0
+    power_on_stagger_s: float = 0.0
     baudrate: int = 115200
     resends: int = 3
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -160,6 +161,8 @@ class Pipeline:
         # Secure-element serials being provisioned right now, by port: a second board claiming a
         # serial that is in flight is a clone or a liar, never a second holder of the same ID.
         self._in_flight: dict[str, str] = {}
+        self._stagger = asyncio.Lock()
+        self._last_power_on = float("-inf")
 
     # Public -------------------------------------------------------------------------------
 
@@ -235,6 +238,12 @@ class Pipeline:
     async def _powered(self, port: str, lot: LotContext, job: _Job | None) -> AsyncIterator[None]:
         async with self._budget:
             self._port(port, PortState.POWERING, lot.name, step=Step.POWER, job=job)
+            async with self._stagger:
+                loop = asyncio.get_running_loop()
+                wait_s = self._last_power_on + self.settings.power_on_stagger_s - loop.time()
+                if wait_s > 0:
+                    await asyncio.sleep(wait_s)
+                self._last_power_on = loop.time()
             await self.hub.power_on(port)
             try:
                 yield

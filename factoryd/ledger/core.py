@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Literal, Self, TypeAlias, Unpack, cast
+from typing import Any, Literal, Self, TypeAlias, cast
 
 import psycopg
 from sqlalchemy import ARRAY, Row, String, Table, any_, bindparam, event, func, insert, literal, update
@@ -88,7 +88,7 @@ _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 # What a job that ends in mark_provisioned(..., finish_job=...) is closed with.
 PROVISIONED_JOB_OUTCOME = "provisioned"
 
-_DbRow: TypeAlias = Row[Unpack[tuple[Any, ...]]]
+_DbRow: TypeAlias = Row[*tuple[Any, ...]]
 
 # -- hot path: SQLAlchemy Core statements, built once ----------------------------------------------
 # The per-board calls (jobs, reserve, audit, mark_provisioned, lookups) run these on a plain
