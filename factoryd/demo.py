@@ -14,7 +14,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,9 +35,12 @@ from factoryd.pki.store import BundleStore
 from factoryd.pki.testca import make_test_pki
 from factoryd.protocol.messages import ObjectId
 from factoryd.service import StationPaths, export_manifest, parse_bundle, store_bundle, write_manifest
+from factoryd.sim.arduino import SimArduinoBoard
 from factoryd.sim.board import SimBoard
 
 DEMO_LOT = "demo-lot"
+# Arduino's provisioning sketch talks at 57600 baud (ARDUINO_V1.md).
+ARDUINO_BAUDRATE = 57600
 DEMO_FW_VERSION = "2.0.0"
 # Spare IDs beyond the boards, so a few voided or failed boards do not exhaust the lot.
 ID_MARGIN = 1.25
@@ -148,11 +151,13 @@ def prepare_lot(options: DemoOptions, settings: Settings, passphrase: bytes) -> 
     fw_key = ec.generate_private_key(ec.SECP256R1())
     image = b"factoryd demo application firmware " + DEMO_FW_VERSION.encode() + bytes(range(256)) * 64
     firmware = sign_firmware(image, DEMO_FW_VERSION, fw_key)
+    # The Arduino sketch has no firmware-update or lock command (it locks its config zone itself).
+    flash = options.flash and options.profile == "factoryd-v1"
     profile = LotProfile(
         protocol=options.profile,
-        lock=options.lock,
-        firmware_sha256=firmware.sha256.hex() if options.flash else None,
-        firmware_version=DEMO_FW_VERSION if options.flash else None,
+        lock=options.lock and options.profile == "factoryd-v1",
+        firmware_sha256=firmware.sha256.hex() if flash else None,
+        firmware_version=DEMO_FW_VERSION if flash else None,
     )
     ids = "\n".join(str(uuid.uuid4()) for _ in range(max(1, int(options.boards * ID_MARGIN) + 1)))
     with Ledger.open(settings.ledger_url) as ledger:
@@ -161,7 +166,7 @@ def prepare_lot(options: DemoOptions, settings: Settings, passphrase: bytes) -> 
         )
         bundle = parse_bundle(pki.pkcs12, upload_passphrase, lot)
         store_bundle(paths, passphrase, DEMO_LOT, bundle)
-        if options.flash:
+        if flash:
             FirmwareStore(paths.firmware).save(DEMO_LOT, firmware, fw_key.public_key())
         ledger.import_ids(DEMO_LOT, ids.encode(), filename="demo-ids.txt", actor="demo")
         ledger.set_lot_state(DEMO_LOT, LotState.ACTIVE, actor="demo")
@@ -179,6 +184,12 @@ async def run_demo(options: DemoOptions) -> DemoResult:
 
     def board_factory() -> SimBoard:
         board = base_factory()
+        if options.profile == "arduino-v1":
+            # Arduino's sketch: its own board model, serial line at 57600 baud.
+            timing = (
+                replace(board.timing, baudrate=ARDUINO_BAUDRATE) if board.timing.baudrate else board.timing
+            )
+            return SimArduinoBoard(faults=board.faults, timing=timing)
         board.firmware_key = fw_public
         return board
 
@@ -202,6 +213,28 @@ async def run_demo(options: DemoOptions) -> DemoResult:
     return await asyncio.to_thread(_verify, settings, passphrase, station, hub.finished, elapsed)
 
 
+def board_identity(board: SimBoard) -> str:
+    """The serial the station keys a board's reservation on."""
+    if isinstance(board, SimArduinoBoard):
+        return f"usb:{board.usb_serial.lower()}"
+    return board.serial_hex
+
+
+def stored_certificate(board: SimBoard) -> bytes | None:
+    """The certificate a board holds (an Arduino board rebuilds it from its compressed slots)."""
+    if isinstance(board, SimArduinoBoard):
+        return board.rebuilt_certificate()
+    return board.se.objects.get(ObjectId.DEVICE_CERT)
+
+
+def stored_device_id(board: SimBoard) -> str | None:
+    """The device ID a board holds."""
+    if isinstance(board, SimArduinoBoard):
+        return board.stored_device_id()
+    raw = board.se.objects.get(ObjectId.DEVICE_ID)
+    return raw.decode() if raw is not None else None
+
+
 def check_provisioned(
     record: DeviceRecord, issuing_ca: x509.Certificate, boards: dict[str, SimBoard]
 ) -> None:
@@ -212,7 +245,7 @@ def check_provisioned(
     board = boards.get(record.hw_serial or "")
     if cn != record.device_id or board is None:
         raise VerificationError(f"{record.device_id}: CN {cn!r} or board {record.hw_serial} does not match")
-    if board.se.objects.get(ObjectId.DEVICE_CERT) != record.cert_der:
+    if stored_certificate(board) != record.cert_der:
         raise VerificationError(f"{record.device_id}: board {record.hw_serial} holds another certificate")
     key = cert.public_key()
     point = key.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
@@ -230,13 +263,11 @@ def _verify(
         manifest = export_manifest(ledger, paths, passphrase, DEMO_LOT)
     json_path, sig_path = write_manifest(manifest, paths.manifests)
     issuing_ca = BundleStore(paths.bundles, passphrase).load(DEMO_LOT).certificate
-    by_serial = {b.serial_hex: b for b in boards}
+    by_serial = {board_identity(b): b for b in boards}
     for record in devices:
         check_provisioned(record, issuing_ca, by_serial)
     verified = len(devices)
-    on_boards = Counter(
-        b.se.objects[ObjectId.DEVICE_ID] for b in boards if ObjectId.DEVICE_ID in b.se.objects
-    )
+    on_boards = Counter(device_id for b in boards if (device_id := stored_device_id(b)))
     failures: dict[str, int] = {}
     for result in station.results:
         if result.outcome in ("failed", "refused"):

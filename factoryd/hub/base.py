@@ -25,3 +25,6 @@ class Hub(Protocol):
 
     async def release(self, port: str) -> None:
         """The board on this port is finished: the operator may take it (power is already off)."""
+
+    async def device_serial(self, port: str, tty: str) -> str | None:
+        """The USB serial number the port's device enumerated with (None when it reports none)."""

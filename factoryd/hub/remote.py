@@ -96,6 +96,8 @@ class SimHubServer:
                     await self.hub.power_off(port)
                 case "release":
                     await self.hub.release(port)
+                case "device_serial":
+                    return {"ok": True, "serial": await self.hub.device_serial(port, str(request["tty"]))}
                 case "wait_for_tty":
                     path = await self.hub.wait_for_tty(port, float(request["timeout_s"]))
                     return {"ok": True, "path": path}
@@ -172,6 +174,12 @@ class RemoteSimHub:
             timeout_s=timeout_s + CONTROL_SLACK_S,
         )
         return str(reply["path"])
+
+    async def device_serial(self, port: str, tty: str) -> str | None:
+        """The board's USB serial as the hub process knows it."""
+        reply = await self.call({"op": "device_serial", "port": port, "tty": tty})
+        serial = reply.get("serial")
+        return str(serial) if serial else None
 
     async def status(self) -> dict[str, Any]:
         """Supply and progress of the simulated operator."""

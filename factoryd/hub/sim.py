@@ -12,11 +12,23 @@ import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Self
+from typing import Protocol, Self
 
 from factoryd.errors import EnumerationTimeoutError, HubCommandError
 from factoryd.sim.board import SimBoard
 from factoryd.sim.pty import PtyBoard
+
+
+class PtyRunner(Protocol):
+    """What serves a simulated board on a PTY (PtyBoard, or a board model's own runner)."""
+
+    path: str
+
+    async def serve(self) -> None:
+        """Serve until cancelled."""
+
+    def close(self) -> None:
+        """Unplug."""
 
 
 @dataclass
@@ -24,7 +36,7 @@ class _Slot:
     port: str
     board: SimBoard | None = None
     powered: bool = False
-    pty: PtyBoard | None = None
+    pty: PtyRunner | None = None
     task: asyncio.Task[None] | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -123,6 +135,12 @@ class SimHub:
             raise EnumerationTimeoutError(f"port {port}: device vanished during enumeration")
         return slot.pty.path
 
+    async def device_serial(self, port: str, tty: str) -> str | None:
+        """The simulated board's USB serial (Arduino-style boards), else None."""
+        board = self._slot(port).board
+        serial = getattr(board, "usb_serial", None)
+        return serial if isinstance(serial, str) and serial else None
+
     async def release(self, port: str) -> None:
         """The simulated operator takes the finished board out and inserts the next one."""
         slot = self._slot(port)
@@ -142,7 +160,8 @@ class SimHub:
 
     async def _run(self, slot: _Slot, board: SimBoard) -> None:
         await board.spend(board.jittered(board.timing.enumerate_s))
-        pty = PtyBoard(board)
+        opener = getattr(board, "open_pty", None)
+        pty: PtyRunner = opener() if callable(opener) else PtyBoard(board)
         slot.pty = pty
         slot.ready.set()
         await pty.serve()

@@ -21,6 +21,7 @@ import structlog
 from factoryd.config import SysfsHubSettings
 from factoryd.errors import ConfigError, HubCommandError, HubError
 from factoryd.hub.ttymap import PortTtys, TtyResolver, make_resolver
+from factoryd.hub.usbserial import usb_serial_of_tty
 
 log = structlog.get_logger(__name__)
 
@@ -147,6 +148,10 @@ class SysfsHub:
         """Wait until the port's tty appears; return its path (EnumerationTimeoutError)."""
         self._number(port)
         return await self._ttys.wait_present(port, timeout_s)
+
+    async def device_serial(self, port: str, tty: str) -> str | None:
+        """The USB serial of the device behind the port's tty (sysfs)."""
+        return await asyncio.to_thread(usb_serial_of_tty, tty)
 
     async def release(self, port: str) -> None:
         """Nothing to do: power is already off and the operator is told by telemetry."""

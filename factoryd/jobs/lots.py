@@ -12,6 +12,7 @@ from factoryd.ledger.model import LotInfo, LotState
 from factoryd.ledger.profile import LotProfile
 from factoryd.pki.bundle import chain_pem
 from factoryd.pki.issuer import Issuer
+from factoryd.pki.pkcs11 import open_token_lot
 from factoryd.pki.profile import CertProfile
 from factoryd.pki.store import BundleStore
 
@@ -37,13 +38,19 @@ def cert_profile(profile: LotProfile) -> CertProfile:
 
 def load_lot_context(info: LotInfo, bundles: BundleStore, firmware_dir: Path) -> LotContext:
     """Open a lot's CA bundle and firmware (blocking: run off the event loop)."""
-    bundle = bundles.load(info.name)
-    issuer = Issuer(bundle.signer(), bundle.chain, cert_profile(info.profile))
+    token_lot = open_token_lot(bundles.path(info.name))  # CA key in a PKCS#11 token (pkcs11.json)
+    if token_lot is not None:
+        issuer = Issuer(token_lot.signer, token_lot.chain, cert_profile(info.profile))
+        written_chain = token_lot.chain_pem
+    else:
+        bundle = bundles.load(info.name)
+        issuer = Issuer(bundle.signer(), bundle.chain, cert_profile(info.profile))
+        written_chain = chain_pem(bundle)
     return LotContext(
         name=info.name,
         profile=info.profile,
         issuer=issuer,
-        chain_pem=chain_pem(bundle),
+        chain_pem=written_chain,
         firmware=FirmwareStore(firmware_dir).load(info.name),
     )
 

@@ -48,11 +48,13 @@ from factoryd.errors import (
 )
 from factoryd.flashing import ExternalFlasher
 from factoryd.hub.base import Hub
+from factoryd.jobs.arduino import provision_arduino
 from factoryd.jobs.lots import LotContext
 from factoryd.ledger import AsyncLedger
 from factoryd.ledger.model import DeviceRecord, DeviceState
 from factoryd.pki.challenge import verify_challenge
 from factoryd.pki.issuer import IssuedCertificate
+from factoryd.protocol.arduino import ArduinoClient
 from factoryd.protocol.client import BoardClient, Timeouts
 from factoryd.protocol.messages import BoardInfo, ObjectId
 from factoryd.telemetry.events import JobEvent, PortState, PortUpdate, TelemetrySink
@@ -78,6 +80,8 @@ class Step(StrEnum):
     CHALLENGE = "challenge"
     LOCK = "lock"
     RECORD = "record"
+    STORE = "store"
+    RECONSTRUCT = "reconstruct"
 
 
 Outcome = Literal["provisioned", "rechecked", "failed", "refused", "empty", "same_board"]
@@ -124,6 +128,17 @@ def retry_in_step(exc: BaseException) -> bool:
 def restart_job(exc: BaseException) -> bool:
     """Errors worth a power cycle and a fresh start (idempotent through the ledger)."""
     return isinstance(exc, FactorydError) and exc.transient
+
+
+@dataclass
+class _Run:
+    """One run of a port: what it knows across attempts (the job, once the board is identified)."""
+
+    port: str
+    lot: LotContext
+    skip_serial: str | None
+    started: float
+    job: _Job | None = None
 
 
 @dataclass
@@ -180,36 +195,23 @@ class Pipeline:
     # Job level ----------------------------------------------------------------------------
 
     async def _run(self, port: str, lot: LotContext, skip_serial: str | None, started: float) -> JobResult:
-        job: _Job | None = None
+        run = _Run(port, lot, skip_serial, started)
         last_error: FactorydError | None = None
         for attempt in range(1, self.settings.job_attempts + 1):
             try:
-                async with self._powered(port, lot, job):
+                async with self._powered(port, lot, run.job):
                     path = await self._enumerate(port)
                     if path is None:
                         return JobResult(port, "empty", duration_s=time.monotonic() - started)
-                    async with await BoardClient.open(
-                        path,
-                        baudrate=self.settings.baudrate,
-                        timeouts=self.settings.timeouts,
-                        resends=self.settings.resends,
-                    ) as client:
-                        try:
-                            info = await self._step(job, Step.HELLO, client.hello, port=port)
-                            if skip_serial is not None and info.serial_hex == skip_serial:
-                                return JobResult(port, "same_board", hw_serial=skip_serial)
-                            if job is None:
-                                job = await self._start_job(port, lot)
-                            job.attempt = attempt
-                            return await self._provision(job, client, info, started)
-                        finally:
-                            if self._on_link is not None:
-                                self._on_link(port, client)
+                    if lot.profile.protocol == "arduino-v1":
+                        return await self._arduino_attempt(run, path, attempt)
+                    return await self._native_attempt(run, path, attempt)
             except FactorydError as exc:
                 last_error = exc
                 if not restart_job(exc) or attempt == self.settings.job_attempts:
                     break
                 log.info("job restarts after power cycle", reason=exc.reason, error=str(exc), attempt=attempt)
+                job = run.job
                 if job is not None:
                     self._event(job, "retry", step=job.step, reason=exc.reason)
                     await self.ledger.record_attempt(
@@ -228,11 +230,83 @@ class Pipeline:
                         break
                 await asyncio.sleep(self.settings.power_cycle_off_s)
         error = last_error or FactorydError("job ended without a result")
-        if job is None:
+        if run.job is None:
             # Nothing identified the board (no tty, no HELLO): the port needs a look, no ID is involved.
             self._port(port, PortState.ATTENTION, lot.name, step=None, reason=error.reason)
             return JobResult(port, "failed", reason=error.reason, duration_s=time.monotonic() - started)
-        return await self._fail(job, error, started)
+        return await self._fail(run.job, error, started)
+
+    async def _native_attempt(self, run: _Run, path: str, attempt: int) -> JobResult:
+        port, lot, skip_serial, started = run.port, run.lot, run.skip_serial, run.started
+        async with await BoardClient.open(
+            path,
+            baudrate=self.settings.baudrate,
+            timeouts=self.settings.timeouts,
+            resends=self.settings.resends,
+        ) as client:
+            try:
+                info = await self._step(run.job, Step.HELLO, client.hello, port=port)
+                if skip_serial is not None and info.serial_hex == skip_serial:
+                    return JobResult(port, "same_board", hw_serial=skip_serial)
+                if run.job is None:
+                    run.job = await self._start_job(port, lot, info.serial_hex)
+                run.job.attempt = attempt
+                return await self._provision(run.job, client, info, started)
+            finally:
+                if self._on_link is not None:
+                    self._on_link(port, client)
+
+    async def _arduino_attempt(self, run: _Run, path: str, attempt: int) -> JobResult:
+        """Arduino's provisioning sketch: identity from the USB serial, then CSR, issue, store, rebuild."""
+        port, lot, skip_serial, started = run.port, run.lot, run.skip_serial, run.started
+        usb_serial = await self.hub.device_serial(port, path)
+        if not usb_serial or set(usb_serial) <= {"0"}:
+            raise RefusedBoardError(
+                f"board on port {port} reports no USB serial number: without one its ID cannot be bound "
+                "to it exactly once (the sketch cannot report its secure-element serial)"
+            )
+        serial = f"usb:{usb_serial.lower()}"
+        if skip_serial is not None and serial == skip_serial:
+            return JobResult(port, "same_board", hw_serial=skip_serial)
+        if run.job is None:
+            run.job = await self._start_job(port, lot, serial)
+        job = run.job
+        job.attempt = attempt
+        self._claim_serial(job, serial)
+        if job.hw_serial is None:
+            job.hw_serial = serial
+            structlog.contextvars.bind_contextvars(hw_serial=serial)
+            await self.ledger.set_job_serial(job.job_id, serial)
+        existing = await self.ledger.find_by_serial(lot.name, serial)
+        if existing is not None and existing.state is DeviceState.PROVISIONED:
+            raise RefusedBoardError(
+                f"board {serial} is already provisioned with {existing.device_id}; the sketch cannot prove "
+                "its key by challenge, so re-checking is impossible: rework is an operator decision"
+            )
+        self._port(port, PortState.PROVISIONING, lot.name, step=Step.RESERVE, job=job)
+        reservation = await self._step(
+            job,
+            Step.RESERVE,
+            lambda: self.ledger.reserve(
+                lot.name, serial, station=self.settings.station, port=port, job_id=job.job_id,
+                actor=self.settings.station,
+            ),
+        )  # fmt: skip
+        device_id = job.device_id = reservation.device_id
+        structlog.contextvars.bind_contextvars(device_id=device_id)
+
+        async def step(name: str, action: Callable[[], Awaitable[T]]) -> T:
+            return await self._step(job, Step(name), action)
+
+        async def audit_issued(issued: IssuedCertificate) -> None:
+            await self._audit_issued(job, device_id, issued)
+
+        async with await ArduinoClient.open(path, resends=self.settings.resends) as client:
+            issued = await provision_arduino(
+                client, device_id=device_id, issuer=lot.issuer, step=step, on_issued=audit_issued
+            )
+        await self._record(job, device_id, issued)
+        return await self._succeed(job, "provisioned", started, job_finished=True)
 
     @asynccontextmanager
     async def _powered(self, port: str, lot: LotContext, job: _Job | None) -> AsyncIterator[None]:
@@ -269,10 +343,15 @@ class Pipeline:
         except EnumerationTimeoutError:
             return None
 
-    async def _start_job(self, port: str, lot: LotContext) -> _Job:
-        job_id = await self.ledger.start_job(lot.name, station=self.settings.station, port=port)
+    async def _start_job(self, port: str, lot: LotContext, hw_serial: str | None = None) -> _Job:
+        # The board has answered already: its serial goes into the job record in the same transaction.
+        job_id = await self.ledger.start_job(
+            lot.name, station=self.settings.station, port=port, hw_serial=hw_serial
+        )
         structlog.contextvars.bind_contextvars(job_id=job_id)
-        job = _Job(port, lot, job_id)
+        job = _Job(port, lot, job_id, hw_serial=hw_serial)
+        if hw_serial is not None:
+            structlog.contextvars.bind_contextvars(hw_serial=hw_serial)
         self._event(job, "job_started")
         return job
 
@@ -302,13 +381,7 @@ class Pipeline:
     async def _provision(self, job: _Job, client: BoardClient, info: BoardInfo, started: float) -> JobResult:
         lot = job.lot
         serial = info.serial_hex
-        holder = self._in_flight.get(serial)
-        if holder is not None and holder != job.port:
-            raise IdentityMismatchError(
-                f"secure-element serial {serial} is already being provisioned on port {holder}: "
-                "a cloned or lying board"
-            )
-        self._in_flight[serial] = job.port
+        self._claim_serial(job, serial)
         if job.hw_serial is None:
             job.hw_serial = serial
             structlog.contextvars.bind_contextvars(hw_serial=serial)
@@ -362,11 +435,23 @@ class Pipeline:
                 raise VerificationError("board acknowledged LOCK but reports itself unlocked")
 
         await self._record(job, device_id, issued)
-        return await self._succeed(job, "provisioned", started)
+        return await self._succeed(job, "provisioned", started, job_finished=True)
 
-    async def _succeed(self, job: _Job, outcome: Outcome, started: float) -> JobResult:
+    def _claim_serial(self, job: _Job, serial: str) -> None:
+        holder = self._in_flight.get(serial)
+        if holder is not None and holder != job.port:
+            raise IdentityMismatchError(
+                f"board serial {serial} is already being provisioned on port {holder}: "
+                "a cloned or lying board"
+            )
+        self._in_flight[serial] = job.port
+
+    async def _succeed(
+        self, job: _Job, outcome: Outcome, started: float, *, job_finished: bool = False
+    ) -> JobResult:
         duration = time.monotonic() - started
-        await self.ledger.finish_job(job.job_id, outcome=outcome, reason=None)
+        if not job_finished:  # _record closes the job in the transaction that records the board
+            await self.ledger.finish_job(job.job_id, outcome=outcome, reason=None)
         self._event(job, "job_finished", outcome=outcome, duration_s=duration)
         self._port(job.port, PortState.DONE, job.lot.name, step=None, job=job)
         log.info("job finished", outcome=outcome, duration_s=round(duration, 3), attempt=job.attempt)
@@ -466,7 +551,7 @@ class Pipeline:
         issued = IssuedCertificate.from_certificate(cert)
         job.device_id = device_id
         await self._record(job, device_id, issued)
-        return await self._succeed(job, "provisioned", started)
+        return await self._succeed(job, "provisioned", started, job_finished=True)
 
     async def _record(self, job: _Job, device_id: str, issued: IssuedCertificate) -> None:
         serial = job.hw_serial or ""
@@ -483,6 +568,7 @@ class Pipeline:
                 station=self.settings.station,
                 port=job.port,
                 actor=self.settings.station,
+                finish_job=job.job_id,
             ),
         )
 
@@ -496,6 +582,10 @@ class Pipeline:
         ):
             raise CsrRejectedError("CSR key is not the key the secure element just generated (replayed CSR?)")
         issued = issuer.issue(csr, device_id)
+        await self._audit_issued(job, device_id, issued)
+        return issued
+
+    async def _audit_issued(self, job: _Job, device_id: str, issued: IssuedCertificate) -> None:
         # Every certificate that ever leaves the station is in the audit trail, before it is written.
         await self.ledger.audit(
             actor=self.settings.station,
@@ -508,7 +598,6 @@ class Pipeline:
                 "job_id": job.job_id,
             },
         )
-        return issued
 
     @staticmethod
     def _objects(lot: LotContext, device_id: str, cert_der: bytes) -> list[tuple[ObjectId, bytes]]:
