@@ -114,6 +114,9 @@ def demo(
     no_lock: Annotated[bool, typer.Option("--no-lock", help="Do not lock secure elements.")] = False,
     no_flash: Annotated[bool, typer.Option("--no-flash", help="Skip the signed firmware update.")] = False,
     metrics: Annotated[bool, typer.Option(help="Serve /metrics on 127.0.0.1:9464.")] = False,
+    api_port: Annotated[
+        int | None, typer.Option(help="Serve the HTTP API and the station page on 127.0.0.1:PORT.")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "warning",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
@@ -138,6 +141,7 @@ def demo(
         state_dir=state_dir,
         ledger_url=ledger_url,
         metrics=metrics,
+        api_port=api_port,
         log_level=log_level,
         live_view=not as_json and sys.stdout.isatty(),
     )
@@ -281,6 +285,44 @@ def lots_pause(name: str, config: ConfigOption = None) -> None:
 def lots_close(name: str, config: ConfigOption = None) -> None:
     """Close a lot for good."""
     _set_state(name, "closed", config)
+
+
+@lots_app.command("key-to-token")
+def lots_key_to_token(
+    name: str,
+    module: Annotated[str, typer.Option(help="PKCS#11 module, e.g. /usr/lib/softhsm/libsofthsm2.so.")],
+    token: Annotated[str, typer.Option(help="Token label.")],
+    key_label: Annotated[str, typer.Option(help="Label for the key in the token.")],
+    keep_software_key: Annotated[bool, typer.Option(help="Keep the encrypted key file too.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Move a lot's CA key into a PKCS#11 token (PIN from credential factoryd-pkcs11-pin or env)."""
+    from factoryd.pki.pkcs11 import import_key_to_token, load_pkcs11_pin  # noqa: PLC0415
+    from factoryd.pki.store import BundleStore  # noqa: PLC0415
+    from factoryd.service import StationPaths, station_passphrase  # noqa: PLC0415
+
+    settings = _settings(config)
+
+    def move() -> str:
+        store = BundleStore(StationPaths(settings.station.state_dir).bundles, station_passphrase(settings))
+        bundle = store.load(name)
+        import_key_to_token(
+            bundle,
+            module,
+            token,
+            load_pkcs11_pin(),
+            key_label,
+            lot_dir=store.path(name),
+            remove_software_key=not keep_software_key,
+        )
+        return str(store.path(name))
+
+    where = _guard(move)
+    with _ledger(config) as ledger:
+        ledger.audit(
+            actor="cli", action="lot.key_to_token", subject=name, details={"token": token, "key": key_label}
+        )
+    typer.echo(f"CA key of {name} is now in token {token!r} as {key_label!r} (reference in {where})")
 
 
 @lots_app.command("progress")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import structlog
 
 from factoryd import __version__
+from factoryd.api import ApiContext, create_app, serve_api
 from factoryd.config import Settings
 from factoryd.errors import ConfigError
 from factoryd.flashing import ExternalFlasher
@@ -121,6 +122,7 @@ class Daemon:
         self.paths = StationPaths(settings.station.state_dir)
         self.metrics = Metrics(station=settings.station.name, line=settings.station.line, version=__version__)
         self.live = LiveState()
+        self.api_port: int | None = None
         self.station: Station | None = None
         self.notifier = Notifier()
 
@@ -169,6 +171,25 @@ class Daemon:
                 rescan_s=settings.jobs.rescan_s,
                 attention_after=settings.jobs.attention_after_failures,
             )
+            if settings.api.enabled:
+                api_ctx = ApiContext(
+                    settings=settings,
+                    ledger=ledger,
+                    paths=self.paths,
+                    passphrase=passphrase,
+                    live=self.live,
+                    station=station,
+                )
+                self.api_port = await stack.enter_async_context(
+                    serve_api(
+                        create_app(api_ctx),
+                        settings.api.host,
+                        settings.api.port,
+                        tls_cert=settings.api.tls_cert,
+                        tls_key=settings.api.tls_key,
+                    )
+                )
+                log.info("api listening", address=f"{settings.api.host}:{self.api_port}")
             # Fail before READY if the lot cannot be opened (wrong passphrase, missing bundle).
             lot = await station.lots.current()
             log.info(

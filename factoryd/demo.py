@@ -64,6 +64,8 @@ class DemoOptions:
     metrics: bool = False
     mqtt: bool = False
     log_level: str = "warning"
+    # Serve the HTTP API and the station page on 127.0.0.1:<port> (None: not at all).
+    api_port: int | None = None
     # Show a live view of the ports on the terminal (rich).
     live_view: bool = False
 
@@ -137,6 +139,8 @@ def demo_settings(options: DemoOptions, state_dir: Path) -> Settings:
             "backoff_initial_s": 0.01,
         },
         metrics={"enabled": options.metrics},
+        # The demo serves the API and station page only when asked (port 8080 may be taken).
+        api={"enabled": options.api_port is not None, "port": options.api_port or 0},
         mqtt={"enabled": options.mqtt},
         log={"level": options.log_level, "format": "console"},
     )

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from factoryd.config import Settings
 from factoryd.errors import BundleError
 from factoryd.firmware import FirmwareStore
-from factoryd.jobs.lots import cert_profile
+from factoryd.jobs.lots import cert_profile, lot_signer
 from factoryd.ledger import Ledger
 from factoryd.ledger.model import LotInfo
 from factoryd.pki.bundle import CaBundle, load_pem_bundle, load_pkcs12_bundle
@@ -77,7 +77,7 @@ def store_bundle(paths: StationPaths, passphrase: bytes, lot: str, bundle: CaBun
 def export_manifest(ledger: Ledger, paths: StationPaths, passphrase: bytes, lot: str) -> SignedManifest:
     """Build and sign the manifest of every provisioned device of a lot."""
     info = ledger.get_lot(lot)
-    bundle = BundleStore(paths.bundles, passphrase).load(info.name)
+    ca = lot_signer(BundleStore(paths.bundles, passphrase), info.name)
     records = [
         ManifestRecord(
             device_id=r.device_id,
@@ -92,7 +92,7 @@ def export_manifest(ledger: Ledger, paths: StationPaths, passphrase: bytes, lot:
         )
         for r in ledger.provisioned_devices(lot)
     ]
-    return build_manifest(info.name, records, bundle.signer(), bundle.chain)
+    return build_manifest(info.name, records, ca.signer, ca.chain)
 
 
 def write_manifest(manifest: SignedManifest, directory: Path) -> tuple[Path, Path]:

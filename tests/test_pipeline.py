@@ -192,3 +192,14 @@ async def test_a_bug_in_one_port_costs_that_port_not_the_line(
     station = await line.run(hub, done)
     assert "simulated bug" in (station.ports["1"].attention or "")
     assert station.outcomes["provisioned"] >= 4
+
+
+async def test_demo_with_the_arduino_profile(tmp_path: Path) -> None:
+    result = await run_demo(
+        DemoOptions(ports=4, boards=12, fault_rate=0.1, seed=3, profile="arduino-v1", state_dir=tmp_path)
+    )
+    assert sum(result.outcomes.values()) == 12
+    assert result.provisioned >= 8
+    assert result.duplicate_ids == 0
+    # Each board's rebuilt certificate is the ledger's, issued by the CA, for the board's own key.
+    assert result.certificates_verified == result.provisioned

@@ -8,12 +8,14 @@ ReconstructCert, which fails on a board that ACKed EndStorage but stored nothing
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
 from factoryd.errors import BoardStatusError, IssuanceError, VerificationError
 from factoryd.pki.arduino import ArduinoCertFields, arduino_compressed_fields
 from factoryd.pki.issuer import IssuedCertificate, Issuer
+from factoryd.pki.signer import SoftwareSigner
 from factoryd.protocol.arduino import ArduinoClient, device_id_bytes
 
 T = TypeVar("T")
@@ -69,7 +71,10 @@ async def provision_arduino(
 
     async def issue() -> tuple[IssuedCertificate, ArduinoCertFields]:
         csr = issuer.verify_csr(csr_pem, device_id)
-        issued = issuer.issue(csr, device_id)
+        if isinstance(issuer.signer, SoftwareSigner):
+            issued = issuer.issue(csr, device_id)
+        else:  # a PKCS#11 token may take many milliseconds: off the event loop
+            issued = await asyncio.to_thread(issuer.issue, csr, device_id)
         # Refuses a certificate the board's template could not rebuild, before anything is written.
         return issued, arduino_compressed_fields(issued.cert)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography import x509
+
 from factoryd.errors import LotStateError
 from factoryd.firmware import FirmwareStore, SignedFirmware
 from factoryd.ledger import AsyncLedger
@@ -14,6 +16,7 @@ from factoryd.pki.bundle import chain_pem
 from factoryd.pki.issuer import Issuer
 from factoryd.pki.pkcs11 import open_token_lot
 from factoryd.pki.profile import CertProfile
+from factoryd.pki.signer import Signer
 from factoryd.pki.store import BundleStore
 
 
@@ -36,21 +39,32 @@ def cert_profile(profile: LotProfile) -> CertProfile:
     return CertProfile(kind=profile.protocol, cert_validity_days=profile.cert_validity_days)
 
 
-def load_lot_context(info: LotInfo, bundles: BundleStore, firmware_dir: Path) -> LotContext:
-    """Open a lot's CA bundle and firmware (blocking: run off the event loop)."""
-    token_lot = open_token_lot(bundles.path(info.name))  # CA key in a PKCS#11 token (pkcs11.json)
+@dataclass(frozen=True, repr=False)
+class LotSigner:
+    """A lot's CA as the station uses it: the signer (software key or token), its chain, device PEM."""
+
+    signer: Signer
+    chain: tuple[x509.Certificate, ...]
+    chain_pem: bytes
+
+
+def lot_signer(bundles: BundleStore, lot: str) -> LotSigner:
+    """Open a lot's CA: a PKCS#11 token when its bundle names one (pkcs11.json), else the key file."""
+    token_lot = open_token_lot(bundles.path(lot))
     if token_lot is not None:
-        issuer = Issuer(token_lot.signer, token_lot.chain, cert_profile(info.profile))
-        written_chain = token_lot.chain_pem
-    else:
-        bundle = bundles.load(info.name)
-        issuer = Issuer(bundle.signer(), bundle.chain, cert_profile(info.profile))
-        written_chain = chain_pem(bundle)
+        return LotSigner(token_lot.signer, token_lot.chain, token_lot.chain_pem)
+    bundle = bundles.load(lot)
+    return LotSigner(bundle.signer(), bundle.chain, chain_pem(bundle))
+
+
+def load_lot_context(info: LotInfo, bundles: BundleStore, firmware_dir: Path) -> LotContext:
+    """Open a lot's CA and firmware (blocking: run off the event loop)."""
+    ca = lot_signer(bundles, info.name)
     return LotContext(
         name=info.name,
         profile=info.profile,
-        issuer=issuer,
-        chain_pem=written_chain,
+        issuer=Issuer(ca.signer, ca.chain, cert_profile(info.profile)),
+        chain_pem=ca.chain_pem,
         firmware=FirmwareStore(firmware_dir).load(info.name),
     )
 

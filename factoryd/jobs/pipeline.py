@@ -54,6 +54,7 @@ from factoryd.ledger import AsyncLedger
 from factoryd.ledger.model import DeviceRecord, DeviceState
 from factoryd.pki.challenge import verify_challenge
 from factoryd.pki.issuer import IssuedCertificate
+from factoryd.pki.signer import SoftwareSigner
 from factoryd.protocol.arduino import ArduinoClient
 from factoryd.protocol.client import BoardClient, Timeouts
 from factoryd.protocol.messages import BoardInfo, ObjectId
@@ -581,7 +582,11 @@ class Pipeline:
             public.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint) != point
         ):
             raise CsrRejectedError("CSR key is not the key the secure element just generated (replayed CSR?)")
-        issued = issuer.issue(csr, device_id)
+        if isinstance(issuer.signer, SoftwareSigner):
+            issued = issuer.issue(csr, device_id)  # well under a millisecond: not worth a thread hop
+        else:
+            # A token (PKCS#11) signs in ms to 100s of ms: never on the event loop.
+            issued = await asyncio.to_thread(issuer.issue, csr, device_id)
         await self._audit_issued(job, device_id, issued)
         return issued
 

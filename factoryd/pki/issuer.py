@@ -169,6 +169,11 @@ class Issuer:
         return f"Issuer(ca={subject!r}, profile={self._profile.kind!r})"
 
     @property
+    def signer(self) -> Signer:
+        """The CA signer (a software key, or a token whose signatures may take milliseconds)."""
+        return self._signer
+
+    @property
     def profile(self) -> CertProfile:
         """The device certificate profile."""
         return self._profile

@@ -93,9 +93,13 @@ class BundleStore:
         if not directory.is_dir():
             raise BundleError(f"lot {lot!r} has no CA bundle")
         try:
-            key = serialization.load_pem_private_key(
-                (directory / KEY_FILE).read_bytes(), bytes(self._passphrase)
-            )
+            key_pem = (directory / KEY_FILE).read_bytes()
+        except FileNotFoundError:
+            raise BundleError(
+                f"lot {lot!r} has no CA key file (was it moved into a PKCS#11 token? see docs/pkcs11.md)"
+            ) from None
+        try:
+            key = serialization.load_pem_private_key(key_pem, bytes(self._passphrase))
         except (ValueError, TypeError):
             raise SignerError(f"the station passphrase does not decrypt the CA key of lot {lot!r}") from None
         if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
