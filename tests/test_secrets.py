@@ -1,5 +1,5 @@
-"""Secrets stay secret: after a full run with debug logging, the CA key and the passphrases appear
-nowhere in the logs, the database, the MQTT payloads or the metrics."""
+"""Secrets stay secret: after a full run with debug logging, the CA key, the passphrases and API
+tokens appear nowhere in the logs, the database, the MQTT payloads or the metrics."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import asyncio
 import secrets
 from pathlib import Path
 
+import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 from mqtt_broker import MosquittoBroker, MqttRecorder
 
+from factoryd.api import TokenStore
 from factoryd.config import load_settings
 from factoryd.daemon import Daemon, DaemonHooks
 from factoryd.hub.sim import SimHub
@@ -35,6 +37,7 @@ async def test_no_secret_leaks_anywhere(
         hub={"backend": "sim", "sim": {"ports": 2, "boards": 4}, "power_cycle_off_s": 0},
         jobs={"lot": LOT, "rescan_s": 0.1},
         metrics={"enabled": False},
+        api={"enabled": True, "port": 0},
         mqtt={"enabled": True, "port": mqtt_broker.port},
         log={"level": "debug", "format": "json"},
     )
@@ -47,6 +50,15 @@ async def test_no_secret_leaks_anywhere(
         ids = "\n".join(f"00000000-0000-4000-8000-{n:012d}" for n in range(8))
         ledger.import_ids(LOT, ids.encode(), filename="ids.txt", actor="test")
         ledger.set_lot_state(LOT, LotState.ACTIVE, actor="test")
+    with TokenStore.open(settings.ledger_url) as tokens:
+        _, api_token = tokens.create("wall-screen", "supervisor")
+
+    async def use_the_api(station: object) -> None:
+        # Authenticated calls while the line runs: the token travels, but must not be recorded.
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{daemon.api_port}") as client:
+            for path in ("/ports", "/lots", f"/lots/{LOT}/progress"):
+                response = await client.get(path, headers={"Authorization": f"Bearer {api_token}"})
+                assert response.status_code == 200, response.text
 
     hub = SimHub(2, SimBoard, supply=4)
     daemon = Daemon(
@@ -63,6 +75,8 @@ async def test_no_secret_leaks_anywhere(
     forbidden = {
         "station passphrase": station_pass,
         "upload passphrase": upload_pass,
+        "API token": api_token.encode(),
+        "API token secret part": api_token.rsplit("_", 1)[-1].encode(),
         "CA key scalar (hex)": f"{scalar:x}".encode(),
         "CA key scalar (decimal)": str(scalar).encode(),
         "CA key DER": key.private_bytes(
