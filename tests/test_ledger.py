@@ -81,8 +81,10 @@ def reserve(ledger: Ledger, lot: str, serial: str, port: str = "1") -> tuple[str
     return r.device_id, r.resumed, r.state
 
 
-def provision(ledger: Ledger, lot: str, device_id: str, serial: str) -> None:
-    """Mark a reserved ID provisioned with the fixed test certificate."""
+def provision(
+    ledger: Ledger, lot: str, device_id: str, serial: str, *, finish_job: int | None = None
+) -> None:
+    """Mark a reserved ID provisioned with the fixed test certificate (and close ``finish_job``)."""
     ledger.mark_provisioned(
         lot,
         device_id,
@@ -93,6 +95,7 @@ def provision(ledger: Ledger, lot: str, device_id: str, serial: str) -> None:
         station="st1",
         port="1",
         actor=ACTOR,
+        finish_job=finish_job,
     )
 
 
@@ -305,6 +308,66 @@ def test_jobs_and_attempts_are_recorded(ledger: Ledger) -> None:
         ledger.record_attempt(10**9, step="x", outcome="ok", reason=None, duration_s=0.0)
     with pytest.raises(LotNotFoundError):
         ledger.start_job("missing", station="s", port="1")
+
+
+def job_row(ledger: Ledger, job_id: int) -> tuple[str | None, str | None, bool]:
+    """(hw_serial, outcome, finished) of a job, read behind the ledger's back."""
+    with ledger._engine.connect() as connection:
+        row = connection.execute(
+            text("SELECT hw_serial, outcome, finished_at FROM job WHERE id = :id"), {"id": job_id}
+        ).one()
+        return row.hw_serial, row.outcome, row.finished_at is not None
+
+
+def test_start_job_records_the_serial_in_one_call(ledger: Ledger) -> None:
+    lot = make_lot(ledger, new_ids(1))
+    job = ledger.start_job(lot, station="st1", port="3", hw_serial="se-9")
+    assert job_row(ledger, job) == ("se-9", None, False)
+    with pytest.raises(InputError, match="hw_serial"):
+        ledger.start_job(lot, station="st1", port="3", hw_serial="has space")
+    assert job_row(ledger, ledger.start_job(lot, station="st1", port="4")) == (None, None, False)
+
+
+def test_mark_provisioned_finishes_the_job_in_the_same_transaction(ledger: Ledger) -> None:
+    lot = make_lot(ledger, new_ids(3))
+    job = ledger.start_job(lot, station="st1", port="1", hw_serial="se-1")
+    device_id, _, _ = reserve(ledger, lot, "se-1")
+    provision(ledger, lot, device_id, "se-1", finish_job=job)
+    assert job_row(ledger, job) == ("se-1", "provisioned", True)
+    provision(ledger, lot, device_id, "se-1", finish_job=job)  # a retry after a lost reply: no-op
+    assert job_row(ledger, job) == ("se-1", "provisioned", True)
+    with pytest.raises(Exception, match="already finished"):
+        ledger.finish_job(job, outcome="failed", reason="late")
+
+    # A job that cannot be closed refuses the whole record: the ID stays reserved, no audit entry.
+    other, _, _ = reserve(ledger, lot, "se-2")
+    before = ledger.verify_audit()
+    with pytest.raises(JobNotFoundError):
+        provision(ledger, lot, other, "se-2", finish_job=10**9)
+    with pytest.raises(Exception, match="already finished"):
+        provision(ledger, lot, other, "se-2", finish_job=job)
+    record = ledger.find_by_serial(lot, "se-2")
+    assert record is not None
+    assert record.state is DeviceState.RESERVED
+    assert ledger.verify_audit() == before
+
+
+def test_lookups_of_unknown_lots_and_ids(ledger: Ledger) -> None:
+    lot = make_lot(ledger, new_ids(1))
+    device_id, _, _ = reserve(ledger, lot, "se-1")
+    found = ledger.find_device(device_id)
+    assert found is not None
+    assert (found.lot, found.hw_serial, found.state) == (lot, "se-1", DeviceState.RESERVED)
+    assert found.reserved_at is not None
+    assert found.reserved_at.tzinfo is not None
+    assert ledger.find_device(str(uuid.uuid4())) is None
+    assert ledger.find_by_serial(lot, "nobody") is None
+    with pytest.raises(LotNotFoundError):
+        ledger.find_by_serial("missing", "se-1")
+    with pytest.raises(JobNotFoundError):
+        ledger.set_job_serial(10**9, "se-1")
+    with pytest.raises(JobNotFoundError):
+        ledger.finish_job(10**9, outcome="ok", reason=None)
 
 
 def audit_actions(ledger: Ledger, after_seq: int) -> list[tuple[str, str]]:

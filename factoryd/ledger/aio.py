@@ -145,6 +145,7 @@ class AsyncLedger:
         station: str,
         port: str,
         actor: str,
+        finish_job: int | None = None,
     ) -> None:
         """See :meth:`Ledger.mark_provisioned`."""
         await self._run(
@@ -158,6 +159,7 @@ class AsyncLedger:
             station=station,
             port=port,
             actor=actor,
+            finish_job=finish_job,
         )
 
     async def void(self, lot: str, device_id: str, reason: str, *, actor: str) -> None:
@@ -180,9 +182,9 @@ class AsyncLedger:
         """See :meth:`Ledger.provisioned_devices`."""
         return await self._run(self._ledger.provisioned_devices, lot)
 
-    async def start_job(self, lot: str, *, station: str, port: str) -> int:
+    async def start_job(self, lot: str, *, station: str, port: str, hw_serial: str | None = None) -> int:
         """See :meth:`Ledger.start_job`."""
-        return await self._run(self._ledger.start_job, lot, station=station, port=port)
+        return await self._run(self._ledger.start_job, lot, station=station, port=port, hw_serial=hw_serial)
 
     async def set_job_serial(self, job_id: int, hw_serial: str) -> None:
         """See :meth:`Ledger.set_job_serial`."""

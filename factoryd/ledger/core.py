@@ -17,10 +17,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Literal, Self, TypeAlias, cast
+from typing import Any, Literal, Self
 
 import psycopg
-from sqlalchemy import ARRAY, Row, String, Table, any_, bindparam, event, func, insert, literal, update
+from sqlalchemy import ARRAY, String, any_, event, func, literal
 from sqlalchemy import select as core_select
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, InterfaceError, OperationalError, SQLAlchemyError
@@ -45,6 +45,16 @@ from factoryd.ledger.errors import (
     LedgerUnavailableError,
     LotExistsError,
 )
+from factoryd.ledger.hot import (
+    DEVICE,
+    DEVICE_COLUMNS,
+    DRIVER_ERRORS,
+    DRIVER_INTEGRITY_ERRORS,
+    DRIVER_UNAVAILABLE_ERRORS,
+    HotStatements,
+    Tx,
+    driver_transaction,
+)
 from factoryd.ledger.idlist import DEFAULT_MAX_BYTES, ParsedList, check_size, list_source, parse_id_list
 from factoryd.ledger.migrate import upgrade_to_head
 from factoryd.ledger.model import (
@@ -63,11 +73,9 @@ from factoryd.ledger.tables import (
     AUDIT_SUBJECT_MAX_CHARS,
     LABEL_MAX_CHARS,
     SERIAL_MAX_CHARS,
-    AttemptRow,
     AuditEntryRow,
     AuditHeadRow,
     DeviceRow,
-    JobRow,
     LotRow,
 )
 
@@ -87,134 +95,8 @@ _HEX = re.compile(r"[0-9a-f]+")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 # What a job that ends in mark_provisioned(..., finish_job=...) is closed with.
 PROVISIONED_JOB_OUTCOME = "provisioned"
-
-_DbRow: TypeAlias = Row[*tuple[Any, ...]]
-
-# -- hot path: SQLAlchemy Core statements, built once ----------------------------------------------
-# The per-board calls (jobs, reserve, audit, mark_provisioned, lookups) run these on a plain
-# Connection: no ORM unit of work, and each statement object is built once so its compiled
-# form comes straight from the engine's cache. Locking is the same as the ORM path's: FOR
-# SHARE on the lot, FOR UPDATE on device/job/head rows, SKIP LOCKED for the claim (SQLite
-# renders none of these; its writers are serialised by BEGIN IMMEDIATE).
-_LOT = cast(Table, LotRow.__table__)  # type: ignore[attr-defined]
-_DEVICE = cast(Table, DeviceRow.__table__)  # type: ignore[attr-defined]
-_JOB = cast(Table, JobRow.__table__)  # type: ignore[attr-defined]
-_ATTEMPT = cast(Table, AttemptRow.__table__)  # type: ignore[attr-defined]
-_AUDIT = cast(Table, AuditEntryRow.__table__)  # type: ignore[attr-defined]
-_HEAD = cast(Table, AuditHeadRow.__table__)  # type: ignore[attr-defined]
-_DEVICE_COLUMNS = (
-    _DEVICE.c.id,
-    _DEVICE.c.device_id,
-    _DEVICE.c.state,
-    _DEVICE.c["metadata"],
-    _DEVICE.c.hw_serial,
-    _DEVICE.c.station,
-    _DEVICE.c.port,
-    _DEVICE.c.job_id,
-    _DEVICE.c.reserved_at,
-    _DEVICE.c.provisioned_at,
-    _DEVICE.c.cert_der,
-    _DEVICE.c.cert_serial,
-    _DEVICE.c.cert_fingerprint_sha256,
-    _DEVICE.c.void_reason,
-)
-_Q_LOT_ID = core_select(_LOT.c.id).where(_LOT.c.name == bindparam("name"))
-_Q_LOT_STATE_SHARED = (
-    core_select(_LOT.c.id, _LOT.c.state).where(_LOT.c.name == bindparam("name")).with_for_update(read=True)
-)
-_Q_HEAD_LOCKED = (
-    core_select(_HEAD.c.seq, _HEAD.c.hash).where(_HEAD.c.id == AUDIT_HEAD_ROW_ID).with_for_update()
-)
-_Q_INSERT_AUDIT = insert(_AUDIT)
-_Q_UPDATE_HEAD = (
-    update(_HEAD)
-    .where(_HEAD.c.id == AUDIT_HEAD_ROW_ID)
-    .values(seq=bindparam("new_seq"), hash=bindparam("new_hash"))
-)
-_Q_DEVICE_BY_SERIAL_LOCKED = (
-    core_select(*_DEVICE_COLUMNS)
-    .where(_DEVICE.c.lot_id == bindparam("lot_id"), _DEVICE.c.hw_serial == bindparam("hw_serial"))
-    .with_for_update()
-)
-_Q_DEVICE_BY_SERIAL = core_select(*_DEVICE_COLUMNS).where(
-    _DEVICE.c.lot_id == bindparam("lot_id"), _DEVICE.c.hw_serial == bindparam("hw_serial")
-)
-_Q_DEVICE_BY_ID_LOCKED = (
-    core_select(*_DEVICE_COLUMNS)
-    .where(_DEVICE.c.lot_id == bindparam("lot_id"), _DEVICE.c.device_id == bindparam("device_id"))
-    .with_for_update()
-)
-_Q_DEVICE_ANY_LOT = (
-    core_select(*_DEVICE_COLUMNS, _LOT.c.name)
-    .join(_LOT, _LOT.c.id == _DEVICE.c.lot_id)
-    .where(_DEVICE.c.device_id == bindparam("device_id"))
-)
-_Q_CLAIM = (
-    core_select(*_DEVICE_COLUMNS)
-    .where(_DEVICE.c.lot_id == bindparam("lot_id"), _DEVICE.c.state == DeviceState.AVAILABLE.value)
-    .order_by(_DEVICE.c.id)
-    .limit(1)
-    .with_for_update(skip_locked=True)
-)
-_Q_RESERVE = (
-    update(_DEVICE)
-    .where(_DEVICE.c.id == bindparam("row_id"))
-    .values(
-        state=DeviceState.RESERVED.value,
-        hw_serial=bindparam("b_hw_serial"),
-        station=bindparam("b_station"),
-        port=bindparam("b_port"),
-        job_id=bindparam("b_job_id"),
-        reserved_at=bindparam("b_at"),
-    )
-)
-_Q_MOVE_RESERVATION = (
-    update(_DEVICE)
-    .where(_DEVICE.c.id == bindparam("row_id"))
-    .values(station=bindparam("b_station"), port=bindparam("b_port"), job_id=bindparam("b_job_id"))
-)
-_Q_PROVISION = (
-    update(_DEVICE)
-    .where(_DEVICE.c.id == bindparam("row_id"))
-    .values(
-        state=DeviceState.PROVISIONED.value,
-        cert_der=bindparam("b_cert_der"),
-        cert_serial=bindparam("b_cert_serial"),
-        cert_fingerprint_sha256=bindparam("b_fingerprint"),
-        provisioned_at=bindparam("b_at"),
-        station=bindparam("b_station"),
-        port=bindparam("b_port"),
-    )
-)
-_Q_INSERT_JOB = insert(_JOB).values(
-    lot_id=bindparam("b_lot_id"),
-    station=bindparam("b_station"),
-    port=bindparam("b_port"),
-    hw_serial=bindparam("b_hw_serial"),
-    started_at=bindparam("b_at"),
-)
-_Q_JOB_LOCKED = (
-    core_select(_JOB.c.id, _JOB.c.outcome, _JOB.c.finished_at)
-    .where(_JOB.c.id == bindparam("job_id"))
-    .with_for_update()
-)
-_Q_SET_JOB_SERIAL = (
-    update(_JOB).where(_JOB.c.id == bindparam("job_id")).values(hw_serial=bindparam("b_hw_serial"))
-)
-# Only an open job is finished: the WHERE makes "already finished" a 0-row update, atomically.
-_Q_FINISH_JOB = (
-    update(_JOB)
-    .where(_JOB.c.id == bindparam("job_id"), _JOB.c.finished_at.is_(None))
-    .values(finished_at=bindparam("b_at"), outcome=bindparam("b_outcome"), reason=bindparam("b_reason"))
-)
-_Q_INSERT_ATTEMPT = insert(_ATTEMPT).values(
-    job_id=bindparam("b_job_id"),
-    step=bindparam("b_step"),
-    outcome=bindparam("b_outcome"),
-    reason=bindparam("b_reason"),
-    duration_s=bindparam("b_duration_s"),
-    at=bindparam("b_at"),
-)
+_INTEGRITY_ERRORS: tuple[type[Exception], ...] = (IntegrityError, *DRIVER_INTEGRITY_ERRORS)
+_OTHER_DB_ERRORS: tuple[type[Exception], ...] = (SQLAlchemyError, *DRIVER_ERRORS)
 
 
 def _now() -> datetime:
@@ -316,6 +198,7 @@ class Ledger:
         # Lot name -> id. Lots are never deleted or renamed, so an entry never goes stale; a
         # lot's *state* is never cached: the calls that depend on it read it in their transaction.
         self._lot_ids: dict[str, int] = {}
+        self._statements = HotStatements(engine.dialect)
         self._closed = False
 
     # -- life cycle -------------------------------------------------------------------------
@@ -354,21 +237,24 @@ class Ledger:
         return self._engine.dialect.name
 
     @contextmanager
-    def _translated(self, on_integrity: Callable[[IntegrityError], Exception] | None) -> Iterator[None]:
-        """Translate database errors raised inside the block into ledger errors."""
+    def _translated(self, on_integrity: Callable[[Exception], Exception] | None) -> Iterator[None]:
+        """Translate database errors (SQLAlchemy's or the driver's) raised in the block into ledger errors."""
         if self._closed:
             raise LedgerError("the ledger is closed")
         try:
             yield
-        except IntegrityError as exc:
+        except _INTEGRITY_ERRORS as exc:
+            orig = exc.orig if isinstance(exc, IntegrityError) else exc
             if on_integrity is None:
                 raise ReservationConflictError(
-                    f"the ledger refused a change that breaks a rule: {exc.orig}"
+                    f"the ledger refused a change that breaks a rule: {orig}"
                 ) from exc
             raise on_integrity(exc) from exc
         except (OperationalError, InterfaceError) as exc:
             raise LedgerUnavailableError(f"ledger database unavailable: {exc.orig or exc}") from exc
-        except SQLAlchemyError as exc:
+        except DRIVER_UNAVAILABLE_ERRORS as exc:
+            raise LedgerUnavailableError(f"ledger database unavailable: {exc}") from exc
+        except _OTHER_DB_ERRORS as exc:
             raise LedgerError(f"ledger database error: {exc}") from exc
 
     @contextmanager
@@ -376,7 +262,7 @@ class Ledger:
         self,
         *,
         write: bool,
-        on_integrity: Callable[[IntegrityError], Exception] | None = None,
+        on_integrity: Callable[[Exception], Exception] | None = None,
         snapshot: bool = False,
     ) -> Iterator[Session]:
         """One ORM transaction: committed on success, rolled back on any error, DB errors translated."""
@@ -389,19 +275,48 @@ class Ledger:
             yield session
 
     @contextmanager
-    def _connection(
-        self, *, write: bool, on_integrity: Callable[[IntegrityError], Exception] | None = None
-    ) -> Iterator[Connection]:
-        """One Core transaction (the hot path): committed on success, rolled back on any error."""
-        bind = self._write_engine if write else self._engine
-        with self._translated(on_integrity), bind.begin() as connection:
+    def _hot(
+        self, *, write: bool, on_integrity: Callable[[Exception], Exception] | None = None
+    ) -> Iterator[Tx]:
+        """One hot-path transaction on a pooled connection's driver: committed before it returns."""
+        with self._translated(on_integrity):
+            fairy = self._engine.raw_connection()
+            checked_in = False
+            try:
+                with driver_transaction(
+                    fairy.driver_connection, sqlite=not self._is_postgres, write=write
+                ) as cursor:
+                    yield Tx(cursor, self._statements)
+            except DRIVER_UNAVAILABLE_ERRORS:
+                if self._is_postgres:
+                    # A lost server connection must not go back to the pool (invalidate checks it in).
+                    fairy.invalidate()
+                    checked_in = True
+                raise
+            finally:
+                if not checked_in:
+                    fairy.close()
+
+    @contextmanager
+    def _connection(self) -> Iterator[Connection]:
+        """One read-only SQLAlchemy Core transaction (for queries off the hot path)."""
+        with self._translated(None), self._engine.begin() as connection:
             yield connection
+
+    @contextmanager
+    def _session_tx(self, session: Session) -> Iterator[Tx]:
+        """The hot-path statements inside an ORM session's transaction."""
+        cursor = session.connection().connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
+            yield Tx(cursor, self._statements)
+        finally:
+            cursor.close()
 
     # -- audit ------------------------------------------------------------------------------
 
     def _append_audit(
         self,
-        connection: Connection,
+        tx: Tx,
         *,
         actor: str,
         action: str,
@@ -414,8 +329,10 @@ class Ledger:
         _require_label(action, "action", 64)
         _require_label(subject, "subject", AUDIT_SUBJECT_MAX_CHARS)
         details_json = canonical_json(details)
-        head_seq, head_hash = connection.execute(_Q_HEAD_LOCKED).one()
-        seq = head_seq + 1
+        head = tx.first("head_locked")
+        if head is None:
+            raise LedgerError("the audit chain head row is missing")
+        seq = head.seq + 1
         digest = link_hash(
             seq=seq,
             at=at,
@@ -423,29 +340,31 @@ class Ledger:
             action=action,
             subject=subject,
             details_json=details_json,
-            prev_hash=head_hash,
+            prev_hash=head.hash,
         )
-        connection.execute(
-            _Q_INSERT_AUDIT,
+        tx.execute(
+            "insert_audit",
             {
-                "seq": seq,
-                "at": at,
-                "actor": actor,
-                "action": action,
-                "subject": subject,
-                "details": details_json,
-                "prev_hash": head_hash,
-                "hash": digest,
+                "b_seq": seq,
+                "b_at": at,
+                "b_actor": actor,
+                "b_action": action,
+                "b_subject": subject,
+                "b_details": details_json,
+                "b_prev_hash": head.hash,
+                "b_hash": digest,
             },
         )
-        connection.execute(_Q_UPDATE_HEAD, {"new_seq": seq, "new_hash": digest})
+        tx.execute("update_head", {"b_seq": seq, "b_hash": digest})
+
+    def _audit_in_session(self, session: Session, **entry: Any) -> None:
+        with self._session_tx(session) as tx:
+            self._append_audit(tx, **entry)
 
     def audit(self, *, actor: str, action: str, subject: str, details: dict[str, object]) -> None:
         """Append an entry to the audit trail (for events outside the ledger's own transitions)."""
-        with self._connection(write=True) as connection:
-            self._append_audit(
-                connection, actor=actor, action=action, subject=subject, details=details, at=_now()
-            )
+        with self._hot(write=True) as tx:
+            self._append_audit(tx, actor=actor, action=action, subject=subject, details=details, at=_now())
 
     def verify_audit(self) -> int:
         """Recompute the whole hash chain; return the entry count or raise AuditChainError."""
@@ -525,8 +444,8 @@ class Ledger:
             )
             session.add(row)
             session.flush()
-            self._append_audit(
-                session.connection(),
+            self._audit_in_session(
+                session,
                 actor=actor,
                 action="lot.created",
                 subject=name,
@@ -550,8 +469,8 @@ class Ledger:
                 raise LotStateError(f"lot {lot!r} cannot go from {current} to {target} (allowed: {allowed})")
             row.state = target.value
             session.add(row)
-            self._append_audit(
-                session.connection(),
+            self._audit_in_session(
+                session,
                 actor=actor,
                 action="lot.state_changed",
                 subject=lot,
@@ -600,9 +519,10 @@ class Ledger:
             data, id_format=info.profile.id_format, filename=filename, fmt=fmt, max_bytes=max_bytes
         )
 
-        def clash(exc: IntegrityError) -> Exception:
+        def clash(exc: Exception) -> Exception:
+            orig = exc.orig if isinstance(exc, IntegrityError) else exc
             return IdListError(
-                f"{source}: an ID was imported concurrently elsewhere ({exc.orig}); nothing was imported"
+                f"{source}: an ID was imported concurrently elsewhere ({orig}); nothing was imported"
             )
 
         now = _now()
@@ -614,8 +534,8 @@ class Ledger:
             if row.id is None:
                 raise LedgerError(f"lot {lot!r} has no id")
             self._insert_ids(session, row.id, parsed, source)
-            self._append_audit(
-                session.connection(),
+            self._audit_in_session(
+                session,
                 actor=actor,
                 action="ids.imported",
                 subject=lot,
@@ -690,30 +610,30 @@ class Ledger:
     # -- reservations -----------------------------------------------------------------------
 
     @staticmethod
-    def _reservation(row: _DbRow, *, resumed: bool, state: DeviceState | None = None) -> Reservation:
+    def _reservation(row: Any, *, resumed: bool) -> Reservation:
         return Reservation(
             device_id=row.device_id,
             hw_serial=row.hw_serial or "",
             resumed=resumed,
-            state=state or DeviceState(row.state),
+            state=DeviceState(row.state),
             metadata=dict(row.metadata),
         )
 
-    def _lot_shared(self, connection: Connection, lot: str) -> tuple[int, LotState]:
+    def _lot_shared(self, tx: Tx, lot: str) -> tuple[int, LotState]:
         """The lot's id and state, share-locked for the transaction (a state change waits for it)."""
-        found = connection.execute(_Q_LOT_STATE_SHARED, {"name": lot}).first()
+        found = tx.first("lot_shared", {"name": lot})
         if found is None:
             raise LotNotFoundError(f"no lot named {lot!r}")
         return found.id, LotState(found.state)
 
-    def _lot_id(self, connection: Connection, lot: str) -> int:
+    def _lot_id(self, tx: Tx, lot: str) -> int:
         """The lot's id; cached, since a lot keeps its name and id for good (lots are never deleted)."""
         lot_id = self._lot_ids.get(lot)
         if lot_id is None:
-            lot_id = connection.execute(_Q_LOT_ID, {"name": lot}).scalar()
-            if lot_id is None:
+            found = tx.first("lot_id", {"name": lot})
+            if found is None:
                 raise LotNotFoundError(f"no lot named {lot!r}")
-            self._lot_ids[lot] = lot_id
+            lot_id = self._lot_ids[lot] = found.id
         return lot_id
 
     def reserve(
@@ -737,27 +657,23 @@ class Ledger:
     def _reserve_once(
         self, lot: str, hw_serial: str, *, station: str, port: str, job_id: int | None, actor: str
     ) -> Reservation:
-        def race(_exc: IntegrityError) -> Exception:
+        def race(_exc: Exception) -> Exception:
             return _SerialRaceError()
 
         now = _now()
-        with self._connection(write=True, on_integrity=race) as connection:
-            lot_id, lot_state = self._lot_shared(connection, lot)
+        with self._hot(write=True, on_integrity=race) as tx:
+            lot_id, lot_state = self._lot_shared(tx, lot)
             if lot_state is not LotState.ACTIVE:
                 raise LotStateError(f"lot {lot!r} is {lot_state}; reservations need an active lot")
-            existing = connection.execute(
-                _Q_DEVICE_BY_SERIAL_LOCKED, {"lot_id": lot_id, "hw_serial": hw_serial}
-            ).first()
+            existing = tx.first("device_by_serial_locked", {"lot_id": lot_id, "hw_serial": hw_serial})
             if existing is not None:
-                return self._resume(
-                    connection, existing, lot, station=station, port=port, job_id=job_id, actor=actor
-                )
-            row = connection.execute(_Q_CLAIM, {"lot_id": lot_id}).first()
+                return self._resume(tx, existing, lot, station=station, port=port, job_id=job_id, actor=actor)
+            row = tx.first("claim", {"lot_id": lot_id})
             if row is None:
                 raise IdsExhaustedError(f"lot {lot!r} has no available IDs left")
             # A concurrent reservation of the same serial fails here (unique index), before auditing.
-            connection.execute(
-                _Q_RESERVE,
+            tx.execute(
+                "reserve",
                 {
                     "row_id": row.id,
                     "b_hw_serial": hw_serial,
@@ -768,7 +684,7 @@ class Ledger:
                 },
             )
             self._append_audit(
-                connection,
+                tx,
                 actor=actor,
                 action="id.reserved",
                 subject=row.device_id,
@@ -791,8 +707,8 @@ class Ledger:
 
     def _resume(
         self,
-        connection: Connection,
-        row: _DbRow,
+        tx: Tx,
+        row: Any,
         lot: str,
         *,
         station: str,
@@ -808,12 +724,12 @@ class Ledger:
             )
         if state is DeviceState.RESERVED:
             moved = {"station": row.station, "port": row.port, "job_id": row.job_id}
-            connection.execute(
-                _Q_MOVE_RESERVATION,
+            tx.execute(
+                "move_reservation",
                 {"row_id": row.id, "b_station": station, "b_port": port, "b_job_id": job_id},
             )
             self._append_audit(
-                connection,
+                tx,
                 actor=actor,
                 action="id.resumed",
                 subject=row.device_id,
@@ -830,8 +746,8 @@ class Ledger:
         return self._reservation(row, resumed=True)
 
     @staticmethod
-    def _device_row(connection: Connection, lot_id: int, lot: str, device_id: str) -> _DbRow:
-        row = connection.execute(_Q_DEVICE_BY_ID_LOCKED, {"lot_id": lot_id, "device_id": device_id}).first()
+    def _device_row(tx: Tx, lot_id: int, lot: str, device_id: str) -> Any:
+        row = tx.first("device_by_id_locked", {"lot_id": lot_id, "device_id": device_id})
         if row is None:
             raise DeviceNotFoundError(f"no ID {device_id!r} in lot {lot!r}")
         return row
@@ -864,11 +780,11 @@ class Ledger:
         if not _HEX.fullmatch(serial_hex) or len(serial_hex) > 64:
             raise InputError(f"cert_serial must be hex, got {cert_serial!r}")
         now = _now()
-        with self._connection(write=True) as connection:
-            lot_id, lot_state = self._lot_shared(connection, lot)
+        with self._hot(write=True) as tx:
+            lot_id, lot_state = self._lot_shared(tx, lot)
             if lot_state not in (LotState.ACTIVE, LotState.PAUSED):
                 raise LotStateError(f"lot {lot!r} is {lot_state}; it records no more devices")
-            row = self._device_row(connection, lot_id, lot, device_id)
+            row = self._device_row(tx, lot_id, lot, device_id)
             if (
                 row.state == DeviceState.PROVISIONED
                 and row.hw_serial == hw_serial
@@ -878,7 +794,7 @@ class Ledger:
                 # closed with it, if it was asked to be).
                 if finish_job is not None:
                     self._finish_job(
-                        connection,
+                        tx,
                         finish_job,
                         outcome=PROVISIONED_JOB_OUTCOME,
                         reason=None,
@@ -892,8 +808,8 @@ class Ledger:
                     f"{f' for serial {row.hw_serial!r}' if row.hw_serial else ''}, "
                     f"not reserved to serial {hw_serial!r}"
                 )
-            connection.execute(
-                _Q_PROVISION,
+            tx.execute(
+                "provision",
                 {
                     "row_id": row.id,
                     "b_cert_der": cert_der,
@@ -905,7 +821,7 @@ class Ledger:
                 },
             )
             self._append_audit(
-                connection,
+                tx,
                 actor=actor,
                 action="id.provisioned",
                 subject=device_id,
@@ -920,28 +836,24 @@ class Ledger:
                 at=now,
             )
             if finish_job is not None:
-                self._finish_job(connection, finish_job, outcome=PROVISIONED_JOB_OUTCOME, reason=None, at=now)
+                self._finish_job(tx, finish_job, outcome=PROVISIONED_JOB_OUTCOME, reason=None, at=now)
 
     def void(self, lot: str, device_id: str, reason: str, *, actor: str) -> None:
         """Take an ID out of use for good, keeping its serial binding and certificate on record."""
         if not reason.strip():
             raise InputError("voiding an ID needs a reason")
         now = _now()
-        with self._connection(write=True) as connection:
-            lot_id, lot_state = self._lot_shared(connection, lot)
+        with self._hot(write=True) as tx:
+            lot_id, lot_state = self._lot_shared(tx, lot)
             if lot_state is LotState.CLOSED:
                 raise LotStateError(f"lot {lot!r} is closed; its IDs can no longer change")
-            row = self._device_row(connection, lot_id, lot, device_id)
+            row = self._device_row(tx, lot_id, lot, device_id)
             previous = DeviceState(row.state)
             if previous is DeviceState.VOID:
                 raise DeviceStateError(f"ID {device_id!r} in lot {lot!r} is already void ({row.void_reason})")
-            connection.execute(
-                update(_DEVICE)
-                .where(_DEVICE.c.id == row.id)
-                .values(state=DeviceState.VOID.value, void_reason=reason)
-            )
+            tx.execute("void", {"row_id": row.id, "b_reason": reason})
             self._append_audit(
-                connection,
+                tx,
                 actor=actor,
                 action="id.voided",
                 subject=device_id,
@@ -957,7 +869,7 @@ class Ledger:
     # -- queries ----------------------------------------------------------------------------
 
     @staticmethod
-    def _record(row: _DbRow, lot: str) -> DeviceRecord:
+    def _record(row: Any, lot: str) -> DeviceRecord:
         return DeviceRecord(
             device_id=row.device_id,
             lot=lot,
@@ -977,26 +889,27 @@ class Ledger:
 
     def find_by_serial(self, lot: str, hw_serial: str) -> DeviceRecord | None:
         """The ID a serial holds in a lot, whatever its state, or None."""
-        with self._connection(write=False) as connection:
-            lot_id = self._lot_id(connection, lot)
-            row = connection.execute(_Q_DEVICE_BY_SERIAL, {"lot_id": lot_id, "hw_serial": hw_serial}).first()
+        with self._hot(write=False) as tx:
+            lot_id = self._lot_id(tx, lot)
+            row = tx.first("device_by_serial", {"lot_id": lot_id, "hw_serial": hw_serial})
             return None if row is None else self._record(row, lot)
 
     def find_device(self, device_id: str) -> DeviceRecord | None:
         """An ID in any lot (IDs are unique across lots), or None."""
-        with self._connection(write=False) as connection:
-            row = connection.execute(_Q_DEVICE_ANY_LOT, {"device_id": device_id}).first()
-            return None if row is None else self._record(row, row.name)
+        with self._hot(write=False) as tx:
+            row = tx.first("device_any_lot", {"device_id": device_id})
+            return None if row is None else self._record(row, row.lot_name)
 
     def progress(self, lot: str) -> LotProgress:
         """How many IDs of the lot are available, reserved, provisioned and void."""
-        with self._connection(write=False) as connection:
-            lot_id = self._lot_id(connection, lot)
+        with self._hot(write=False) as tx:
+            lot_id = self._lot_id(tx, lot)
+        with self._connection() as connection:
             counts: dict[str, int] = dict.fromkeys(DeviceState, 0)
             grouped = connection.execute(
-                core_select(_DEVICE.c.state, func.count())
-                .where(_DEVICE.c.lot_id == lot_id)
-                .group_by(_DEVICE.c.state)
+                core_select(DEVICE.c.state, func.count())
+                .where(DEVICE.c.lot_id == lot_id)
+                .group_by(DEVICE.c.state)
             ).all()
             for state, count in grouped:
                 counts[DeviceState(state)] = count
@@ -1010,12 +923,13 @@ class Ledger:
 
     def provisioned_devices(self, lot: str) -> list[DeviceRecord]:
         """Every provisioned device of the lot in the order they were made (for the manifest)."""
-        with self._connection(write=False) as connection:
-            lot_id = self._lot_id(connection, lot)
+        with self._hot(write=False) as tx:
+            lot_id = self._lot_id(tx, lot)
+        with self._connection() as connection:
             rows = connection.execute(
-                core_select(*_DEVICE_COLUMNS)
-                .where(_DEVICE.c.lot_id == lot_id, _DEVICE.c.state == DeviceState.PROVISIONED.value)
-                .order_by(_DEVICE.c.provisioned_at, _DEVICE.c.id)
+                core_select(*DEVICE_COLUMNS)
+                .where(DEVICE.c.lot_id == lot_id, DEVICE.c.state == DeviceState.PROVISIONED.value)
+                .order_by(DEVICE.c.provisioned_at, DEVICE.c.id)
             ).all()
             return [self._record(row, lot) for row in rows]
 
@@ -1027,10 +941,10 @@ class Ledger:
         _require_label(port, "port")
         if hw_serial is not None:
             _require_serial(hw_serial)
-        with self._connection(write=True) as connection:
-            lot_id = self._lot_id(connection, lot)
-            result = connection.execute(
-                _Q_INSERT_JOB,
+        with self._hot(write=True) as tx:
+            lot_id = self._lot_id(tx, lot)
+            inserted = tx.first(
+                "insert_job",
                 {
                     "b_lot_id": lot_id,
                     "b_station": station,
@@ -1039,24 +953,20 @@ class Ledger:
                     "b_at": _now(),
                 },
             )
-            job_id = result.inserted_primary_key[0] if result.inserted_primary_key else None
-            if job_id is None:
+            if inserted is None:
                 raise LedgerError("the database assigned no job id")
-            return int(job_id)
+            return int(inserted.id)
 
     def set_job_serial(self, job_id: int, hw_serial: str) -> None:
         """Record which board (secure-element serial) a job is working on."""
         _require_serial(hw_serial)
-        with self._connection(write=True) as connection:
-            if (
-                connection.execute(_Q_SET_JOB_SERIAL, {"job_id": job_id, "b_hw_serial": hw_serial}).rowcount
-                == 0
-            ):
+        with self._hot(write=True) as tx:
+            if tx.execute("set_job_serial", {"job_id": job_id, "b_hw_serial": hw_serial}) == 0:
                 raise JobNotFoundError(f"no job {job_id}")
 
     def _finish_job(
         self,
-        connection: Connection,
+        tx: Tx,
         job_id: int,
         *,
         outcome: str,
@@ -1065,12 +975,12 @@ class Ledger:
         retry: bool = False,
     ) -> None:
         """Close an open job in the caller's transaction; with ``retry``, a job closed already is fine."""
-        finished = connection.execute(
-            _Q_FINISH_JOB, {"job_id": job_id, "b_at": at, "b_outcome": outcome, "b_reason": reason}
-        ).rowcount
+        finished = tx.execute(
+            "finish_job", {"job_id": job_id, "b_at": at, "b_outcome": outcome, "b_reason": reason}
+        )
         if finished == 1:
             return
-        job = connection.execute(_Q_JOB_LOCKED, {"job_id": job_id}).first()
+        job = tx.first("job_locked", {"job_id": job_id})
         if job is None:
             raise JobNotFoundError(f"no job {job_id}")
         if not retry:
@@ -1079,8 +989,8 @@ class Ledger:
     def finish_job(self, job_id: int, *, outcome: str, reason: str | None) -> None:
         """Close a job with its outcome (e.g. ``ok``, ``failed``, ``aborted``) and reason."""
         _require_label(outcome, "outcome", 32)
-        with self._connection(write=True) as connection:
-            self._finish_job(connection, job_id, outcome=outcome, reason=reason, at=_now())
+        with self._hot(write=True) as tx:
+            self._finish_job(tx, job_id, outcome=outcome, reason=reason, at=_now())
 
     def record_attempt(
         self, job_id: int, *, step: str, outcome: str, reason: str | None, duration_s: float
@@ -1090,11 +1000,11 @@ class Ledger:
         _require_label(outcome, "outcome", 32)
         if not duration_s >= 0:
             raise InputError(f"duration_s must be >= 0, got {duration_s}")
-        with self._connection(write=True) as connection:
-            if connection.execute(_Q_JOB_LOCKED, {"job_id": job_id}).first() is None:
+        with self._hot(write=True) as tx:
+            if tx.first("job_locked", {"job_id": job_id}) is None:
                 raise JobNotFoundError(f"no job {job_id}")
-            connection.execute(
-                _Q_INSERT_ATTEMPT,
+            tx.execute(
+                "insert_attempt",
                 {
                     "b_job_id": job_id,
                     "b_step": step,
