@@ -203,6 +203,27 @@ class ApiConfig(_Section):
         return self
 
 
+class PageConfig(_Section):
+    """The operator's station page (GET /station): how its slot grid mirrors the fixture."""
+
+    # Grid size; 0 = automatic (as square as the port count allows). A grid too small for the
+    # hub's ports grows by rows, so no port is ever hidden.
+    rows: int = Field(0, ge=0, le=64)
+    columns: int = Field(0, ge=0, le=64)
+    # Hub port -> label printed on the fixture ("A1"); ports listed here come first, in this
+    # order, then the hub's other ports in hub order.
+    slots: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_slots(self) -> PageConfig:
+        for port, label in self.slots.items():
+            if not port or len(port) > 64 or not port.isprintable():
+                raise ValueError(f"page.slots: port {port!r} is not a port name")
+            if not 1 <= len(label) <= 16 or not label.isprintable():
+                raise ValueError(f"page.slots.{port}: label {label!r} must be 1..16 printable characters")
+        return self
+
+
 class LogConfig(_Section):
     """Logging."""
 
@@ -225,6 +246,7 @@ class Settings(BaseSettings):
     mqtt: MqttConfig = MqttConfig()
     metrics: MetricsConfig = MetricsConfig()
     api: ApiConfig = ApiConfig()
+    page: PageConfig = PageConfig()
     log: LogConfig = LogConfig()
 
     @model_validator(mode="after")

@@ -22,7 +22,7 @@ from factoryd.config import Settings
 from factoryd.errors import ConfigError
 from factoryd.flashing import ExternalFlasher
 from factoryd.hub.base import Hub
-from factoryd.hub.remote import RemoteSimHub
+from factoryd.hub.remote import CONNECTION_POOL, RemoteSimHub
 from factoryd.hub.sim import SimHub
 from factoryd.jobs.lots import LotContext, load_lot_context
 from factoryd.jobs.pipeline import Pipeline, PipelineSettings
@@ -81,7 +81,7 @@ def build_hub(settings: Settings, board_factory: BoardFactory | None) -> Hub:
             supply=settings.hub.sim.boards,
         )
     if settings.hub.backend == "sim-remote" and settings.hub.sim.control_socket is not None:
-        return RemoteSimHub(settings.hub.sim.control_socket)
+        return RemoteSimHub(settings.hub.sim.control_socket, pool=CONNECTION_POOL)
     if settings.hub.backend == "sysfs":
         from factoryd.hub.sysfs import SysfsHub  # noqa: PLC0415 - hardware backends load on demand
 

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from factoryd.daemon import Daemon, DaemonHooks
 from factoryd.demo import DEMO_LOT, DemoOptions, demo_settings, prepare_lot
-from factoryd.hub.remote import RemoteSimHub
+from factoryd.hub.remote import CONNECTION_POOL, RemoteSimHub
 from factoryd.jobs.scheduler import Station
 
 # How often the hub's supply is checked while the line runs.
@@ -97,7 +97,7 @@ async def run_remote_line(
         # Popen returns at once (no waiting on the loop); the child is reaped off-loop in `finally`.
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)  # noqa: S603, ASYNC220
     try:
-        hub = RemoteSimHub(socket)
+        hub = RemoteSimHub(socket, pool=CONNECTION_POOL)
         await hub.connect(timeout_s=30)
         cpu: dict[str, float] = {}
 
@@ -115,6 +115,7 @@ async def run_remote_line(
         station = await daemon.run()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         inventory = await hub.inventory()
+        hub.close()
     finally:
         proc.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):

@@ -14,7 +14,8 @@ import contextlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 import structlog
 
@@ -26,6 +27,9 @@ from factoryd.sim.board import SimBoard
 log = structlog.get_logger(__name__)
 # A control request is a short JSON line; anything longer is a protocol error.
 MAX_LINE_BYTES = 64 * 1024
+# Idle control connections the daemon keeps open to the hub process.
+CONNECTION_POOL = 32
+_Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 # Extra time over a wait_for_tty timeout before the client gives up on the hub process itself.
 CONTROL_SLACK_S = 5.0
 
@@ -130,10 +134,12 @@ class SimHubServer:
 class RemoteSimHub:
     """The Hub interface over a SimHubServer's socket (one connection per call: survives restarts)."""
 
-    def __init__(self, socket_path: Path, *, name: str = "sim-hub-remote") -> None:
+    def __init__(self, socket_path: Path, *, name: str = "sim-hub-remote", pool: int = 0) -> None:
         self.name = name
+        self._pool = pool
         self.socket_path = socket_path
         self._ports: list[str] | None = None
+        self._idle: list[_Connection] = []
 
     async def connect(self, timeout_s: float = 10.0) -> None:
         """Wait for the hub process and learn its ports."""
@@ -192,20 +198,26 @@ class RemoteSimHub:
         return boards
 
     async def call(self, request: dict[str, Any], timeout_s: float = 10.0) -> dict[str, Any]:
-        """Send one request and return the reply; errors become typed hub errors."""
+        """Send one request and return the reply; errors become typed hub errors.
+
+        With a pool, connections are reused (the server answers many requests per connection),
+        so a busy line does not pay a connect and a close per port operation; a pooled connection
+        that went stale (hub process restarted) is replaced once.
+        """
+        pooled = self._idle.pop() if self._idle else None
         try:
-            async with asyncio.timeout(timeout_s):
-                reader, writer = await asyncio.open_unix_connection(str(self.socket_path), limit=1 << 24)
-                try:
-                    writer.write(json.dumps(request).encode() + b"\n")
-                    await writer.drain()
-                    line = await reader.readline()
-                finally:
-                    writer.close()
-                    with contextlib.suppress(ConnectionError):
-                        await writer.wait_closed()
-        except (OSError, TimeoutError) as exc:
-            raise HubCommandError(f"{self.name}: {request['op']} failed: {exc}") from exc
+            line, connection = await self._exchange(request, pooled, timeout_s)
+        except (OSError, TimeoutError, EOFError) as exc:
+            if pooled is None:
+                raise HubCommandError(f"{self.name}: {request['op']} failed: {exc}") from exc
+            try:
+                line, connection = await self._exchange(request, None, timeout_s)
+            except (OSError, TimeoutError, EOFError) as again:
+                raise HubCommandError(f"{self.name}: {request['op']} failed: {again}") from again
+        if len(self._idle) < self._pool:
+            self._idle.append(connection)
+        else:
+            connection[1].close()
         try:
             reply: dict[str, Any] = json.loads(line)
         except ValueError as exc:
@@ -216,3 +228,36 @@ class RemoteSimHub:
                 raise EnumerationTimeoutError(message)
             raise HubCommandError(f"{self.name}: {message}")
         return reply
+
+    async def _exchange(
+        self, request: dict[str, Any], connection: _Connection | None, timeout_s: float
+    ) -> tuple[bytes, _Connection]:
+        try:
+            async with asyncio.timeout(timeout_s):
+                if connection is None:
+                    connection = await asyncio.open_unix_connection(str(self.socket_path), limit=1 << 24)
+                reader, writer = connection
+                writer.write(json.dumps(request).encode() + b"\n")
+                await writer.drain()
+                line = await reader.readline()
+        except BaseException:
+            if connection is not None:
+                connection[1].close()
+            raise
+        if not line:
+            connection[1].close()
+            raise EOFError("the hub process closed the connection")
+        return line, connection
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close pooled connections."""
+        while self._idle:
+            self._idle.pop()[1].close()

@@ -153,6 +153,8 @@ class _Job:
     hw_serial: str | None = None
     device_id: str | None = None
     step: Step | None = None
+    # Seconds spent per step over all attempts (logged at debug level when the job ends).
+    step_s: dict[str, float] = field(default_factory=dict)
 
 
 class Pipeline:
@@ -456,6 +458,7 @@ class Pipeline:
         self._event(job, "job_finished", outcome=outcome, duration_s=duration)
         self._port(job.port, PortState.DONE, job.lot.name, step=None, job=job)
         log.info("job finished", outcome=outcome, duration_s=round(duration, 3), attempt=job.attempt)
+        log.debug("job step timings", steps={k: round(v, 4) for k, v in job.step_s.items()})
         return JobResult(job.port, outcome, job.hw_serial, job.device_id, None, job.attempt, duration)
 
     async def _ensure_firmware(self, job: _Job, client: BoardClient, info: BoardInfo) -> BoardInfo:
@@ -630,29 +633,38 @@ class Pipeline:
             self._port(job.port, PortState.PROVISIONING, job.lot.name, step=step, job=job)
         started = time.monotonic()
         outcome = "error"
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.settings.step_attempts),
-            wait=wait_exponential(
-                multiplier=self.settings.backoff_initial_s, max=self.settings.backoff_max_s
-            ),
-            retry=retry_if_exception(retry_in_step),
-            before_sleep=lambda state: self._step_retry(job, step, state.outcome),
-            reraise=True,
-        )
         try:
-            async for attempt in retrying:
-                with attempt:
-                    result = await action()
+            try:
+                # Most steps succeed at once: the retry machinery is only built when one does not.
+                result = await action()
+            except FactorydError as exc:
+                if not retry_in_step(exc) or self.settings.step_attempts <= 1:
+                    raise
+                self._step_retry(job, step, exc)
+                await asyncio.sleep(self.settings.backoff_initial_s)
+                retrying = AsyncRetrying(
+                    stop=stop_after_attempt(self.settings.step_attempts - 1),
+                    wait=wait_exponential(
+                        multiplier=self.settings.backoff_initial_s * 2, max=self.settings.backoff_max_s
+                    ),
+                    retry=retry_if_exception(retry_in_step),
+                    before_sleep=lambda state: self._step_retry(
+                        job, step, state.outcome.exception() if state.outcome else None
+                    ),
+                    reraise=True,
+                )
+                async for attempt in retrying:
+                    with attempt:
+                        result = await action()
             outcome = "ok"
             return result
         finally:
             duration = time.monotonic() - started
-            log.debug("step", step=str(step), outcome=outcome, duration_s=round(duration, 4))
             if job is not None:
+                job.step_s[str(step)] = job.step_s.get(str(step), 0.0) + duration
                 self._event(job, "step", step=step, outcome=outcome, duration_s=duration)
 
-    def _step_retry(self, job: _Job | None, step: Step, outcome: object) -> None:
-        exc = outcome.exception() if hasattr(outcome, "exception") else None
+    def _step_retry(self, job: _Job | None, step: Step, exc: BaseException | None) -> None:
         reason = exc.reason if isinstance(exc, FactorydError) else "unknown"
         log.info("step retry", step=step, reason=reason, error=str(exc))
         if job is not None:

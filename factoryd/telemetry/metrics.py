@@ -100,6 +100,7 @@ class Metrics(TelemetrySink):
         disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus-client leaves it unannotated
         self._port_children: dict[str, dict[PortState | None, Gauge]] = {}
         self._port_current: dict[str, PortState] = {}
+        self._step_children: dict[tuple[str, str], Histogram] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self._steps = _LabelGuard(MAX_STEP_LABELS)
@@ -209,9 +210,14 @@ class Metrics(TelemetrySink):
 
     def observe_step(self, step: str, duration_s: float, outcome: str) -> None:
         """Record one pipeline step's duration and outcome."""
-        self.step_duration.labels(
-            step=self._steps(step, UNKNOWN_LABEL), outcome=self._outcomes(outcome, UNKNOWN_LABEL)
-        ).observe(max(duration_s, 0.0))
+        child = self._step_children.get((step, outcome))
+        if child is None:
+            # labels() is a locked lookup; a (step, outcome) pair maps to one child for good.
+            child = self.step_duration.labels(
+                step=self._steps(step, UNKNOWN_LABEL), outcome=self._outcomes(outcome, UNKNOWN_LABEL)
+            )
+            self._step_children[(step, outcome)] = child
+        child.observe(max(duration_s, 0.0))
 
     def frame_sent(self, port: str = UNKNOWN_LABEL, count: int = 1) -> None:
         """Count frames written to a board."""
