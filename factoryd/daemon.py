@@ -139,6 +139,9 @@ class Daemon:
 
         async with contextlib.AsyncExitStack() as stack:
             ledger = await stack.enter_async_context(AsyncLedger.open(settings.ledger_url))
+            abandoned = await ledger.abandon_open_jobs(settings.station.name, reason="station restarted")
+            if abandoned:
+                log.warning("closed jobs left open by the previous run", jobs=abandoned)
             sinks: list[TelemetrySink] = [self.metrics, self.live, *self.hooks.extra_sinks]
             if settings.mqtt.enabled:
                 sinks.append(

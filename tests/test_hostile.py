@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from factoryd.errors import BoardFloodError
+from factoryd.errors import BoardFloodError, ReservationConflictError
 from factoryd.ledger import AsyncLedger, LedgerUnavailableError
 from factoryd.ledger.model import DeviceState
 from factoryd.protocol.client import BoardClient
@@ -166,3 +166,20 @@ async def test_station_dying_between_lock_and_record_completes_on_restart(
         assert record is not None
         assert record.state is DeviceState.PROVISIONED
         assert record.cert_der == board.se.objects[ObjectId.DEVICE_CERT]
+
+
+async def test_a_serial_in_flight_on_another_station_gets_no_id(tmp_path: Path) -> None:
+    line = await make_line(tmp_path)
+    serial = "0123aabbccddeeff00"
+    with line.ledger() as ledger:
+        first = ledger.start_job(LOT, station="station-a", port="1", hw_serial=serial)
+        held = ledger.reserve(LOT, serial, station="station-a", port="1", job_id=first, actor="a")
+        second = ledger.start_job(LOT, station="station-b", port="3", hw_serial=serial)
+        with pytest.raises(ReservationConflictError, match="being provisioned right now by job"):
+            ledger.reserve(LOT, serial, station="station-b", port="3", job_id=second, actor="b")
+        # Station A dies; when it restarts it closes what it left open, and the board may move.
+        assert ledger.abandon_open_jobs("station-a", reason="station restarted") == 1
+        moved = ledger.reserve(LOT, serial, station="station-b", port="3", job_id=second, actor="b")
+        assert moved.device_id == held.device_id
+        assert moved.resumed
+        assert ledger.progress(LOT).reserved == 1

@@ -194,6 +194,10 @@ class AsyncLedger:
         """See :meth:`Ledger.finish_job`."""
         await self._run(self._ledger.finish_job, job_id, outcome=outcome, reason=reason)
 
+    async def abandon_open_jobs(self, station: str, *, reason: str) -> int:
+        """See :meth:`Ledger.abandon_open_jobs`."""
+        return await self._run(self._ledger.abandon_open_jobs, station, reason=reason)
+
     async def record_attempt(
         self, job_id: int, *, step: str, outcome: str, reason: str | None, duration_s: float
     ) -> None:

@@ -723,6 +723,16 @@ class Ledger:
                 f"({row.void_reason}); this board gets no other ID"
             )
         if state is DeviceState.RESERVED:
+            if row.job_id is not None and row.job_id != job_id and (row.station, row.port) != (station, port):
+                holder = tx.first("job_open", {"job_id": row.job_id})
+                if holder is not None and holder.finished_at is None:
+                    # Two boards with one serial at once (a clone), or a board moved while its job
+                    # still runs elsewhere: never hand the same ID to a second live job.
+                    raise ReservationConflictError(
+                        f"serial {row.hw_serial!r} is being provisioned right now by job {row.job_id} on "
+                        f"station {holder.station!r} port {holder.port!r}; a cloned board, or one moved "
+                        "while its job runs (finish or abandon that job first)"
+                    )
             moved = {"station": row.station, "port": row.port, "job_id": row.job_id}
             tx.execute(
                 "move_reservation",
@@ -991,6 +1001,12 @@ class Ledger:
         _require_label(outcome, "outcome", 32)
         with self._hot(write=True) as tx:
             self._finish_job(tx, job_id, outcome=outcome, reason=reason, at=_now())
+
+    def abandon_open_jobs(self, station: str, *, reason: str) -> int:
+        """Close every job a station left open (it died mid-job); returns how many were closed."""
+        _require_label(station, "station")
+        with self._hot(write=True) as tx:
+            return tx.execute("abandon_jobs", {"station": station, "b_at": _now(), "b_reason": reason[:500]})
 
     def record_attempt(
         self, job_id: int, *, step: str, outcome: str, reason: str | None, duration_s: float

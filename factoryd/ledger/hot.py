@@ -155,6 +155,13 @@ def _statements() -> dict[str, _Statement]:
         "job_locked": core_select(JOB.c.id, JOB.c.outcome, JOB.c.finished_at)
         .where(JOB.c.id == bindparam("job_id"))
         .with_for_update(),
+        "job_open": core_select(JOB.c.id, JOB.c.station, JOB.c.port, JOB.c.finished_at).where(
+            JOB.c.id == bindparam("job_id")
+        ),
+        # A station starting up closes what it left open when it died (its boards resume by serial).
+        "abandon_jobs": update(JOB)
+        .where(JOB.c.station == bindparam("station"), JOB.c.finished_at.is_(None))
+        .values(finished_at=bindparam("b_at"), outcome="abandoned", reason=bindparam("b_reason")),
         "set_job_serial": update(JOB)
         .where(JOB.c.id == bindparam("job_id"))
         .values(hw_serial=bindparam("b_hw_serial")),
