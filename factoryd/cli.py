@@ -27,12 +27,14 @@ manifest_app = typer.Typer(no_args_is_help=True, help="Signed manifests of provi
 sim_app = typer.Typer(no_args_is_help=True, help="The board simulator.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (results as JSON).")
 hubs_app = typer.Typer(no_args_is_help=True, help="USB hubs on this machine.")
+jobs_app = typer.Typer(no_args_is_help=True, help="Provisioning jobs in the ledger.")
 app.add_typer(lots_app, name="lots")
 app.add_typer(audit_app, name="audit")
 app.add_typer(manifest_app, name="manifest")
 app.add_typer(sim_app, name="sim")
 app.add_typer(bench_app, name="bench")
 app.add_typer(hubs_app, name="hubs")
+app.add_typer(jobs_app, name="jobs")
 
 ConfigOption = Annotated[
     Path | None,
@@ -331,6 +333,18 @@ def lots_progress(name: str, config: ConfigOption = None) -> None:
     with _ledger(config) as ledger:
         progress = _guard(lambda: ledger.progress(name))
     _echo_json(progress.__dict__)
+
+
+@jobs_app.command("abandon")
+def jobs_abandon(
+    station: Annotated[str, typer.Option(help="The station whose open jobs to close (it is down for good).")],
+    config: ConfigOption = None,
+) -> None:
+    """Close the jobs a dead station left open, so its boards may be provisioned elsewhere."""
+    with _ledger(config) as ledger:
+        count = _guard(lambda: ledger.abandon_open_jobs(station, reason="abandoned by an operator"))
+        ledger.audit(actor="cli", action="jobs.abandoned", subject=station, details={"jobs": count})
+    typer.echo(f"closed {count} open job(s) of station {station}")
 
 
 @audit_app.command("verify")

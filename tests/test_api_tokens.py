@@ -21,14 +21,20 @@ from factoryd.errors import InputError
 from factoryd.ledger import Ledger
 from factoryd.ledger.core import create_ledger_engine
 from factoryd.ledger.migrate import alembic_config
+from factoryd.ledger.testing import throwaway_postgres_database
 
 
-@pytest.fixture
-def url(tmp_path: Path) -> str:
-    """A migrated SQLite ledger."""
-    ledger_url = f"sqlite:///{tmp_path / 'ledger.db'}"
-    Ledger.open(ledger_url).close()
-    return ledger_url
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A migrated ledger database: a SQLite file, or a throwaway PostgreSQL database."""
+    if request.param == "sqlite":
+        ledger_url = f"sqlite:///{tmp_path / 'ledger.db'}"
+        Ledger.open(ledger_url).close()
+        yield ledger_url
+        return
+    with throwaway_postgres_database() as ledger_url:
+        Ledger.open(ledger_url).close()
+        yield ledger_url
 
 
 @pytest.fixture
