@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -28,6 +29,7 @@ sim_app = typer.Typer(no_args_is_help=True, help="The board simulator.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (results as JSON).")
 hubs_app = typer.Typer(no_args_is_help=True, help="USB hubs on this machine.")
 jobs_app = typer.Typer(no_args_is_help=True, help="Provisioning jobs in the ledger.")
+ledger_app = typer.Typer(no_args_is_help=True, help="Device IDs in the ledger.")
 app.add_typer(lots_app, name="lots")
 app.add_typer(audit_app, name="audit")
 app.add_typer(manifest_app, name="manifest")
@@ -35,6 +37,7 @@ app.add_typer(sim_app, name="sim")
 app.add_typer(bench_app, name="bench")
 app.add_typer(hubs_app, name="hubs")
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(ledger_app, name="ledger")
 
 ConfigOption = Annotated[
     Path | None,
@@ -187,7 +190,9 @@ def lots_list(config: ConfigOption = None) -> None:
         rows = []
         for lot in ledger.list_lots():
             p = ledger.progress(lot.name)
-            rows.append({"lot": lot.name, "customer": lot.customer, "state": str(lot.state), **p.__dict__})
+            rows.append(
+                {"lot": lot.name, "customer": lot.customer, "state": str(lot.state), **dataclasses.asdict(p)}
+            )
     _echo_json(rows)
 
 
@@ -332,7 +337,41 @@ def lots_progress(name: str, config: ConfigOption = None) -> None:
     """Counts of a lot's IDs by state."""
     with _ledger(config) as ledger:
         progress = _guard(lambda: ledger.progress(name))
-    _echo_json(progress.__dict__)
+    _echo_json(dataclasses.asdict(progress))
+
+
+@ledger_app.command("void")
+def ledger_void(
+    device_id: Annotated[str, typer.Option("--id", help="The device ID an operator confirms lost.")],
+    reason: Annotated[str, typer.Option(help="Why (kept in the ledger and the audit trail).")],
+    config: ConfigOption = None,
+) -> None:
+    """Void a device ID for good (a board confirmed lost or destroyed); it is never reused."""
+    with _ledger(config) as ledger:
+        record = _guard(lambda: ledger.find_device(device_id))
+        if record is None:
+            _fail(f"no device ID {device_id!r} in any lot")
+        _guard(lambda: ledger.void(record.lot, device_id, reason, actor="cli"))
+    typer.echo(f"voided {device_id} in lot {record.lot}: {reason}")
+
+
+@lots_app.command("show")
+def lots_show(name: str, config: ConfigOption = None) -> None:
+    """A lot's profile, state and counts per ID state."""
+    with _ledger(config) as ledger:
+        info = _guard(lambda: ledger.get_lot(name))
+        progress = ledger.progress(name)
+    _echo_json(
+        {
+            "lot": info.name,
+            "customer": info.customer,
+            "state": str(info.state),
+            "target_quantity": info.target_quantity,
+            "created_at": info.created_at.isoformat(),
+            "profile": info.profile.model_dump(),
+            "ids": dataclasses.asdict(progress),
+        }
+    )
 
 
 @jobs_app.command("abandon")
