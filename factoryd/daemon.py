@@ -123,6 +123,7 @@ class Daemon:
         self.metrics = Metrics(station=settings.station.name, line=settings.station.line, version=__version__)
         self.live = LiveState()
         self.api_port: int | None = None
+        self.metrics_port: int | None = None
         self.station: Station | None = None
         self.notifier = Notifier()
 
@@ -148,10 +149,12 @@ class Daemon:
                     await stack.enter_async_context(MqttPublisher(self._mqtt(), metrics=self.metrics))
                 )
             if settings.metrics.enabled:
-                port = await stack.enter_async_context(
+                self.metrics_port = await stack.enter_async_context(
                     self.metrics.serve(settings.metrics.host, settings.metrics.port)
                 )
-                log.info("metrics listening", address=f"http://{settings.metrics.host}:{port}/metrics")
+                log.info(
+                    "metrics listening", address=f"http://{settings.metrics.host}:{self.metrics_port}/metrics"
+                )
             telemetry = FanOut(sinks)
             if isinstance(hub, contextlib.AbstractAsyncContextManager):
                 await stack.enter_async_context(hub)
