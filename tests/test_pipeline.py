@@ -87,9 +87,11 @@ async def test_interrupted_board_resumes_with_its_reserved_id(tmp_path: Path) ->
     line = await make_line(tmp_path)
     board = line.board()
     with line.ledger() as ledger:
-        job = ledger.start_job(LOT, station="earlier-run", port="9")
+        # This station's previous run died mid-job (its job is still open: the restart closes it).
+        station_name = line.settings.station.name
+        job = ledger.start_job(LOT, station=station_name, port="9")
         reservation = ledger.reserve(
-            LOT, board.serial_hex, station="earlier-run", port="9", job_id=job, actor="test"
+            LOT, board.serial_hex, station=station_name, port="9", job_id=job, actor="test"
         )
     # The crashed run had already written the ID onto the board.
     board.se.store(ObjectId.DEVICE_ID, reservation.device_id.encode())

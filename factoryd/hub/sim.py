@@ -12,23 +12,11 @@ import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Protocol, Self
+from typing import Self
 
 from factoryd.errors import EnumerationTimeoutError, HubCommandError
 from factoryd.sim.board import SimBoard
-from factoryd.sim.pty import PtyBoard
-
-
-class PtyRunner(Protocol):
-    """What serves a simulated board on a PTY (PtyBoard, or a board model's own runner)."""
-
-    path: str
-
-    async def serve(self) -> None:
-        """Serve until cancelled."""
-
-    def close(self) -> None:
-        """Unplug."""
+from factoryd.sim.pty import PtyEndpoint, pty_runner
 
 
 @dataclass
@@ -36,7 +24,7 @@ class _Slot:
     port: str
     board: SimBoard | None = None
     powered: bool = False
-    pty: PtyRunner | None = None
+    pty: PtyEndpoint | None = None
     task: asyncio.Task[None] | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -160,8 +148,7 @@ class SimHub:
 
     async def _run(self, slot: _Slot, board: SimBoard) -> None:
         await board.spend(board.jittered(board.timing.enumerate_s))
-        opener = getattr(board, "open_pty", None)
-        pty: PtyRunner = opener() if callable(opener) else PtyBoard(board)
+        pty = pty_runner(board)
         slot.pty = pty
         slot.ready.set()
         await pty.serve()

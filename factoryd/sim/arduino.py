@@ -19,14 +19,9 @@ Quirks to inject beyond ``FaultPlan``: ``store_nothing`` (ACKs EndStorage, store
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
-import errno
-import os
 import secrets
-import tty
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import structlog
@@ -57,6 +52,7 @@ from factoryd.protocol.arduino import (
     ResponseCode,
 )
 from factoryd.sim.board import NO_FAULTS, ZERO_TIMING, BoardHang, Fault, FaultPlan, SimBoard, Timing
+from factoryd.sim.pty import PtyEndpoint, serve_pty
 from factoryd.sim.secure_element import SimSecureElement, make_csr
 
 log = structlog.get_logger(__name__)
@@ -72,9 +68,6 @@ PACKED_DATES_BYTES = 3
 SPARE_BYTES = 5
 # A SAMD21's 128-bit chip serial, as USB ID_SERIAL_SHORT shows it: 32 hex digits.
 USB_SERIAL_BYTES = 16
-READ_CHUNK = 65536
-# A write the host does not drain within this long is dropped, as a real UART would overrun.
-WRITE_STALL_S = 2.0
 _NACK = object()
 
 
@@ -337,47 +330,20 @@ class SimArduinoBoard(SimBoard):
         return ResponseCode.ACK
 
 
-class ArduinoPtyBoard:
+class ArduinoPtyBoard(PtyEndpoint):
     """Serves one SimArduinoBoard on a fresh pseudo-terminal until closed (one power-on period)."""
 
+    board: SimArduinoBoard
+
     def __init__(self, board: SimArduinoBoard) -> None:
-        self.board = board
-        self._master, self._slave = os.openpty()
-        # Raw mode: no echo, no line editing, no CR/LF translation on the board's side.
-        tty.setraw(self._slave)
-        os.set_blocking(self._master, False)
-        self.path = os.ttyname(self._slave)
+        super().__init__(board)
         self._decoder = ArduinoDecoder(max_frame=BOARD_BUFFER_BYTES, act_at=BOARD_ACT_BYTES)
-        self._inbox: asyncio.Queue[ArduinoFrame | object] = asyncio.Queue()
-        self._closed = False
-        self.hung = False
-        asyncio.get_running_loop().add_reader(self._master, self._readable)
 
-    async def serve(self) -> None:
-        """Boot, then answer frames until cancelled or closed."""
-        try:
-            await self._boot()
-            while not self._closed:
-                item = await self._inbox.get()
-                if self.hung:
-                    continue
-                if item is _NACK:
-                    await self._send(ArduinoFrame.response(ResponseCode.NACK).encode())
-                elif isinstance(item, ArduinoFrame):
-                    await self._answer(item)
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        """Unplug: the host's tty goes away."""
-        if self._closed:
-            return
-        self._closed = True
-        with contextlib.suppress(ValueError, RuntimeError):  # loop already closed at interpreter exit
-            asyncio.get_running_loop().remove_reader(self._master)
-        for fd in (self._master, self._slave):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+    async def _handle(self, item: object) -> None:
+        if item is _NACK:
+            await self._send(ArduinoFrame.response(ResponseCode.NACK).encode())
+        elif isinstance(item, ArduinoFrame):
+            await self._answer(item)
 
     async def _boot(self) -> None:
         board = self.board
@@ -408,15 +374,7 @@ class ArduinoPtyBoard:
             data = data[:i] + bytes([data[i] ^ 0x5A]) + data[i + 1 :]
         await self._send(data)
 
-    def _readable(self) -> None:
-        try:
-            data = os.read(self._master, READ_CHUNK)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            if exc.errno != errno.EIO:  # EIO: no process has the slave open right now
-                log.warning("sim pty read failed", error=str(exc))
-            return
+    def _received(self, data: bytes) -> None:
         for frame in self._decoder.feed(data):
             if self.board.garble_requests > 0:
                 self.board.garble_requests -= 1
@@ -426,34 +384,7 @@ class ArduinoPtyBoard:
         for _ in range(self._decoder.take_errors()):
             self._inbox.put_nowait(_NACK)
 
-    async def _send(self, data: bytes) -> None:
-        await self.board.spend(self.board.wire_s(len(data)))
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + WRITE_STALL_S
-        view = memoryview(data)
-        while view and not self._closed:
-            try:
-                written = os.write(self._master, view)
-            except BlockingIOError:
-                if loop.time() > deadline:
-                    log.debug("sim pty write stalled; dropping", pending=len(view))
-                    return
-                await asyncio.sleep(0.005)
-                continue
-            except OSError:
-                return
-            view = view[written:]
 
-
-@contextlib.asynccontextmanager
-async def serve_arduino_pty(board: SimArduinoBoard) -> AsyncIterator[ArduinoPtyBoard]:
-    """Run a board behind a pty for the duration of the block; yields it (``.path`` is the tty)."""
-    pty_board = board.open_pty()
-    task = asyncio.create_task(pty_board.serve(), name=f"sim-arduino-{board.usb_serial or 'noserial'}")
-    try:
-        yield pty_board
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        pty_board.close()
+def serve_arduino_pty(board: SimArduinoBoard) -> contextlib.AbstractAsyncContextManager[PtyEndpoint]:
+    """Run a board behind a pty for the duration of the block (see factoryd.sim.pty.serve_pty)."""
+    return serve_pty(board)

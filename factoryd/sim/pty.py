@@ -32,8 +32,12 @@ _REBOOT = object()
 FLASH_MAGIC = b"FACTORYD-SIM-FLASH "
 
 
-class PtyBoard:
-    """Serves one SimBoard on a fresh pseudo-terminal until closed."""
+class PtyEndpoint:
+    """A board's end of a pseudo-terminal for one power-on period: raw, non-blocking, wire-timed.
+
+    Subclasses (one per board protocol) decode what arrives in ``_received`` into inbox items and
+    answer them in ``_handle``; this class owns the PTY, the queue, unplugging and timed writes.
+    """
 
     def __init__(self, board: SimBoard) -> None:
         self.board = board
@@ -42,25 +46,19 @@ class PtyBoard:
         tty.setraw(self._slave)
         os.set_blocking(self._master, False)
         self.path = os.ttyname(self._slave)
-        self._decoder = FrameDecoder()
-        self._inbox: asyncio.Queue[Frame | object] = asyncio.Queue()
+        self._inbox: asyncio.Queue[object] = asyncio.Queue()
         self._closed = False
-        self._rom = bytearray()
         self.hung = False
         asyncio.get_running_loop().add_reader(self._master, self._readable)
 
     async def serve(self) -> None:
-        """Boot, then answer frames until cancelled or closed."""
+        """Boot, then answer what arrives until cancelled or closed."""
         try:
             await self._boot()
             while not self._closed:
                 item = await self._inbox.get()
-                if item is _NACK:
-                    await self._send(self.board.nack_frame().encode())
-                elif item is _REBOOT:
-                    await self._boot()
-                elif isinstance(item, Frame) and not self.hung:
-                    await self._answer(item)
+                if not self.hung:
+                    await self._handle(item)
         finally:
             self.close()
 
@@ -74,6 +72,61 @@ class PtyBoard:
         for fd in (self._master, self._slave):
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+    async def _boot(self) -> None:
+        raise NotImplementedError
+
+    async def _handle(self, item: object) -> None:
+        raise NotImplementedError
+
+    def _received(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self._master, READ_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.EIO:  # EIO: no process has the slave open right now
+                log.warning("sim pty read failed", error=str(exc))
+            return
+        self._received(data)
+
+    async def _send(self, data: bytes) -> None:
+        await self.board.spend(self.board.wire_s(len(data)))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WRITE_STALL_S
+        view = memoryview(data)
+        while view and not self._closed:
+            try:
+                written = os.write(self._master, view)
+            except BlockingIOError:
+                if loop.time() > deadline:
+                    log.debug("sim pty write stalled; dropping", pending=len(view))
+                    return
+                await asyncio.sleep(0.005)
+                continue
+            except OSError:
+                return
+            view = view[written:]
+
+
+class PtyBoard(PtyEndpoint):
+    """Serves one SimBoard (native protocol) on a fresh pseudo-terminal until closed."""
+
+    def __init__(self, board: SimBoard) -> None:
+        super().__init__(board)
+        self._decoder = FrameDecoder()
+        self._rom = bytearray()
+
+    async def _handle(self, item: object) -> None:
+        if item is _NACK:
+            await self._send(self.board.nack_frame().encode())
+        elif item is _REBOOT:
+            await self._boot()
+        elif isinstance(item, Frame):
+            await self._answer(item)
 
     async def _boot(self) -> None:
         self.board.power_on()
@@ -123,15 +176,7 @@ class PtyBoard:
         while not self._inbox.empty():
             self._inbox.get_nowait()
 
-    def _readable(self) -> None:
-        try:
-            data = os.read(self._master, READ_CHUNK)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            if exc.errno != errno.EIO:  # EIO: no process has the slave open right now
-                log.warning("sim pty read failed", error=str(exc))
-            return
+    def _received(self, data: bytes) -> None:
         if self.board.blank:
             self._rom_bootloader(data)
             return
@@ -156,29 +201,20 @@ class PtyBoard:
             self.board.fw_version = "flashed-by-tool"
             self._inbox.put_nowait(_REBOOT)
 
-    async def _send(self, data: bytes) -> None:
-        await self.board.spend(self.board.wire_s(len(data)))
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + WRITE_STALL_S
-        view = memoryview(data)
-        while view and not self._closed:
-            try:
-                written = os.write(self._master, view)
-            except BlockingIOError:
-                if loop.time() > deadline:
-                    log.debug("sim pty write stalled; dropping", pending=len(view))
-                    return
-                await asyncio.sleep(0.005)
-                continue
-            except OSError:
-                return
-            view = view[written:]
+
+def pty_runner(board: SimBoard) -> PtyEndpoint:
+    """The PTY endpoint for a board: its model's own (``open_pty``), else the native protocol's."""
+    opener = getattr(board, "open_pty", None)
+    runner = opener() if callable(opener) else PtyBoard(board)
+    if not isinstance(runner, PtyEndpoint):
+        raise TypeError(f"{type(board).__name__}.open_pty() returned no PtyEndpoint")
+    return runner
 
 
 @contextlib.asynccontextmanager
-async def serve_pty(board: SimBoard) -> AsyncIterator[PtyBoard]:
+async def serve_pty(board: SimBoard) -> AsyncIterator[PtyEndpoint]:
     """Run a board behind a pty for the duration of the block; yields it (``.path`` is the tty)."""
-    pty_board = PtyBoard(board)
+    pty_board = pty_runner(board)
     task = asyncio.create_task(pty_board.serve(), name=f"sim-board-{board.serial_hex}")
     try:
         yield pty_board
