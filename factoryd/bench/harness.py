@@ -80,8 +80,13 @@ async def run_remote_line(
     options = replace(options, state_dir=workdir)
     settings = demo_settings(options, workdir)
     # The bench drives the hub's supply itself; the remote hub needs no power-cycle gap either.
+    # Production reply timeouts (the demo shortens them for zero-latency boards; under a 256-port
+    # load that would turn a busy event loop into resends), and every port powered at once.
     settings = settings.model_copy(
-        update={"hub": settings.hub.model_copy(update={"max_powered": max(ports, 1)})}
+        update={
+            "hub": settings.hub.model_copy(update={"max_powered": max(ports, 1)}),
+            "jobs": settings.jobs.model_copy(update={"reply_timeout_scale": 1.0}),
+        }
     )
     passphrase = secrets.token_urlsafe(16).encode()
     await asyncio.to_thread(prepare_lot, options, settings, passphrase)
