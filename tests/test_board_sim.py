@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 
 import pytest
 from cryptography import x509
@@ -223,3 +224,21 @@ def test_fault_plan_is_reproducible() -> None:
     assert draws[0] == draws[1]
     assert any(draws[0])
     assert not all(draws[0])
+
+
+async def test_link_works_with_descriptors_above_1023(sim_board: PtyBoard) -> None:
+    # A station with a few hundred ports passes FD_SETSIZE; pyserial's select()-based read cannot.
+    filler: list[int] = []
+    try:
+        while not filler or filler[-1] < 1100:
+            filler.append(os.open(os.devnull, os.O_RDONLY))
+        async with await BoardClient.open(sim_board.path, timeouts=FAST_TIMEOUTS) as client:
+            assert client.link._transport is not None
+            assert client.link._transport.get_extra_info("serial").fd >= 1024  # type: ignore[attr-defined]
+            info = await client.hello()
+            assert info.se_serial == sim_board.board.se.serial
+            await client.write(ObjectId.DEVICE_ID, CN.encode())
+            assert await client.read(ObjectId.DEVICE_ID) == CN.encode()
+    finally:
+        for fd in filler:
+            os.close(fd)

@@ -3,7 +3,7 @@
 Three layers in one module, each talking only to the one below:
 
 - codec (no I/O): ``ArduinoFrame``, ``encode``, ``ArduinoDecoder.feed(bytes) -> list[ArduinoFrame]``;
-- ``ArduinoLink``: a tty opened through pyserial-asyncio-fast, moving those frames;
+- the tty is a ``factoryd.transport.serial_link.SerialLink`` with an ``ArduinoDecoder``;
 - ``ArduinoClient``: one typed request at a time, every reply read and checked.
 
 The sketch has no sequence numbers, so the client serialises requests with a lock and, after a
@@ -15,15 +15,12 @@ raises a typed error for every reply that is not the expected ACK.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from types import TracebackType
-from typing import Protocol, Self
+from typing import Self
 
-import serial
-import serial_asyncio_fast
 import structlog
 
 from factoryd.errors import (
@@ -31,10 +28,9 @@ from factoryd.errors import (
     BoardStatusError,
     BoardTimeoutError,
     LinkClosedError,
-    LinkOpenError,
     ProtocolViolationError,
 )
-from factoryd.transport.serial_link import BITS_PER_BYTE, LinkState, LinkStats
+from factoryd.transport.serial_link import SerialLink
 
 log = structlog.get_logger(__name__)
 
@@ -294,119 +290,6 @@ class ArduinoDecoder:
 # --- Link --------------------------------------------------------------------------------------
 
 
-class ArduinoListener(Protocol):
-    """What the link reports upward."""
-
-    def frame_received(self, frame: ArduinoFrame) -> None:
-        """A frame arrived."""
-
-    def frame_errors(self, count: int) -> None:
-        """Invalid frames arrived (bad CRC, length, end marker)."""
-
-    def link_lost(self, exc: BaseException | None) -> None:
-        """The tty closed or vanished; no more frames will arrive."""
-
-
-class _DropListener:
-    def frame_received(self, frame: ArduinoFrame) -> None:
-        pass
-
-    def frame_errors(self, count: int) -> None:
-        pass
-
-    def link_lost(self, exc: BaseException | None) -> None:
-        pass
-
-
-class _ArduinoProtocol(asyncio.Protocol):
-    def __init__(self, link: ArduinoLink) -> None:
-        self._link = link
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._link._connection_made(transport)
-
-    def data_received(self, data: bytes) -> None:
-        self._link._data_received(data)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._link._connection_lost(exc)
-
-
-class ArduinoLink:
-    """One open serial device carrying v1 frames (the native SerialLink's decoder is COBS-only)."""
-
-    def __init__(self, path: str, *, baudrate: int = ARDUINO_BAUDRATE) -> None:
-        self.path = path
-        self.baudrate = baudrate
-        self.state = LinkState.OPENING
-        self.decoder = ArduinoDecoder()
-        self.stats = LinkStats()
-        self._listener: ArduinoListener = _DropListener()
-        self._transport: asyncio.BaseTransport | None = None
-        self._closed = asyncio.get_running_loop().create_future()
-
-    @classmethod
-    async def open(cls, path: str, *, baudrate: int = ARDUINO_BAUDRATE) -> Self:
-        """Open the tty; raise LinkOpenError naming the path when it cannot be opened."""
-        link = cls(path, baudrate=baudrate)
-        loop = asyncio.get_running_loop()
-        try:
-            transport, _ = await serial_asyncio_fast.create_serial_connection(
-                loop, lambda: _ArduinoProtocol(link), path, baudrate=baudrate
-            )
-        except (serial.SerialException, OSError) as exc:
-            link.state = LinkState.CLOSED
-            raise LinkOpenError(f"cannot open serial device {path}: {exc}") from exc
-        link._connection_made(transport)
-        return link
-
-    def attach(self, listener: ArduinoListener) -> None:
-        """Route frames to a listener."""
-        self._listener = listener
-        if self.state is LinkState.CLOSED:
-            listener.link_lost(None)
-
-    def send(self, data: bytes) -> None:
-        """Queue encoded bytes for sending; raise LinkClosedError when the link is gone."""
-        transport = self._transport
-        if self.state is not LinkState.OPEN or not isinstance(transport, asyncio.WriteTransport):
-            raise LinkClosedError(f"serial link {self.path} is closed")
-        self.stats.frames_sent += 1
-        self.stats.bytes_sent += len(data)
-        transport.write(data)
-
-    def wire_time_s(self, nbytes: int) -> float:
-        """Seconds that nbytes take on the line at the link's baud rate."""
-        return nbytes * BITS_PER_BYTE / self.baudrate
-
-    async def close(self) -> None:
-        """Close the tty and wait until the transport is gone."""
-        if self._transport is not None and self.state is not LinkState.CLOSED:
-            self._transport.close()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._closed), 2.0)
-        self.state = LinkState.CLOSED
-
-    def _connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self.state is LinkState.OPENING:
-            self._transport = transport
-            self.state = LinkState.OPEN
-
-    def _data_received(self, data: bytes) -> None:
-        self.stats.bytes_received += len(data)
-        for frame in self.decoder.feed(data):
-            self._listener.frame_received(frame)
-        errors = self.decoder.take_errors()
-        if errors:
-            self._listener.frame_errors(errors)
-
-    def _connection_lost(self, exc: Exception | None) -> None:
-        self.state = LinkState.CLOSED
-        if not self._closed.done():
-            self._closed.set_result(None)
-        self._listener.link_lost(exc)
-
-
 # --- Client ------------------------------------------------------------------------------------
 
 # Invalid frames one link may deliver before the board is declared broken (as the native client).
@@ -508,7 +391,7 @@ class ArduinoClient:
 
     def __init__(
         self,
-        link: ArduinoLink,
+        link: SerialLink[ArduinoDecoder],
         *,
         timeouts: ArduinoTimeouts | None = None,
         resends: int = 3,
@@ -536,7 +419,7 @@ class ArduinoClient:
         on_resend: Callable[[ArduinoCommand], None] | None = None,
     ) -> Self:
         """Open the tty at path and return a client on it."""
-        link = await ArduinoLink.open(path, baudrate=baudrate)
+        link = await SerialLink.open(path, ArduinoDecoder(), baudrate=baudrate)
         return cls(link, timeouts=timeouts, resends=resends, on_resend=on_resend)
 
     async def __aenter__(self) -> Self:
@@ -742,7 +625,7 @@ class ArduinoClient:
         if waiter is not None and not waiter.future.done():
             waiter.future.set_exception(exc)
 
-    # ArduinoListener ----------------------------------------------------------------------
+    # LinkListener ----------------------------------------------------------------------
 
     def frame_received(self, frame: ArduinoFrame) -> None:
         """Route a frame from the link to the pending request."""

@@ -56,7 +56,7 @@ from factoryd.protocol.messages import (
     Write,
     expect_empty,
 )
-from factoryd.transport.framing import Frame, FrameKind
+from factoryd.transport.framing import Frame, FrameDecoder, FrameKind
 from factoryd.transport.serial_link import SerialLink
 
 log = structlog.get_logger(__name__)
@@ -128,6 +128,8 @@ class _Waiter:
     future: asyncio.Future[Frame]
     resends_left: int
     timeout_s: float
+    # The encoded frame: resends send the same bytes without encoding again.
+    data: bytes = b""
     timer: asyncio.TimerHandle | None = None
 
 
@@ -136,7 +138,7 @@ class BoardClient:
 
     def __init__(
         self,
-        link: SerialLink,
+        link: SerialLink[FrameDecoder],
         *,
         timeouts: Timeouts | None = None,
         resends: int = 3,
@@ -157,7 +159,7 @@ class BoardClient:
     @classmethod
     async def open(cls, path: str, *, baudrate: int = 115200, **kwargs: object) -> Self:
         """Open the tty at path and return a client on it."""
-        link = await SerialLink.open(path, baudrate=baudrate)
+        link = await SerialLink.open_native(path, baudrate=baudrate)
         return cls(link, **kwargs)  # type: ignore[arg-type]
 
     async def __aenter__(self) -> Self:
@@ -243,11 +245,18 @@ class BoardClient:
         frame = Frame(FrameKind.REQUEST, self._next_seq(), command, 0, request.encode())
         # Wire time both ways for the frame, so slow baud rates do not look like timeouts.
         timeout_s = self.timeouts.for_command(command) + 2 * self.link.wire_time_s(len(frame.payload) + 64)
-        waiter = _Waiter(command, frame, asyncio.get_running_loop().create_future(), self.resends, timeout_s)
+        waiter = _Waiter(
+            command,
+            frame,
+            asyncio.get_running_loop().create_future(),
+            self.resends,
+            timeout_s,
+            frame.encode(),
+        )
         self._waiters[frame.seq] = waiter
         self.stats.requests += 1
         try:
-            self.link.send(frame)
+            self.link.send(waiter.data)
             self._arm(waiter)
             reply = await waiter.future
         finally:
@@ -284,7 +293,7 @@ class BoardClient:
             self._on_resend(waiter.command)
         log.debug("resend", command=waiter.command.name, seq=waiter.frame.seq, path=self.link.path)
         try:
-            self.link.send(waiter.frame)
+            self.link.send(waiter.data)
         except LinkClosedError as exc:
             waiter.future.set_exception(exc)
             return

@@ -1,23 +1,29 @@
-"""The serial link: a tty opened through pyserial-asyncio-fast, carrying native frames.
+"""The serial link: a tty opened through pyserial-asyncio-fast, carrying one protocol's frames.
 
-The link only moves frames. It hands every decoded frame and every decode error to one
-``LinkListener`` (the BoardClient) and tells it once when the tty goes away.
+The link only moves bytes in and frames out: it feeds what arrives to its decoder (the native
+COBS ``FrameDecoder`` or Arduino's v1 decoder), hands every frame and every decode error to one
+``LinkListener`` (the client) and tells it once when the tty goes away.
+
+pyserial's own ``read()`` calls ``select()``, which fails for descriptors >= 1024 — a station with
+a few hundred ports gets there. The event loop has already said the tty is readable, so the
+link reads it with one non-blocking ``os.read`` instead (``_LoopSerial``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from dataclasses import dataclass, field
 from enum import Enum
 from types import TracebackType
-from typing import Protocol, Self
+from typing import Any, Generic, Protocol, Self, TypeVar
 
 import serial
 import serial_asyncio_fast
 
 from factoryd.errors import LinkClosedError, LinkOpenError
-from factoryd.transport.framing import Frame, FrameDecoder
+from factoryd.transport.framing import FrameDecoder
 
 DEFAULT_BAUDRATE = 115200
 # Bits per byte on an 8N1 line: start + 8 data + stop.
@@ -32,10 +38,23 @@ class LinkState(Enum):
     CLOSED = "closed"
 
 
+class Decoder(Protocol):
+    """An I/O-free frame decoder (``FrameDecoder``, ``ArduinoDecoder``)."""
+
+    def feed(self, data: bytes) -> list[Any]:
+        """Add bytes; return completed frames."""
+
+    def take_errors(self) -> int:
+        """Return and reset the count of undecodable frames."""
+
+
+D = TypeVar("D", bound=Decoder)
+
+
 class LinkListener(Protocol):
     """What the link reports upward."""
 
-    def frame_received(self, frame: Frame) -> None:
+    def frame_received(self, frame: Any) -> None:
         """A frame arrived."""
 
     def frame_errors(self, count: int) -> None:
@@ -54,13 +73,29 @@ class LinkStats:
     bytes_received: int = 0
 
 
+class _LoopSerial(serial.Serial):  # type: ignore[misc]  # pyserial is untyped
+    """pyserial's Serial, reading without ``select()`` (the loop has seen the fd readable)."""
+
+    def read(self, size: int = 1) -> bytes:
+        """One non-blocking read; an empty read on a readable tty means the device is gone."""
+        try:
+            data = os.read(self.fd, size)
+        except BlockingIOError:
+            return b""
+        except OSError as exc:
+            raise serial.SerialException(f"read failed: {exc}") from exc
+        if not data:
+            raise serial.SerialException("device disconnected (read returned no data)")
+        return data
+
+
 @dataclass
 class _NullListener:
     """Listener used before the client attaches."""
 
-    frames: list[Frame] = field(default_factory=list)
+    frames: list[Any] = field(default_factory=list)
 
-    def frame_received(self, frame: Frame) -> None:
+    def frame_received(self, frame: Any) -> None:
         self.frames.append(frame)
 
     def frame_errors(self, count: int) -> None:
@@ -71,7 +106,7 @@ class _NullListener:
 
 
 class _SerialProtocol(asyncio.Protocol):
-    def __init__(self, link: SerialLink) -> None:
+    def __init__(self, link: SerialLink[Any]) -> None:
         self._link = link
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -84,34 +119,41 @@ class _SerialProtocol(asyncio.Protocol):
         self._link._connection_lost(exc)
 
 
-class SerialLink:
-    """One open serial device carrying native protocol frames."""
+class SerialLink(Generic[D]):
+    """One open serial device; ``decoder`` turns its bytes into the protocol's frames."""
 
-    def __init__(self, path: str, *, baudrate: int = DEFAULT_BAUDRATE) -> None:
+    def __init__(self, path: str, decoder: D, *, baudrate: int = DEFAULT_BAUDRATE) -> None:
         self.path = path
         self.baudrate = baudrate
         self.state = LinkState.OPENING
-        self.decoder = FrameDecoder()
+        self.decoder = decoder
         self.stats = LinkStats()
         self._listener: LinkListener = _NullListener()
         self._transport: asyncio.BaseTransport | None = None
         self._closed = asyncio.get_running_loop().create_future()
 
     @classmethod
-    async def open(cls, path: str, *, baudrate: int = DEFAULT_BAUDRATE) -> Self:
+    async def open(cls, path: str, decoder: D, *, baudrate: int = DEFAULT_BAUDRATE) -> SerialLink[D]:
         """Open the tty; raise LinkOpenError naming the path when it cannot be opened."""
-        link = cls(path, baudrate=baudrate)
+        link = cls(path, decoder, baudrate=baudrate)
         loop = asyncio.get_running_loop()
         try:
-            transport, _ = await serial_asyncio_fast.create_serial_connection(
-                loop, lambda: _SerialProtocol(link), path, baudrate=baudrate
-            )
-        except (serial.SerialException, OSError) as exc:
+            # Opening a tty can block briefly (modem lines, USB): do it off the loop.
+            device = await loop.run_in_executor(None, lambda: _LoopSerial(path, baudrate=baudrate))
+        except (serial.SerialException, OSError, ValueError) as exc:
             link.state = LinkState.CLOSED
             raise LinkOpenError(f"cannot open serial device {path}: {exc}") from exc
+        transport, _ = await serial_asyncio_fast.connection_for_serial(
+            loop, lambda: _SerialProtocol(link), device
+        )
         # connection_made() runs on the next loop iteration; the link is usable now.
         link._connection_made(transport)
         return link
+
+    @classmethod
+    async def open_native(cls, path: str, *, baudrate: int = DEFAULT_BAUDRATE) -> SerialLink[FrameDecoder]:
+        """Open a tty speaking the native protocol (COBS frames)."""
+        return await SerialLink.open(path, FrameDecoder(), baudrate=baudrate)
 
     async def __aenter__(self) -> Self:
         return self
@@ -131,12 +173,11 @@ class SerialLink:
         if self.state is LinkState.CLOSED:
             listener.link_lost(None)
 
-    def send(self, frame: Frame) -> None:
-        """Queue one frame for sending; raise LinkClosedError when the link is gone."""
+    def send(self, data: bytes) -> None:
+        """Queue one encoded frame for sending; raise LinkClosedError when the link is gone."""
         transport = self._transport
         if self.state is not LinkState.OPEN or not isinstance(transport, asyncio.WriteTransport):
             raise LinkClosedError(f"serial link {self.path} is closed")
-        data = frame.encode()
         self.stats.frames_sent += 1
         self.stats.bytes_sent += len(data)
         transport.write(data)
