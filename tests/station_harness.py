@@ -17,6 +17,7 @@ from factoryd.hub.sim import SimHub
 from factoryd.jobs.scheduler import Station
 from factoryd.ledger import Ledger
 from factoryd.sim.board import FaultPlan, SimBoard
+from factoryd.telemetry.events import TelemetrySink
 
 LOT = DEMO_LOT
 
@@ -49,15 +50,15 @@ class Line:
         *,
         settings: Settings | None = None,
         timeout_s: float = 60.0,
+        sinks: tuple[TelemetrySink, ...] = (),
     ) -> Station:
         """Run a daemon until the hub's supply is used up (or stop_when)."""
 
         def done(station: Station) -> bool:
             return stop_when(station) if stop_when else hub.exhausted
 
-        daemon = Daemon(
-            settings or self.settings, DaemonHooks(hub=hub, passphrase=self.passphrase, stop_when=done)
-        )
+        hooks = DaemonHooks(hub=hub, passphrase=self.passphrase, stop_when=done, extra_sinks=sinks)
+        daemon = Daemon(settings or self.settings, hooks)
         async with asyncio.timeout(timeout_s):
             return await daemon.run()
 

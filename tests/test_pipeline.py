@@ -13,6 +13,7 @@ from factoryd.jobs.pipeline import Pipeline
 from factoryd.ledger.model import DeviceState
 from factoryd.protocol.messages import ObjectId
 from factoryd.sim.board import Fault, FaultPlan
+from factoryd.telemetry.events import PortState, RecordingSink
 from tests.station_harness import LOT, make_line
 
 
@@ -205,3 +206,34 @@ async def test_demo_with_the_arduino_profile(tmp_path: Path) -> None:
     assert result.duplicate_ids == 0
     # Each board's rebuilt certificate is the ledger's, issued by the CA, for the board's own key.
     assert result.certificates_verified == result.provisioned
+
+
+async def test_a_finished_board_left_in_its_slot_keeps_showing_done(tmp_path: Path) -> None:
+    line = await make_line(tmp_path)
+    board = line.board()
+    hub = line.hub(ports=1, supply=0)
+    hub.insert("1", board)
+    # A real hub's release() leaves the board where it is: the port must not be re-provisioned,
+    # and what it shows after each rescan is still "done".
+    hub.release = _keep_board  # type: ignore[method-assign]
+    jobs_seen: list[int] = []
+
+    def rescanned_twice(station: Any) -> bool:
+        jobs_seen.append(sum(station.outcomes.values()))
+        return len(jobs_seen) > 20 and station.outcomes["provisioned"] == 1
+
+    settings = line.settings.model_copy(
+        update={"jobs": line.settings.jobs.model_copy(update={"rescan_s": 0.05})}
+    )
+    recorder = RecordingSink()
+    daemon_station = await line.run(hub, rescanned_twice, settings=settings, sinks=(recorder,))
+    assert daemon_station.outcomes == Counter({"provisioned": 1})
+    assert board.se.locked
+    states = [u.state for u in recorder.ports if u.port == "1"]
+    assert states.count(PortState.POWERING) > 3  # it was looked at again and again
+    last_after_power = [s for s in states if s is not PortState.POWERING][-1]
+    assert last_after_power is PortState.DONE
+
+
+async def _keep_board(port: str) -> None:
+    return None

@@ -220,6 +220,12 @@ class Station:
             await self._idle(control, self.rescan_s)
             return
         if result.outcome == "same_board":
+            # The finished board is still in the slot: show its result again, not the rescan's power-on.
+            last = control.last
+            if last is not None and last.outcome in ("failed", "refused"):
+                self._publish(port, PortState.ATTENTION, lot=lot.name, reason=last.reason)
+            else:
+                self._publish(port, PortState.DONE, lot=lot.name)
             await self._idle(control, self.rescan_s)
             return
         self.outcomes[result.outcome] += 1
