@@ -281,7 +281,7 @@ class TcpGate:
         with contextlib.suppress(OSError):
             while data := await reader.read(65536):
                 # Poll rather than wait on the event so that a cut link ends even while stalled.
-                while not self._flowing.is_set() and not writer.transport.is_closing():  # noqa: ASYNC110
+                while not self._flowing.is_set() and not writer.transport.is_closing():
                     await asyncio.sleep(0.01)
                 if writer.transport.is_closing():
                     break

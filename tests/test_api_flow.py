@@ -130,7 +130,7 @@ async def _drive(*, url: str, root: str, pki: object, station: Station, tmp_path
 
         async with asyncio.timeout(PROVISION_TIMEOUT_S):
             # Polling is the point: the customer watches progress over HTTP.
-            while (progress := (await acme.get("/lots/order-1/progress")).json())["provisioned"] < BOARDS:  # noqa: ASYNC110
+            while (progress := (await acme.get("/lots/order-1/progress")).json())["provisioned"] < BOARDS:
                 await asyncio.sleep(POLL_S)
         assert progress["total"] == len(IDS)
         assert progress["available"] == len(IDS) - BOARDS

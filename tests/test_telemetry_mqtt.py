@@ -250,7 +250,7 @@ async def test_hung_broker_never_blocks_the_sink_and_recovers(
                 pub.job_event(job_event(i))
             assert time.perf_counter() - started < 0.5
             async with asyncio.timeout(5):
-                while pub.connected:  # noqa: ASYNC110 - polls a plain property of the code under test
+                while pub.connected:
                     await asyncio.sleep(0.01)
             assert pub.last_error is not None
             await gate.cut()
@@ -273,7 +273,7 @@ async def test_broker_restart_reconnects_and_republishes(mqtt_broker_factory: Br
 
         await broker.stop()  # terminate the mosquitto process; retained state dies with it
         async with asyncio.timeout(5):
-            while pub.connected:  # noqa: ASYNC110 - polls a plain property of the code under test
+            while pub.connected:
                 await asyncio.sleep(0.01)
         pub.port_update(port_update("1", PortState.FAILED, reason="csr_rejected"))  # while down
         pub.job_event(job_event(1, "job_failed"))
