@@ -30,7 +30,9 @@ def configure_logging(level: str = "info", fmt: LogFormat = "json") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        # No fixed file: each logger writes to sys.stdout as it is when the logger is made, so a
+        # replaced stdout (tests, CLI runners) is never written to after it was closed.
+        logger_factory=structlog.PrintLoggerFactory(),
         cache_logger_on_first_use=False,
     )
     logging.basicConfig(level=numeric, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import structlog
 from mqtt_broker import mqtt_broker, mqtt_broker_factory  # noqa: F401 - pytest fixtures
 
 from factoryd.protocol.client import BoardClient, Timeouts
@@ -25,6 +26,14 @@ FAST_TIMEOUTS = Timeouts(
     fw_chunk_s=0.2,
     fw_end_s=0.3,
 )
+
+
+@pytest.fixture(autouse=True)
+def restore_logging_config() -> Iterator[None]:
+    """Tests that configure logging (CLI, demo, secrets) must not change it for the tests after them."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 @pytest.fixture(autouse=True)
