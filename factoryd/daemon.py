@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -19,7 +18,6 @@ import structlog
 from factoryd import __version__
 from factoryd.api import ApiContext, create_app, serve_api
 from factoryd.config import Settings
-from factoryd.errors import ConfigError
 from factoryd.flashing import ExternalFlasher
 from factoryd.hub.base import Hub
 from factoryd.hub.remote import CONNECTION_POOL, RemoteSimHub
@@ -29,6 +27,7 @@ from factoryd.jobs.pipeline import Pipeline, PipelineSettings
 from factoryd.jobs.scheduler import LotSource, Station
 from factoryd.ledger import AsyncLedger
 from factoryd.ledger.model import LotInfo
+from factoryd.pki.passphrase import load_secret
 from factoryd.pki.store import BundleStore
 from factoryd.protocol.client import BoardClient, Timeouts
 from factoryd.sdnotify import Notifier
@@ -271,7 +270,7 @@ class Daemon:
         cfg, station = self.settings.mqtt, self.settings.station
         password = None
         if cfg.username:
-            password = _credential(cfg.password_credential, cfg.password_env)
+            password = load_secret(cfg.password_credential, cfg.password_env, what="MQTT password").decode()
         return MqttSettings(
             host=cfg.host,
             port=cfg.port,
@@ -285,16 +284,3 @@ class Daemon:
             key_file=cfg.key_file,
             queue_size=cfg.queue_size,
         )
-
-
-def _credential(name: str, env: str) -> str:
-    directory = os.environ.get("CREDENTIALS_DIRECTORY")
-    if directory:
-        path = os.path.join(directory, name)
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as fh:
-                return fh.read().strip()
-    value = os.environ.get(env)
-    if value is None:
-        raise ConfigError(f"MQTT password: neither credential {name!r} nor ${env} is set")
-    return value

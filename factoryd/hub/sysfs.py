@@ -9,24 +9,20 @@ Reading it back tells whether the port is powered. A root hub ``<bus>`` has its 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 import structlog
 
 from factoryd.config import SysfsHubSettings
-from factoryd.errors import ConfigError, HubCommandError, HubError
-from factoryd.hub.ttymap import PortTtys, TtyResolver, make_resolver
-from factoryd.hub.usbserial import usb_serial_of_tty
+from factoryd.errors import HubCommandError
+from factoryd.hub.switched import DEFAULT_REMOVE_TIMEOUT_S, SwitchedHub
+from factoryd.hub.ttymap import TtyResolver, make_resolver
 
 log = structlog.get_logger(__name__)
 
 SYSFS_USB_DEVICES = Path("/sys/bus/usb/devices")
-DEFAULT_REMOVE_TIMEOUT_S = 5.0
 
 
 def hub_device_name(hub: str) -> str:
@@ -51,7 +47,7 @@ def _write_and_read(path: Path, value: str) -> str:
     return path.read_text().strip()
 
 
-class SysfsHub:
+class SysfsHub(SwitchedHub):
     """Ports of one hub (and optionally its USB 3 twin) switched through sysfs."""
 
     def __init__(
@@ -67,22 +63,14 @@ class SysfsHub:
         remove_timeout_s: float = DEFAULT_REMOVE_TIMEOUT_S,
         name: str | None = None,
     ) -> None:
-        if not hub:
-            raise ConfigError("sysfs hub: hub location is empty (run 'factoryd hubs detect')")
-        if not ports or len(set(ports)) != len(ports) or min(ports) < 1:
-            raise ConfigError(f"sysfs hub {hub}: ports must be distinct numbers >= 1, got {list(ports)}")
-        self.name = name or f"sysfs:{hub}"
+        super().__init__(
+            "sysfs", hub, ports, tty=tty, resolver=resolver, remove_timeout_s=remove_timeout_s, name=name
+        )
         self.hub = hub
         self.dual_hub = dual_hub
         self.sysfs_root = sysfs_root
-        self.remove_timeout_s = remove_timeout_s
         self._config = config
         self._configs: dict[str, int] = {}
-        self._ports = list(ports)
-        self._resolver = resolver if resolver is not None else make_resolver()
-        self._ttys = PortTtys.build(self.name, hub, self._ports, tty or {}, self._resolver)
-        self._lock = asyncio.Lock()
-        self._stack = contextlib.AsyncExitStack()
 
     @classmethod
     def from_settings(cls, settings: SysfsHubSettings, *, resolver: TtyResolver | None = None) -> SysfsHub:
@@ -98,64 +86,9 @@ class SysfsHub:
             remove_timeout_s=settings.remove_timeout_s,
         )
 
-    async def __aenter__(self) -> Self:
-        if isinstance(self._resolver, contextlib.AbstractAsyncContextManager):
-            await self._stack.enter_async_context(self._resolver)
-        try:
-            await self.power_off_all()
-        except BaseException:
-            await self._stack.aclose()
-            raise
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        try:
-            await self.power_off_all()
-        except HubError as err:
-            log.error("hub_power_off_at_exit_failed", hub=self.name, error=str(err))
-        finally:
-            await self._stack.aclose()
-
-    def ports(self) -> Sequence[str]:
-        """Port names (the hub's port numbers), in configured order."""
-        return [str(p) for p in self._ports]
-
-    async def power_on(self, port: str) -> None:
-        """Enable the port (write 0) and verify it reads back powered."""
-        await self._set(self._number(port), disabled=False)
-
-    async def power_off(self, port: str) -> None:
-        """Disable the port (write 1), verify it, and wait until its tty is gone."""
-        await self._set(self._number(port), disabled=True)
-        await self._ttys.wait_absent(port, self.remove_timeout_s)
-
-    async def power_off_all(self) -> None:
-        """Every configured port off; ttys that linger are logged, not raised."""
-        for number in self._ports:
-            await self._set(number, disabled=True)
-        results = await asyncio.gather(
-            *(self._ttys.wait_absent(p, self.remove_timeout_s) for p in self.ports()), return_exceptions=True
-        )
-        for result in results:
-            if isinstance(result, HubError):
-                log.warning("tty_lingers_after_power_off", hub=self.name, error=str(result))
-            elif isinstance(result, BaseException):
-                raise result
-
-    async def wait_for_tty(self, port: str, timeout_s: float) -> str:
-        """Wait until the port's tty appears; return its path (EnumerationTimeoutError)."""
-        self._number(port)
-        return await self._ttys.wait_present(port, timeout_s)
-
-    async def device_serial(self, port: str, tty: str) -> str | None:
-        """The USB serial of the device behind the port's tty (sysfs)."""
-        return await asyncio.to_thread(usb_serial_of_tty, tty)
-
-    async def release(self, port: str) -> None:
-        """Nothing to do: power is already off and the operator is told by telemetry."""
-        self._number(port)
+    async def _switch(self, ports: list[int], *, on: bool) -> None:
+        for number in ports:
+            await self._set(number, disabled=not on)
 
     async def disable_paths(self, port: str) -> list[Path]:
         """The ``disable`` files switched for a port (this hub, then its twin)."""
@@ -164,15 +97,6 @@ class SysfsHub:
 
     def _hubs(self) -> list[str]:
         return [self.hub, self.dual_hub] if self.dual_hub else [self.hub]
-
-    def _number(self, port: str) -> int:
-        try:
-            number = int(port)
-        except ValueError:
-            number = -1
-        if number not in self._ports:
-            raise HubCommandError(f"{self.name} has no port {port!r} (ports: {', '.join(self.ports())})")
-        return number
 
     async def _config_of(self, hub: str) -> int:
         if self._config is not None:

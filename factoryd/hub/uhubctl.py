@@ -26,21 +26,19 @@ import re
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Literal, Self
+from typing import Literal
 
 import structlog
 
 from factoryd.config import UhubctlSettings
-from factoryd.errors import ConfigError, HubCommandError, HubError
-from factoryd.hub.ttymap import PortTtys, TtyResolver, make_resolver
-from factoryd.hub.usbserial import usb_serial_of_tty
+from factoryd.errors import HubCommandError
+from factoryd.hub.switched import DEFAULT_REMOVE_TIMEOUT_S, SwitchedHub
+from factoryd.hub.ttymap import TtyResolver, make_resolver
 
 log = structlog.get_logger(__name__)
 
 # uhubctl's own USB control timeout is 5 s per transfer; a whole call rarely takes 1 s.
 DEFAULT_COMMAND_TIMEOUT_S = 10.0
-DEFAULT_REMOVE_TIMEOUT_S = 5.0
 # How much of uhubctl's output an error message quotes.
 OUTPUT_EXCERPT_CHARS = 600
 
@@ -185,7 +183,7 @@ async def run_command(argv: Sequence[str], timeout_s: float) -> CommandResult:
     )
 
 
-class UhubctlHub:
+class UhubctlHub(SwitchedHub):
     """Ports of one uhubctl-switchable hub (and optionally its USB 3 twin)."""
 
     def __init__(
@@ -202,25 +200,20 @@ class UhubctlHub:
         off_repeat: int = 0,
         name: str | None = None,
     ) -> None:
-        if not location:
-            raise ConfigError("uhubctl hub: location is empty (run 'factoryd hubs detect')")
-        if not ports or len(set(ports)) != len(ports) or min(ports) < 1:
-            raise ConfigError(
-                f"uhubctl hub {location}: ports must be distinct numbers >= 1, got {list(ports)}"
-            )
-        self.name = name or f"uhubctl:{location}"
+        super().__init__(
+            "uhubctl",
+            location,
+            ports,
+            tty=tty,
+            resolver=resolver,
+            remove_timeout_s=remove_timeout_s,
+            name=name,
+        )
         self.location = location
         self.dual_location = dual_location
         self.binary = binary
         self.command_timeout_s = command_timeout_s
-        self.remove_timeout_s = remove_timeout_s
         self.off_repeat = off_repeat
-        self._ports = list(ports)
-        self._resolver = resolver if resolver is not None else make_resolver()
-        self._ttys = PortTtys.build(self.name, location, self._ports, tty or {}, self._resolver)
-        # uhubctl calls to one hub must not overlap (they read-modify-write the port state).
-        self._lock = asyncio.Lock()
-        self._stack = contextlib.AsyncExitStack()
 
     @classmethod
     def from_settings(cls, settings: UhubctlSettings, *, resolver: TtyResolver | None = None) -> UhubctlHub:
@@ -237,70 +230,6 @@ class UhubctlHub:
             off_repeat=settings.off_repeat,
         )
 
-    async def __aenter__(self) -> Self:
-        if isinstance(self._resolver, contextlib.AbstractAsyncContextManager):
-            await self._stack.enter_async_context(self._resolver)
-        try:
-            # HUBS.md: every port off at start (some hubs power all ports up with the hub).
-            await self.power_off_all()
-        except BaseException:
-            await self._stack.aclose()
-            raise
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        try:
-            await self.power_off_all()
-        except HubError as err:
-            log.error("hub_power_off_at_exit_failed", hub=self.name, error=str(err))
-        finally:
-            await self._stack.aclose()
-
-    def ports(self) -> Sequence[str]:
-        """Port names (the hub's port numbers), in configured order."""
-        return [str(p) for p in self._ports]
-
-    def tty_key(self, port: str) -> str:
-        """The tty key (path or ID_PATH) the port is resolved with."""
-        self._number(port)
-        return self._ttys.keys[port]
-
-    async def power_on(self, port: str) -> None:
-        """Switch the port on and verify uhubctl reports it powered."""
-        await self._switch([self._number(port)], on=True)
-
-    async def power_off(self, port: str) -> None:
-        """Switch the port off, verify it, and wait until its tty is gone."""
-        await self._switch([self._number(port)], on=False)
-        await self._ttys.wait_absent(port, self.remove_timeout_s)
-
-    async def power_off_all(self) -> None:
-        """Every configured port off in one call; ttys that linger are logged, not raised."""
-        await self._switch(self._ports, on=False)
-        results = await asyncio.gather(
-            *(self._ttys.wait_absent(p, self.remove_timeout_s) for p in self.ports()), return_exceptions=True
-        )
-        for result in results:
-            if isinstance(result, HubError):
-                log.warning("tty_lingers_after_power_off", hub=self.name, error=str(result))
-            elif isinstance(result, BaseException):
-                raise result
-
-    async def wait_for_tty(self, port: str, timeout_s: float) -> str:
-        """Wait until the port's tty appears; return its path (EnumerationTimeoutError)."""
-        self._number(port)
-        return await self._ttys.wait_present(port, timeout_s)
-
-    async def device_serial(self, port: str, tty: str) -> str | None:
-        """The USB serial of the device behind the port's tty (sysfs)."""
-        return await asyncio.to_thread(usb_serial_of_tty, tty)
-
-    async def release(self, port: str) -> None:
-        """Nothing to do: power is already off and the operator is told by telemetry."""
-        self._number(port)
-
     async def status(self) -> list[HubStatus]:
         """uhubctl's current view of the hub (and its USB 3 twin)."""
         blocks: list[HubStatus] = []
@@ -313,15 +242,6 @@ class UhubctlHub:
 
     def _locations(self) -> list[str]:
         return [self.location, self.dual_location] if self.dual_location else [self.location]
-
-    def _number(self, port: str) -> int:
-        try:
-            number = int(port)
-        except ValueError:
-            number = -1
-        if number not in self._ports:
-            raise HubCommandError(f"{self.name} has no port {port!r} (ports: {', '.join(self.ports())})")
-        return number
 
     async def _switch(self, ports: list[int], *, on: bool) -> None:
         action = "on" if on else "off"

@@ -28,8 +28,8 @@ class Secret(bytes):
         return "Secret('***')"
 
 
-def load_passphrase(name: str = DEFAULT_CREDENTIAL_NAME, env: str = DEFAULT_PASSPHRASE_ENV) -> Secret:
-    """Read the CA passphrase from ``$CREDENTIALS_DIRECTORY/<name>``, else from env var ``env``."""
+def load_secret(name: str, env: str, *, what: str) -> Secret:
+    """Read a secret from ``$CREDENTIALS_DIRECTORY/<name>`` (systemd), else from env var ``env``."""
     if not name or "/" in name or name in {".", ".."}:
         raise ConfigError(f"invalid credential name {name!r}")
     cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
@@ -38,7 +38,7 @@ def load_passphrase(name: str = DEFAULT_CREDENTIAL_NAME, env: str = DEFAULT_PASS
         if path.is_file():
             if path.stat().st_size > MAX_CREDENTIAL_BYTES:
                 raise ConfigError(f"credential file {path} is larger than {MAX_CREDENTIAL_BYTES} bytes")
-            # `echo secret > file` adds a newline the user did not mean as part of the passphrase.
+            # `echo secret > file` adds a newline the user did not mean as part of the secret.
             value = path.read_bytes().rstrip(b"\r\n")
             if not value:
                 raise ConfigError(f"credential file {path} is empty")
@@ -49,6 +49,11 @@ def load_passphrase(name: str = DEFAULT_CREDENTIAL_NAME, env: str = DEFAULT_PASS
             raise ConfigError(f"environment variable {env} is empty")
         return Secret(from_env.encode())
     raise ConfigError(
-        f"CA passphrase not configured: provide systemd credential {name!r} "
+        f"{what} not configured: provide systemd credential {name!r} "
         f"(LoadCredential=/SetCredentialEncrypted=) or environment variable {env}"
     )
+
+
+def load_passphrase(name: str = DEFAULT_CREDENTIAL_NAME, env: str = DEFAULT_PASSPHRASE_ENV) -> Secret:
+    """Read the CA passphrase from ``$CREDENTIALS_DIRECTORY/<name>``, else from env var ``env``."""
+    return load_secret(name, env, what="CA passphrase")

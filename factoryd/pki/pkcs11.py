@@ -36,11 +36,11 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
-from factoryd.errors import ConfigError, SignerError
+from factoryd.errors import SignerError
 from factoryd.pki import der
 from factoryd.pki.bundle import CaBundle, pem_of
 from factoryd.pki.challenge import raw_to_der_signature
-from factoryd.pki.passphrase import MAX_CREDENTIAL_BYTES, Secret
+from factoryd.pki.passphrase import Secret, load_secret
 from factoryd.pki.signer import CaPrivateKey, CaPublicKey, hash_for_key, key_problem, spki_der
 from factoryd.pki.store import ANCHORS_FILE, CHAIN_FILE, FILE_MODE, KEY_FILE
 
@@ -86,27 +86,7 @@ def _require_library() -> None:
 
 def load_pkcs11_pin(name: str = DEFAULT_PIN_CREDENTIAL, env: str = DEFAULT_PIN_ENV) -> Secret:
     """Read the token user PIN from ``$CREDENTIALS_DIRECTORY/<name>``, else from env var ``env``."""
-    if not name or "/" in name or name in {".", ".."}:
-        raise ConfigError(f"invalid credential name {name!r}")
-    cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
-    if cred_dir:
-        path = Path(cred_dir) / name
-        if path.is_file():
-            if path.stat().st_size > MAX_CREDENTIAL_BYTES:
-                raise ConfigError(f"credential file {path} is larger than {MAX_CREDENTIAL_BYTES} bytes")
-            value = path.read_bytes().rstrip(b"\r\n")
-            if not value:
-                raise ConfigError(f"credential file {path} is empty")
-            return Secret(value)
-    from_env = os.environ.get(env)
-    if from_env is not None:
-        if not from_env:
-            raise ConfigError(f"environment variable {env} is empty")
-        return Secret(from_env.encode())
-    raise ConfigError(
-        f"PKCS#11 PIN not configured: provide systemd credential {name!r} "
-        f"(LoadCredential=/SetCredentialEncrypted=) or environment variable {env}"
-    )
+    return load_secret(name, env, what="PKCS#11 PIN")
 
 
 def _check_label(what: str, value: str, max_bytes: int) -> None:

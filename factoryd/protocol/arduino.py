@@ -30,6 +30,7 @@ from factoryd.errors import (
     LinkClosedError,
     ProtocolViolationError,
 )
+from factoryd.protocol.client import MAX_FRAME_ERRORS
 from factoryd.transport.serial_link import SerialLink
 
 log = structlog.get_logger(__name__)
@@ -292,8 +293,6 @@ class ArduinoDecoder:
 
 # --- Client ------------------------------------------------------------------------------------
 
-# Invalid frames one link may deliver before the board is declared broken (as the native client).
-MAX_FRAME_ERRORS = 64
 # Bytes of a PEM CSR data frame, for the wire-time allowance of GET_CSR (a P-256 CSR is ~470).
 CSR_REPLY_ALLOWANCE_BYTES = 700
 # These touch the secure element over I2C: an ERROR there may pass when the step is done again.
