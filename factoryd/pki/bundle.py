@@ -60,9 +60,14 @@ def pem_of(certs: Sequence[x509.Certificate]) -> bytes:
 
 def chain_pem(bundle: CaBundle) -> bytes:
     """What the device gets as CA chain: issuing CA up to the root, then the trust anchors."""
+    return device_chain_pem(bundle.chain, bundle.trust_anchors)
+
+
+def device_chain_pem(chain: Sequence[x509.Certificate], trust_anchors: Sequence[x509.Certificate]) -> bytes:
+    """The chain, then the trust anchors, each certificate once, as PEM."""
     seen: set[bytes] = set()
     ordered: list[x509.Certificate] = []
-    for cert in (*bundle.chain, *bundle.trust_anchors):
+    for cert in (*chain, *trust_anchors):
         der = cert.public_bytes(serialization.Encoding.DER)
         if der not in seen:
             seen.add(der)

@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from factoryd.errors import SignerError
 from factoryd.pki import der
-from factoryd.pki.bundle import CaBundle, pem_of
+from factoryd.pki.bundle import CaBundle, device_chain_pem
 from factoryd.pki.challenge import raw_to_der_signature
 from factoryd.pki.passphrase import Secret, load_secret
 from factoryd.pki.signer import CaPrivateKey, CaPublicKey, hash_for_key, key_problem, spki_der
@@ -527,14 +527,7 @@ class TokenLot:
     @property
     def chain_pem(self) -> bytes:
         """What the device gets as CA chain (as ``bundle.chain_pem``): chain, then anchors, no repeats."""
-        seen: set[bytes] = set()
-        ordered: list[x509.Certificate] = []
-        for cert in (*self.chain, *self.trust_anchors):
-            encoded = cert.public_bytes(serialization.Encoding.DER)
-            if encoded not in seen:
-                seen.add(encoded)
-                ordered.append(cert)
-        return pem_of(ordered)
+        return device_chain_pem(self.chain, self.trust_anchors)
 
 
 def _certificates(path: Path, what: str) -> tuple[x509.Certificate, ...]:
