@@ -248,7 +248,7 @@ class Pipeline:
             resends=self.settings.resends,
         ) as client:
             try:
-                info = await self._step(run.job, Step.HELLO, client.hello, port=port)
+                info = await self._step(run.job, Step.HELLO, client.hello)
                 if skip_serial is not None and info.serial_hex == skip_serial:
                     return JobResult(port, "same_board", hw_serial=skip_serial)
                 if run.job is None:
@@ -625,9 +625,7 @@ class Pipeline:
 
     # Steps and telemetry ------------------------------------------------------------------
 
-    async def _step(
-        self, job: _Job | None, step: Step, action: Callable[[], Awaitable[T]], *, port: str | None = None
-    ) -> T:
+    async def _step(self, job: _Job | None, step: Step, action: Callable[[], Awaitable[T]]) -> T:
         if job is not None:
             job.step = step
             self._port(job.port, PortState.PROVISIONING, job.lot.name, step=step, job=job)
