@@ -112,10 +112,75 @@ class SysfsHubSettings(_Section):
         return self
 
 
+class YkushHubSettings(_Section):
+    """A Yepkit YKUSH hub switched over its HID control interface (extra "ykush")."""
+
+    # The YKUSH's USB serial (`ykushcmd -l` lists it); "" = the only YKUSH attached.
+    serial: str = ""
+    # The hub's USB location ("1-1.4", `factoryd hubs detect`), used to find the ports' ttys.
+    location: str = ""
+    # Port numbers as printed on the YKUSH board (its command numbers, 1..3).
+    ports: list[int] = Field(default_factory=list)
+    # HUBS.md: printed port number -> the USB port number in the topology path, where they differ
+    # (find it with a teach run: power one printed port, see which by-path link appears).
+    usb_port: dict[str, int] = Field(default_factory=dict)
+    # As UhubctlSettings.tty, keyed by printed port number.
+    tty: dict[str, str] = Field(default_factory=dict)
+    # Time limit of one HID exchange with the hub (the library blocks).
+    command_timeout_s: float = Field(5.0, gt=0)
+    remove_timeout_s: float = Field(5.0, gt=0)
+    by_path_dir: Path = Path("/dev/serial/by-path")
+    udev: bool = True
+
+    @model_validator(mode="after")
+    def _check_ports(self) -> YkushHubSettings:
+        known = {str(p) for p in self.ports}
+        for name, table in (("tty", self.tty), ("usb_port", self.usb_port)):
+            unknown = sorted(set(table) - known)
+            if unknown:
+                raise ValueError(f"{name} entries for ports not in ports: {', '.join(unknown)}")
+        bad = sorted(k for k, v in self.usb_port.items() if v < 1)
+        if bad:
+            raise ValueError(f"usb_port entries must be USB port numbers >= 1: {', '.join(bad)}")
+        return self
+
+
+class BrainstemHubSettings(_Section):
+    """An Acroname USBHub3p switched with the BrainStem library (extra "brainstem")."""
+
+    # The hub's BrainStem serial number, e.g. "0x40F5849A" (decimal accepted); "" = first hub found.
+    serial: str = ""
+    # The hub's USB location ("1-1.4"), used to find the ports' ttys.
+    location: str = ""
+    # factoryd port numbers: BrainStem channel + 1 (HubTool numbers the channels 0..7, so port 1 is
+    # channel 0).
+    ports: list[int] = Field(default_factory=list)
+    # As UhubctlSettings.tty. The USBHub3p is chained hub chips: its devices sit deeper than
+    # <location>.<port>, so give every port its tty (a teach run finds them).
+    tty: dict[str, str] = Field(default_factory=dict)
+    # Time limit of one BrainStem call (the library blocks).
+    command_timeout_s: float = Field(5.0, gt=0)
+    remove_timeout_s: float = Field(5.0, gt=0)
+    by_path_dir: Path = Path("/dev/serial/by-path")
+    udev: bool = True
+
+    @model_validator(mode="after")
+    def _check_tty(self) -> BrainstemHubSettings:
+        unknown = sorted(set(self.tty) - {str(p) for p in self.ports})
+        if unknown:
+            raise ValueError(f"tty entries for ports not in ports: {', '.join(unknown)}")
+        if self.serial:
+            try:
+                int(self.serial, 0)
+            except ValueError:
+                raise ValueError(f"serial {self.serial!r} is not a number (e.g. 0x40F5849A)") from None
+        return self
+
+
 class HubSettings(_Section):
     """Port switching."""
 
-    backend: Literal["sim", "sim-remote", "uhubctl", "sysfs"] = "sim"
+    backend: Literal["sim", "sim-remote", "uhubctl", "sysfs", "ykush", "brainstem"] = "sim"
     # Ports powered at once (power budget and enumeration storms).
     max_powered: int = Field(8, ge=1)
     # HUBS.md: tools elsewhere use ~10 s re-enumeration timeouts.
@@ -127,6 +192,8 @@ class HubSettings(_Section):
     sim: SimHubSettings = SimHubSettings()
     uhubctl: UhubctlSettings = UhubctlSettings()
     sysfs: SysfsHubSettings = SysfsHubSettings()
+    ykush: YkushHubSettings = YkushHubSettings()
+    brainstem: BrainstemHubSettings = BrainstemHubSettings()
 
 
 class JobSettings(_Section):

@@ -85,6 +85,14 @@ def build_hub(settings: Settings, board_factory: BoardFactory | None) -> Hub:
         from factoryd.hub.sysfs import SysfsHub  # noqa: PLC0415 - hardware backends load on demand
 
         return SysfsHub.from_settings(settings.hub.sysfs)
+    if settings.hub.backend == "ykush":
+        from factoryd.hub.ykush import YkushHub  # noqa: PLC0415
+
+        return YkushHub.from_settings(settings.hub.ykush)
+    if settings.hub.backend == "brainstem":
+        from factoryd.hub.brainstem import BrainstemHub  # noqa: PLC0415
+
+        return BrainstemHub.from_settings(settings.hub.brainstem)
     from factoryd.hub.uhubctl import UhubctlHub  # noqa: PLC0415
 
     return UhubctlHub.from_settings(settings.hub.uhubctl)

@@ -101,6 +101,7 @@ async def test_soak_faults_broker_churn_and_sigkills(
         provisioned = {r.device_id for r in ledger.provisioned_devices(LOT)}
     assert _manifest_ids(url, line.settings.station.state_dir, line.passphrase) == provisioned
     assert counts["provisioned"] == len(provisioned)
+    print(f"soak: {PORTS} ports, {DEVICES} boards, {KILLS} SIGKILLs, faults {FAULT_RATE:.0%}: {counts}")
 
 
 @pytest.mark.postgres
