@@ -225,6 +225,8 @@ wanted=()
 case $backend in
     sysfs) wanted+=(hub-sysfs.conf) ;;
     uhubctl) wanted+=(hub-uhubctl.conf) ;;
+    ykush) wanted+=(hub-ykush.conf) ;;
+    brainstem) wanted+=(hub-brainstem.conf) ;;
 esac
 [ -e "$etc/mqtt-password" ] && wanted+=(mqtt-password.conf)
 echo "    hub backend $backend; drop-ins: ${wanted[*]:-none}"
