@@ -12,10 +12,8 @@ limit; a thread lock makes sure an abandoned (timed-out) call never overlaps the
 
 from __future__ import annotations
 
-import asyncio
 import importlib
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -23,7 +21,7 @@ import structlog
 
 from factoryd.config import BrainstemHubSettings
 from factoryd.errors import ConfigError, HubCommandError
-from factoryd.hub.switched import DEFAULT_REMOVE_TIMEOUT_S, SwitchedHub
+from factoryd.hub.switched import DEFAULT_REMOVE_TIMEOUT_S, VendorLibraryHub
 from factoryd.hub.ttymap import TtyResolver, make_resolver
 
 log = structlog.get_logger(__name__)
@@ -63,7 +61,9 @@ def parse_serial(serial: str) -> int:
         raise ConfigError(f"brainstem hub: serial {serial!r} is not a number (e.g. 0x40F5849A)") from None
 
 
-class BrainstemHub(SwitchedHub):
+class BrainstemHub(VendorLibraryHub):
+    vendor = "BrainStem hub"
+
     """Ports of one Acroname USBHub3p."""
 
     def __init__(
@@ -87,14 +87,13 @@ class BrainstemHub(SwitchedHub):
             resolver=resolver,
             remove_timeout_s=remove_timeout_s,
             name=name,
+            command_timeout_s=command_timeout_s,
         )
         self.location = location
         self.serial = serial
         self.serial_number = parse_serial(serial)
-        self.command_timeout_s = command_timeout_s
         self._api: Any = api
         self._stem: Any = None
-        self._thread_lock = threading.Lock()
 
     @classmethod
     def from_settings(
@@ -125,24 +124,6 @@ class BrainstemHub(SwitchedHub):
         number = self._number(port)
         async with self._lock:
             return await self._call(lambda: self._value("getPortCurrent", number))
-
-    async def _switch(self, ports: list[int], *, on: bool) -> None:
-        async with self._lock:
-            await self._call(lambda: self._set(ports, on=on))
-        log.debug("hub_ports_switched", hub=self.name, ports=ports, action="on" if on else "off")
-
-    async def _call(self, fn: Callable[[], T]) -> T:
-        def locked() -> T:
-            with self._thread_lock:
-                return fn()
-
-        try:
-            async with asyncio.timeout(self.command_timeout_s):
-                return await asyncio.to_thread(locked)
-        except TimeoutError:
-            raise HubCommandError(
-                f"{self.name}: no answer from the BrainStem hub after {self.command_timeout_s:.1f} s"
-            ) from None
 
     def _code_name(self, code: int) -> str:
         result = getattr(getattr(self._api, "result", None), "Result", None)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Self
+from typing import Self, TypeVar
 
 import structlog
 
@@ -21,6 +22,7 @@ from factoryd.hub.usbserial import usb_serial_of_tty
 
 log = structlog.get_logger(__name__)
 DEFAULT_REMOVE_TIMEOUT_S = 5.0
+T = TypeVar("T")
 
 
 class SwitchedHub:
@@ -128,3 +130,59 @@ class SwitchedHub:
         if number not in self._ports:
             raise HubCommandError(f"{self.name} has no port {port!r} (ports: {', '.join(self.ports())})")
         return number
+
+
+class VendorLibraryHub(SwitchedHub):
+    """A hub driven by a blocking vendor library: each call in a worker thread, one at a time, bounded.
+
+    Subclasses implement the blocking ``_set(ports, on=...)`` and name their hardware in ``vendor``;
+    ``_timed_out`` lets them drop a cached device handle after a call that never returned.
+    """
+
+    vendor = "hub"
+
+    def __init__(
+        self,
+        kind: str,
+        location: str,
+        ports: Sequence[int],
+        *,
+        tty: dict[str, str] | None,
+        resolver: TtyResolver | None,
+        remove_timeout_s: float,
+        name: str | None,
+        command_timeout_s: float,
+    ) -> None:
+        super().__init__(
+            kind, location, ports, tty=tty, resolver=resolver, remove_timeout_s=remove_timeout_s, name=name
+        )
+        self.command_timeout_s = command_timeout_s
+        self._thread_lock = threading.Lock()
+
+    def _set(self, ports: list[int], *, on: bool) -> None:
+        """Switch ports through the vendor library and verify (blocking)."""
+        raise NotImplementedError
+
+    def _timed_out(self) -> None:
+        """A call did not return in time (its thread may still run)."""
+
+    async def _switch(self, ports: list[int], *, on: bool) -> None:
+        async with self._lock:
+            await self._call(lambda: self._set(ports, on=on))
+        log.debug("hub_ports_switched", hub=self.name, ports=ports, action="on" if on else "off")
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        # The asyncio lock orders callers; the thread lock keeps a call abandoned after a timeout
+        # from overlapping the next one inside the library.
+        def locked() -> T:
+            with self._thread_lock:
+                return fn()
+
+        try:
+            async with asyncio.timeout(self.command_timeout_s):
+                return await asyncio.to_thread(locked)
+        except TimeoutError:
+            self._timed_out()
+            raise HubCommandError(
+                f"{self.name}: no answer from the {self.vendor} after {self.command_timeout_s:.1f} s"
+            ) from None

@@ -12,10 +12,8 @@ Each switch is read back with ``get_port_state``.
 
 from __future__ import annotations
 
-import asyncio
 import importlib
-import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -23,7 +21,7 @@ import structlog
 
 from factoryd.config import YkushHubSettings
 from factoryd.errors import ConfigError, HubCommandError
-from factoryd.hub.switched import DEFAULT_REMOVE_TIMEOUT_S, SwitchedHub
+from factoryd.hub.switched import DEFAULT_REMOVE_TIMEOUT_S, VendorLibraryHub
 from factoryd.hub.ttymap import TtyResolver, make_resolver, topology_key
 
 log = structlog.get_logger(__name__)
@@ -55,7 +53,9 @@ def usb_tty_keys(
     return {str(p): tty.get(str(p)) or topology_key(location, usb_port.get(str(p), p)) for p in ports}
 
 
-class YkushHub(SwitchedHub):
+class YkushHub(VendorLibraryHub):
+    vendor = "YKUSH"
+
     """Ports of one YKUSH, named by the numbers printed on the board."""
 
     def __init__(
@@ -85,15 +85,14 @@ class YkushHub(SwitchedHub):
             resolver=resolver,
             remove_timeout_s=remove_timeout_s,
             name=name,
+            command_timeout_s=command_timeout_s,
         )
         self.location = location
         self.serial = serial
         self.usb_port = usb_port
-        self.command_timeout_s = command_timeout_s
         self._api: Any = api
         self._device: Any = None
         # Held by the worker thread for the whole library call (see module docstring).
-        self._thread_lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: YkushHubSettings, *, resolver: TtyResolver | None = None) -> YkushHub:
@@ -122,24 +121,8 @@ class YkushHub(SwitchedHub):
         async with self._lock:
             return await self._call(self._read_states)
 
-    async def _switch(self, ports: list[int], *, on: bool) -> None:
-        async with self._lock:
-            await self._call(lambda: self._set(ports, on=on))
-        log.debug("hub_ports_switched", hub=self.name, ports=ports, action="on" if on else "off")
-
-    async def _call(self, fn: Callable[[], T]) -> T:
-        def locked() -> T:
-            with self._thread_lock:
-                return fn()
-
-        try:
-            async with asyncio.timeout(self.command_timeout_s):
-                return await asyncio.to_thread(locked)
-        except TimeoutError:
-            self._device = None
-            raise HubCommandError(
-                f"{self.name}: no answer from the YKUSH after {self.command_timeout_s:.1f} s"
-            ) from None
+    def _timed_out(self) -> None:
+        self._device = None
 
     def _open(self) -> Any:
         if self._device is not None:
