@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -38,10 +39,14 @@ from factoryd.service import StationPaths, export_manifest, parse_bundle, store_
 from factoryd.sim.arduino import SimArduinoBoard
 from factoryd.sim.board import SimBoard
 
+log = structlog.get_logger(__name__)
+
 DEMO_LOT = "demo-lot"
 # Arduino's provisioning sketch talks at 57600 baud (ARDUINO_V1.md).
 ARDUINO_BAUDRATE = 57600
 DEMO_FW_VERSION = "2.0.0"
+# How often the simulated operator looks at the fixture.
+OPERATOR_LOOK_S = 0.1
 # Spare IDs beyond the boards, so a few voided or failed boards do not exhaust the lot.
 ID_MARGIN = 1.25
 
@@ -205,13 +210,16 @@ async def run_demo(options: DemoOptions) -> DemoResult:
     started = time.monotonic()
     hooks = DaemonHooks(hub=hub, passphrase=passphrase, stop_when=finished)
     daemon = Daemon(settings, hooks)
-    if options.live_view:
-        from factoryd.demo_view import show  # noqa: PLC0415 - terminal only
 
-        async def view(station: Station) -> None:
-            await show(daemon.live, station, options.boards)
+    async def operator(station: Station) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(simulated_operator(station))
+            if options.live_view:
+                from factoryd.demo_view import show  # noqa: PLC0415 - terminal only
 
-        hooks.on_ready = view
+                tg.create_task(show(daemon.live, station, options.boards))
+
+    hooks.on_ready = operator
     station = await daemon.run()
     elapsed = time.monotonic() - started
     return await asyncio.to_thread(_verify, settings, passphrase, station, hub.finished, elapsed)
@@ -237,6 +245,20 @@ def stored_device_id(board: SimBoard) -> str | None:
         return board.stored_device_id()
     raw = board.se.objects.get(ObjectId.DEVICE_ID)
     return raw.decode() if raw is not None else None
+
+
+async def simulated_operator(station: Station) -> None:
+    """What the person at the fixture does in the demo: look at a port in attention, then acknowledge it.
+
+    Without this a port that failed a few boards in a row would wait for a human forever, and
+    the simulated supply would never run out.
+    """
+    while not station.stopping:
+        for port, control in station.ports.items():
+            if control.attention is not None:
+                log.info("simulated operator acknowledges", port=port, reason=control.attention)
+                station.acknowledge(port)
+        await asyncio.sleep(OPERATOR_LOOK_S)
 
 
 def check_provisioned(

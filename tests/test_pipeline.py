@@ -237,3 +237,15 @@ async def test_a_finished_board_left_in_its_slot_keeps_showing_done(tmp_path: Pa
 
 async def _keep_board(port: str) -> None:
     return None
+
+
+@pytest.mark.timeout(300)
+async def test_demo_operator_acknowledges_attention_so_the_run_ends(tmp_path: Path) -> None:
+    # Every board is faulty: ports go to attention after three failures in a row; the simulated
+    # operator acknowledges them, so the supply is used up and the demo ends.
+    result = await run_demo(
+        DemoOptions(ports=2, boards=6, fault_rate=1.0, seed=5, state_dir=tmp_path, flash=False)
+    )
+    assert sum(result.outcomes.values()) == 6
+    assert result.outcomes.get("failed", 0) + result.outcomes.get("refused", 0) >= 5
+    assert result.duplicate_ids == 0
