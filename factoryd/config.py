@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import (
@@ -56,119 +56,99 @@ class SimHubSettings(_Section):
     control_socket: Path | None = None
 
 
-class UhubctlSettings(_Section):
-    """A hub switched with uhubctl."""
+class _SwitchedHubSettings(_Section):
+    """What every real hub backend is configured with: its ports and how their ttys are found."""
 
-    binary: str = "uhubctl"
-    location: str = ""
     ports: list[int] = Field(default_factory=list)
     # Port number -> tty: an absolute path (a /dev/serial/by-path/... link or a udev SYMLINK such as
     # /dev/factoryd/slot-3) or an ID_PATH name under by_path_dir. Never ttyACM numbers. A port
     # without an entry is found by its topology (usb-0:<location ports>.<port>) in by_path_dir.
     tty: dict[str, str] = Field(default_factory=dict)
-    # HUBS.md: a USB 3 hub is two logical hubs; the other half's location (e.g. "2-1" for "1-1").
-    # uhubctl >= 2.2 pairs the halves itself; set this when it does not (older uhubctl, odd hubs).
-    dual_location: str = ""
-    # uhubctl talks to the hub over a few control transfers; 10 s covers slow hubs and -r repeats.
-    command_timeout_s: float = Field(10.0, gt=0)
     # After power-off, how long the tty may take to disappear (udev remove) before it is an error.
     remove_timeout_s: float = Field(5.0, gt=0)
-    # uhubctl -r N: repeat the power-off N times, for kernels that switch the power back on by themselves.
-    off_repeat: int = Field(0, ge=0, le=1000)
     by_path_dir: Path = Path("/dev/serial/by-path")
     # Follow udev add/remove events (pyudev, extra "udev") when available; else poll by_path_dir.
     udev: bool = True
 
     @model_validator(mode="after")
-    def _check_tty(self) -> UhubctlSettings:
+    def _check_tty(self) -> Self:
         unknown = sorted(set(self.tty) - {str(p) for p in self.ports})
         if unknown:
             raise ValueError(f"tty entries for ports not in ports: {', '.join(unknown)}")
         return self
 
 
-class SysfsHubSettings(_Section):
+class UhubctlSettings(_SwitchedHubSettings):
+    """A hub switched with uhubctl."""
+
+    binary: str = "uhubctl"
+    location: str = ""
+    # HUBS.md: a USB 3 hub is two logical hubs; the other half's location (e.g. "2-1" for "1-1").
+    # uhubctl >= 2.2 pairs the halves itself; set this when it does not (older uhubctl, odd hubs).
+    dual_location: str = ""
+    # uhubctl talks to the hub over a few control transfers; 10 s covers slow hubs and -r repeats.
+    command_timeout_s: float = Field(10.0, gt=0)
+    # uhubctl -r N: repeat the power-off N times, for kernels that switch the power back on by themselves.
+    off_repeat: int = Field(0, ge=0, le=1000)
+
+
+class SysfsHubSettings(_SwitchedHubSettings):
     """A hub switched through the kernel's per-port 'disable' attribute (Linux >= 6.0)."""
 
     # Hub location as uhubctl prints it: "1-1.4" (or "1" for a root hub).
     hub: str = ""
-    ports: list[int] = Field(default_factory=list)
-    # As UhubctlSettings.tty.
-    tty: dict[str, str] = Field(default_factory=dict)
     # The USB 3 half of the same hub (HUBS.md: switch both).
     dual_hub: str = ""
     # The hub's bConfigurationValue; None = read it from sysfs.
     config: int | None = Field(None, ge=1)
     sysfs_root: Path = Path("/sys/bus/usb/devices")
-    remove_timeout_s: float = Field(5.0, gt=0)
-    by_path_dir: Path = Path("/dev/serial/by-path")
-    udev: bool = True
-
-    @model_validator(mode="after")
-    def _check_tty(self) -> SysfsHubSettings:
-        unknown = sorted(set(self.tty) - {str(p) for p in self.ports})
-        if unknown:
-            raise ValueError(f"tty entries for ports not in ports: {', '.join(unknown)}")
-        return self
 
 
-class YkushHubSettings(_Section):
-    """A Yepkit YKUSH hub switched over its HID control interface (extra "ykush")."""
+class YkushHubSettings(_SwitchedHubSettings):
+    """A Yepkit YKUSH hub switched over its HID control interface (extra "ykush").
+
+    ``ports`` are the numbers printed on the YKUSH board (its command numbers, 1..3) and ``tty``
+    is keyed by them.
+    """
 
     # The YKUSH's USB serial (`ykushcmd -l` lists it); "" = the only YKUSH attached.
     serial: str = ""
     # The hub's USB location ("1-1.4", `factoryd hubs detect`), used to find the ports' ttys.
     location: str = ""
-    # Port numbers as printed on the YKUSH board (its command numbers, 1..3).
-    ports: list[int] = Field(default_factory=list)
     # HUBS.md: printed port number -> the USB port number in the topology path, where they differ
     # (find it with a teach run: power one printed port, see which by-path link appears).
     usb_port: dict[str, int] = Field(default_factory=dict)
-    # As UhubctlSettings.tty, keyed by printed port number.
-    tty: dict[str, str] = Field(default_factory=dict)
     # Time limit of one HID exchange with the hub (the library blocks).
     command_timeout_s: float = Field(5.0, gt=0)
-    remove_timeout_s: float = Field(5.0, gt=0)
-    by_path_dir: Path = Path("/dev/serial/by-path")
-    udev: bool = True
 
     @model_validator(mode="after")
-    def _check_ports(self) -> YkushHubSettings:
-        known = {str(p) for p in self.ports}
-        for name, table in (("tty", self.tty), ("usb_port", self.usb_port)):
-            unknown = sorted(set(table) - known)
-            if unknown:
-                raise ValueError(f"{name} entries for ports not in ports: {', '.join(unknown)}")
+    def _check_usb_port(self) -> YkushHubSettings:
+        unknown = sorted(set(self.usb_port) - {str(p) for p in self.ports})
+        if unknown:
+            raise ValueError(f"usb_port entries for ports not in ports: {', '.join(unknown)}")
         bad = sorted(k for k, v in self.usb_port.items() if v < 1)
         if bad:
             raise ValueError(f"usb_port entries must be USB port numbers >= 1: {', '.join(bad)}")
         return self
 
 
-class BrainstemHubSettings(_Section):
-    """An Acroname USBHub3p switched with the BrainStem library (extra "brainstem")."""
+class BrainstemHubSettings(_SwitchedHubSettings):
+    """An Acroname USBHub3p switched with the BrainStem library (extra "brainstem").
+
+    ``ports`` are BrainStem channel + 1 (HubTool numbers the channels 0..7, so port 1 is channel 0).
+    The USBHub3p is chained hub chips: its devices sit deeper than <location>.<port>, so give every
+    port its ``tty`` (a teach run finds them).
+    """
 
     # The hub's BrainStem serial number, e.g. "0x40F5849A" (decimal accepted); "" = first hub found.
     serial: str = ""
     # The hub's USB location ("1-1.4"), used to find the ports' ttys.
     location: str = ""
-    # factoryd port numbers: BrainStem channel + 1 (HubTool numbers the channels 0..7, so port 1 is
-    # channel 0).
-    ports: list[int] = Field(default_factory=list)
-    # As UhubctlSettings.tty. The USBHub3p is chained hub chips: its devices sit deeper than
-    # <location>.<port>, so give every port its tty (a teach run finds them).
-    tty: dict[str, str] = Field(default_factory=dict)
     # Time limit of one BrainStem call (the library blocks).
     command_timeout_s: float = Field(5.0, gt=0)
-    remove_timeout_s: float = Field(5.0, gt=0)
-    by_path_dir: Path = Path("/dev/serial/by-path")
-    udev: bool = True
 
     @model_validator(mode="after")
-    def _check_tty(self) -> BrainstemHubSettings:
-        unknown = sorted(set(self.tty) - {str(p) for p in self.ports})
-        if unknown:
-            raise ValueError(f"tty entries for ports not in ports: {', '.join(unknown)}")
+    def _check_serial(self) -> BrainstemHubSettings:
         if self.serial:
             try:
                 int(self.serial, 0)
