@@ -473,9 +473,9 @@ def sim_hub(
     from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
     from cryptography.hazmat.primitives.serialization import load_pem_public_key  # noqa: PLC0415
 
-    from factoryd.hub.remote import SimHubServer  # noqa: PLC0415
-    from factoryd.hub.sim import SimHub  # noqa: PLC0415
     from factoryd.sim.board import FaultPlan, SimBoard, Timing  # noqa: PLC0415
+    from factoryd.sim.hub import SimHub  # noqa: PLC0415
+    from factoryd.sim.remote import SimHubServer  # noqa: PLC0415
 
     key = load_pem_public_key(_read(firmware_key)) if firmware_key else None
     if key is not None and not isinstance(key, ec.EllipticCurvePublicKey):

@@ -20,8 +20,6 @@ from factoryd.api import ApiContext, create_app, serve_api
 from factoryd.config import Settings
 from factoryd.flashing import ExternalFlasher
 from factoryd.hub.base import Hub
-from factoryd.hub.remote import CONNECTION_POOL, RemoteSimHub
-from factoryd.hub.sim import SimHub
 from factoryd.jobs.lots import LotContext, load_lot_context
 from factoryd.jobs.pipeline import Pipeline, PipelineSettings
 from factoryd.jobs.scheduler import LotSource, Station
@@ -33,6 +31,8 @@ from factoryd.protocol.client import BoardClient, Timeouts
 from factoryd.sdnotify import Notifier
 from factoryd.service import StationPaths, station_passphrase
 from factoryd.sim.board import FaultPlan, SimBoard, Timing
+from factoryd.sim.hub import SimHub
+from factoryd.sim.remote import CONNECTION_POOL, RemoteSimHub
 from factoryd.telemetry.events import FanOut, TelemetrySink
 from factoryd.telemetry.live import LiveState
 from factoryd.telemetry.metrics import Metrics

@@ -27,7 +27,6 @@ from factoryd.config import Settings, load_settings
 from factoryd.daemon import Daemon, DaemonHooks, sim_board_factory
 from factoryd.errors import VerificationError
 from factoryd.firmware import FirmwareStore, sign_firmware
-from factoryd.hub.sim import SimHub
 from factoryd.jobs.scheduler import Station
 from factoryd.ledger import Ledger
 from factoryd.ledger.model import DeviceRecord, LotState
@@ -38,6 +37,7 @@ from factoryd.protocol.messages import ObjectId
 from factoryd.service import StationPaths, export_manifest, parse_bundle, store_bundle, write_manifest
 from factoryd.sim.arduino import SimArduinoBoard
 from factoryd.sim.board import SimBoard
+from factoryd.sim.hub import SimHub
 
 log = structlog.get_logger(__name__)
 

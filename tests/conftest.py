@@ -7,25 +7,12 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import structlog
-from mqtt_broker import mqtt_broker, mqtt_broker_factory  # noqa: F401 - pytest fixtures
 
-from factoryd.protocol.client import BoardClient, Timeouts
-from factoryd.sim.board import FaultPlan, SimBoard
+from factoryd.protocol.client import BoardClient
+from factoryd.sim.board import SimBoard
 from factoryd.sim.pty import PtyBoard, serve_pty
-
-# Short timeouts so fault tests that wait for resends stay fast.
-FAST_TIMEOUTS = Timeouts(
-    hello_s=0.2,
-    keygen_s=0.3,
-    csr_s=0.3,
-    write_s=0.3,
-    read_s=0.2,
-    sign_s=0.3,
-    lock_s=0.2,
-    reboot_s=0.2,
-    fw_chunk_s=0.2,
-    fw_end_s=0.3,
-)
+from tests.helpers.boards import FAST_TIMEOUTS
+from tests.helpers.mqtt_broker import mqtt_broker, mqtt_broker_factory  # noqa: F401 - pytest fixtures
 
 
 @pytest.fixture(autouse=True)
@@ -58,8 +45,3 @@ async def client(sim_board: PtyBoard) -> AsyncIterator[BoardClient]:
     """A client on the production serial path to the simulated board."""
     async with await BoardClient.open(sim_board.path, timeouts=FAST_TIMEOUTS) as c:
         yield c
-
-
-def faulty_board(fault_plan: FaultPlan) -> SimBoard:
-    """A board with a fault plan."""
-    return SimBoard(faults=fault_plan)

@@ -26,7 +26,7 @@ from factoryd.ledger.tables import AuditEntryRow
 from factoryd.pki.manifest import verify_manifest
 from factoryd.pki.store import BundleStore
 from factoryd.pki.testca import make_test_pki
-from tests.test_api_harness import STATION_PASSPHRASE, Api, running_api
+from tests.helpers.api import STATION_PASSPHRASE, Api, running_api
 
 UUIDS = [f"123e4567-e89b-12d3-a456-4266141740{i:02d}" for i in range(10)]
 BUNDLE_PASSPHRASE = b"bundle-passphrase"

@@ -21,12 +21,12 @@ from factoryd.api import ApiContext, Role, TokenStore, create_app, serve_api
 from factoryd.cli import app as cli_app
 from factoryd.config import load_settings
 from factoryd.daemon import Daemon, DaemonHooks
-from factoryd.hub.sim import SimHub
 from factoryd.jobs.scheduler import Station
 from factoryd.ledger import Ledger
 from factoryd.pki.manifest import verify_manifest
 from factoryd.pki.testca import make_test_pki
 from factoryd.sim.board import SimBoard
+from factoryd.sim.hub import SimHub
 
 BOARDS = 3
 IDS = [str(uuid.UUID(int=0x4000_0000_0000_4000_8000_0000_0000_0000 + i)) for i in range(5)]

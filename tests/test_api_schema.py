@@ -13,12 +13,12 @@ import schemathesis
 from hypothesis import HealthCheck, Phase
 
 from factoryd.daemon import pipeline_settings
-from factoryd.hub.sim import SimHub
 from factoryd.jobs.pipeline import Pipeline
 from factoryd.jobs.scheduler import LotSource, Station
 from factoryd.sim.board import SimBoard
+from factoryd.sim.hub import SimHub
 from factoryd.telemetry.live import LiveState
-from tests.test_api_harness import Api, api_settings, running_api
+from tests.helpers.api import Api, api_settings, running_api
 
 # Examples per operation and mode: ~23 operations x 2 modes stay well under a minute.
 EXAMPLES_PER_OPERATION = 25

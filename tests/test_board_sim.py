@@ -27,7 +27,7 @@ from factoryd.protocol.client import BoardClient
 from factoryd.protocol.messages import ObjectId, Status
 from factoryd.sim.board import Fault, FaultPlan, SimBoard
 from factoryd.sim.pty import PtyBoard, serve_pty
-from tests.conftest import FAST_TIMEOUTS
+from tests.helpers.boards import FAST_TIMEOUTS
 
 CN = "6f1c2a9e-3b4d-4e5f-8a7b-9c0d1e2f3a4b"
 

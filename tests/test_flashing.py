@@ -13,7 +13,7 @@ from factoryd.errors import FirmwareRejectedError, HubCommandError
 from factoryd.firmware import SignedFirmware
 from factoryd.flashing import ExternalFlasher
 from factoryd.ledger.model import DeviceState
-from tests.station_harness import LOT, make_line
+from tests.helpers.station import LOT, make_line
 
 TOOL = """
 import hashlib, pathlib, sys

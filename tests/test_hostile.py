@@ -16,8 +16,8 @@ from factoryd.protocol.messages import ObjectId
 from factoryd.sim.board import Fault, FaultPlan, SimBoard
 from factoryd.sim.pty import serve_pty
 from factoryd.transport.framing import MAX_ENCODED_FRAME
-from tests.conftest import FAST_TIMEOUTS
-from tests.station_harness import LOT, make_line
+from tests.helpers.boards import FAST_TIMEOUTS
+from tests.helpers.station import LOT, make_line
 
 
 async def test_board_claiming_a_provisioned_boards_serial_is_refused(tmp_path: Path) -> None:

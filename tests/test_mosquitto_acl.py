@@ -9,7 +9,8 @@ from pathlib import Path
 
 import aiomqtt
 import pytest
-from mqtt_broker import free_port
+
+from tests.helpers.mqtt_broker import free_port
 
 ACL = Path(__file__).parent.parent / "deploy" / "mosquitto" / "factoryd.acl"
 USERS = {"station-1": "pw-one", "station-2": "pw-two", "supervisor": "pw-sup"}

@@ -37,7 +37,7 @@ from factoryd.ledger import LotState
 from factoryd.ledger.core import create_ledger_engine
 from factoryd.ledger.tables import AuditEntryRow
 from factoryd.telemetry.live import LiveState
-from tests.test_api_harness import Api, running_api
+from tests.helpers.api import Api, running_api
 
 STATIC = Path(page_module.__file__).parent / "static"
 CODES = (

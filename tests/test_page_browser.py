@@ -22,13 +22,13 @@ from sqlmodel import Session, col, select
 from factoryd.api import Role, TokenStore
 from factoryd.config import Settings
 from factoryd.daemon import Daemon, DaemonHooks
-from factoryd.hub.sim import SimHub
 from factoryd.jobs.scheduler import Station
 from factoryd.ledger import LotState
 from factoryd.ledger.core import create_ledger_engine
 from factoryd.ledger.tables import AuditEntryRow
 from factoryd.sim.board import Fault, FaultPlan, SimBoard, Timing
-from tests.station_harness import LOT, Line, make_line
+from factoryd.sim.hub import SimHub
+from tests.helpers.station import LOT, Line, make_line
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

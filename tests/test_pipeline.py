@@ -14,7 +14,7 @@ from factoryd.ledger.model import DeviceState
 from factoryd.protocol.messages import ObjectId
 from factoryd.sim.board import Fault, FaultPlan
 from factoryd.telemetry.events import PortState, RecordingSink
-from tests.station_harness import LOT, make_line
+from tests.helpers.station import LOT, make_line
 
 
 @pytest.mark.timeout(600)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from factoryd.hub.remote import RemoteSimHub
-from tests.line_procs import (
+from factoryd.sim.remote import RemoteSimHub
+from tests.helpers.line_procs import (
     check_invariants,
     provisioned_count,
     spawn,
@@ -22,7 +22,7 @@ from tests.line_procs import (
     wait_for,
     write_config,
 )
-from tests.station_harness import make_line
+from tests.helpers.station import make_line
 
 BOARDS = 40
 PORTS = 8

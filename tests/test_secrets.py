@@ -10,17 +10,17 @@ from pathlib import Path
 import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
-from mqtt_broker import MosquittoBroker, MqttRecorder
 
 from factoryd.api import TokenStore
 from factoryd.config import load_settings
 from factoryd.daemon import Daemon, DaemonHooks
-from factoryd.hub.sim import SimHub
 from factoryd.ledger import Ledger, LotProfile, LotState
 from factoryd.log import configure_logging
 from factoryd.pki.testca import make_test_pki
 from factoryd.service import StationPaths, parse_bundle, store_bundle
 from factoryd.sim.board import SimBoard
+from factoryd.sim.hub import SimHub
+from tests.helpers.mqtt_broker import MosquittoBroker, MqttRecorder
 
 LOT = "secret-lot"
 

@@ -10,13 +10,13 @@ from pathlib import Path
 import httpx
 import jsonschema
 import pytest
-from mqtt_broker import BrokerFactory, MqttRecorder
 
 from factoryd.daemon import Daemon, DaemonHooks
 from factoryd.jobs.scheduler import Station
 from factoryd.sim.board import SimBoard, Timing
 from factoryd.telemetry.payloads import load_schema
-from tests.station_harness import LOT, make_line
+from tests.helpers.mqtt_broker import BrokerFactory, MqttRecorder
+from tests.helpers.station import LOT, make_line
 
 SCHEMA_BY_SUFFIX = {
     "/status": "status",

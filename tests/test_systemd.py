@@ -26,7 +26,7 @@ import pytest
 
 from factoryd.config import JobSettings, MqttConfig, PkiSettings
 from factoryd.ledger import Ledger
-from tests.station_harness import LOT, make_line
+from tests.helpers.station import LOT, make_line
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "factoryd.service"

@@ -1,4 +1,4 @@
-"""MQTT publisher against real throwaway mosquitto brokers (fixtures from tests/mqtt_broker.py)."""
+"""MQTT publisher against real throwaway mosquitto brokers (fixtures from tests/helpers/mqtt_broker.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from mqtt_broker import BrokerTls, MosquittoBroker, MqttRecorder, TcpGate, free_port
 
 import factoryd
 from factoryd.errors import ConfigError
@@ -33,6 +32,7 @@ from factoryd.telemetry import (
 )
 from factoryd.telemetry import mqtt as mqtt_module
 from factoryd.telemetry.payloads import load_schema
+from tests.helpers.mqtt_broker import BrokerTls, MosquittoBroker, MqttRecorder, TcpGate, free_port
 
 pytestmark = pytest.mark.mqtt
 

@@ -20,8 +20,8 @@ from typing import Any, Literal
 
 from factoryd.daemon import Daemon, DaemonHooks
 from factoryd.demo import DEMO_LOT, DemoOptions, demo_settings, prepare_lot
-from factoryd.hub.remote import CONNECTION_POOL, RemoteSimHub
 from factoryd.jobs.scheduler import Station
+from factoryd.sim.remote import CONNECTION_POOL, RemoteSimHub
 
 # How often the hub's supply is checked while the line runs.
 STATUS_POLL_S = 0.1

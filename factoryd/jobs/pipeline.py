@@ -21,7 +21,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Literal, TypeVar
 
 import structlog
@@ -50,6 +49,7 @@ from factoryd.flashing import ExternalFlasher
 from factoryd.hub.base import Hub
 from factoryd.jobs.arduino import provision_arduino
 from factoryd.jobs.lots import LotContext
+from factoryd.jobs.steps import Step
 from factoryd.ledger import AsyncLedger
 from factoryd.ledger.model import DeviceRecord, DeviceState
 from factoryd.pki.challenge import verify_challenge
@@ -63,26 +63,6 @@ from factoryd.telemetry.events import JobEvent, PortState, PortUpdate, Telemetry
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 CHALLENGE_BYTES = 32
-
-
-class Step(StrEnum):
-    """Pipeline steps (metric and event label values)."""
-
-    POWER = "power"
-    ENUMERATE = "enumerate"
-    HELLO = "hello"
-    FIRMWARE = "firmware"
-    RECHECK = "recheck"
-    RESERVE = "reserve"
-    KEYGEN = "keygen"
-    CSR = "csr"
-    ISSUE = "issue"
-    WRITE = "write"
-    CHALLENGE = "challenge"
-    LOCK = "lock"
-    RECORD = "record"
-    STORE = "store"
-    RECONSTRUCT = "reconstruct"
 
 
 Outcome = Literal["provisioned", "rechecked", "failed", "refused", "empty", "same_board"]

@@ -16,13 +16,12 @@ import signal
 from pathlib import Path
 
 import pytest
-from mqtt_broker import BrokerFactory
 
-from factoryd.hub.remote import RemoteSimHub
 from factoryd.ledger import Ledger
 from factoryd.ledger.testing import throwaway_postgres_database
 from factoryd.service import StationPaths, export_manifest
-from tests.line_procs import (
+from factoryd.sim.remote import RemoteSimHub
+from tests.helpers.line_procs import (
     check_invariants,
     provisioned_count,
     spawn,
@@ -31,7 +30,8 @@ from tests.line_procs import (
     wait_for,
     write_config,
 )
-from tests.station_harness import LOT, make_line
+from tests.helpers.mqtt_broker import BrokerFactory
+from tests.helpers.station import LOT, make_line
 
 PORTS = int(os.environ.get("SOAK_PORTS", "8"))
 DEVICES = int(os.environ.get("SOAK_DEVICES", "80"))

@@ -2,7 +2,7 @@
 
 Register the fixtures once in ``tests/conftest.py``::
 
-    from mqtt_broker import mqtt_broker, mqtt_broker_factory  # noqa: F401 - pytest fixtures
+    from tests.helpers.mqtt_broker import mqtt_broker, mqtt_broker_factory  # noqa: F401 - pytest fixtures
 
 (``tests/`` has no ``__init__.py`` and pytest's default "prepend" import mode puts it on ``sys.path``;
 if a ``tests/__init__.py`` is ever added, write ``from tests.mqtt_broker import ...`` instead.)

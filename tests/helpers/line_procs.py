@@ -15,9 +15,9 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from factoryd.hub.remote import RemoteSimHub
 from factoryd.ledger import Ledger
-from tests.station_harness import LOT, Line
+from factoryd.sim.remote import RemoteSimHub
+from tests.helpers.station import LOT, Line
 
 
 def write_config(

@@ -13,10 +13,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from factoryd.config import Settings
 from factoryd.daemon import Daemon, DaemonHooks
 from factoryd.demo import DEMO_LOT, DemoOptions, demo_settings, prepare_lot
-from factoryd.hub.sim import SimHub
 from factoryd.jobs.scheduler import Station
 from factoryd.ledger import Ledger
 from factoryd.sim.board import FaultPlan, SimBoard
+from factoryd.sim.hub import SimHub
 from factoryd.telemetry.events import TelemetrySink
 
 LOT = DEMO_LOT

@@ -20,9 +20,9 @@ from typing import Any, Self
 import structlog
 
 from factoryd.errors import EnumerationTimeoutError, HubCommandError
-from factoryd.hub.sim import SimHub
 from factoryd.protocol.messages import ObjectId
 from factoryd.sim.board import SimBoard
+from factoryd.sim.hub import SimHub
 
 log = structlog.get_logger(__name__)
 # A control request is a short JSON line; anything longer is a protocol error.
