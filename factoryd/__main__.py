@@ -1,5 +1,5 @@
 """`python -m factoryd` runs the command line interface."""
 
-from factoryd.cli import main
+from factoryd.cli.main import main
 
 main()

@@ -17,6 +17,7 @@ import structlog
 
 from factoryd import __version__
 from factoryd.api import ApiContext, create_app, serve_api
+from factoryd.backends import build_hub
 from factoryd.config import Settings
 from factoryd.flashing import ExternalFlasher
 from factoryd.hub.base import Hub
@@ -27,12 +28,9 @@ from factoryd.ledger import AsyncLedger
 from factoryd.ledger.model import LotInfo
 from factoryd.pki.passphrase import load_secret
 from factoryd.pki.store import BundleStore
-from factoryd.protocol.client import BoardClient, Timeouts
+from factoryd.protocol.native import Timeouts
 from factoryd.sdnotify import Notifier
-from factoryd.service import StationPaths, station_passphrase
-from factoryd.sim.board import FaultPlan, SimBoard, Timing
-from factoryd.sim.hub import SimHub
-from factoryd.sim.remote import CONNECTION_POOL, RemoteSimHub
+from factoryd.service import StationPaths, prepare_state_dir, station_passphrase
 from factoryd.telemetry.events import FanOut, TelemetrySink
 from factoryd.telemetry.live import LiveState
 from factoryd.telemetry.metrics import Metrics
@@ -40,7 +38,6 @@ from factoryd.telemetry.mqtt import MqttPublisher, MqttSettings
 
 log = structlog.get_logger(__name__)
 
-BoardFactory = Callable[[], SimBoard]
 StopWhen = Callable[[Station], bool]
 # How often the optional stop condition is evaluated.
 STOP_POLL_S = 0.05
@@ -51,51 +48,12 @@ class DaemonHooks:
     """Extension points for the demo, benchmarks and tests."""
 
     hub: Hub | None = None
-    board_factory: BoardFactory | None = None
     passphrase: bytes | None = None
     stop_when: StopWhen | None = None
     on_ready: Callable[[Station], Awaitable[None]] | None = None
     extra_sinks: tuple[TelemetrySink, ...] = ()
-
-
-def sim_board_factory(settings: Settings) -> BoardFactory:
-    """Boards for the simulated hub, with the configured fault plan and timing model."""
-    sim = settings.hub.sim
-    timing = (Timing.realistic() if sim.timing == "realistic" else Timing()).scaled(sim.timing_scale)
-    counter = iter(range(1, 1 << 62))
-
-    def make() -> SimBoard:
-        seed = sim.fault_seed * 1_000_003 + next(counter)
-        return SimBoard(faults=FaultPlan.uniform(sim.fault_rate, seed=seed, per_power_on=True), timing=timing)
-
-    return make
-
-
-def build_hub(settings: Settings, board_factory: BoardFactory | None) -> Hub:
-    """The hub backend the settings ask for."""
-    if settings.hub.backend == "sim":
-        return SimHub(
-            settings.hub.sim.ports,
-            board_factory or sim_board_factory(settings),
-            supply=settings.hub.sim.boards,
-        )
-    if settings.hub.backend == "sim-remote" and settings.hub.sim.control_socket is not None:
-        return RemoteSimHub(settings.hub.sim.control_socket, pool=CONNECTION_POOL)
-    if settings.hub.backend == "sysfs":
-        from factoryd.hub.sysfs import SysfsHub  # noqa: PLC0415 - hardware backends load on demand
-
-        return SysfsHub.from_settings(settings.hub.sysfs)
-    if settings.hub.backend == "ykush":
-        from factoryd.hub.ykush import YkushHub  # noqa: PLC0415
-
-        return YkushHub.from_settings(settings.hub.ykush)
-    if settings.hub.backend == "brainstem":
-        from factoryd.hub.brainstem import BrainstemHub  # noqa: PLC0415
-
-        return BrainstemHub.from_settings(settings.hub.brainstem)
-    from factoryd.hub.uhubctl import UhubctlHub  # noqa: PLC0415
-
-    return UhubctlHub.from_settings(settings.hub.uhubctl)
+    # An interactive program (the demo) ends on SIGHUP like any terminal program; the service reloads lots.
+    hangup_stops: bool = False
 
 
 def pipeline_settings(settings: Settings) -> PipelineSettings:
@@ -120,6 +78,16 @@ def pipeline_settings(settings: Settings) -> PipelineSettings:
     )
 
 
+def _ready_line(hub: str, ports: int, lot: str | None) -> str:
+    """What the station will do, in one line (the first thing an operator reads in the journal)."""
+    if lot is None:
+        return (
+            f"station ready on {ports} ports of hub {hub}; no active lot: waiting for one to be "
+            "activated (factoryd lots activate NAME)"
+        )
+    return f"station ready: provisioning lot {lot} on {ports} ports of hub {hub}"
+
+
 class Daemon:
     """One station: ledger, hub, pipeline, telemetry."""
 
@@ -133,14 +101,16 @@ class Daemon:
         self.metrics_port: int | None = None
         self.station: Station | None = None
         self.notifier = Notifier()
+        # The signal that stopped the station (None: the stop condition or no stop yet).
+        self.stopped_by: signal.Signals | None = None
 
     async def run(self) -> Station:
         """Run until SIGTERM/SIGINT or the stop condition; return the station (results, counts)."""
         settings = self.settings
-        self.paths.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        prepare_state_dir(self.paths)
         passphrase = self.hooks.passphrase or station_passphrase(settings)
         bundles = BundleStore(self.paths.bundles, passphrase)
-        hub = self.hooks.hub or build_hub(settings, self.hooks.board_factory)
+        hub = self.hooks.hub or build_hub(settings)
 
         def open_lot(info: LotInfo) -> LotContext:
             return load_lot_context(info, bundles, self.paths.firmware)
@@ -163,17 +133,13 @@ class Daemon:
                     "metrics listening", address=f"http://{settings.metrics.host}:{self.metrics_port}/metrics"
                 )
             telemetry = FanOut(sinks)
-            if isinstance(hub, contextlib.AbstractAsyncContextManager):
-                await stack.enter_async_context(hub)
-            if isinstance(hub, RemoteSimHub):
-                await hub.connect()
+            await stack.enter_async_context(hub)
             pipeline = Pipeline(
                 hub=hub,
                 ledger=ledger,
                 telemetry=telemetry,
                 settings=pipeline_settings(settings),
                 power_budget=asyncio.Semaphore(settings.hub.max_powered),
-                on_link=self._link_metrics,
             )
             station = self.station = Station(
                 hub=hub,
@@ -202,11 +168,10 @@ class Daemon:
                         tls_key=settings.api.tls_key,
                     )
                 )
-                log.info("api listening", address=f"{settings.api.host}:{self.api_port}")
             # Fail before READY if the lot cannot be opened (wrong passphrase, missing bundle).
             lot = await station.lots.current()
             log.info(
-                "station ready",
+                _ready_line(hub.name, len(station.ports), lot.name if lot else None),
                 station=settings.station.name,
                 lot=lot.name if lot else None,
                 ports=len(station.ports),
@@ -247,24 +212,21 @@ class Daemon:
             with contextlib.suppress(asyncio.CancelledError):
                 await watchdog
 
-    def _link_metrics(self, port: str, client: BoardClient) -> None:
-        """Fold one closed link's counters into the metrics."""
-        link, decoder = client.link, client.link.decoder.stats
-        self.metrics.frame_sent(port, link.stats.frames_sent)
-        self.metrics.frame_received(port, decoder.frames)
-        self.metrics.crc_error(port, decoder.crc_errors)
-        self.metrics.resend(port, client.stats.resends)
-
     def _install_signal_handlers(self, station: Station) -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        stop_signals = [signal.SIGTERM, signal.SIGINT]
+        if self.hooks.hangup_stops:
+            stop_signals.append(signal.SIGHUP)
+        for sig in stop_signals:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(sig, self._on_signal, station, sig)
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(signal.SIGHUP, self._on_reload, station)
+        if not self.hooks.hangup_stops:
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(signal.SIGHUP, self._on_reload, station)
 
     def _on_signal(self, station: Station, sig: signal.Signals) -> None:
         log.info("stopping on signal", signal=sig.name)
+        self.stopped_by = sig
         self.notifier.stopping()
         station.stop()
 

@@ -4,17 +4,35 @@ It makes a customer PKI and a signed firmware image, creates a lot with an ID li
 SQLite ledger, runs the real daemon on a simulated hub whose boards sit behind real PTYs,
 then exports the signed manifest, verifies the audit chain and every certificate, and prints
 what happened.
+
+A demo's state directory is a station's like any other: it holds a config file
+(``factoryd.toml``) naming that directory and its ledger, and the CA passphrase the demo made
+(``ca-passphrase``, 0600) unless ``FACTORYD_CA_PASSPHRASE`` gave one. Without ``--state-dir`` the
+demo works in a temporary directory and removes it at the end.
+
+Reproducibility: the simulated board at position n of the supply (the n-th board the operator
+feeds in) draws its secure-element serial and all its faults from (seed, lot, n) alone, so the
+same seed gives the same boards, the same faults, the same outcome per board and the same failure
+reasons, whichever port a board lands on and however the ports interleave. What still varies:
+device IDs (drawn at random for the lot, and handed out in the order boards reach reservation),
+keys and certificates, timings, and the order of results.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
+import os
 import secrets
+import shutil
 import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,21 +41,25 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from factoryd.api.tokens import Role, TokenStore
 from factoryd.config import Settings, load_settings
-from factoryd.daemon import Daemon, DaemonHooks, sim_board_factory
-from factoryd.errors import VerificationError
+from factoryd.daemon import Daemon, DaemonHooks
+from factoryd.errors import ConfigError, LotNotFoundError, VerificationError
 from factoryd.firmware import FirmwareStore, sign_firmware
 from factoryd.jobs.scheduler import Station
 from factoryd.ledger import Ledger
-from factoryd.ledger.model import DeviceRecord, LotState
+from factoryd.ledger.model import LotState, ProvisionedDevice
 from factoryd.ledger.profile import LotProfile
+from factoryd.pki.passphrase import DEFAULT_PASSPHRASE_ENV
 from factoryd.pki.store import BundleStore
 from factoryd.pki.testca import make_test_pki
 from factoryd.protocol.messages import ObjectId
 from factoryd.service import StationPaths, export_manifest, parse_bundle, store_bundle, write_manifest
 from factoryd.sim.arduino import SimArduinoBoard
-from factoryd.sim.board import SimBoard
+from factoryd.sim.board import FaultPlan, SimBoard, Timing
 from factoryd.sim.hub import SimHub
+from factoryd.sim.secure_element import SimSecureElement, seeded_se_serial
+from factoryd.telemetry.figures import FAILED_OUTCOMES, JobCounts, Rate
 
 log = structlog.get_logger(__name__)
 
@@ -49,6 +71,29 @@ DEMO_FW_VERSION = "2.0.0"
 OPERATOR_LOOK_S = 0.1
 # Spare IDs beyond the boards, so a few voided or failed boards do not exhaust the lot.
 ID_MARGIN = 1.25
+# Files the demo leaves in its state directory.
+CONFIG_FILE = "factoryd.toml"
+PASSPHRASE_FILE = "ca-passphrase"  # noqa: S105 - a file name
+SUPERVISOR_TOKEN_FILE = "supervisor.token"  # noqa: S105 - a file name
+OPERATOR_TOKEN_FILE = "operator.token"  # noqa: S105 - a file name
+STATION_NAME = "demo-station"
+LINE_NAME = "demo-line"
+DEFAULT_METRICS_PORT = 9464
+USB_SERIAL_BYTES = 16
+
+
+@dataclass(frozen=True)
+class DemoStarted:
+    """Where to find a running demo: its files, and the page and API while it runs."""
+
+    state_dir: Path
+    config_path: Path
+    temporary: bool
+    passphrase_file: Path | None
+    page_url: str | None = None
+    operator_token: str | None = None
+    supervisor_token_file: Path | None = None
+    metrics_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -66,13 +111,31 @@ class DemoOptions:
     flash: bool = True
     state_dir: Path | None = None
     ledger_url: str | None = None
+    lot: str = DEMO_LOT
     metrics: bool = False
+    # Serve /metrics on this port (None: DEFAULT_METRICS_PORT when ``metrics``).
+    metrics_port: int | None = None
     mqtt: bool = False
     log_level: str = "warning"
     # Serve the HTTP API and the station page on 127.0.0.1:<port> (None: not at all).
     api_port: int | None = None
     # Show a live view of the ports on the terminal (rich).
     live_view: bool = False
+    # Told where the running demo is (page, tokens, files) once its station is ready.
+    on_started: Callable[[DemoStarted], None] | None = None
+    # Called after the last board while the API and /metrics still serve.
+    on_finished: Callable[[Daemon], Awaitable[None]] | None = None
+
+
+@dataclass(frozen=True)
+class BoardOutcome:
+    """How one simulated board ended: its place in the supply, serial, last job's outcome, faults."""
+
+    position: int
+    serial: str
+    outcome: str
+    reason: str | None
+    faults_injected: int
 
 
 @dataclass
@@ -80,40 +143,71 @@ class DemoResult:
     """What the demo measured and checked."""
 
     state_dir: Path
+    # False: the state directory was a temporary one and is gone.
+    state_dir_kept: bool
+    config_path: Path
+    lot: str
+    jobs: JobCounts
     outcomes: dict[str, int]
-    provisioned: int
+    lot_provisioned: int
     audit_entries: int
     manifest_path: Path
     signature_path: Path
     manifest_count: int
     certificates_verified: int
     elapsed_s: float
-    devices_per_hour: float
+    rate: Rate
     devices: int = 0
     duplicate_ids: int = 0
     # Mean modelled physical time per finished board, and the first-job-to-last-job window.
     physical_s_mean: float = 0.0
     window_s: float = 0.0
     failures: dict[str, int] = field(default_factory=dict)
+    faults_injected: int = 0
+    # Injected faults on boards that still ended provisioned: the retries recovered them.
+    faults_recovered: int = 0
+    boards_failed: int = 0
+    boards: list[BoardOutcome] = field(default_factory=list)
+    # The signal that ended the run early (e.g. "SIGHUP"), None when the supply ran out.
+    stopped_by: str | None = None
+
+    @property
+    def provisioned(self) -> int:
+        """Devices this run provisioned (jobs that ended provisioned; factoryd.telemetry.figures)."""
+        return self.jobs.provisioned
+
+    @property
+    def devices_per_hour(self) -> float:
+        """The run's provisioning rate at its end (factoryd.telemetry.figures)."""
+        return self.rate.per_hour
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-friendly form."""
+        """JSON-friendly form: one key per figure."""
         return {
+            "lot": self.lot,
             "devices": self.devices,
-            "failed": sum(v for k, v in self.outcomes.items() if k in ("failed", "refused")),
-            "duplicate_ids": self.duplicate_ids,
-            "certs_verified": self.certificates_verified,
-            "state_dir": str(self.state_dir),
+            "provisioned": self.jobs.provisioned,
+            "rechecked": self.jobs.rechecked,
+            "failed": self.jobs.failed,
+            "boards_failed": self.boards_failed,
+            "faults_injected": self.faults_injected,
+            "faults_recovered": self.faults_recovered,
             "outcomes": self.outcomes,
-            "provisioned": self.provisioned,
+            "failures": self.failures,
+            "lot_provisioned": self.lot_provisioned,
+            "duplicate_ids": self.duplicate_ids,
+            "certificates_verified": self.certificates_verified,
             "audit_entries": self.audit_entries,
             "manifest": str(self.manifest_path),
             "manifest_signature": str(self.signature_path),
             "manifest_count": self.manifest_count,
-            "certificates_verified": self.certificates_verified,
             "elapsed_s": round(self.elapsed_s, 3),
-            "devices_per_hour": round(self.devices_per_hour, 1),
-            "failures": self.failures,
+            "provisioned_per_hour": round(self.rate.per_hour, 1),
+            "rate_window_s": round(self.rate.window_s, 3),
+            "state_dir": str(self.state_dir),
+            "state_dir_kept": self.state_dir_kept,
+            "config": str(self.config_path),
+            "stopped_by": self.stopped_by,
         }
 
 
@@ -121,7 +215,7 @@ def demo_settings(options: DemoOptions, state_dir: Path) -> Settings:
     """Settings of the simulated station."""
     return load_settings(
         None,
-        station={"name": "demo-station", "line": "demo-line", "state_dir": state_dir},
+        station={"name": STATION_NAME, "line": LINE_NAME, "state_dir": state_dir},
         ledger={"url": options.ledger_url},
         hub={
             "backend": "sim",
@@ -138,12 +232,15 @@ def demo_settings(options: DemoOptions, state_dir: Path) -> Settings:
             },
         },
         jobs={
-            "lot": DEMO_LOT,
+            "lot": options.lot,
             "rescan_s": 0.2,
             "reply_timeout_scale": 0.2 if options.timing == "zero" else 1.0,
             "backoff_initial_s": 0.01,
         },
-        metrics={"enabled": options.metrics},
+        metrics={
+            "enabled": options.metrics or options.metrics_port is not None,
+            "port": options.metrics_port if options.metrics_port is not None else DEFAULT_METRICS_PORT,
+        },
         # The demo serves the API and station page only when asked (port 8080 may be taken).
         api={"enabled": options.api_port is not None, "port": options.api_port or 0},
         mqtt={"enabled": options.mqtt},
@@ -151,10 +248,88 @@ def demo_settings(options: DemoOptions, state_dir: Path) -> Settings:
     )
 
 
+def _write_private(path: Path, data: bytes) -> None:
+    """Write a 0600 file (created so from the start: never readable by others, even briefly)."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+
+
+def demo_passphrase(state_dir: Path) -> tuple[bytes, Path | None]:
+    """The CA passphrase: $FACTORYD_CA_PASSPHRASE, else the state dir's file (made on first use)."""
+    from_env = os.environ.get(DEFAULT_PASSPHRASE_ENV)
+    if from_env:
+        return from_env.encode(), None
+    path = state_dir / PASSPHRASE_FILE
+    if path.is_file():
+        value = path.read_bytes().rstrip(b"\r\n")
+        if not value:
+            raise ConfigError(f"{path} is empty: remove it, or set {DEFAULT_PASSPHRASE_ENV}")
+        return value, path
+    value = secrets.token_urlsafe(24).encode()
+    _write_private(path, value + b"\n")
+    return value, path
+
+
+def _toml_str(value: object) -> str:
+    # A JSON string is a valid TOML basic string for the paths and URLs written here.
+    return json.dumps(str(value))
+
+
+def write_station_config(options: DemoOptions, settings: Settings, passphrase_file: Path | None) -> Path:
+    """Write ``factoryd.toml`` into the state dir: the demo's station, for `-c` on every command."""
+    state_dir = settings.station.state_dir
+    path = state_dir / CONFIG_FILE
+    passphrase_note = (
+        f"# The lot's CA key is encrypted under the passphrase in {passphrase_file} (0600):\n"
+        f'#   export {DEFAULT_PASSPHRASE_ENV}="$(cat {passphrase_file})"\n'
+        if passphrase_file is not None
+        else f"# The lot's CA key is encrypted under the passphrase in ${DEFAULT_PASSPHRASE_ENV}.\n"
+    )
+    lines = [
+        "# Written by `factoryd demo`: this state directory as a station, for `factoryd ... -c <this file>`.",
+        passphrase_note.rstrip("\n"),
+        "[station]",
+        f"name = {_toml_str(STATION_NAME)}",
+        f"line = {_toml_str(LINE_NAME)}",
+        f"state_dir = {_toml_str(state_dir)}",
+        "",
+        "[ledger]",
+        f"url = {_toml_str(settings.ledger_url)}",
+        "",
+        "[jobs]",
+        f"lot = {_toml_str(options.lot)}",
+        "",
+        "[hub]",
+        'backend = "sim"',
+        "",
+        "[hub.sim]",
+        f"ports = {options.ports}",
+        f"boards = {options.boards}",
+        "",
+    ]
+    if options.api_port is not None:
+        lines += ["[api]", f"port = {options.api_port}", ""]
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
 def prepare_lot(options: DemoOptions, settings: Settings, passphrase: bytes) -> ec.EllipticCurvePublicKey:
     """Create the demo lot: PKI, bundle, firmware, ID list; return the firmware-signing public key."""
     paths = StationPaths(settings.station.state_dir)
     paths.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    lot_name = options.lot
+    with Ledger.open(settings.ledger_url) as ledger:
+        try:
+            ledger.get_lot(lot_name)
+        except LotNotFoundError:
+            pass
+        else:
+            raise ConfigError(
+                f"a lot named {lot_name!r} already exists in {paths.state_dir}: run the demo again with "
+                f"--lot <new name> to make a new lot in this state directory, or with another --state-dir"
+            )
     upload_passphrase = secrets.token_urlsafe(16).encode()
     pki = make_test_pki(profile_kind=options.profile, passphrase=upload_passphrase)
     fw_key = ec.generate_private_key(ec.SECP256R1())
@@ -171,58 +346,142 @@ def prepare_lot(options: DemoOptions, settings: Settings, passphrase: bytes) -> 
     ids = "\n".join(str(uuid.uuid4()) for _ in range(max(1, int(options.boards * ID_MARGIN) + 1)))
     with Ledger.open(settings.ledger_url) as ledger:
         lot = ledger.create_lot(
-            DEMO_LOT, customer="demo-customer", profile=profile, target_quantity=options.boards, actor="demo"
+            lot_name, customer="demo-customer", profile=profile, target_quantity=options.boards, actor="demo"
         )
         bundle = parse_bundle(pki.pkcs12, upload_passphrase, lot)
-        store_bundle(paths, passphrase, DEMO_LOT, bundle)
+        store_bundle(paths, passphrase, lot_name, bundle)
         if flash:
-            FirmwareStore(paths.firmware).save(DEMO_LOT, firmware, fw_key.public_key())
-        ledger.import_ids(DEMO_LOT, ids.encode(), filename="demo-ids.txt", actor="demo")
-        ledger.set_lot_state(DEMO_LOT, LotState.ACTIVE, actor="demo")
+            FirmwareStore(paths.firmware).save(lot_name, firmware, fw_key.public_key())
+        ledger.import_ids(lot_name, ids.encode(), filename="demo-ids.txt", actor="demo")
+        ledger.set_lot_state(lot_name, LotState.ACTIVE, actor="demo")
     return fw_key.public_key()
+
+
+def make_access_tokens(settings: Settings) -> tuple[str, Path]:
+    """An operator token for the station page and a supervisor token file for `factoryd status`."""
+    state_dir = settings.station.state_dir
+    run = secrets.token_hex(3)  # token names are never reused: one pair per demo run
+    with Ledger.open(settings.ledger_url), TokenStore.open(settings.ledger_url) as store:
+        _, operator = store.create(f"demo-operator-{run}", Role.OPERATOR)
+        _, supervisor = store.create(f"demo-supervisor-{run}", Role.SUPERVISOR)
+    _write_private(state_dir / OPERATOR_TOKEN_FILE, operator.encode() + b"\n")
+    supervisor_file = state_dir / SUPERVISOR_TOKEN_FILE
+    _write_private(supervisor_file, supervisor.encode() + b"\n")
+    return operator, supervisor_file
+
+
+def board_seed(seed: int, lot: str, position: int) -> int:
+    """The seed of the board at ``position`` in the supply (1 = first): (seed, lot, position) alone."""
+    digest = hashlib.sha256(f"factoryd-demo/{seed}/{lot}/{position}".encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def demo_board_factory(options: DemoOptions, fw_public: ec.EllipticCurvePublicKey) -> Callable[[], SimBoard]:
+    """Boards in supply order, each seeded by its position (the hub calls this once per board, in order)."""
+    timing = (Timing.realistic() if options.timing == "realistic" else Timing()).scaled(options.timing_scale)
+    position = 0
+
+    def make() -> SimBoard:
+        nonlocal position
+        position += 1
+        seed = board_seed(options.seed, options.lot, position)
+        faults = FaultPlan.uniform(options.fault_rate, seed=seed, per_power_on=True)
+        se = SimSecureElement(serial=seeded_se_serial(seed))
+        if options.profile == "arduino-v1":
+            # Arduino's sketch: its own board model, serial line at 57600 baud.
+            arduino_timing = replace(timing, baudrate=ARDUINO_BAUDRATE) if timing.baudrate else timing
+            usb_serial = hashlib.sha256(f"usb/{seed}".encode()).hexdigest()[: 2 * USB_SERIAL_BYTES].upper()
+            return SimArduinoBoard(se=se, faults=faults, timing=arduino_timing, usb_serial=usb_serial)
+        return SimBoard(se=se, faults=faults, timing=timing, firmware_key=fw_public)
+
+    return make
 
 
 async def run_demo(options: DemoOptions) -> DemoResult:
     """Run the demo; returns what it measured and verified."""
+    temporary = options.state_dir is None
     state_dir = options.state_dir or Path(tempfile.mkdtemp(prefix="factoryd-demo-"))
+    try:
+        return await _run_demo(options, state_dir, temporary)
+    finally:
+        if temporary:
+            await asyncio.to_thread(shutil.rmtree, state_dir, True)
+
+
+async def _run_demo(options: DemoOptions, state_dir: Path, temporary: bool) -> DemoResult:
     settings = demo_settings(options, state_dir)
-    passphrase = secrets.token_urlsafe(24).encode()
+    await asyncio.to_thread(state_dir.mkdir, parents=True, exist_ok=True, mode=0o700)
+    passphrase, passphrase_file = await asyncio.to_thread(demo_passphrase, state_dir)
     fw_public = await asyncio.to_thread(prepare_lot, options, settings, passphrase)
+    config_path = write_station_config(options, settings, passphrase_file)
+    tokens = await asyncio.to_thread(make_access_tokens, settings) if settings.api.enabled else None
 
-    base_factory = sim_board_factory(settings)
-
-    def board_factory() -> SimBoard:
-        board = base_factory()
-        if options.profile == "arduino-v1":
-            # Arduino's sketch: its own board model, serial line at 57600 baud.
-            timing = (
-                replace(board.timing, baudrate=ARDUINO_BAUDRATE) if board.timing.baudrate else board.timing
-            )
-            return SimArduinoBoard(faults=board.faults, timing=timing)
-        board.firmware_key = fw_public
-        return board
-
-    hub = SimHub(options.ports, board_factory, supply=options.boards)
+    hub = SimHub(options.ports, demo_board_factory(options, fw_public), supply=options.boards)
 
     def finished(_station: Station) -> bool:
         return hub.exhausted
 
     started = time.monotonic()
-    hooks = DaemonHooks(hub=hub, passphrase=passphrase, stop_when=finished)
+    hooks = DaemonHooks(hub=hub, passphrase=passphrase, stop_when=finished, hangup_stops=True)
     daemon = Daemon(settings, hooks)
 
     async def operator(station: Station) -> None:
+        if options.on_started is not None:
+            files = _DemoFiles(config_path, temporary, passphrase_file, tokens)
+            options.on_started(_started_info(settings, daemon, files))
         async with asyncio.TaskGroup() as tg:
             tg.create_task(simulated_operator(station))
             if options.live_view:
                 from factoryd.demo_view import show  # noqa: PLC0415 - terminal only
 
                 tg.create_task(show(daemon.live, station, options.boards))
+        if options.on_finished is not None:
+            await options.on_finished(daemon)
 
     hooks.on_ready = operator
     station = await daemon.run()
+    ended = datetime.now(UTC)
     elapsed = time.monotonic() - started
-    return await asyncio.to_thread(_verify, settings, passphrase, station, hub.finished, elapsed)
+    rate = daemon.live.rate(ended, station.started_at)
+    result = await asyncio.to_thread(
+        _verify,
+        settings,
+        passphrase,
+        station,
+        hub.finished,
+        lot=options.lot,
+        clock=_RunClock(elapsed, rate, partial=daemon.stopped_by is not None),
+    )
+    result.state_dir_kept = not temporary
+    result.config_path = config_path
+    result.stopped_by = daemon.stopped_by.name if daemon.stopped_by is not None else None
+    return result
+
+
+@dataclass(frozen=True)
+class _DemoFiles:
+    config_path: Path
+    temporary: bool
+    passphrase_file: Path | None
+    tokens: tuple[str, Path] | None
+
+
+def _started_info(settings: Settings, daemon: Daemon, files: _DemoFiles) -> DemoStarted:
+    tokens = files.tokens
+    page_url = f"http://127.0.0.1:{daemon.api_port}/station" if daemon.api_port is not None else None
+    metrics_url = (
+        f"http://127.0.0.1:{daemon.metrics_port}/metrics" if daemon.metrics_port is not None else None
+    )
+    return DemoStarted(
+        state_dir=settings.station.state_dir,
+        config_path=files.config_path,
+        temporary=files.temporary,
+        passphrase_file=files.passphrase_file,
+        page_url=page_url,
+        operator_token=tokens[0] if tokens else None,
+        supervisor_token_file=tokens[1] if tokens else None,
+        metrics_url=metrics_url,
+    )
 
 
 def board_identity(board: SimBoard) -> str:
@@ -262,13 +521,13 @@ async def simulated_operator(station: Station) -> None:
 
 
 def check_provisioned(
-    record: DeviceRecord, issuing_ca: x509.Certificate, boards: dict[str, SimBoard]
+    record: ProvisionedDevice, issuing_ca: x509.Certificate, boards: dict[str, SimBoard]
 ) -> None:
     """Check one provisioned device end to end; raise VerificationError naming what is wrong."""
-    cert = x509.load_der_x509_certificate(record.cert_der or b"")
+    cert = x509.load_der_x509_certificate(record.cert_der)
     cert.verify_directly_issued_by(issuing_ca)
     cn = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value
-    board = boards.get(record.hw_serial or "")
+    board = boards.get(record.hw_serial)
     if cn != record.device_id or board is None:
         raise VerificationError(f"{record.device_id}: CN {cn!r} or board {record.hw_serial} does not match")
     if stored_certificate(board) != record.cert_der:
@@ -279,38 +538,71 @@ def check_provisioned(
         raise VerificationError(f"{record.device_id}: certificate key is not the secure element's key")
 
 
+@dataclass(frozen=True)
+class _RunClock:
+    elapsed_s: float
+    rate: Rate
+    # Stopped early (a signal): boards still on the fixture are not in the hub's finished list.
+    partial: bool = False
+
+
 def _verify(
-    settings: Settings, passphrase: bytes, station: Station, boards: list[SimBoard], elapsed: float
+    settings: Settings,
+    passphrase: bytes,
+    station: Station,
+    boards: list[SimBoard],
+    *,
+    lot: str,
+    clock: _RunClock,
 ) -> DemoResult:
     paths = StationPaths(settings.station.state_dir)
     with Ledger.open(settings.ledger_url) as ledger:
         audit_entries = ledger.verify_audit()
-        devices = ledger.provisioned_devices(DEMO_LOT)
-        manifest = export_manifest(ledger, paths, passphrase, DEMO_LOT)
+        devices = ledger.provisioned_devices(lot)
+        manifest = export_manifest(ledger, paths, passphrase, lot)
     json_path, sig_path = write_manifest(manifest, paths.manifests)
-    issuing_ca = BundleStore(paths.bundles, passphrase).load(DEMO_LOT).certificate
+    issuing_ca = BundleStore(paths.bundles, passphrase).load(lot).certificate
     by_serial = {board_identity(b): b for b in boards}
     for record in devices:
+        if clock.partial and record.hw_serial not in by_serial:
+            continue
         check_provisioned(record, issuing_ca, by_serial)
-    verified = len(devices)
     on_boards = Counter(device_id for b in boards if (device_id := stored_device_id(b)))
     failures: dict[str, int] = {}
+    last_result = {}
     for result in station.results:
+        last_result[result.hw_serial] = result
         if result.outcome in ("failed", "refused"):
             key = result.reason or "unknown"
             failures[key] = failures.get(key, 0) + 1
-    provisioned = len(devices)
+    outcomes: list[BoardOutcome] = []
+    for board in sorted(boards, key=lambda b: b.sequence):
+        serial = board_identity(board)
+        final = last_result.get(serial)
+        outcomes.append(
+            BoardOutcome(
+                position=board.sequence,
+                serial=serial,
+                outcome=final.outcome if final is not None else "not run",
+                reason=final.reason if final is not None else None,
+                faults_injected=sum(board.injected.values()),
+            )
+        )
     return DemoResult(
         state_dir=settings.station.state_dir,
+        state_dir_kept=True,
+        config_path=settings.station.state_dir / CONFIG_FILE,
+        lot=lot,
+        jobs=JobCounts.from_outcomes(station.outcomes),
         outcomes=dict(station.outcomes),
-        provisioned=provisioned,
+        lot_provisioned=len(devices),
         audit_entries=audit_entries,
         manifest_path=json_path,
         signature_path=sig_path,
         manifest_count=manifest.count,
-        certificates_verified=verified,
-        elapsed_s=elapsed,
-        devices_per_hour=provisioned / elapsed * 3600 if elapsed > 0 else 0.0,
+        certificates_verified=len(devices),
+        elapsed_s=clock.elapsed_s,
+        rate=clock.rate,
         devices=len(boards),
         duplicate_ids=sum(1 for n in on_boards.values() if n > 1),
         physical_s_mean=sum(b.physical_s for b in boards) / len(boards) if boards else 0.0,
@@ -318,4 +610,8 @@ def _verify(
         if station.first_job_at is not None and station.last_job_at is not None
         else 0.0,
         failures=failures,
+        faults_injected=sum(o.faults_injected for o in outcomes),
+        faults_recovered=sum(o.faults_injected for o in outcomes if o.outcome not in FAILED_OUTCOMES),
+        boards_failed=sum(1 for o in outcomes if o.outcome in FAILED_OUTCOMES),
+        boards=outcomes,
     )

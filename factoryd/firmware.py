@@ -8,7 +8,6 @@ bootloader checks it again at FW_END.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
 from factoryd.errors import FirmwareRejectedError, InputError
+from factoryd.files import write_private
 
 RAW_SIGNATURE_BYTES = 64
 
@@ -80,9 +80,7 @@ class FirmwareStore:
             ("version", firmware.version.encode()),
             ("signing-key.pem", pem),
         ):
-            tmp = folder / f".{name}.tmp"
-            tmp.write_bytes(data)
-            os.replace(tmp, folder / name)
+            write_private(folder / name, data)
 
     def load(self, lot: str) -> SignedFirmware | None:
         """The lot's image, verified again against its signing key; None when the lot has none."""

@@ -20,6 +20,7 @@ from pathlib import Path
 import structlog
 
 from factoryd.errors import FirmwareRejectedError, HubCommandError
+from factoryd.files import write_new
 from factoryd.firmware import SignedFirmware
 
 log = structlog.get_logger(__name__)
@@ -48,9 +49,7 @@ class ExternalFlasher:
             )
         with tempfile.TemporaryDirectory(prefix="factoryd-flash-") as tmp:
             image = Path(tmp) / "firmware.bin"
-            fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(firmware.image)
+            write_new(image, firmware.image)
             argv = self.argv(tty, image)
             log.info("flashing", tool=argv[0], tty=tty, version=firmware.version)
             try:

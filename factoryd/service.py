@@ -7,22 +7,30 @@ before anything is saved; a manifest is built from committed ledger rows only.
 
 from __future__ import annotations
 
+import os
+import pwd
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
-
 from factoryd.config import Settings
-from factoryd.errors import BundleError
+from factoryd.errors import BundleError, ConfigError
 from factoryd.firmware import FirmwareStore
 from factoryd.jobs.lots import cert_profile, lot_signer
 from factoryd.ledger import Ledger
 from factoryd.ledger.model import LotInfo
 from factoryd.pki.bundle import CaBundle, load_pem_bundle, load_pkcs12_bundle
-from factoryd.pki.manifest import ManifestRecord, SignedManifest, build_manifest
+from factoryd.pki.manifest import SignedManifest, build_manifest
 from factoryd.pki.passphrase import load_passphrase
 from factoryd.pki.store import BundleStore
+
+# What systemd's StateDirectoryMode= and deploy/install.sh give the state directory: the service
+# user alone, since it holds the ledger and the encrypted CA keys.
+STATE_DIR_MODE = 0o700
+# The way out that needs no root, ending both errors of prepare_state_dir.
+_OWN_STATE_DIR = (
+    "or set [station] state_dir in the config (or FACTORYD_STATION__STATE_DIR) to a directory of yours"
+)
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,47 @@ class StationPaths:
     def manifests(self) -> Path:
         """Exported manifests."""
         return self.state_dir / "manifests"
+
+
+def prepare_state_dir(paths: StationPaths) -> Path:
+    """Create the state directory (0700, as the service has it) if missing; ConfigError if unusable.
+
+    The error says what is wrong (missing and not creatable, not a directory, not writable by this
+    user) and how to fix it, instead of SQLite's "unable to open database file".
+    """
+    directory = paths.state_dir
+    me = _user(os.geteuid())
+    try:
+        directory.mkdir(mode=STATE_DIR_MODE, parents=True)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise ConfigError(
+            f"the state directory {directory} does not exist and user {me} cannot create it "
+            f"({exc.strerror}); create it with: sudo install -d -m 0700 -o {me} {directory} "
+            f"(deploy/install.sh makes it for the service user factoryd), {_OWN_STATE_DIR}"
+        ) from None
+    else:
+        # mkdir's mode is cut by the umask; this is the mode the service's StateDirectoryMode= sets.
+        os.chmod(directory, STATE_DIR_MODE)
+        return directory
+    if not directory.is_dir():
+        raise ConfigError(f"the state directory {directory} exists but is not a directory")
+    if not os.access(directory, os.R_OK | os.W_OK | os.X_OK):
+        info = directory.stat()
+        raise ConfigError(
+            f"the state directory {directory} (owner {_user(info.st_uid)}, mode "
+            f"{stat.S_IMODE(info.st_mode):04o}) is not writable by user {me}; on a station installed "
+            f"with deploy/install.sh run admin commands as: sudo factoryd-admin …, {_OWN_STATE_DIR}"
+        )
+    return directory
+
+
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def station_passphrase(settings: Settings) -> bytes:
@@ -78,21 +127,7 @@ def export_manifest(ledger: Ledger, paths: StationPaths, passphrase: bytes, lot:
     """Build and sign the manifest of every provisioned device of a lot."""
     info = ledger.get_lot(lot)
     ca = lot_signer(BundleStore(paths.bundles, passphrase), info.name)
-    records = [
-        ManifestRecord(
-            device_id=r.device_id,
-            hw_serial=r.hw_serial or "",
-            cert_pem=_pem(r.cert_der or b""),
-            cert_serial=r.cert_serial or "",
-            fingerprint_sha256=r.fingerprint_sha256 or "",
-            provisioned_at=r.provisioned_at,  # type: ignore[arg-type]
-            station=r.station or "",
-            port=r.port or "",
-            metadata=r.metadata,
-        )
-        for r in ledger.provisioned_devices(lot)
-    ]
-    return build_manifest(info.name, records, ca.signer, ca.chain)
+    return build_manifest(info.name, ledger.provisioned_devices(lot), ca.signer, ca.chain)
 
 
 def write_manifest(manifest: SignedManifest, directory: Path) -> tuple[Path, Path]:
@@ -108,7 +143,3 @@ def write_manifest(manifest: SignedManifest, directory: Path) -> tuple[Path, Pat
 def firmware_store(paths: StationPaths) -> FirmwareStore:
     """The station's firmware store."""
     return FirmwareStore(paths.firmware)
-
-
-def _pem(der: bytes) -> str:
-    return x509.load_der_x509_certificate(der).public_bytes(Encoding.PEM).decode("ascii")

@@ -8,11 +8,12 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import structlog
 
-from factoryd.protocol.client import BoardClient
+from factoryd.protocol.native import BoardClient
 from factoryd.sim.board import SimBoard
 from factoryd.sim.pty import PtyBoard, serve_pty
 from tests.helpers.boards import FAST_TIMEOUTS
 from tests.helpers.mqtt_broker import mqtt_broker, mqtt_broker_factory  # noqa: F401 - pytest fixtures
+from tests.helpers.postgres import postgres_server, pytest_runtest_setup  # noqa: F401 - pytest plugin
 
 
 @pytest.fixture(autouse=True)

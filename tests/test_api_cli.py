@@ -11,7 +11,7 @@ from sqlmodel import Session, select
 from typer.testing import CliRunner
 
 from factoryd.api import TokenStore
-from factoryd.cli import app
+from factoryd.cli.main import app
 from factoryd.ledger import Ledger
 from factoryd.ledger.core import create_ledger_engine
 from factoryd.ledger.tables import AuditEntryRow

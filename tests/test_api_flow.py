@@ -18,7 +18,7 @@ import httpx
 from typer.testing import CliRunner
 
 from factoryd.api import ApiContext, Role, TokenStore, create_app, serve_api
-from factoryd.cli import app as cli_app
+from factoryd.cli.main import app as cli_app
 from factoryd.config import load_settings
 from factoryd.daemon import Daemon, DaemonHooks
 from factoryd.jobs.scheduler import Station

@@ -22,14 +22,7 @@ from factoryd.errors import (
     ProtocolViolationError,
 )
 from factoryd.pki.arduino import arduino_pack_dates
-from factoryd.protocol.arduino import (
-    ArduinoClient,
-    ArduinoCommand,
-    ArduinoFrame,
-    ArduinoTimeouts,
-    FrameType,
-    ResponseCode,
-)
+from factoryd.protocol.arduino import ArduinoClient, ArduinoCommand, ArduinoTimeouts
 from factoryd.sim.arduino import (
     COMPRESSED_CERT_SLOT,
     DEVICE_ID_SLOT,
@@ -39,6 +32,7 @@ from factoryd.sim.arduino import (
     serve_arduino_pty,
 )
 from factoryd.sim.board import Fault, FaultPlan, Timing
+from factoryd.transport.arduino_framing import ArduinoFrame, FrameType, ResponseCode
 
 DEVICE_ID = "6f1c2a9e-3b4d-4e5f-8a7b-9c0d1e2f3a4b"
 FAST = ArduinoTimeouts(

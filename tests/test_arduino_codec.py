@@ -6,13 +6,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from factoryd.protocol.arduino import (
+from factoryd.protocol.arduino import ArduinoCommand
+from factoryd.transport.arduino_framing import (
     BOARD_ACT_BYTES,
     BOARD_BUFFER_BYTES,
     HOST_MAX_FRAME_BYTES,
     MIN_FRAME_BYTES,
     START,
-    ArduinoCommand,
     ArduinoDecoder,
     ArduinoFrame,
     FrameType,

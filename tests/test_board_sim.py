@@ -23,7 +23,7 @@ from factoryd.errors import (
     LinkOpenError,
 )
 from factoryd.firmware import sign_firmware
-from factoryd.protocol.client import BoardClient
+from factoryd.protocol.native import BoardClient
 from factoryd.protocol.messages import ObjectId, Status
 from factoryd.sim.board import Fault, FaultPlan, SimBoard
 from factoryd.sim.pty import PtyBoard, serve_pty

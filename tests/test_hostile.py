@@ -11,7 +11,7 @@ import pytest
 from factoryd.errors import BoardFloodError, ReservationConflictError
 from factoryd.ledger import AsyncLedger, LedgerUnavailableError
 from factoryd.ledger.model import DeviceState
-from factoryd.protocol.client import BoardClient
+from factoryd.protocol.native import BoardClient
 from factoryd.protocol.messages import ObjectId
 from factoryd.sim.board import Fault, FaultPlan, SimBoard
 from factoryd.sim.pty import serve_pty

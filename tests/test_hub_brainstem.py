@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
+from factoryd.backends import build_hub
 from factoryd.config import BrainstemHubSettings, HubSettings, Settings
-from factoryd.daemon import build_hub
 from factoryd.errors import ConfigError, HubCommandError
 from factoryd.hub.brainstem import BrainstemHub
 from factoryd.hub.ttymap import ByPathResolver

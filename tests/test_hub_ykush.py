@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from factoryd.backends import build_hub
 from factoryd.config import HubSettings, Settings, YkushHubSettings
-from factoryd.daemon import build_hub
 from factoryd.errors import ConfigError, HubCommandError
 from factoryd.hub import ykush as ykush_mod
 from factoryd.hub.ttymap import ByPathResolver

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import threading
 import uuid
@@ -19,7 +18,6 @@ from factoryd.errors import (
     ReservationConflictError,
 )
 from factoryd.ledger import (
-    AsyncLedger,
     DeviceNotFoundError,
     DeviceState,
     DeviceStateError,
@@ -440,48 +438,3 @@ def test_sync_ledger_is_usable_from_several_threads(ledger: Ledger) -> None:
     for thread in threads:
         thread.join()
     assert len(set(results.values())) == 8
-
-
-async def test_async_facade_runs_on_one_worker_thread(tmp_path_factory: pytest.TempPathFactory) -> None:
-    url = f"sqlite:///{tmp_path_factory.mktemp('aio') / 'ledger.db'}"
-    ids = new_ids(2)
-    async with AsyncLedger.open(url) as aledger:
-        await aledger.create_lot("aio", customer="ACME", profile=LotProfile(), target_quantity=2, actor=ACTOR)
-        assert await aledger.import_ids("aio", "\n".join(ids).encode(), actor=ACTOR) == 2
-        await aledger.set_lot_state("aio", LotState.ACTIVE, actor=ACTOR)
-        loop_thread = threading.get_ident()
-        worker_threads: set[int] = set()
-
-        async def tick() -> int:
-            # The loop keeps running while the worker thread does the I/O.
-            await asyncio.sleep(0)
-            return threading.get_ident()
-
-        results = await asyncio.gather(
-            aledger.reserve("aio", "se-1", station="s", port="1", job_id=None, actor=ACTOR),
-            aledger.reserve("aio", "se-1", station="s", port="1", job_id=None, actor=ACTOR),
-            tick(),
-        )
-        first, second, tick_thread = results
-        assert tick_thread == loop_thread
-        assert first.device_id == second.device_id == ids[0]
-        assert [first.resumed, second.resumed] == [False, True]
-        worker_threads.add(await aledger._run(threading.get_ident))
-        worker_threads.add(await aledger._run(threading.get_ident))
-        assert len(worker_threads) == 1
-        assert loop_thread not in worker_threads
-        assert (await aledger.progress("aio")).reserved == 1
-        assert await aledger.verify_audit() == 5
-    with pytest.raises(Exception, match="closed"):
-        await aledger.get_lot("aio")
-
-
-async def test_async_open_can_be_awaited(tmp_path_factory: pytest.TempPathFactory) -> None:
-    url = f"sqlite:///{tmp_path_factory.mktemp('aio2') / 'ledger.db'}"
-    aledger = await AsyncLedger.open(url)
-    try:
-        assert await aledger.list_lots() == []
-        with pytest.raises(LotNotFoundError):
-            await aledger.get_lot("none")
-    finally:
-        await aledger.close()

@@ -17,7 +17,7 @@ from sqlmodel import Session, SQLModel
 from factoryd.errors import AuditChainError, SchemaVersionError
 from factoryd.ledger import Ledger, LedgerUnavailableError, LotProfile, LotState, verify_audit
 from factoryd.ledger.audit import link_hash
-from factoryd.ledger.core import create_ledger_engine
+from factoryd.ledger.engine import create_ledger_engine
 from factoryd.ledger.migrate import alembic_config, head_revision
 from factoryd.ledger.tables import AuditEntryRow
 from factoryd.ledger.testing import throwaway_postgres_database

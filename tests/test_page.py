@@ -12,34 +12,39 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, cast, get_args
 
 import httpx
 import pytest
 from sqlmodel import Session, col, select
 
-from factoryd.api import page as page_module
-from factoryd.api.page import (
-    CSRF_HEADER,
-    PAGE_KEY_FILE,
+from factoryd.api.page import feed as feed_module
+from factoryd.api.page.feed import LotUnavailable, LotView, SlotView, StationFeed, view_json
+from factoryd.api.page.labels import (
     REASON_TEXT,
-    SESSION_COOKIE,
-    StationFeed,
+    STEP_DETOURS,
+    STEP_SEQUENCES,
+    STEP_TEXT,
+    UNKNOWN_STEP_TEXT,
     grid_shape,
-    load_page_key,
     reason_text,
     slot_order,
+    step_progress,
+    step_text,
 )
+from factoryd.api.page.sessions import CSRF_HEADER, PAGE_KEY_FILE, SESSION_COOKIE, load_page_key
 from factoryd.config import PageConfig, load_settings
-from factoryd.errors import ConfigError
+from factoryd.errors import ConfigError, FactorydError
 from factoryd.jobs.scheduler import PortControl, Station
-from factoryd.ledger import LotState
+from factoryd.jobs.steps import Step
+from factoryd.ledger import LotProfile, LotState
 from factoryd.ledger.core import create_ledger_engine
+from factoryd.ledger.model import LotInfo, LotProgress
 from factoryd.ledger.tables import AuditEntryRow
-from factoryd.telemetry.live import LiveState
+from factoryd.telemetry.events import JobEvent, JobEventKind, LotProgressUpdate, PortState, PortUpdate
+from factoryd.telemetry.live import LiveSnapshot, LiveState
 from tests.helpers.api import Api, running_api
 
-STATIC = Path(page_module.__file__).parent / "static"
 CODES = (
     "csr_rejected",
     "board_timeout",
@@ -201,8 +206,8 @@ async def test_actions_need_an_operator_a_csrf_token_and_the_same_origin(api: Ap
 async def test_event_stream_starts_with_a_snapshot_keeps_alive_and_ends_on_revocation(
     api: Api, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(page_module, "KEEPALIVE_S", 0.2)
-    monkeypatch.setattr(page_module, "STOP_POLL_S", 0.05)
+    monkeypatch.setattr(feed_module, "KEEPALIVE_S", 0.2)
+    monkeypatch.setattr(feed_module, "STOP_POLL_S", 0.05)
     seen: list[tuple[str, str]] = []
     async with (
         login(api, "supervisor") as (client, _),
@@ -273,14 +278,39 @@ class FakeStation:
 
 
 class FakeLedger:
-    """No lots."""
+    """Lots "lot-1" (factoryd-v1) and "ard-1" (arduino-v1), both drafts: no lot panel."""
 
-    async def list_lots(self) -> list[Any]:
-        """None."""
-        return []
+    async def list_lots(self) -> list[LotInfo]:
+        """The two lots."""
+        made = datetime(2026, 1, 1, tzinfo=UTC)
+        return [
+            LotInfo("lot-1", "acme", LotState.DRAFT, LotProfile(), None, made),
+            LotInfo("ard-1", "acme", LotState.DRAFT, LotProfile(protocol="arduino-v1"), None, made),
+        ]
 
 
-def _feed(tmp_path: Path) -> tuple[StationFeed, FakeStation]:
+class ActiveLedger:
+    """One active lot, 100 IDs."""
+
+    async def list_lots(self) -> list[LotInfo]:
+        """The lot."""
+        made = datetime(2026, 1, 1, tzinfo=UTC)
+        return [LotInfo("lot-1", "acme", LotState.ACTIVE, LotProfile(), 100, made)]
+
+    async def progress(self, lot: str) -> LotProgress:
+        """Its counts."""
+        return LotProgress(total=100, available=80, reserved=5, provisioned=12, void=3)
+
+
+class BrokenLedger:
+    """A database that cannot be reached."""
+
+    async def list_lots(self) -> list[LotInfo]:
+        """Fails."""
+        raise FactorydError("connection refused")
+
+
+def _feed(tmp_path: Path, ledger: object | None = None) -> tuple[StationFeed, FakeStation]:
     from factoryd.api.context import ApiContext
     from factoryd.service import StationPaths
 
@@ -288,7 +318,7 @@ def _feed(tmp_path: Path) -> tuple[StationFeed, FakeStation]:
     station = FakeStation({p: PortControl(p) for p in ("1", "2")})
     ctx = ApiContext(
         settings=settings,
-        ledger=cast(Any, FakeLedger()),
+        ledger=cast(Any, ledger or FakeLedger()),
         paths=StationPaths(tmp_path),
         passphrase=b"",
         live=LiveState(),
@@ -297,34 +327,45 @@ def _feed(tmp_path: Path) -> tuple[StationFeed, FakeStation]:
     return StationFeed(ctx), station
 
 
-def _port(port: str, state: str, **extra: Any) -> dict[str, Any]:
-    base = {"type": "port", "port": port, "state": state, "step": None, "lot": "lot-1"}
-    return {**base, "device_id": None, "attempt": 0, "since": datetime.now(UTC).isoformat(), **extra}
+def _port(port: str, state: str, *, lot: str = "lot-1", **extra: Any) -> PortUpdate:
+    base: dict[str, Any] = {"step": None, "device_id": None, "attempt": 0, "since": datetime.now(UTC)}
+    return PortUpdate(port=port, state=PortState(state), lot=lot, **{**base, **extra})
 
 
-def _event(port: str, kind: str, **extra: Any) -> dict[str, Any]:
-    base = {"type": "event", "kind": kind, "port": port, "lot": "lot-1", "job_id": 1, "step": None}
-    return {
-        **base,
+def _event(port: str, kind: JobEventKind, **extra: Any) -> JobEvent:
+    base: dict[str, Any] = {
+        "lot": "lot-1",
+        "job_id": 1,
+        "step": None,
         "outcome": None,
         "reason": None,
         "device_id": None,
         "attempt": 1,
         "duration_s": None,
-        **extra,
+        "at": datetime.now(UTC),
     }
+    return JobEvent(kind=kind, port=port, **{**base, **extra})
+
+
+async def _slot(feed: StationFeed, message: PortUpdate | JobEvent) -> SlotView | None:
+    """The slot view the feed sends for ``message`` (None when it sends none)."""
+    sent = [view for name, view in await feed.apply(message) if name == "slot"]
+    if not sent:
+        return None
+    view = sent[-1]
+    assert isinstance(view, SlotView)
+    return view
 
 
 async def test_slot_views_follow_a_board_and_keep_its_result_on_show(tmp_path: Path) -> None:
     feed, station = _feed(tmp_path)
 
-    async def slot(message: dict[str, Any]) -> dict[str, Any] | None:
-        sent = [data for name, data in await feed.apply(message) if name == "slot"]
-        return sent[-1] if sent else None
+    async def slot(message: PortUpdate | JobEvent) -> SlotView | None:
+        return await _slot(feed, message)
 
     first = await slot(_port("1", "empty"))
     assert first is not None
-    assert (first["label"], first["state"], first["title"]) == ("A1", "empty", "Empty")
+    assert (first.label, first.state, first.title) == ("A1", "empty", "Empty")
     # Rescanning an empty port (power on, nothing there) sends nothing: no flicker, no traffic.
     assert await slot(_port("1", "powering", step="power")) is None
     assert await slot(_port("1", "empty")) is None
@@ -332,38 +373,219 @@ async def test_slot_views_follow_a_board_and_keep_its_result_on_show(tmp_path: P
     await feed.apply(_event("1", "job_started"))
     view = await slot(_port("1", "provisioning", step="keygen", device_id="dev-1"))
     assert view is not None
-    assert view["state"] == "provisioning"
-    assert view["title"] == "Step 6 of 12"
-    assert "key" in view["detail"]
+    assert view.state == "provisioning"
+    assert view.title == "Step 6 of 12"
+    assert "key" in view.detail
 
     await feed.apply(_event("1", "job_failed", reason="csr_rejected", outcome="failed"))
     failed = await slot(_port("1", "attention", reason="CSR subject CN does not match"))
     assert failed is not None
-    assert failed["state"] == "failed"
-    assert failed["detail"] == REASON_TEXT["csr_rejected"]
+    assert failed.state == "failed"
+    assert failed.detail == REASON_TEXT["csr_rejected"]
     # The next power-on looks at the (same or next) board: the failure stays until a job starts.
     assert await slot(_port("1", "powering", step="power")) is None
     await feed.apply(_event("1", "job_started"))
-    assert feed.slot("1")["state"] == "powering"
+    assert feed.slot("1").state == "powering"
 
     # The station's attention state wins and says how to get out of it.
     station.ports["2"].attention = "3 boards failed in a row on port 2 (last: board_timeout)"
     station.ports["2"].failures_in_row = 3
     await feed.apply(_event("2", "job_failed", reason="board_timeout", outcome="failed"))
     attention = feed.slot("2")
-    assert attention["state"] == "attention"
-    assert REASON_TEXT["board_timeout"] in attention["detail"]
-    assert "Retry or Acknowledge" in attention["detail"]
+    assert attention.state == "attention"
+    assert REASON_TEXT["board_timeout"] in attention.detail
+    assert "Retry or Acknowledge" in attention.detail
     station.ports["2"].enabled = False
-    assert feed.slot("2")["enabled"] is False
+    assert feed.slot("2").enabled is False
 
-    snapshot = await feed.apply(
-        {"type": "snapshot", "ports": {"1": _port("1", "done", device_id="dev-9")}, "lots": {}, "events": []}
-    )
+    snapshot = await feed.apply(LiveSnapshot({"1": _port("1", "done", device_id="dev-9")}, {}, ()))
     ((name, data),) = snapshot
     assert name == "snapshot"
     assert data is not None
-    assert [s["port"] for s in data["slots"]] == ["1", "2"]
-    assert data["slots"][0]["state"] == "done"
-    assert data["slots"][0]["device_id"] == "dev-9"
-    assert data["slots"][1]["state"] == "attention"
+    wire = json.loads(view_json(data))
+    assert [s["port"] for s in wire["slots"]] == ["1", "2"]
+    assert wire["slots"][0]["state"] == "done"
+    assert wire["slots"][0]["device_id"] == "dev-9"
+    assert wire["slots"][1]["state"] == "attention"
+
+
+# Typed feed and step labels ----------------------------------------------------------------------------
+
+
+def test_every_step_has_a_label_and_a_place() -> None:
+    """A new Step needs words on the page and a place in a profile's sequence (or a detour)."""
+    for step in Step:
+        assert STEP_TEXT.get(step), f"Step.{step.name} has no label on the station page"
+        assert step_text(step.value) == STEP_TEXT[step]
+        placed = [name for name, steps in STEP_SEQUENCES.items() if step in steps]
+        assert placed or step in STEP_DETOURS, f"Step.{step.name} is in no profile's step sequence"
+    assert set(STEP_TEXT) == set(Step)
+    for name, steps in STEP_SEQUENCES.items():
+        assert len(set(steps)) == len(steps), f"{name} lists a step twice"
+        assert not STEP_DETOURS & set(steps)
+    # Every board profile a lot can name has a sequence (so its slots get a progress bar).
+    assert set(get_args(LotProfile.model_fields["protocol"].annotation)) == set(STEP_SEQUENCES)
+
+
+def test_unknown_steps_get_a_safe_label() -> None:
+    assert step_text(None) == UNKNOWN_STEP_TEXT
+    assert step_text("") == UNKNOWN_STEP_TEXT
+    odd = step_text("warp-drive" * 20)
+    assert odd.startswith(UNKNOWN_STEP_TEXT)
+    assert len(odd) < len(UNKNOWN_STEP_TEXT) + 50
+    assert step_progress("warp-drive", "factoryd-v1") is None
+    assert step_progress("keygen", "no-such-profile") is None
+    assert step_progress("keygen", None) is None
+    assert step_progress(Step.RECHECK, "factoryd-v1") is None
+    assert step_progress(Step.POWER, "factoryd-v1") == (1, 12)
+    assert step_progress(Step.RECORD, "arduino-v1") == (8, 8)
+
+
+async def test_a_typed_port_update_becomes_a_slot_view_per_profile(tmp_path: Path) -> None:
+    feed, _ = _feed(tmp_path)
+    await feed.apply(LiveSnapshot({}, {}, ()))  # reads the lots (and so their profiles)
+
+    store = await _slot(
+        feed, _port("2", "provisioning", lot="ard-1", step="store", device_id="ard-7", attempt=2)
+    )
+    assert store == SlotView(
+        port="2",
+        label="2",
+        enabled=True,
+        busy=False,
+        device_id="ard-7",
+        attempt=2,
+        step="store",
+        step_index=6,
+        step_total=8,
+        state="provisioning",
+        title="Step 6 of 8",
+        detail=STEP_TEXT[Step.STORE],
+    )
+    rebuild = await _slot(feed, _port("2", "provisioning", lot="ard-1", step="reconstruct"))
+    assert rebuild is not None
+    assert (rebuild.title, rebuild.detail) == ("Step 7 of 8", STEP_TEXT[Step.RECONSTRUCT])
+    assert "reconstruct" not in rebuild.detail
+
+    # The same step on a native lot counts on the native scale.
+    csr = await _slot(feed, _port("1", "provisioning", step="csr"))
+    assert csr is not None
+    assert csr.title == "Step 7 of 12"
+
+    # A step this page does not know: a plain label, no count, no crash.
+    odd = await _slot(feed, _port("1", "provisioning", step="warp"))
+    assert odd is not None
+    assert (odd.title, odd.step_index, odd.step_total) == ("Working", None, None)
+    assert odd.detail.startswith(UNKNOWN_STEP_TEXT)
+
+    # A lot the feed has never heard of: the label without a count.
+    stranger = await _slot(feed, _port("1", "provisioning", lot="lot-9", step="keygen"))
+    assert stranger is not None
+    assert (stranger.title, stranger.detail) == ("Working", STEP_TEXT[Step.KEYGEN])
+
+
+async def test_views_reach_the_wire_as_the_page_script_reads_them(tmp_path: Path) -> None:
+    feed, _ = _feed(tmp_path)
+    at = datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC)
+    sent = await feed.apply(
+        _event("1", "job_finished", outcome="provisioned", device_id="dev-3", duration_s=12.34, at=at)
+    )
+    names = [name for name, _ in sent]
+    assert names == ["event", "slot", "lot"]  # the slot's first view, then the lot's counts
+    event = json.loads(view_json(sent[0][1]))
+    assert event == {
+        "at": "2026-03-04T05:06:07+00:00",
+        "port": "1",
+        "label": "A1",
+        "text": "Provisioned dev-3 in 12.3 s",
+        "tone": "ok",
+    }
+    assert sent[2][1] is None  # no active lot: the page shows "none active"
+    assert view_json(None) == "null"
+
+    slot = json.loads(view_json(feed.slot("1")))
+    assert list(slot) == [
+        "port",
+        "label",
+        "enabled",
+        "busy",
+        "device_id",
+        "attempt",
+        "step",
+        "step_index",
+        "step_total",
+        "state",
+        "title",
+        "detail",
+    ]
+    assert (slot["state"], slot["title"]) == ("unknown", "—")
+
+    ((name, snapshot),) = await feed.apply(LiveSnapshot({}, {}, (_event("2", "job_started", at=at),)))
+    assert name == "snapshot"
+    wire = json.loads(view_json(snapshot))
+    assert set(wire) == {"station", "line", "rows", "columns", "slots", "lot", "events"}
+    assert wire["events"] == [
+        {
+            "at": "2026-03-04T05:06:07+00:00",
+            "port": "2",
+            "label": "2",
+            "text": "Started a board",
+            "tone": "info",
+        }
+    ]
+
+
+async def test_lot_counts_become_a_typed_lot_view(tmp_path: Path) -> None:
+    feed, station = _feed(tmp_path, ActiveLedger())
+    station.outcomes.update(failed=2, refused=1)
+    counts = LotProgressUpdate(
+        "lot-1", total=100, available=70, reserved=5, provisioned=20, void=5, at=datetime.now(UTC)
+    )
+    ((name, lot),) = await feed.apply(counts)
+    assert name == "lot"
+    assert lot == LotView(
+        name="lot-1",
+        customer="acme",
+        state=LotState.ACTIVE,
+        target=100,
+        total=100,
+        done=20,
+        remaining=75,
+        void=5,
+        failed=3,
+        units_per_hour=0.0,
+    )
+    assert json.loads(view_json(lot))["state"] == "active"
+    # A finished board re-reads the counts from the ledger.
+    sent = await feed.apply(_event("1", "job_finished", outcome="provisioned", device_id="dev-1"))
+    fresh = sent[-1][1]
+    assert isinstance(fresh, LotView)
+    assert (fresh.done, fresh.remaining) == (12, 85)
+
+    broken, _ = _feed(tmp_path, BrokenLedger())
+    ((_, unavailable),) = await broken.apply(counts)
+    assert isinstance(unavailable, LotUnavailable)
+    assert json.loads(view_json(unavailable)) == {
+        "name": None,
+        "error": "Lot information is unavailable (database).",
+    }
+    # Without the lot list a slot still shows its step, only without a count.
+    working = await _slot(broken, _port("1", "provisioning", step="keygen"))
+    assert working is not None
+    assert (working.title, working.detail) == ("Working", STEP_TEXT[Step.KEYGEN])
+
+
+async def test_live_state_hands_subscribers_the_typed_events() -> None:
+    live = LiveState()
+    empty = _port("1", "empty")
+    live.port_update(empty)
+    async with live.subscribe() as updates:
+        first = await anext(updates)
+        assert isinstance(first, LiveSnapshot)
+        assert first.ports == {"1": empty}
+        started = _event("1", "job_started")
+        live.job_event(started)
+        assert await anext(updates) is started
+        live.port_update(later := _port("1", "powering", step="power"))
+        assert await anext(updates) is later
+        assert first.ports == {"1": empty}, "a snapshot is a copy"

@@ -6,6 +6,8 @@ import datetime as dt
 import json
 import shutil
 import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -14,12 +16,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
+from factoryd.ledger import ProvisionedDevice
 from factoryd.pki import (
     CertProfile,
     IssuedCertificate,
     Issuer,
     ManifestError,
-    ManifestRecord,
     SoftwareSigner,
     build_manifest,
     verify_manifest,
@@ -48,11 +50,26 @@ def _issue(issuer: Issuer, device_id: str) -> IssuedCertificate:
     return issuer.issue(issuer.verify_csr(csr, device_id), device_id)
 
 
-def _record(issued: IssuedCertificate, device_id: str, port: str = "1") -> ManifestRecord:
-    return ManifestRecord(
+@dataclass(frozen=True)
+class Device:
+    """A provisioned device as the manifest sees it (any ManifestRecord; the ledger hands out one)."""
+
+    device_id: str
+    hw_serial: str
+    cert_der: bytes
+    cert_serial: str
+    fingerprint_sha256: str
+    provisioned_at: dt.datetime
+    station: str
+    port: str
+    metadata: Mapping[str, object]
+
+
+def _record(issued: IssuedCertificate, device_id: str, port: str = "1") -> Device:
+    return Device(
         device_id=device_id,
         hw_serial=f"0123{int(port):012x}ee",
-        cert_pem=issued.pem,
+        cert_der=issued.der,
         cert_serial=issued.serial_hex,
         fingerprint_sha256=issued.fingerprint_sha256,
         provisioned_at=PROVISIONED_AT,
@@ -63,7 +80,7 @@ def _record(issued: IssuedCertificate, device_id: str, port: str = "1") -> Manif
 
 
 @pytest.fixture(scope="module")
-def records(pki: TestPki) -> list[ManifestRecord]:
+def records(pki: TestPki) -> list[Device]:
     issuer = Issuer(SoftwareSigner(pki.issuing_key, pki.issuing_cert), [pki.issuing_cert], CertProfile())
     ids = ["c-0003", "a-0001", "b-0002"]
     return [_record(_issue(issuer, device_id), device_id, str(port)) for port, device_id in enumerate(ids, 1)]
@@ -98,7 +115,7 @@ def _openssl_cms_verify(
     return subprocess.run(argv, capture_output=True, text=True, check=False)  # noqa: S603 - fixed argv
 
 
-def test_manifest_round_trip(pki: TestPki, records: list[ManifestRecord]) -> None:
+def test_manifest_round_trip(pki: TestPki, records: list[Device]) -> None:
     manifest = build_manifest(
         "LOT-7", records, _signer(pki), [pki.issuing_cert, pki.root_cert], now=GENERATED_AT
     )
@@ -125,7 +142,7 @@ def test_manifest_round_trip(pki: TestPki, records: list[ManifestRecord]) -> Non
     assert "Größe ✓".encode() in manifest.json_bytes  # UTF-8, not \u escapes
 
 
-def test_manifest_tampering_is_detected(pki: TestPki, records: list[ManifestRecord]) -> None:
+def test_manifest_tampering_is_detected(pki: TestPki, records: list[Device]) -> None:
     manifest = build_manifest("LOT-7", records, _signer(pki), [pki.issuing_cert, pki.root_cert])
     tampered = manifest.json_bytes.replace(b'"port":"2"', b'"port":"9"')
     assert tampered != manifest.json_bytes
@@ -142,26 +159,56 @@ def test_manifest_tampering_is_detected(pki: TestPki, records: list[ManifestReco
         verify_manifest(manifest.json_bytes, manifest.signature_der, [other.root_cert])
 
 
-def test_manifest_signed_by_another_ca_is_refused(pki: TestPki, records: list[ManifestRecord]) -> None:
+def test_manifest_signed_by_another_ca_is_refused(pki: TestPki, records: list[Device]) -> None:
     other = make_test_pki(passphrase=b"other")
     forged = build_manifest("LOT-7", records, _signer(other), [other.issuing_cert, other.root_cert])
     with pytest.raises(ManifestError, match="does not chain to a trusted root"):
         verify_manifest(forged.json_bytes, forged.signature_der, [pki.root_cert])
 
 
-def test_manifest_refuses_inconsistent_records(pki: TestPki, records: list[ManifestRecord]) -> None:
+def test_manifest_refuses_inconsistent_records(pki: TestPki, records: list[Device]) -> None:
     signer = _signer(pki)
     with pytest.raises(ManifestError, match="appears twice"):
         build_manifest("LOT-7", [records[0], records[0]], signer, [pki.issuing_cert])
-    wrong_fp = ManifestRecord(**{**records[0].__dict__, "fingerprint_sha256": "00" * 32})
+    wrong_fp = replace(records[0], fingerprint_sha256="00" * 32)
     with pytest.raises(ManifestError, match="fingerprint does not match"):
         build_manifest("LOT-7", [wrong_fp], signer, [pki.issuing_cert])
-    naive = ManifestRecord(**{**records[0].__dict__, "provisioned_at": dt.datetime(2026, 1, 1)})
+    naive = replace(records[0], provisioned_at=dt.datetime(2026, 1, 1))
     with pytest.raises(ManifestError, match="timezone-aware"):
         build_manifest("LOT-7", [naive], signer, [pki.issuing_cert])
-    bad_meta = ManifestRecord(**{**records[0].__dict__, "metadata": {"x": float("nan")}})
+    bad_meta = replace(records[0], metadata={"x": float("nan")})
     with pytest.raises(ManifestError, match="not plain JSON"):
         build_manifest("LOT-7", [bad_meta], signer, [pki.issuing_cert])
+
+
+def test_manifest_takes_the_ledgers_record_and_writes_pem_only_on_output(
+    pki: TestPki, records: list[Device]
+) -> None:
+    source = records[0]
+    device = ProvisionedDevice(
+        device_id=source.device_id,
+        lot="LOT-7",
+        hw_serial=source.hw_serial,
+        cert_der=source.cert_der,
+        cert_serial=source.cert_serial,
+        fingerprint_sha256=source.fingerprint_sha256,
+        provisioned_at=source.provisioned_at,
+        station=source.station,
+        port=source.port,
+        metadata={"firmware": "1.4.2"},
+    )
+    manifest = build_manifest("LOT-7", [device], _signer(pki), [pki.issuing_cert])
+    (entry,) = verify_manifest(manifest.json_bytes, manifest.signature_der, [pki.issuing_cert])["devices"]
+    pem = x509.load_der_x509_certificate(device.cert_der).public_bytes(serialization.Encoding.PEM)
+    assert entry["cert_pem"] == pem.decode("ascii")
+    assert (entry["device_id"], entry["hw_serial"], entry["station"], entry["port"]) == (
+        device.device_id,
+        device.hw_serial,
+        device.station,
+        device.port,
+    )
+    with pytest.raises(ManifestError, match="certificate DER does not parse"):
+        build_manifest("LOT-7", [replace(device, cert_der=b"\x30\x03\x02\x01\x01")], _signer(pki), [])
 
 
 def test_empty_manifest_is_valid(pki: TestPki) -> None:
@@ -170,9 +217,7 @@ def test_empty_manifest_is_valid(pki: TestPki) -> None:
 
 
 @pytest.mark.skipif(OPENSSL is None, reason="openssl binary not installed")
-def test_openssl_cms_verify_accepts_manifest(
-    pki: TestPki, records: list[ManifestRecord], tmp_path: Path
-) -> None:
+def test_openssl_cms_verify_accepts_manifest(pki: TestPki, records: list[Device], tmp_path: Path) -> None:
     manifest = build_manifest("LOT-7", records, _signer(pki), [pki.issuing_cert, pki.root_cert])
     result = _openssl_cms_verify(tmp_path, manifest.json_bytes, manifest.signature_der, pki.root_pem)
     assert result.returncode == 0, result.stderr
@@ -227,7 +272,7 @@ def _ca_with_key(key: CaPrivateKey) -> tuple[x509.Certificate, x509.Certificate]
 
 @pytest.mark.parametrize("key_kind", ["p256-token", "p384", "p384-token", "rsa2048", "rsa2048-token"])
 def test_manifest_with_other_keys_and_token_signers(
-    key_kind: str, records: list[ManifestRecord], tmp_path: Path
+    key_kind: str, records: list[Device], tmp_path: Path
 ) -> None:
     key: CaPrivateKey
     if key_kind.startswith("rsa"):
@@ -249,7 +294,7 @@ def test_manifest_with_other_keys_and_token_signers(
         assert result.returncode == 0, result.stderr
 
 
-def test_verify_refuses_non_canonical_json(pki: TestPki, records: list[ManifestRecord]) -> None:
+def test_verify_refuses_non_canonical_json(pki: TestPki, records: list[Device]) -> None:
     # A correctly signed but non-canonical document (e.g. from another tool) is refused.
     pretty = json.dumps({"schema_version": 1, "devices": [], "count": 0}, indent=1).encode()
     from factoryd.pki.manifest import sign_detached

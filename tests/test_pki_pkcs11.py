@@ -25,13 +25,13 @@ from factoryd.ledger.profile import LotProfile
 from factoryd.pki import pkcs11 as p11
 from factoryd.pki.bundle import CaBundle, chain_pem, load_pkcs12_bundle
 from factoryd.pki.issuer import IssuedCertificate, Issuer
+from factoryd.pki.keyimport import import_key_to_token
 from factoryd.pki.manifest import ManifestRecord, build_manifest, verify_manifest
 from factoryd.pki.passphrase import Secret
 from factoryd.pki.pkcs11 import (
     REFERENCE_FILE,
     Pkcs11Signer,
     TokenReference,
-    import_key_to_token,
     load_pkcs11_pin,
     open_token_lot,
 )
@@ -204,6 +204,12 @@ def test_import_removes_software_key_and_writes_reference(p256_ca: TokenCa) -> N
     assert PIN.decode() not in text
     reference = TokenReference.parse(text.encode())
     assert (reference.module_path, reference.token_label, reference.key_label) == (MODULE, TOKEN, "lot-p256")
+
+
+def test_token_signer_says_it_blocks(p256_ca: TokenCa) -> None:
+    # The pipeline runs a blocking signer in a thread; the in-memory one stays on the loop.
+    assert p256_ca.signer.blocking is True
+    assert p256_ca.bundle.signer().blocking is False
 
 
 def test_key_is_not_extractable(p256_ca: TokenCa) -> None:

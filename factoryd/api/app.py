@@ -18,7 +18,7 @@ from factoryd import __version__
 from factoryd.api.audit import AuditMiddleware
 from factoryd.api.context import ApiContext
 from factoryd.api.errors import TokenExistsError, TokenNotFoundError, TokenRejectedError
-from factoryd.api.page import router as station_page_router  # station page (issue 12)
+from factoryd.api.page.routes import router as station_page_router  # station page (issue 12)
 from factoryd.api.routes import ManifestCache, router
 from factoryd.api.tokens import TokenStore
 from factoryd.errors import (
@@ -136,7 +136,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.state.tokens = tokens
     app.state.manifests = ManifestCache()
     app.include_router(router)
-    app.include_router(station_page_router)  # station page (factoryd/api/page.py, issue 12)
+    app.include_router(station_page_router)  # station page (factoryd/api/page/, issue 12)
     app.add_exception_handler(FactorydError, _factoryd_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -41,6 +41,7 @@ from factoryd.api.models import (
 from factoryd.api.tokens import Role, TokenStore
 from factoryd.api.uploads import read_upload
 from factoryd.errors import FactorydError, LotNotFoundError, LotStateError
+from factoryd.jobs.lots import check_activation
 from factoryd.jobs.scheduler import Station
 from factoryd.ledger import LotInfo, LotState
 from factoryd.pki.manifest import SignedManifest
@@ -198,7 +199,10 @@ async def _set_state(ctx: ApiContext, who: Principal, lot: str, state: LotState)
 @router.post("/lots/{lot}/activate", tags=["lots"], responses=_errors(404, 409))
 @guarded(OPERATE_ROLES)
 async def activate_lot(ctx: Ctx, who: Who, lot: str) -> LotOut:
-    """Start (or resume) provisioning the lot."""
+    """Start (or resume) provisioning the lot; 409 naming everything it lacks (IDs, bundle, firmware)."""
+    info = await visible_lot(ctx, who, lot)
+    progress = await ctx.ledger.progress(info.name)
+    await asyncio.to_thread(check_activation, info, progress, ctx.paths.bundles, ctx.paths.firmware)
     return await _set_state(ctx, who, lot, LotState.ACTIVE)
 
 
@@ -464,20 +468,15 @@ async def acknowledge_port(ctx: Ctx, who: Who, port: str) -> PortOut:
 @router.get("/status", tags=["status"], responses=_errors())
 @guarded(READ_ROLES)
 async def status(ctx: Ctx, who: Who) -> StatusOut:
-    """The station at a glance: ports, outcomes, throughput, lot counts."""
+    """The station at a glance: ports, jobs by outcome, rate, lot counts (factoryd.telemetry.figures)."""
     station = ctx.station
     ports = list(station.ports.values()) if station else []
+    # Lot counts from the ledger, not the periodic progress events: next to the job counts they must
+    # not lag behind them.
     lots = [
-        ProgressOut(
-            lot=u.lot,
-            total=u.total,
-            available=u.available,
-            reserved=u.reserved,
-            provisioned=u.provisioned,
-            void=u.void,
-            target_quantity=None,
-        )
-        for u in ctx.live.lots.values()
+        ProgressOut.of(info, await ctx.ledger.progress(info.name))
+        for info in await ctx.ledger.list_lots()
+        if info.state != "closed"
     ]
     return StatusOut(
         station=ctx.settings.station.name,
@@ -490,7 +489,7 @@ async def status(ctx: Ctx, who: Who) -> StatusOut:
         ports_busy=sum(c.busy for c in ports),
         ports_attention=sum(c.attention is not None for c in ports),
         outcomes=dict(station.outcomes) if station else {},
-        units_per_hour=ctx.live.units_per_hour(datetime.now(UTC)),
+        units_per_hour=ctx.live.rate(datetime.now(UTC), station.started_at if station else None).per_hour,
         lots=lots,
     )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 from collections.abc import AsyncIterator, Generator
 from pathlib import Path
@@ -69,9 +70,13 @@ async def serve_api(
             raise ConfigError(f"API TLS file {path} does not exist")
     sock = _bind(host, port)
     bound = int(sock.getsockname()[1])
+    # uvicorn's own start/stop lines ("Started server process", "Application startup complete")
+    # repeat what "api listening" says; they show only when the station logs at debug level.
+    quiet = logging.getLogger().getEffectiveLevel() > logging.DEBUG
     config = uvicorn.Config(
         app,
         log_config=None,
+        log_level=logging.WARNING if quiet else logging.DEBUG,
         access_log=False,  # every call is in the ledger's audit trail instead
         lifespan="on",
         server_header=False,

@@ -25,6 +25,8 @@ from factoryd.sim.remote import CONNECTION_POOL, RemoteSimHub
 
 # How often the hub's supply is checked while the line runs.
 STATUS_POLL_S = 0.1
+# The hub process may still be starting (interpreter start-up, then its boards); generous for CI.
+HUB_START_TIMEOUT_S = 30.0
 
 
 @dataclass
@@ -102,8 +104,8 @@ async def run_remote_line(
         # Popen returns at once (no waiting on the loop); the child is reaped off-loop in `finally`.
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)  # noqa: S603, ASYNC220
     try:
-        hub = RemoteSimHub(socket, pool=CONNECTION_POOL)
-        await hub.connect(timeout_s=30)
+        # The daemon enters the hub, which waits for the hub process to listen.
+        hub = RemoteSimHub(socket, pool=CONNECTION_POOL, connect_timeout_s=HUB_START_TIMEOUT_S)
         cpu: dict[str, float] = {}
 
         async def watch(station: Station) -> None:

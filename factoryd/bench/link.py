@@ -7,8 +7,8 @@ import platform
 import time
 from typing import Any
 
-from factoryd.protocol.client import BoardClient
 from factoryd.protocol.messages import ObjectId
+from factoryd.protocol.native import BoardClient
 from factoryd.sim.board import SimBoard
 from factoryd.sim.pty import serve_pty
 

@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from types import TracebackType
+from typing import Protocol, Self
 
 
 class Hub(Protocol):
-    """A set of switchable ports, each with at most one board behind it."""
+    """A set of switchable ports, each with at most one board behind it.
+
+    A hub is an async context manager: the daemon enters every backend the same way, and each
+    does its own start (switch all ports off, open a udev monitor, connect to a hub process) there.
+    """
 
     name: str
+
+    async def __aenter__(self) -> Self:
+        """Make the hub ready to use (ports listed, powered off)."""
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        """Power everything off and release what the hub holds."""
 
     def ports(self) -> Sequence[str]:
         """Port names, in fixture order."""

@@ -62,9 +62,9 @@ def parse_serial(serial: str) -> int:
 
 
 class BrainstemHub(VendorLibraryHub):
-    vendor = "BrainStem hub"
-
     """Ports of one Acroname USBHub3p."""
+
+    vendor = "BrainStem hub"
 
     def __init__(
         self,

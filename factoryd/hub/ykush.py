@@ -54,9 +54,9 @@ def usb_tty_keys(
 
 
 class YkushHub(VendorLibraryHub):
-    vendor = "YKUSH"
-
     """Ports of one YKUSH, named by the numbers printed on the board."""
+
+    vendor = "YKUSH"
 
     def __init__(
         self,
@@ -92,7 +92,6 @@ class YkushHub(VendorLibraryHub):
         self.usb_port = usb_port
         self._api: Any = api
         self._device: Any = None
-        # Held by the worker thread for the whole library call (see module docstring).
 
     @classmethod
     def from_settings(cls, settings: YkushHubSettings, *, resolver: TtyResolver | None = None) -> YkushHub:

@@ -1,38 +1,30 @@
-"""The arduino-v1 provisioning job: CSR, verify, issue, store every field, have the board rebuild it.
+"""The arduino-v1 job: CSR, verify, issue, store every field, have the board rebuild it.
 
-The pipeline owns the ledger (reservation keyed on the board's USB serial, since the sketch cannot
-report its secure-element serial) and passes its retrying step runner in; this module is the
-board-facing sequence only. Every reply is checked (``ArduinoClient``); the last proof is
-ReconstructCert, which fails on a board that ACKed EndStorage but stored nothing.
+The pipeline owns the ledger binding; the board is identified by its USB serial number (the sketch
+cannot report its secure-element serial), so ``ArduinoSession.identify`` refuses a board without
+one, and a board the ledger already records as provisioned is refused: the sketch cannot prove
+its key by challenge. ``provision_arduino`` is the board-facing sequence. Every reply is
+checked (``ArduinoClient``); the last proof is ReconstructCert, which fails on a board that
+ACKed EndStorage but stored nothing.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Protocol, TypeVar
+from types import TracebackType
+from typing import TYPE_CHECKING, Self
 
-from factoryd.errors import BoardStatusError, IssuanceError, VerificationError
+from factoryd.errors import BoardStatusError, IssuanceError, RefusedBoardError, VerificationError
+from factoryd.jobs.board import Finished, JobHost, LinkCounters, StepRunner, issue_certificate
+from factoryd.jobs.steps import Step
+from factoryd.ledger.model import DeviceState
 from factoryd.pki.arduino import ArduinoCertFields, arduino_compressed_fields
 from factoryd.pki.issuer import IssuedCertificate, Issuer
-from factoryd.pki.signer import SoftwareSigner
 from factoryd.protocol.arduino import ArduinoClient, device_id_bytes
 
-T = TypeVar("T")
-
-# Step names (telemetry labels).
-STEP_CSR = "csr"
-STEP_ISSUE = "issue"
-STEP_STORE = "store"
-STEP_RECONSTRUCT = "reconstruct"
-
-
-class StepRunner(Protocol):
-    """Runs one named step (the pipeline's runner retries transient errors and records telemetry)."""
-
-    async def __call__(self, name: str, action: Callable[[], Awaitable[T]]) -> T:
-        """Run ``action`` as step ``name``."""
-        ...
+if TYPE_CHECKING:
+    from factoryd.hub.base import Hub
+    from factoryd.jobs.pipeline import PipelineSettings
 
 
 class CertificateNotStoredError(VerificationError):
@@ -67,18 +59,14 @@ async def provision_arduino(
     except ValueError as exc:
         raise IssuanceError(str(exc)) from None
 
-    csr_pem = await step(STEP_CSR, lambda: client.get_csr(device_id))
+    csr_pem = await step(Step.CSR, lambda: client.get_csr(device_id))
 
     async def issue() -> tuple[IssuedCertificate, ArduinoCertFields]:
-        csr = issuer.verify_csr(csr_pem, device_id)
-        if isinstance(issuer.signer, SoftwareSigner):
-            issued = issuer.issue(csr, device_id)
-        else:  # a PKCS#11 token may take many milliseconds: off the event loop
-            issued = await asyncio.to_thread(issuer.issue, csr, device_id)
+        issued = await issue_certificate(issuer, issuer.verify_csr(csr_pem, device_id), device_id)
         # Refuses a certificate the board's template could not rebuild, before anything is written.
         return issued, arduino_compressed_fields(issued.cert)
 
-    issued, fields = await step(STEP_ISSUE, issue)
+    issued, fields = await step(Step.ISSUE, issue)
     if on_issued is not None:
         await on_issued(issued)
 
@@ -95,7 +83,7 @@ async def provision_arduino(
         await client.set_signature(fields.signature64)
         await client.end_storage()
 
-    await step(STEP_STORE, store)
+    await step(Step.STORE, store)
 
     async def reconstruct() -> None:
         try:
@@ -106,5 +94,65 @@ async def provision_arduino(
                 "it from its slots (ReconstructCert answered ERROR): the certificate was not stored"
             ) from exc
 
-    await step(STEP_RECONSTRUCT, reconstruct)
+    await step(Step.RECONSTRUCT, reconstruct)
     return issued
+
+
+class ArduinoSession:
+    """One attempt of the arduino-v1 job: identity from the hub, a link only for the board steps."""
+
+    identify_step = Step.ENUMERATE
+
+    def __init__(self, hub: Hub, port: str, path: str, settings: PipelineSettings) -> None:
+        self._hub = hub
+        self._port = port
+        self._path = path
+        self._resends = settings.resends
+        self._counters: LinkCounters | None = None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        return None
+
+    def link_counters(self) -> LinkCounters | None:
+        """Traffic of the link the board steps used (None before they ran)."""
+        return self._counters
+
+    async def identify(self) -> str:
+        """The board's USB serial number; refused when it has none (or all zeros)."""
+        usb_serial = await self._hub.device_serial(self._port, self._path)
+        if not usb_serial or set(usb_serial) <= {"0"}:
+            raise RefusedBoardError(
+                f"board on port {self._port} reports no USB serial number: without one its ID cannot be "
+                "bound to it exactly once (the sketch cannot report its secure-element serial)"
+            )
+        return f"usb:{usb_serial.lower()}"
+
+    async def existing(self, host: JobHost) -> Finished | None:
+        """A board already provisioned is refused: the sketch cannot prove its key by challenge."""
+        record = await host.ledger.find_by_serial(host.lot.name, host.hw_serial)
+        if record is not None and record.state is DeviceState.PROVISIONED:
+            raise RefusedBoardError(
+                f"board {host.hw_serial} is already provisioned with {record.device_id}; the sketch cannot "
+                "prove its key by challenge, so re-checking is impossible: rework is an operator decision"
+            )
+        return None
+
+    async def provision(self, host: JobHost, device_id: str) -> IssuedCertificate:
+        """Open the sketch's link and run the board sequence."""
+
+        async def audit_issued(issued: IssuedCertificate) -> None:
+            await host.audit_issued(device_id, issued)
+
+        client = await ArduinoClient.open(self._path, resends=self._resends)
+        try:
+            return await provision_arduino(
+                client, device_id=device_id, issuer=host.lot.issuer, step=host.step, on_issued=audit_issued
+            )
+        finally:
+            await client.close()
+            self._counters = LinkCounters.of(client.link, client.stats)

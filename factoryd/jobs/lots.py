@@ -7,10 +7,10 @@ from pathlib import Path
 
 from cryptography import x509
 
-from factoryd.errors import LotStateError
+from factoryd.errors import FactorydError, LotStateError
 from factoryd.firmware import FirmwareStore, SignedFirmware
 from factoryd.ledger import AsyncLedger
-from factoryd.ledger.model import LotInfo, LotState
+from factoryd.ledger.model import LOT_TRANSITIONS, LotInfo, LotProgress, LotState
 from factoryd.ledger.profile import LotProfile
 from factoryd.pki.bundle import chain_pem
 from factoryd.pki.issuer import Issuer
@@ -79,3 +79,53 @@ async def active_lot(ledger: AsyncLedger, wanted: str | None) -> LotInfo | None:
         names = ", ".join(sorted(lot.name for lot in active))
         raise LotStateError(f"several lots are active ({names}); set jobs.lot in the config to choose one")
     return active[0] if active else None
+
+
+def activation_gaps(info: LotInfo, progress: LotProgress, bundles_dir: Path, firmware_dir: Path) -> list[str]:
+    """Everything the station still lacks to provision the lot's boards; empty when it can start.
+
+    Reads only what is on disk (no passphrase, no token): the lot's IDs, its CA bundle directory
+    and, when the profile names a firmware digest, the station's signed image of that digest.
+    """
+    name = info.name
+    gaps = []
+    if progress.total == 0:
+        gaps.append(f"no device IDs (import the customer's list: factoryd lots import {name} FILE)")
+    elif progress.available == 0 and progress.reserved == 0:
+        gaps.append(
+            f"no device ID left to provision ({progress.provisioned} provisioned, {progress.void} void "
+            f"of {progress.total}; import more with factoryd lots import {name} FILE)"
+        )
+    if not (bundles_dir / name).is_dir():
+        gaps.append(f"no CA bundle (store the customer's: factoryd lots bundle {name} FILE)")
+    wanted = info.profile.firmware_sha256
+    if wanted is not None:
+        where = firmware_dir / name
+        try:
+            firmware = FirmwareStore(firmware_dir).load(name)
+        except (OSError, FactorydError) as exc:
+            gaps.append(f"the firmware image in {where} cannot be used: {exc}")
+        else:
+            if firmware is None:
+                gaps.append(
+                    f"no firmware image in {where}, and the profile asks for firmware_sha256 {wanted}"
+                )
+            elif firmware.sha256.hex() != wanted:
+                gaps.append(
+                    f"the firmware image in {where} has sha256 {firmware.sha256.hex()}, "
+                    f"the profile asks for {wanted}"
+                )
+    return gaps
+
+
+def check_activation(info: LotInfo, progress: LotProgress, bundles_dir: Path, firmware_dir: Path) -> None:
+    """Refuse to activate a lot the station cannot provision, naming everything missing at once.
+
+    A lot whose state does not allow activation is left to the ledger's own transition error.
+    Blocking (reads and verifies the firmware image): run it off the event loop.
+    """
+    if LotState.ACTIVE not in LOT_TRANSITIONS[info.state]:
+        return
+    gaps = activation_gaps(info, progress, bundles_dir, firmware_dir)
+    if gaps:
+        raise LotStateError(f"lot {info.name!r} cannot be activated: " + "; ".join(gaps))

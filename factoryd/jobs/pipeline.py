@@ -1,10 +1,12 @@
 """One provisioning job per board: the pipeline of DESIGN.md, with its three levels of retry.
 
-power on → wait for tty → HELLO → (flash signed firmware) → reserve ID for the SE serial →
-GENKEY → GET_CSR → verify CSR → issue → WRITE + READ back → SIGN challenge → (LOCK) →
-mark provisioned → power off / release to the operator.
+power on → wait for tty → identify the board (profile) → bind the job to its serial → re-check hook
+(profile) → reserve an ID for the serial → board steps (profile) → mark provisioned → power off /
+release to the operator. What is shared by every board profile lives here (power, enumeration,
+job retries, the step runner, the in-flight claim, the ledger binding, recording, telemetry);
+the board-specific part is the profile's ``BoardSession`` (``jobs/board.py``, ``jobs/profiles.py``).
 
-Retries: the BoardClient resends frames; a step is retried (tenacity) on transient board errors;
+Retries: the client's request engine resends frames; a step is retried (tenacity) on transient board errors;
 a job is power-cycled and restarted on link/hub/timeout errors or when step retries run out.
 Restarting is safe because the ledger binds the ID to the secure-element serial first (rule 1).
 Permanent errors (bad CSR, refused firmware, exhausted lot) fail at once with their reason.
@@ -13,56 +15,42 @@ Permanent errors (bad CSR, refused firmware, exhausted lot) fail at once with th
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
-import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import structlog
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from factoryd.errors import (
     BoardResetError,
     BoardStatusError,
     BoardTimeoutError,
-    CsrRejectedError,
     EnumerationTimeoutError,
     FactorydError,
-    FirmwareRejectedError,
     IdentityMismatchError,
     LedgerError,
     ProtocolViolationError,
     ReadbackMismatchError,
     RefusedBoardError,
-    VerificationError,
 )
 from factoryd.flashing import ExternalFlasher
 from factoryd.hub.base import Hub
-from factoryd.jobs.arduino import provision_arduino
+from factoryd.jobs.board import BoardSession
 from factoryd.jobs.lots import LotContext
+from factoryd.jobs.profiles import board_profile
 from factoryd.jobs.steps import Step
 from factoryd.ledger import AsyncLedger
-from factoryd.ledger.model import DeviceRecord, DeviceState
-from factoryd.pki.challenge import verify_challenge
+from factoryd.ledger.model import DeviceState
 from factoryd.pki.issuer import IssuedCertificate
-from factoryd.pki.signer import SoftwareSigner
-from factoryd.protocol.arduino import ArduinoClient
-from factoryd.protocol.client import BoardClient, Timeouts
-from factoryd.protocol.messages import BoardInfo, ObjectId
-from factoryd.telemetry.events import JobEvent, PortState, PortUpdate, TelemetrySink
+from factoryd.protocol.native import Timeouts
+from factoryd.telemetry.events import JobEvent, LinkStats, PortState, PortUpdate, TelemetrySink
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
-CHALLENGE_BYTES = 32
 
 
 Outcome = Literal["provisioned", "rechecked", "failed", "refused", "empty", "same_board"]
@@ -129,8 +117,8 @@ class _Job:
     port: str
     lot: LotContext
     job_id: int
+    hw_serial: str
     attempt: int = 0
-    hw_serial: str | None = None
     device_id: str | None = None
     step: Step | None = None
     # Seconds spent per step over all attempts (logged at debug level when the job ends).
@@ -148,14 +136,12 @@ class Pipeline:
         telemetry: TelemetrySink,
         settings: PipelineSettings,
         power_budget: asyncio.Semaphore,
-        on_link: Callable[[str, BoardClient], None] | None = None,
     ) -> None:
         self.hub = hub
         self.ledger = ledger
         self.telemetry = telemetry
         self.settings = settings
         self._budget = power_budget
-        self._on_link = on_link
         # Secure-element serials being provisioned right now, by port: a second board claiming a
         # serial that is in flight is a clone or a liar, never a second holder of the same ID.
         self._in_flight: dict[str, str] = {}
@@ -186,9 +172,7 @@ class Pipeline:
                     path = await self._enumerate(port)
                     if path is None:
                         return JobResult(port, "empty", duration_s=time.monotonic() - started)
-                    if lot.profile.protocol == "arduino-v1":
-                        return await self._arduino_attempt(run, path, attempt)
-                    return await self._native_attempt(run, path, attempt)
+                    return await self._attempt(run, path, attempt)
             except FactorydError as exc:
                 last_error = exc
                 if not restart_job(exc) or attempt == self.settings.job_attempts:
@@ -219,54 +203,51 @@ class Pipeline:
             return JobResult(port, "failed", reason=error.reason, duration_s=time.monotonic() - started)
         return await self._fail(run.job, error, started)
 
-    async def _native_attempt(self, run: _Run, path: str, attempt: int) -> JobResult:
-        port, lot, skip_serial, started = run.port, run.lot, run.skip_serial, run.started
-        async with await BoardClient.open(
-            path,
-            baudrate=self.settings.baudrate,
-            timeouts=self.settings.timeouts,
-            resends=self.settings.resends,
-        ) as client:
-            try:
-                info = await self._step(run.job, Step.HELLO, client.hello)
-                if skip_serial is not None and info.serial_hex == skip_serial:
-                    return JobResult(port, "same_board", hw_serial=skip_serial)
-                if run.job is None:
-                    run.job = await self._start_job(port, lot, info.serial_hex)
-                run.job.attempt = attempt
-                return await self._provision(run.job, client, info, started)
-            finally:
-                if self._on_link is not None:
-                    self._on_link(port, client)
+    async def _attempt(self, run: _Run, path: str, attempt: int) -> JobResult:
+        session = board_profile(run.lot.profile.protocol).session(self.hub, run.port, path, self.settings)
+        try:
+            async with session:
+                return await self._bound_attempt(run, session, attempt)
+        finally:
+            counters = session.link_counters()
+            if counters is not None:
+                self.telemetry.link_stats(
+                    LinkStats(
+                        port=run.port,
+                        frames_sent=counters.frames_sent,
+                        frames_received=counters.frames_received,
+                        resends=counters.resends,
+                        crc_errors=counters.crc_errors,
+                        at=datetime.now(UTC),
+                    )
+                )
 
-    async def _arduino_attempt(self, run: _Run, path: str, attempt: int) -> JobResult:
-        """Arduino's provisioning sketch: identity from the USB serial, then CSR, issue, store, rebuild."""
-        port, lot, skip_serial, started = run.port, run.lot, run.skip_serial, run.started
-        usb_serial = await self.hub.device_serial(port, path)
-        if not usb_serial or set(usb_serial) <= {"0"}:
-            raise RefusedBoardError(
-                f"board on port {port} reports no USB serial number: without one its ID cannot be bound "
-                "to it exactly once (the sketch cannot report its secure-element serial)"
-            )
-        serial = f"usb:{usb_serial.lower()}"
-        if skip_serial is not None and serial == skip_serial:
-            return JobResult(port, "same_board", hw_serial=skip_serial)
+    async def _bound_attempt(self, run: _Run, session: BoardSession, attempt: int) -> JobResult:
+        """Identify the board, bind the job to it (once for every profile), then the profile's steps."""
+        port, lot, started = run.port, run.lot, run.started
+        serial = await self._step(run.job, session.identify_step, session.identify)
+        if run.skip_serial is not None and serial == run.skip_serial:
+            return JobResult(port, "same_board", hw_serial=run.skip_serial)
         if run.job is None:
             run.job = await self._start_job(port, lot, serial)
         job = run.job
         job.attempt = attempt
         self._claim_serial(job, serial)
-        if job.hw_serial is None:
-            job.hw_serial = serial
-            structlog.contextvars.bind_contextvars(hw_serial=serial)
-            await self.ledger.set_job_serial(job.job_id, serial)
-        existing = await self.ledger.find_by_serial(lot.name, serial)
-        if existing is not None and existing.state is DeviceState.PROVISIONED:
-            raise RefusedBoardError(
-                f"board {serial} is already provisioned with {existing.device_id}; the sketch cannot prove "
-                "its key by challenge, so re-checking is impossible: rework is an operator decision"
+        if job.hw_serial != serial:
+            raise IdentityMismatchError(
+                f"board answered with serial {serial} after starting as {job.hw_serial}"
             )
-        self._port(port, PortState.PROVISIONING, lot.name, step=Step.RESERVE, job=job)
+        self._port(port, PortState.PROVISIONING, lot.name, step=session.identify_step, job=job)
+        host = _Host(self, job, serial)
+
+        finished = await session.existing(host)
+        if finished is not None:
+            job.device_id = finished.device_id
+            if finished.issued is None:
+                return await self._succeed(job, finished.outcome, started)
+            await self._record(job, finished.device_id, finished.issued)
+            return await self._succeed(job, "provisioned", started, job_finished=True)
+
         reservation = await self._step(
             job,
             Step.RESERVE,
@@ -275,19 +256,14 @@ class Pipeline:
                 actor=self.settings.station,
             ),
         )  # fmt: skip
+        if reservation.state is DeviceState.PROVISIONED:
+            raise RefusedBoardError(
+                f"the ledger records this board ({serial}) as provisioned with {reservation.device_id}, "
+                "but it holds no certificate; void the ID or allow rework before re-provisioning"
+            )
         device_id = job.device_id = reservation.device_id
         structlog.contextvars.bind_contextvars(device_id=device_id)
-
-        async def step(name: str, action: Callable[[], Awaitable[T]]) -> T:
-            return await self._step(job, Step(name), action)
-
-        async def audit_issued(issued: IssuedCertificate) -> None:
-            await self._audit_issued(job, device_id, issued)
-
-        async with await ArduinoClient.open(path, resends=self.settings.resends) as client:
-            issued = await provision_arduino(
-                client, device_id=device_id, issuer=lot.issuer, step=step, on_issued=audit_issued
-            )
+        issued = await session.provision(host, device_id)
         await self._record(job, device_id, issued)
         return await self._succeed(job, "provisioned", started, job_finished=True)
 
@@ -326,15 +302,14 @@ class Pipeline:
         except EnumerationTimeoutError:
             return None
 
-    async def _start_job(self, port: str, lot: LotContext, hw_serial: str | None = None) -> _Job:
+    async def _start_job(self, port: str, lot: LotContext, hw_serial: str) -> _Job:
         # The board has answered already: its serial goes into the job record in the same transaction.
         job_id = await self.ledger.start_job(
             lot.name, station=self.settings.station, port=port, hw_serial=hw_serial
         )
         structlog.contextvars.bind_contextvars(job_id=job_id)
         job = _Job(port, lot, job_id, hw_serial=hw_serial)
-        if hw_serial is not None:
-            structlog.contextvars.bind_contextvars(hw_serial=hw_serial)
+        structlog.contextvars.bind_contextvars(hw_serial=hw_serial)
         self._event(job, "job_started")
         return job
 
@@ -359,67 +334,6 @@ class Pipeline:
         self._port(job.port, PortState.ATTENTION, job.lot.name, step=job.step, job=job, reason=str(error))
         return JobResult(job.port, outcome, job.hw_serial, job.device_id, reason, job.attempt, duration)
 
-    # Board level --------------------------------------------------------------------------
-
-    async def _provision(self, job: _Job, client: BoardClient, info: BoardInfo, started: float) -> JobResult:
-        lot = job.lot
-        serial = info.serial_hex
-        self._claim_serial(job, serial)
-        if job.hw_serial is None:
-            job.hw_serial = serial
-            structlog.contextvars.bind_contextvars(hw_serial=serial)
-            await self.ledger.set_job_serial(job.job_id, serial)
-        elif job.hw_serial != serial:
-            raise IdentityMismatchError(
-                f"board answered with secure-element serial {serial} after starting as {job.hw_serial}"
-            )
-        self._port(job.port, PortState.PROVISIONING, lot.name, step=Step.HELLO, job=job)
-
-        info = await self._ensure_firmware(job, client, info)
-        if info.locked or info.objects & {ObjectId.DEVICE_ID, ObjectId.DEVICE_CERT}:
-            recheck = await self._recheck(job, client, info, started)
-            if recheck is not None:
-                return recheck
-
-        reservation = await self._step(
-            job,
-            Step.RESERVE,
-            lambda: self.ledger.reserve(
-                lot.name,
-                serial,
-                station=self.settings.station,
-                port=job.port,
-                job_id=job.job_id,
-                actor=self.settings.station,
-            ),
-        )
-        if reservation.state is DeviceState.PROVISIONED:
-            raise RefusedBoardError(
-                f"the ledger records this board ({serial}) as provisioned with {reservation.device_id}, "
-                "but it holds no certificate; void the ID or allow rework before re-provisioning"
-            )
-        device_id = job.device_id = reservation.device_id
-        structlog.contextvars.bind_contextvars(device_id=device_id)
-
-        point = await self._step(job, Step.KEYGEN, client.genkey)
-        csr_der = await self._step(job, Step.CSR, lambda: client.get_csr(device_id))
-        issued = await self._step(job, Step.ISSUE, lambda: self._issue(job, csr_der, point))
-
-        for obj, data in self._objects(lot, device_id, issued.der):
-            await self._step(job, Step.WRITE, lambda o=obj, d=data: self._write_verified(client, o, d))  # type: ignore[misc]
-
-        challenge = secrets.token_bytes(CHALLENGE_BYTES)
-        signature = await self._step(job, Step.CHALLENGE, lambda: client.sign(challenge))
-        verify_challenge(issued.cert, challenge, signature)
-
-        if lot.profile.lock:
-            await self._step(job, Step.LOCK, client.lock)
-            if not (await client.hello()).locked:
-                raise VerificationError("board acknowledged LOCK but reports itself unlocked")
-
-        await self._record(job, device_id, issued)
-        return await self._succeed(job, "provisioned", started, job_finished=True)
-
     def _claim_serial(self, job: _Job, serial: str) -> None:
         holder = self._in_flight.get(serial)
         if holder is not None and holder != job.port:
@@ -441,111 +355,14 @@ class Pipeline:
         log.debug("job step timings", steps={k: round(v, 4) for k, v in job.step_s.items()})
         return JobResult(job.port, outcome, job.hw_serial, job.device_id, None, job.attempt, duration)
 
-    async def _ensure_firmware(self, job: _Job, client: BoardClient, info: BoardInfo) -> BoardInfo:
-        lot = job.lot
-        wanted = lot.profile.firmware_sha256
-        if wanted is None or info.fw_sha256.hex() == wanted:
-            return info
-        firmware = lot.firmware
-        if firmware is None or firmware.sha256.hex() != wanted:
-            raise FirmwareRejectedError(
-                f"lot {lot.name} asks for firmware {wanted[:12]}… but the station has no signed image for it",
-                0,
-            )
-        await self._step(
-            job,
-            Step.FIRMWARE,
-            lambda: client.update_firmware(firmware.image, firmware.version, firmware.signature),
-        )
-        info = await client.hello()
-        if info.fw_sha256.hex() != wanted:
-            raise FirmwareRejectedError(f"board runs {info.fw_sha256.hex()[:12]}… after the update", 0)
-        return info
-
-    async def _recheck(
-        self, job: _Job, client: BoardClient, info: BoardInfo, started: float
-    ) -> JobResult | None:
-        """A board that already holds an identity: re-check it, resume it, rework it, or refuse it."""
-        lot = job.lot
-        serial = info.serial_hex
-        reserved = await self.ledger.find_by_serial(lot.name, serial)
-        if reserved is not None and reserved.state is DeviceState.RESERVED:
-            if not info.locked:
-                return None  # an interrupted job on this very board: resume with its reservation
-            # Interrupted between LOCK and the ledger record: the board can no longer be written, so
-            # finish the job from what it holds, after proving it is exactly what we issued.
-            return await self._complete_locked(job, client, reserved.device_id, started)
-        raw_id = await client.read(ObjectId.DEVICE_ID)
-        stored_id = raw_id.decode("utf-8", errors="replace").rstrip("\x00")
-        record: DeviceRecord | None = await self.ledger.find_device(stored_id) if stored_id else None
-        ours = record is not None and record.lot == lot.name and record.hw_serial == serial
-        if ours and record is not None and record.state is DeviceState.PROVISIONED:
-            cert_der = await client.read(ObjectId.DEVICE_CERT)
-            if hashlib.sha256(cert_der).hexdigest() != record.fingerprint_sha256:
-                raise ReadbackMismatchError(
-                    f"{stored_id}: certificate on the board differs from the ledger's"
-                )
-            challenge = secrets.token_bytes(CHALLENGE_BYTES)
-            signature = await self._step(job, Step.RECHECK, lambda: client.sign(challenge))
-            verify_challenge(x509.load_der_x509_certificate(cert_der), challenge, signature)
-            job.device_id = stored_id
-            await self.ledger.audit(
-                actor=self.settings.station,
-                action="device.rechecked",
-                subject=stored_id,
-                details={"hw_serial": serial, "port": job.port, "job_id": job.job_id},
-            )
-            return await self._succeed(job, "rechecked", started)
-        if lot.profile.allow_rework and not info.locked:
-            await self.ledger.audit(
-                actor=self.settings.station,
-                action="device.rework",
-                subject=stored_id or serial,
-                details={
-                    "hw_serial": serial,
-                    "port": job.port,
-                    "previous_lot": record.lot if record else None,
-                },
-            )
-            return None
-        where = f"ID {stored_id!r}" if stored_id else "a certificate"
-        state = "locked, " if info.locked else ""
-        raise RefusedBoardError(
-            f"board {serial} is {state}already provisioned with {where}; lot does not allow rework"
-        )
-
-    async def _complete_locked(
-        self, job: _Job, client: BoardClient, device_id: str, started: float
-    ) -> JobResult:
-        cert_der = await client.read(ObjectId.DEVICE_CERT)
-        try:
-            cert = x509.load_der_x509_certificate(cert_der)
-            cert.verify_directly_issued_by(job.lot.issuer.chain[0])
-        except (ValueError, TypeError, InvalidSignature) as exc:
-            raise VerificationError(f"{device_id}: certificate on the locked board is not ours") from exc
-        names = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-        if not names or names[0].value != device_id:
-            raise VerificationError(f"{device_id}: certificate on the locked board names another ID")
-        for obj, data in self._objects(job.lot, device_id, cert_der):
-            if await client.read(obj) != data:
-                raise ReadbackMismatchError(f"{device_id}: {obj.name} on the locked board differs")
-        challenge = secrets.token_bytes(CHALLENGE_BYTES)
-        signature = await self._step(job, Step.CHALLENGE, lambda: client.sign(challenge))
-        verify_challenge(cert, challenge, signature)
-        issued = IssuedCertificate.from_certificate(cert)
-        job.device_id = device_id
-        await self._record(job, device_id, issued)
-        return await self._succeed(job, "provisioned", started, job_finished=True)
-
     async def _record(self, job: _Job, device_id: str, issued: IssuedCertificate) -> None:
-        serial = job.hw_serial or ""
         await self._step(
             job,
             Step.RECORD,
             lambda: self.ledger.mark_provisioned(
                 job.lot.name,
                 device_id,
-                serial,
+                job.hw_serial,
                 cert_der=issued.der,
                 cert_serial=issued.serial_hex,
                 fingerprint_sha256=issued.fingerprint_sha256,
@@ -555,23 +372,6 @@ class Pipeline:
                 finish_job=job.job_id,
             ),
         )
-
-    async def _issue(self, job: _Job, csr_der: bytes, point: bytes) -> IssuedCertificate:
-        issuer = job.lot.issuer
-        device_id = job.device_id or ""
-        csr = issuer.verify_csr(csr_der, device_id)
-        public = csr.public_key()
-        if not isinstance(public, ec.EllipticCurvePublicKey) or (
-            public.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint) != point
-        ):
-            raise CsrRejectedError("CSR key is not the key the secure element just generated (replayed CSR?)")
-        if isinstance(issuer.signer, SoftwareSigner):
-            issued = issuer.issue(csr, device_id)  # well under a millisecond: not worth a thread hop
-        else:
-            # A token (PKCS#11) signs in ms to 100s of ms: never on the event loop.
-            issued = await asyncio.to_thread(issuer.issue, csr, device_id)
-        await self._audit_issued(job, device_id, issued)
-        return issued
 
     async def _audit_issued(self, job: _Job, device_id: str, issued: IssuedCertificate) -> None:
         # Every certificate that ever leaves the station is in the audit trail, before it is written.
@@ -586,22 +386,6 @@ class Pipeline:
                 "job_id": job.job_id,
             },
         )
-
-    @staticmethod
-    def _objects(lot: LotContext, device_id: str, cert_der: bytes) -> list[tuple[ObjectId, bytes]]:
-        endpoint = json.dumps({"endpoint": lot.profile.endpoint, "device_id": device_id}, sort_keys=True)
-        return [
-            (ObjectId.DEVICE_ID, device_id.encode()),
-            (ObjectId.DEVICE_CERT, cert_der),
-            (ObjectId.CA_CHAIN, lot.chain_pem),
-            (ObjectId.ENDPOINT, endpoint.encode()),
-        ]
-
-    @staticmethod
-    async def _write_verified(client: BoardClient, obj: ObjectId, data: bytes) -> None:
-        await client.write(obj, data)
-        if await client.read(obj) != data:
-            raise ReadbackMismatchError(f"{obj.name} read back from the board differs from what was written")
 
     # Steps and telemetry ------------------------------------------------------------------
 
@@ -696,3 +480,45 @@ class Pipeline:
                 reason=reason,
             )
         )
+
+
+@dataclass
+class _Host:
+    """The pipeline's side of one bound job, handed to the profile's session (``jobs.board.JobHost``)."""
+
+    pipeline: Pipeline
+    job: _Job
+    hw_serial: str
+
+    @property
+    def lot(self) -> LotContext:
+        """The lot being provisioned."""
+        return self.job.lot
+
+    @property
+    def port(self) -> str:
+        """The hub port."""
+        return self.job.port
+
+    @property
+    def job_id(self) -> int:
+        """The ledger's job id."""
+        return self.job.job_id
+
+    @property
+    def ledger(self) -> AsyncLedger:
+        """The ledger."""
+        return self.pipeline.ledger
+
+    async def step(self, step: Step, action: Callable[[], Awaitable[T]]) -> T:
+        """Run one step of the job (retries, telemetry)."""
+        return await self.pipeline._step(self.job, step, action)
+
+    async def audit(self, action: str, subject: str, details: dict[str, Any]) -> None:
+        """Append an audit entry in the station's name."""
+        station = self.pipeline.settings.station
+        await self.pipeline.ledger.audit(actor=station, action=action, subject=subject, details=details)
+
+    async def audit_issued(self, device_id: str, issued: IssuedCertificate) -> None:
+        """Audit a certificate before it is written to the board."""
+        await self.pipeline._audit_issued(self.job, device_id, issued)

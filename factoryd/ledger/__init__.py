@@ -14,7 +14,15 @@ from factoryd.ledger.errors import (
     LotExistsError,
 )
 from factoryd.ledger.idlist import DEFAULT_MAX_BYTES
-from factoryd.ledger.model import DeviceRecord, DeviceState, LotInfo, LotProgress, LotState, Reservation
+from factoryd.ledger.model import (
+    DeviceRecord,
+    DeviceState,
+    LotInfo,
+    LotProgress,
+    LotState,
+    ProvisionedDevice,
+    Reservation,
+)
 from factoryd.ledger.profile import LotProfile
 
 __all__ = [
@@ -32,6 +40,7 @@ __all__ = [
     "LotProfile",
     "LotProgress",
     "LotState",
+    "ProvisionedDevice",
     "Reservation",
     "verify_audit",
 ]

@@ -19,7 +19,7 @@ from typing import ParamSpec, Self, TypeVar
 from factoryd.errors import LedgerError
 from factoryd.ledger.core import Ledger
 from factoryd.ledger.idlist import DEFAULT_MAX_BYTES
-from factoryd.ledger.model import DeviceRecord, LotInfo, LotProgress, LotState, Reservation
+from factoryd.ledger.model import DeviceRecord, LotInfo, LotProgress, LotState, ProvisionedDevice, Reservation
 from factoryd.ledger.profile import LotProfile
 
 _P = ParamSpec("_P")
@@ -178,7 +178,7 @@ class AsyncLedger:
         """See :meth:`Ledger.progress`."""
         return await self._run(self._ledger.progress, lot)
 
-    async def provisioned_devices(self, lot: str) -> list[DeviceRecord]:
+    async def provisioned_devices(self, lot: str) -> list[ProvisionedDevice]:
         """See :meth:`Ledger.provisioned_devices`."""
         return await self._run(self._ledger.provisioned_devices, lot)
 

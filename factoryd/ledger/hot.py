@@ -1,29 +1,32 @@
-"""The ledger's hot path: Core statements compiled once per dialect and run on the driver cursor.
+"""The ledger's hot path: Core statements compiled once per engine and run on the driver cursor.
 
 A provisioned board costs the ledger about twenty statements in four transactions. Through the
 ORM (or even SQLAlchemy Core's execution machinery) that is milliseconds of CPU per board; the
 SQL itself is microseconds. So the per-board statements are written once as SQLAlchemy Core
 constructs (the tables stay the single source of truth), compiled once per dialect to the
 driver's SQL, and executed straight on the DBAPI cursor with SQLAlchemy's own bind and result
-processors for each column type. Transactions and locking are exactly those of the statements:
-FOR SHARE on the lot, FOR UPDATE on device/job/head rows, SKIP LOCKED for the claim on
-PostgreSQL; SQLite renders none of these and serialises writers with ``BEGIN IMMEDIATE``.
+processors for each column type. Each statement is an attribute of :class:`HotStatements`; a
+query names the row type it returns, checked against its columns when it is compiled.
+Transactions and locking are exactly those of the statements: FOR SHARE on the lot, FOR UPDATE
+on device/job/head rows, SKIP LOCKED for the claim on PostgreSQL; SQLite renders none of these
+and serialises writers with ``BEGIN IMMEDIATE``.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections import namedtuple
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
-from typing import Any, cast
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar, cast
 
 import psycopg
-from sqlalchemy import Table, bindparam, insert, update
+from sqlalchemy import Table, bindparam, func, insert, update
 from sqlalchemy import select as core_select
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Dialect
-from sqlalchemy.sql import Delete, Insert, Select, Update
+from sqlalchemy.sql import Insert, Select, Update
 
 from factoryd.errors import LedgerError
 from factoryd.ledger.model import DeviceState
@@ -71,197 +74,446 @@ DRIVER_UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
 )
 DRIVER_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, psycopg.Error)
 
-_Statement = Select[Any] | Insert | Update | Delete
+
+# -- the rows the queries return -------------------------------------------------------------
 
 
-def _statements() -> dict[str, _Statement]:
-    """Every hot-path statement by name; parameters are bindparams, literals become defaults."""
-    return {
-        "lot_id": core_select(LOT.c.id).where(LOT.c.name == bindparam("name")),
-        "lot_shared": core_select(LOT.c.id, LOT.c.state)
-        .where(LOT.c.name == bindparam("name"))
-        .with_for_update(read=True),
-        "head_locked": core_select(HEAD.c.seq, HEAD.c.hash)
-        .where(HEAD.c.id == AUDIT_HEAD_ROW_ID)
-        .with_for_update(),
-        "insert_audit": insert(AUDIT).values(
-            seq=bindparam("b_seq"),
-            at=bindparam("b_at"),
-            actor=bindparam("b_actor"),
-            action=bindparam("b_action"),
-            subject=bindparam("b_subject"),
-            details=bindparam("b_details"),
-            prev_hash=bindparam("b_prev_hash"),
-            hash=bindparam("b_hash"),
-        ),
-        "update_head": update(HEAD)
-        .where(HEAD.c.id == AUDIT_HEAD_ROW_ID)
-        .values(seq=bindparam("b_seq"), hash=bindparam("b_hash")),
-        "device_by_serial_locked": core_select(*DEVICE_COLUMNS)
-        .where(DEVICE.c.lot_id == bindparam("lot_id"), DEVICE.c.hw_serial == bindparam("hw_serial"))
-        .with_for_update(),
-        "device_by_serial": core_select(*DEVICE_COLUMNS).where(
-            DEVICE.c.lot_id == bindparam("lot_id"), DEVICE.c.hw_serial == bindparam("hw_serial")
-        ),
-        "device_by_id_locked": core_select(*DEVICE_COLUMNS)
-        .where(DEVICE.c.lot_id == bindparam("lot_id"), DEVICE.c.device_id == bindparam("device_id"))
-        .with_for_update(),
-        "device_any_lot": core_select(*DEVICE_COLUMNS, LOT.c.name.label("lot_name"))
-        .join(LOT, LOT.c.id == DEVICE.c.lot_id)
-        .where(DEVICE.c.device_id == bindparam("device_id")),
-        # The claim: first available ID of the lot in import order, skipping rows other
-        # stations hold locked right now (PostgreSQL).
-        "claim": core_select(*DEVICE_COLUMNS)
-        .where(DEVICE.c.lot_id == bindparam("lot_id"), DEVICE.c.state == DeviceState.AVAILABLE.value)
-        .order_by(DEVICE.c.id)
-        .limit(1)
-        .with_for_update(skip_locked=True),
-        "reserve": update(DEVICE)
-        .where(DEVICE.c.id == bindparam("row_id"))
-        .values(
-            state=DeviceState.RESERVED.value,
-            hw_serial=bindparam("b_hw_serial"),
-            station=bindparam("b_station"),
-            port=bindparam("b_port"),
-            job_id=bindparam("b_job_id"),
-            reserved_at=bindparam("b_at"),
-        ),
-        "move_reservation": update(DEVICE)
-        .where(DEVICE.c.id == bindparam("row_id"))
-        .values(station=bindparam("b_station"), port=bindparam("b_port"), job_id=bindparam("b_job_id")),
-        "provision": update(DEVICE)
-        .where(DEVICE.c.id == bindparam("row_id"))
-        .values(
-            state=DeviceState.PROVISIONED.value,
-            cert_der=bindparam("b_cert_der"),
-            cert_serial=bindparam("b_cert_serial"),
-            cert_fingerprint_sha256=bindparam("b_fingerprint"),
-            provisioned_at=bindparam("b_at"),
-            station=bindparam("b_station"),
-            port=bindparam("b_port"),
-        ),
-        "void": update(DEVICE)
-        .where(DEVICE.c.id == bindparam("row_id"))
-        .values(state=DeviceState.VOID.value, void_reason=bindparam("b_reason")),
-        "insert_job": insert(JOB)
-        .values(
-            lot_id=bindparam("b_lot_id"),
-            station=bindparam("b_station"),
-            port=bindparam("b_port"),
-            hw_serial=bindparam("b_hw_serial"),
-            started_at=bindparam("b_at"),
-        )
-        .returning(JOB.c.id),
-        "job_locked": core_select(JOB.c.id, JOB.c.outcome, JOB.c.finished_at)
-        .where(JOB.c.id == bindparam("job_id"))
-        .with_for_update(),
-        "job_open": core_select(JOB.c.id, JOB.c.station, JOB.c.port, JOB.c.finished_at).where(
-            JOB.c.id == bindparam("job_id")
-        ),
-        # A station starting up closes what it left open when it died (its boards resume by serial).
-        "abandon_jobs": update(JOB)
-        .where(JOB.c.station == bindparam("station"), JOB.c.finished_at.is_(None))
-        .values(finished_at=bindparam("b_at"), outcome="abandoned", reason=bindparam("b_reason")),
-        "set_job_serial": update(JOB)
-        .where(JOB.c.id == bindparam("job_id"))
-        .values(hw_serial=bindparam("b_hw_serial")),
-        # Only an open job is finished: "already finished" is a 0-row update, atomically.
-        "finish_job": update(JOB)
-        .where(JOB.c.id == bindparam("job_id"), JOB.c.finished_at.is_(None))
-        .values(finished_at=bindparam("b_at"), outcome=bindparam("b_outcome"), reason=bindparam("b_reason")),
-        "insert_attempt": insert(ATTEMPT).values(
-            job_id=bindparam("b_job_id"),
-            step=bindparam("b_step"),
-            outcome=bindparam("b_outcome"),
-            reason=bindparam("b_reason"),
-            duration_s=bindparam("b_duration_s"),
-            at=bindparam("b_at"),
-        ),
-    }
+class LotIdRow(NamedTuple):
+    """A lot's primary key."""
+
+    id: int
 
 
-class Prepared:
-    """One statement compiled for one dialect, with the type processors SQLAlchemy would apply."""
+class LotStateRow(NamedTuple):
+    """A lot's primary key and state."""
 
-    __slots__ = ("binds", "defaults", "name", "results", "row", "sql")
+    id: int
+    state: str
 
-    def __init__(self, name: str, statement: _Statement, dialect: Dialect) -> None:
-        """Compile ``statement`` for ``dialect``; LedgerError if it needs per-execution rendering."""
+
+class HeadRow(NamedTuple):
+    """The audit chain's head."""
+
+    seq: int
+    hash: str
+
+
+class DeviceRowView(NamedTuple):
+    """One ``device`` row, every column of :data:`DEVICE_COLUMNS` in order."""
+
+    id: int
+    device_id: str
+    state: str
+    metadata: dict[str, str]
+    hw_serial: str | None
+    station: str | None
+    port: str | None
+    job_id: int | None
+    reserved_at: datetime | None
+    provisioned_at: datetime | None
+    cert_der: bytes | None
+    cert_serial: str | None
+    cert_fingerprint_sha256: str | None
+    void_reason: str | None
+
+
+class DeviceInLotRow(NamedTuple):
+    """A device row and the name of its lot."""
+
+    device: DeviceRowView
+    lot_name: str
+
+
+def _device_in_lot(values: Iterable[Any]) -> DeviceInLotRow:
+    """A :class:`DeviceInLotRow` from the device columns followed by the lot name."""
+    columns = tuple(values)
+    return DeviceInLotRow(DeviceRowView._make(columns[:-1]), columns[-1])
+
+
+class StateCountRow(NamedTuple):
+    """How many IDs of a lot are in one state."""
+
+    state: str
+    ids: int
+
+
+class JobIdRow(NamedTuple):
+    """A job's primary key."""
+
+    id: int
+
+
+class JobStateRow(NamedTuple):
+    """Whether and how a job ended."""
+
+    id: int
+    outcome: str | None
+    finished_at: datetime | None
+
+
+class JobHolderRow(NamedTuple):
+    """Where a job runs and whether it still does."""
+
+    id: int
+    station: str
+    port: str
+    finished_at: datetime | None
+
+
+# -- compiled statements ---------------------------------------------------------------------
+
+_RowT = TypeVar("_RowT")
+
+
+class DriverCursor(Protocol):
+    """The part of a DBAPI cursor (sqlite3, psycopg) the hot path uses: the typing boundary."""
+
+    @property
+    def rowcount(self) -> int:
+        """Rows the last statement changed."""
+        ...
+
+    def execute(self, sql: str, params: Mapping[str, Any], /) -> object:
+        """Run one statement."""
+        ...
+
+    def fetchone(self) -> Sequence[Any] | None:
+        """The next row's raw values, or None."""
+        ...
+
+    def fetchall(self) -> Sequence[Sequence[Any]]:
+        """Every remaining row's raw values."""
+        ...
+
+
+class Command:
+    """One statement compiled for one dialect, with the bind processors SQLAlchemy would apply."""
+
+    __slots__ = ("_binds", "_defaults", "sql")
+
+    def __init__(self, statement: Select[Any] | Insert | Update, dialect: Dialect) -> None:
+        """Compile ``statement``; LedgerError if it needs per-execution rendering."""
         compiled = statement.compile(dialect=dialect)
-        self.name = name
         self.sql = str(compiled)
         if "POSTCOMPILE" in self.sql:
-            raise LedgerError(f"hot statement {name} needs per-execution rendering: {self.sql}")
-        self.defaults: dict[str, Any] = {k: v for k, v in compiled.params.items() if v is not None}
-        binds: dict[str, Callable[[Any], Any]] = {}
+            raise LedgerError(f"hot statement needs per-execution rendering: {self.sql}")
+        self._defaults: dict[str, Any] = {k: v for k, v in compiled.params.items() if v is not None}
+        binds: list[tuple[str, Callable[[Any], Any]]] = []
         for key in compiled.params:
             processor = compiled.binds[key].type.dialect_impl(dialect).bind_processor(dialect)
             if processor is not None:
-                binds[key] = processor
-        self.binds = binds
-        # SELECT columns, or an INSERT's RETURNING columns (none for plain DML).
-        returned = tuple(statement.exported_columns)
-        self.results: tuple[Callable[[Any], Any] | None, ...] = tuple(
-            c.type.dialect_impl(dialect).result_processor(dialect, None) for c in returned
-        )
-        self.row: Any = namedtuple(f"{name}_row", [c.key or f"c{i}" for i, c in enumerate(returned)])  # type: ignore[misc]
+                binds.append((key, processor))
+        self._binds = tuple(binds)
 
-    def params(self, given: Mapping[str, Any]) -> dict[str, Any]:
+    def params(self, given: Mapping[str, object]) -> dict[str, Any]:
         """The driver parameters for one execution."""
-        params = {**self.defaults, **given}
-        for key, process in self.binds.items():
+        params = {**self._defaults, **given}
+        for key, process in self._binds:
             value = params.get(key)
             if value is not None:
                 params[key] = process(value)
         return params
 
-    def make_row(self, raw: tuple[Any, ...]) -> Any:
-        """A named row with SQLAlchemy's result processing applied."""
-        return self.row._make(
-            value if process is None or value is None else process(value)
-            for process, value in zip(self.results, raw, strict=True)
+
+class Query(Command, Generic[_RowT]):
+    """A statement that returns rows (a SELECT, or DML with RETURNING), made into ``_RowT``."""
+
+    __slots__ = ("_make", "_results")
+
+    def __init__(
+        self,
+        statement: Select[Any] | Insert,
+        dialect: Dialect,
+        make: Callable[[Iterable[Any]], _RowT],
+        columns: tuple[str, ...],
+    ) -> None:
+        """Compile ``statement`` whose rows ``make`` types; LedgerError unless it returns ``columns``."""
+        super().__init__(statement, dialect)
+        returned = tuple(statement.exported_columns)
+        keys = tuple(c.key or "" for c in returned)
+        if keys != columns:
+            raise LedgerError(f"hot statement returns columns {keys}, its row type has {columns}: {self.sql}")
+        self._make = make
+        # Only the columns that need one: most rows skip processing entirely on PostgreSQL.
+        self._results = tuple(
+            (index, process)
+            for index, column in enumerate(returned)
+            if (process := column.type.dialect_impl(dialect).result_processor(dialect, None)) is not None
         )
 
+    def make_row(self, raw: Sequence[Any]) -> _RowT:
+        """The typed row with SQLAlchemy's result processing applied."""
+        if not self._results:
+            return self._make(raw)
+        values = list(raw)
+        for index, process in self._results:
+            value = values[index]
+            if value is not None:
+                values[index] = process(value)
+        return self._make(values)
 
+
+@dataclass(frozen=True, slots=True)
 class HotStatements:
-    """Every hot-path statement compiled for one engine's dialect."""
+    """Every hot-path statement compiled for one dialect; parameters are bindparams."""
 
-    def __init__(self, dialect: Dialect) -> None:
+    lot_id: Query[LotIdRow]
+    lot_shared: Query[LotStateRow]
+    head_locked: Query[HeadRow]
+    insert_audit: Command
+    update_head: Command
+    device_by_serial_locked: Query[DeviceRowView]
+    device_by_serial: Query[DeviceRowView]
+    device_by_id_locked: Query[DeviceRowView]
+    device_any_lot: Query[DeviceInLotRow]
+    claim: Query[DeviceRowView]
+    reserve: Command
+    move_reservation: Command
+    provision: Command
+    void: Command
+    provisioned_in_lot: Query[DeviceRowView]
+    count_by_state: Query[StateCountRow]
+    insert_job: Query[JobIdRow]
+    job_locked: Query[JobStateRow]
+    job_open: Query[JobHolderRow]
+    abandon_jobs: Command
+    set_job_serial: Command
+    finish_job: Command
+    insert_attempt: Command
+
+    @classmethod
+    def compile(cls, dialect: Dialect) -> HotStatements:
         """Compile for ``dialect`` (SQLite with named parameters, so a dict binds on both drivers)."""
-        if dialect.name == "sqlite":
-            dialect = sqlite_dialect.dialect(paramstyle="named")
-        self.by_name = {name: Prepared(name, stmt, dialect) for name, stmt in _statements().items()}
-
-    def __getitem__(self, name: str) -> Prepared:
-        return self.by_name[name]
+        d = sqlite_dialect.dialect(paramstyle="named") if dialect.name == "sqlite" else dialect
+        devices = core_select(*DEVICE_COLUMNS)
+        in_lot = DEVICE.c.lot_id == bindparam("lot_id")
+        return cls(
+            lot_id=Query(
+                core_select(LOT.c.id).where(LOT.c.name == bindparam("name")),
+                d,
+                LotIdRow._make,
+                LotIdRow._fields,
+            ),
+            lot_shared=Query(
+                core_select(LOT.c.id, LOT.c.state)
+                .where(LOT.c.name == bindparam("name"))
+                .with_for_update(read=True),
+                d,
+                LotStateRow._make,
+                LotStateRow._fields,
+            ),
+            head_locked=Query(
+                core_select(HEAD.c.seq, HEAD.c.hash).where(HEAD.c.id == AUDIT_HEAD_ROW_ID).with_for_update(),
+                d,
+                HeadRow._make,
+                HeadRow._fields,
+            ),
+            insert_audit=Command(
+                insert(AUDIT).values(
+                    seq=bindparam("b_seq"),
+                    at=bindparam("b_at"),
+                    actor=bindparam("b_actor"),
+                    action=bindparam("b_action"),
+                    subject=bindparam("b_subject"),
+                    details=bindparam("b_details"),
+                    prev_hash=bindparam("b_prev_hash"),
+                    hash=bindparam("b_hash"),
+                ),
+                d,
+            ),
+            update_head=Command(
+                update(HEAD)
+                .where(HEAD.c.id == AUDIT_HEAD_ROW_ID)
+                .values(seq=bindparam("b_seq"), hash=bindparam("b_hash")),
+                d,
+            ),
+            device_by_serial_locked=Query(
+                devices.where(in_lot, DEVICE.c.hw_serial == bindparam("hw_serial")).with_for_update(),
+                d,
+                DeviceRowView._make,
+                DeviceRowView._fields,
+            ),
+            device_by_serial=Query(
+                devices.where(in_lot, DEVICE.c.hw_serial == bindparam("hw_serial")),
+                d,
+                DeviceRowView._make,
+                DeviceRowView._fields,
+            ),
+            device_by_id_locked=Query(
+                devices.where(in_lot, DEVICE.c.device_id == bindparam("device_id")).with_for_update(),
+                d,
+                DeviceRowView._make,
+                DeviceRowView._fields,
+            ),
+            device_any_lot=Query(
+                core_select(*DEVICE_COLUMNS, LOT.c.name.label("lot_name"))
+                .join(LOT, LOT.c.id == DEVICE.c.lot_id)
+                .where(DEVICE.c.device_id == bindparam("device_id")),
+                d,
+                _device_in_lot,
+                (*DeviceRowView._fields, "lot_name"),
+            ),
+            # The claim: first available ID of the lot in import order, skipping rows other
+            # stations hold locked right now (PostgreSQL).
+            claim=Query(
+                devices.where(in_lot, DEVICE.c.state == DeviceState.AVAILABLE.value)
+                .order_by(DEVICE.c.id)
+                .limit(1)
+                .with_for_update(skip_locked=True),
+                d,
+                DeviceRowView._make,
+                DeviceRowView._fields,
+            ),
+            reserve=Command(
+                update(DEVICE)
+                .where(DEVICE.c.id == bindparam("row_id"))
+                .values(
+                    state=DeviceState.RESERVED.value,
+                    hw_serial=bindparam("b_hw_serial"),
+                    station=bindparam("b_station"),
+                    port=bindparam("b_port"),
+                    job_id=bindparam("b_job_id"),
+                    reserved_at=bindparam("b_at"),
+                ),
+                d,
+            ),
+            move_reservation=Command(
+                update(DEVICE)
+                .where(DEVICE.c.id == bindparam("row_id"))
+                .values(
+                    station=bindparam("b_station"), port=bindparam("b_port"), job_id=bindparam("b_job_id")
+                ),
+                d,
+            ),
+            provision=Command(
+                update(DEVICE)
+                .where(DEVICE.c.id == bindparam("row_id"))
+                .values(
+                    state=DeviceState.PROVISIONED.value,
+                    cert_der=bindparam("b_cert_der"),
+                    cert_serial=bindparam("b_cert_serial"),
+                    cert_fingerprint_sha256=bindparam("b_fingerprint"),
+                    provisioned_at=bindparam("b_at"),
+                    station=bindparam("b_station"),
+                    port=bindparam("b_port"),
+                ),
+                d,
+            ),
+            void=Command(
+                update(DEVICE)
+                .where(DEVICE.c.id == bindparam("row_id"))
+                .values(state=DeviceState.VOID.value, void_reason=bindparam("b_reason")),
+                d,
+            ),
+            # The manifest's devices, in the order they were made.
+            provisioned_in_lot=Query(
+                devices.where(in_lot, DEVICE.c.state == DeviceState.PROVISIONED.value).order_by(
+                    DEVICE.c.provisioned_at, DEVICE.c.id
+                ),
+                d,
+                DeviceRowView._make,
+                DeviceRowView._fields,
+            ),
+            count_by_state=Query(
+                core_select(DEVICE.c.state, func.count().label("ids")).where(in_lot).group_by(DEVICE.c.state),
+                d,
+                StateCountRow._make,
+                StateCountRow._fields,
+            ),
+            insert_job=Query(
+                insert(JOB)
+                .values(
+                    lot_id=bindparam("b_lot_id"),
+                    station=bindparam("b_station"),
+                    port=bindparam("b_port"),
+                    hw_serial=bindparam("b_hw_serial"),
+                    started_at=bindparam("b_at"),
+                )
+                .returning(JOB.c.id),
+                d,
+                JobIdRow._make,
+                JobIdRow._fields,
+            ),
+            job_locked=Query(
+                core_select(JOB.c.id, JOB.c.outcome, JOB.c.finished_at)
+                .where(JOB.c.id == bindparam("job_id"))
+                .with_for_update(),
+                d,
+                JobStateRow._make,
+                JobStateRow._fields,
+            ),
+            job_open=Query(
+                core_select(JOB.c.id, JOB.c.station, JOB.c.port, JOB.c.finished_at).where(
+                    JOB.c.id == bindparam("job_id")
+                ),
+                d,
+                JobHolderRow._make,
+                JobHolderRow._fields,
+            ),
+            # A station starting up closes what it left open when it died (its boards resume by serial).
+            abandon_jobs=Command(
+                update(JOB)
+                .where(JOB.c.station == bindparam("station"), JOB.c.finished_at.is_(None))
+                .values(finished_at=bindparam("b_at"), outcome="abandoned", reason=bindparam("b_reason")),
+                d,
+            ),
+            set_job_serial=Command(
+                update(JOB).where(JOB.c.id == bindparam("job_id")).values(hw_serial=bindparam("b_hw_serial")),
+                d,
+            ),
+            # Only an open job is finished: "already finished" is a 0-row update, atomically.
+            finish_job=Command(
+                update(JOB)
+                .where(JOB.c.id == bindparam("job_id"), JOB.c.finished_at.is_(None))
+                .values(
+                    finished_at=bindparam("b_at"),
+                    outcome=bindparam("b_outcome"),
+                    reason=bindparam("b_reason"),
+                ),
+                d,
+            ),
+            insert_attempt=Command(
+                insert(ATTEMPT).values(
+                    job_id=bindparam("b_job_id"),
+                    step=bindparam("b_step"),
+                    outcome=bindparam("b_outcome"),
+                    reason=bindparam("b_reason"),
+                    duration_s=bindparam("b_duration_s"),
+                    at=bindparam("b_at"),
+                ),
+                d,
+            ),
+        )
 
 
 class Tx:
     """One transaction on a driver cursor (the caller owns begin/commit)."""
 
-    __slots__ = ("_cursor", "_statements")
+    __slots__ = ("_cursor",)
 
-    def __init__(self, cursor: Any, statements: HotStatements) -> None:
-        """Run ``statements`` on ``cursor``."""
+    def __init__(self, cursor: DriverCursor) -> None:
+        """Run statements on ``cursor``."""
         self._cursor = cursor
-        self._statements = statements
 
-    def execute(self, name: str, params: Mapping[str, Any] | None = None) -> int:
+    def execute(self, command: Command, params: Mapping[str, object] | None = None) -> int:
         """Execute a statement; return the affected row count."""
-        prepared = self._statements[name]
-        self._cursor.execute(prepared.sql, prepared.params(params or {}))
+        self._cursor.execute(command.sql, command.params(params or {}))
         return int(self._cursor.rowcount)
 
-    def first(self, name: str, params: Mapping[str, Any] | None = None) -> Any:
-        """Execute a statement; return its first row (named tuple) or None."""
-        prepared = self._statements[name]
-        self._cursor.execute(prepared.sql, prepared.params(params or {}))
+    def first(self, query: Query[_RowT], params: Mapping[str, object] | None = None) -> _RowT | None:
+        """Execute a query; return its first row or None."""
+        self._cursor.execute(query.sql, query.params(params or {}))
         raw = self._cursor.fetchone()
-        return None if raw is None else prepared.make_row(tuple(raw))
+        return None if raw is None else query.make_row(raw)
+
+    def all(self, query: Query[_RowT], params: Mapping[str, object] | None = None) -> list[_RowT]:
+        """Execute a query; return every row."""
+        self._cursor.execute(query.sql, query.params(params or {}))
+        return [query.make_row(raw) for raw in self._cursor.fetchall()]
 
 
 @contextmanager
-def driver_transaction(driver: Any, *, sqlite: bool, write: bool) -> Iterator[Any]:
+def driver_transaction(driver: Any, *, sqlite: bool, write: bool) -> Iterator[DriverCursor]:
     """BEGIN (IMMEDIATE for writers on SQLite), yield a cursor, COMMIT; ROLLBACK on any error."""
     cursor = driver.cursor()
     try:

@@ -80,6 +80,22 @@ class DeviceRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class ProvisionedDevice:
+    """A device that carries its verified certificate: everything the manifest says about it."""
+
+    device_id: str
+    lot: str
+    hw_serial: str
+    cert_der: bytes
+    cert_serial: str  # lowercase hex, no colons
+    fingerprint_sha256: str  # lowercase hex SHA-256 of cert_der
+    provisioned_at: datetime
+    station: str
+    port: str  # hub port name as the station config spells it
+    metadata: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
 class LotProgress:
     """How many IDs of a lot are in each state."""
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -22,7 +21,8 @@ class LotProfile(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    protocol: Literal["factoryd-v1", "arduino-v1"] = "factoryd-v1"
+    # A board profile name from factoryd.jobs.profiles.PROFILES.
+    protocol: str = "factoryd-v1"
     id_format: str = ID_FORMAT_UUID
     firmware_sha256: str | None = None
     firmware_version: str | None = None
@@ -31,6 +31,17 @@ class LotProfile(BaseModel):
     lock: bool = False
     allow_rework: bool = False
     max_attempts: int = Field(default=3, ge=1)
+
+    @field_validator("protocol")
+    @classmethod
+    def _check_protocol(cls, value: str) -> str:
+        # Imported here: the registry imports the job modules, which import this package (a cycle).
+        from factoryd.jobs.profiles import profile_names  # noqa: PLC0415
+
+        known = profile_names()
+        if value not in known:
+            raise ValueError(f"unknown board protocol {value!r}; known: {', '.join(known)}")
+        return value
 
     @field_validator("id_format")
     @classmethod

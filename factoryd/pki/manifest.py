@@ -13,8 +13,8 @@ import hashlib
 import itertools
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -55,19 +55,53 @@ class ManifestError(PkiError):
     """A manifest could not be built, or does not verify."""
 
 
-@dataclass(frozen=True)
-class ManifestRecord:
-    """One provisioned device as it appears in the manifest."""
+class ManifestRecord(Protocol):
+    """What the manifest needs of one provisioned device (the ledger's ``ProvisionedDevice`` is one)."""
 
-    device_id: str
-    hw_serial: str
-    cert_pem: str
-    cert_serial: str  # hex, as IssuedCertificate.serial_hex
-    fingerprint_sha256: str  # hex SHA-256 of the certificate DER
-    provisioned_at: dt.datetime
-    station: str
-    port: str  # hub port name as the station config spells it
-    metadata: Mapping[str, Any] = field(default_factory=dict)
+    @property
+    def device_id(self) -> str:
+        """The customer's device ID."""
+        ...
+
+    @property
+    def hw_serial(self) -> str:
+        """The board's secure-element serial."""
+        ...
+
+    @property
+    def cert_der(self) -> bytes:
+        """The device certificate, DER (PEM only in the manifest's output)."""
+        ...
+
+    @property
+    def cert_serial(self) -> str:
+        """The certificate's serial number, hex (as ``IssuedCertificate.serial_hex``)."""
+        ...
+
+    @property
+    def fingerprint_sha256(self) -> str:
+        """Hex SHA-256 of ``cert_der``."""
+        ...
+
+    @property
+    def provisioned_at(self) -> dt.datetime:
+        """When the device was recorded as provisioned (timezone-aware)."""
+        ...
+
+    @property
+    def station(self) -> str:
+        """The station that provisioned it."""
+        ...
+
+    @property
+    def port(self) -> str:
+        """The hub port name as the station config spells it."""
+        ...
+
+    @property
+    def metadata(self) -> Mapping[str, object]:
+        """The extra fields of the device's line in the customer's ID list."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -100,9 +134,9 @@ def _iso(moment: dt.datetime) -> str:
 
 def _device_entry(record: ManifestRecord) -> dict[str, Any]:
     try:
-        cert = x509.load_pem_x509_certificate(record.cert_pem.encode())
+        cert = x509.load_der_x509_certificate(record.cert_der)
     except ValueError:
-        raise ManifestError(f"device {record.device_id!r}: certificate PEM does not parse") from None
+        raise ManifestError(f"device {record.device_id!r}: certificate DER does not parse") from None
     cert_sha256 = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
     if record.fingerprint_sha256.lower() != cert_sha256:
         raise ManifestError(f"device {record.device_id!r}: fingerprint does not match its certificate")

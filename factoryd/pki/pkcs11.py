@@ -1,4 +1,4 @@
-"""The lot CA key in a PKCS#11 token (HSM, smart card; SoftHSM in tests): a ``Signer`` and the import path.
+"""The lot CA key in a PKCS#11 token (HSM, smart card; SoftHSM in tests): a ``Signer`` and token access.
 
 The key never leaves the token: certificates are built by cryptography with a throwaway key of
 the same type (so the TBSCertificate carries the right signatureAlgorithm), the TBS bytes are
@@ -8,7 +8,8 @@ with the CA certificate's key before it is returned. Manifests reuse ``sign_byte
 
 A lot whose bundle directory holds ``pkcs11.json`` (module, token label, key label; never the
 PIN) instead of ``ca-key.pem`` issues through the token (``open_token_lot``). The PIN comes from
-systemd credential ``factoryd-pkcs11-pin`` or env ``FACTORYD_PKCS11_PIN``.
+systemd credential ``factoryd-pkcs11-pin`` or env ``FACTORYD_PKCS11_PIN``. Moving a software key
+into a token is ``keyimport``.
 
 PKCS#11 login state is per process and token, and a session is not thread-safe: this module keeps
 one logged-in session per (module, token) for the whole process and serialises calls on it with
@@ -21,11 +22,10 @@ import contextlib
 import hashlib
 import hmac
 import json
-import os
 import re
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -38,17 +38,16 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from factoryd.errors import SignerError
 from factoryd.pki import der
-from factoryd.pki.bundle import CaBundle, device_chain_pem
+from factoryd.pki.bundle import device_chain_pem
 from factoryd.pki.challenge import raw_to_der_signature
 from factoryd.pki.passphrase import Secret, load_secret
-from factoryd.pki.signer import CaPrivateKey, CaPublicKey, hash_for_key, key_problem, spki_der
-from factoryd.pki.store import ANCHORS_FILE, CHAIN_FILE, FILE_MODE, KEY_FILE
+from factoryd.pki.signer import CaPrivateKey, CaPublicKey, hash_for_key, key_problem
+from factoryd.pki.store import ANCHORS_FILE, CHAIN_FILE
 
 try:
     import pkcs11
     from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
     from pkcs11 import exceptions as p11_errors
-    from pkcs11.util.ec import encode_named_curve_parameters
 except ImportError:  # pragma: no cover - the optional extra is not installed
     HAVE_PKCS11 = False
 else:
@@ -73,13 +72,13 @@ SELF_TEST_BYTES = 32
 # Size of the throwaway RSA key that gives cryptography the certificate structure (never used to sign
 # anything that leaves this module).
 THROWAWAY_RSA_BITS = 2048
-_CURVE_OIDS = {"secp256r1": "1.2.840.10045.3.1.7", "secp384r1": "1.3.132.0.34"}
 _REFERENCE_FIELDS = {"version", "module_path", "token_label", "key_label", "key_id", "ca_sha256"}
 
 T = TypeVar("T")
 
 
-def _require_library() -> None:
+def require_library() -> None:
+    """Raise SignerError naming the extra to install when python-pkcs11 is missing."""
     if not HAVE_PKCS11:
         raise SignerError("python-pkcs11 is not installed; install the extra: pip install 'factoryd[pkcs11]'")
 
@@ -89,7 +88,8 @@ def load_pkcs11_pin(name: str = DEFAULT_PIN_CREDENTIAL, env: str = DEFAULT_PIN_E
     return load_secret(name, env, what="PKCS#11 PIN")
 
 
-def _check_label(what: str, value: str, max_bytes: int) -> None:
+def check_label(what: str, value: str, max_bytes: int) -> None:
+    """Refuse a token or key label that is empty, not printable ASCII, or too long."""
     if not isinstance(value, str) or not LABEL_RE.fullmatch(value):
         raise SignerError(f"{what} must be non-empty printable ASCII, got {value!r}")
     if len(value.encode()) > max_bytes:
@@ -160,8 +160,8 @@ class TokenReference:
             key_id = bytes.fromhex(document["key_id"])
         except ValueError:
             raise SignerError(f"{where}: field key_id must be hex") from None
-        _check_label(f"{where}: field token_label", document["token_label"], MAX_TOKEN_LABEL_BYTES)
-        _check_label(f"{where}: field key_label", document["key_label"], MAX_KEY_LABEL_CHARS)
+        check_label(f"{where}: field token_label", document["token_label"], MAX_TOKEN_LABEL_BYTES)
+        check_label(f"{where}: field key_label", document["key_label"], MAX_KEY_LABEL_CHARS)
         return cls(
             module_path=document["module_path"],
             token_label=document["token_label"],
@@ -174,7 +174,7 @@ class TokenReference:
 # --- one logged-in session per (module, token) per process ------------------------------------------
 
 _libraries: dict[str, Any] = {}
-_connections: dict[tuple[str, str], _TokenConnection] = {}
+_connections: dict[tuple[str, str], TokenConnection] = {}
 _registry_lock = threading.Lock()
 # PINs are compared through an HMAC under a per-process key, so no PIN copy stays in the registry.
 _PIN_MAC_KEY = secrets.token_bytes(32)
@@ -216,7 +216,7 @@ def _describe(exc: BaseException, token_label: str) -> str:
     return f"{where}: {type(exc).__name__}" + (f" ({detail})" if detail else "")
 
 
-class _TokenConnection:
+class TokenConnection:
     """One logged-in session on one token, shared by the signers of this process, used under a lock."""
 
     def __init__(self, module_path: str, token_label: str, pin: Secret) -> None:
@@ -279,15 +279,15 @@ class _TokenConnection:
         raise SignerError(f"PKCS#11 token {self.token_label!r}: unreachable")  # pragma: no cover
 
 
-def _connect(module_path: str, token_label: str, pin: Secret) -> _TokenConnection:
-    _require_library()
-    _check_label("token label", token_label, MAX_TOKEN_LABEL_BYTES)
+def _connect(module_path: str, token_label: str, pin: Secret) -> TokenConnection:
+    require_library()
+    check_label("token label", token_label, MAX_TOKEN_LABEL_BYTES)
     _pin_text(pin)
     key = (module_path, token_label)
     with _registry_lock:
         connection = _connections.get(key)
         if connection is None:
-            connection = _TokenConnection(module_path, token_label, pin)
+            connection = TokenConnection(module_path, token_label, pin)
             _connections[key] = connection
         elif not hmac.compare_digest(connection.pin_mac, _pin_mac(pin)):
             # The token is already logged in for this process, so the module cannot check the PIN.
@@ -298,13 +298,23 @@ def _connect(module_path: str, token_label: str, pin: Secret) -> _TokenConnectio
         return connection
 
 
-def _release(connection: _TokenConnection) -> None:
+def _release(connection: TokenConnection) -> None:
     with _registry_lock:
         connection.users -= 1
         if connection.users > 0:
             return
         _connections.pop((connection.module_path, connection.token_label), None)
     connection.close()
+
+
+@contextlib.contextmanager
+def open_token(module_path: str, token_label: str, pin: Secret) -> Iterator[TokenConnection]:
+    """This process's logged-in session on a token, shared with its signers, for one block (blocking)."""
+    connection = _connect(module_path, token_label, pin)
+    try:
+        yield connection
+    finally:
+        _release(connection)
 
 
 # --- the signer ---------------------------------------------------------------------------------------
@@ -343,6 +353,9 @@ def replace_certificate_signature(certificate_der: bytes, signature: bytes) -> b
 class Pkcs11Signer:
     """A Signer whose CA key (EC P-256/P-384 or RSA >= 2048) stays in a PKCS#11 token."""
 
+    # Each signature is a round trip to the token (milliseconds on a network HSM): off the event loop.
+    blocking = True
+
     def __init__(
         self,
         module_path: str,
@@ -353,12 +366,12 @@ class Pkcs11Signer:
         *,
         key_id: bytes | None = None,
     ) -> None:
-        _require_library()
+        require_library()
         public_key = certificate.public_key()
         problem = key_problem(public_key)
         if problem or not isinstance(public_key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
             raise SignerError(problem or "unsupported CA key type")
-        _check_label("key label", key_label, MAX_KEY_LABEL_CHARS)
+        check_label("key label", key_label, MAX_KEY_LABEL_CHARS)
         self._certificate = certificate
         self._public_key: CaPublicKey = public_key
         self._algorithm = hash_for_key(public_key)
@@ -371,7 +384,7 @@ class Pkcs11Signer:
         else:
             self._key_type = "RSA"
             self._throwaway = rsa.generate_private_key(65537, THROWAWAY_RSA_BITS)
-        self._connection: _TokenConnection | None = _connect(module_path, token_label, pin)
+        self._connection: TokenConnection | None = _connect(module_path, token_label, pin)
         try:
             self._check_key()
         except BaseException:
@@ -530,7 +543,8 @@ class TokenLot:
         return device_chain_pem(self.chain, self.trust_anchors)
 
 
-def _certificates(path: Path, what: str) -> tuple[x509.Certificate, ...]:
+def read_certificates(path: Path, what: str) -> tuple[x509.Certificate, ...]:
+    """The PEM certificates in ``path`` (SignerError naming ``what`` when missing or corrupt)."""
     try:
         data = path.read_bytes()
         return tuple(x509.load_pem_x509_certificates(data)) if data.strip() else ()
@@ -540,7 +554,8 @@ def _certificates(path: Path, what: str) -> tuple[x509.Certificate, ...]:
         raise SignerError(f"{what} {path} is corrupt: {exc}") from None
 
 
-def _fingerprint(certificate: x509.Certificate) -> str:
+def certificate_sha256(certificate: x509.Certificate) -> str:
+    """Hex SHA-256 of the certificate's DER (``ca_sha256`` in the reference file)."""
     return hashlib.sha256(certificate.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
@@ -552,15 +567,15 @@ def open_token_lot(directory: Path, *, pin: Secret | None = None) -> TokenLot | 
     except FileNotFoundError:
         return None
     reference = TokenReference.parse(data, str(path))
-    chain = _certificates(directory / CHAIN_FILE, "CA chain file")
+    chain = read_certificates(directory / CHAIN_FILE, "CA chain file")
     anchors = (
-        _certificates(directory / ANCHORS_FILE, "trust anchor file")
+        read_certificates(directory / ANCHORS_FILE, "trust anchor file")
         if (directory / ANCHORS_FILE).exists()
         else ()
     )
     if not chain:
         raise SignerError(f"CA chain file {directory / CHAIN_FILE} holds no certificate")
-    if _fingerprint(chain[0]) != reference.ca_sha256:
+    if certificate_sha256(chain[0]) != reference.ca_sha256:
         raise SignerError(f"{path}: ca_sha256 does not match the CA certificate in {CHAIN_FILE}")
     signer = Pkcs11Signer(
         reference.module_path,
@@ -571,186 +586,3 @@ def open_token_lot(directory: Path, *, pin: Secret | None = None) -> TokenLot | 
         key_id=reference.key_id,
     )
     return TokenLot(signer, reference, chain, anchors)
-
-
-# --- import a software CA key into a token -------------------------------------------------------------
-
-
-def _key_templates(key: CaPrivateKey, label: str, key_id: bytes) -> tuple[dict[Any, Any], dict[Any, Any]]:
-    """PKCS#11 templates for the private key (sensitive, not extractable, sign only) and its public half."""
-    common = {Attribute.TOKEN: True, Attribute.LABEL: label, Attribute.ID: key_id}
-    private: dict[Any, Any] = {
-        **common,
-        Attribute.CLASS: ObjectClass.PRIVATE_KEY,
-        Attribute.PRIVATE: True,
-        Attribute.SENSITIVE: True,
-        Attribute.EXTRACTABLE: False,
-        Attribute.SIGN: True,
-        Attribute.DECRYPT: False,
-        Attribute.UNWRAP: False,
-        Attribute.DERIVE: False,
-    }
-    public: dict[Any, Any] = {
-        **common,
-        Attribute.CLASS: ObjectClass.PUBLIC_KEY,
-        Attribute.PRIVATE: False,
-        Attribute.VERIFY: True,
-    }
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        params = encode_named_curve_parameters(_CURVE_OIDS[key.curve.name])
-        size = _signature_size(key.public_key())
-        point = key.public_key().public_bytes(
-            serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
-        )
-        private |= {
-            Attribute.KEY_TYPE: KeyType.EC,
-            Attribute.EC_PARAMS: params,
-            Attribute.VALUE: key.private_numbers().private_value.to_bytes(size, "big"),
-        }
-        public |= {
-            Attribute.KEY_TYPE: KeyType.EC,
-            Attribute.EC_PARAMS: params,
-            Attribute.EC_POINT: der.encode(der.TAG_OCTET_STRING, point),
-        }
-        return private, public
-
-    def big(value: int) -> bytes:
-        return value.to_bytes((value.bit_length() + 7) // 8, "big")
-
-    numbers = key.private_numbers()
-    private |= {
-        Attribute.KEY_TYPE: KeyType.RSA,
-        Attribute.MODULUS: big(numbers.public_numbers.n),
-        Attribute.PUBLIC_EXPONENT: big(numbers.public_numbers.e),
-        Attribute.PRIVATE_EXPONENT: big(numbers.d),
-        Attribute.PRIME_1: big(numbers.p),
-        Attribute.PRIME_2: big(numbers.q),
-        Attribute.EXPONENT_1: big(numbers.dmp1),
-        Attribute.EXPONENT_2: big(numbers.dmq1),
-        Attribute.COEFFICIENT: big(numbers.iqmp),
-    }
-    public |= {
-        Attribute.KEY_TYPE: KeyType.RSA,
-        Attribute.MODULUS: big(numbers.public_numbers.n),
-        Attribute.PUBLIC_EXPONENT: big(numbers.public_numbers.e),
-    }
-    return private, public
-
-
-def _write_new(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), FILE_MODE)
-    try:
-        os.fchmod(fd, FILE_MODE)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _wipe(path: Path) -> None:
-    """Overwrite a file with zeros, then unlink it (best effort on journaling/COW filesystems)."""
-    with open(path, "r+b") as handle:
-        size = handle.seek(0, os.SEEK_END)
-        handle.seek(0)
-        handle.write(b"\0" * size)
-        handle.flush()
-        os.fsync(handle.fileno())
-    path.unlink()
-
-
-def import_key_to_token(
-    bundle: CaBundle,
-    module_path: str,
-    token_label: str,
-    pin: Secret,
-    key_label: str,
-    *,
-    lot_dir: Path,
-    remove_software_key: bool = True,
-) -> TokenReference:
-    """Write the lot CA key into the token (sensitive, not extractable) and ``pkcs11.json`` into ``lot_dir``.
-
-    ``lot_dir`` is the lot's saved bundle directory (``BundleStore.path(lot)``). With
-    ``remove_software_key`` (the default) its encrypted ``ca-key.pem`` is overwritten and removed
-    once the token key has signed and verified. Any failure before that leaves the token and the
-    directory as they were.
-    """
-    _require_library()
-    problem = key_problem(bundle.private_key.public_key())
-    if problem:
-        raise SignerError(problem)
-    _check_label("key label", key_label, MAX_KEY_LABEL_CHARS)
-    reference_path = lot_dir / REFERENCE_FILE
-    if not lot_dir.is_dir():
-        raise SignerError(f"lot directory {lot_dir} does not exist (save the bundle first)")
-    if reference_path.exists():
-        raise SignerError(f"{reference_path} exists: the lot's key is already in a token")
-    chain = _certificates(lot_dir / CHAIN_FILE, "CA chain file")
-    if not chain or chain[0] != bundle.certificate:
-        raise SignerError(f"{lot_dir / CHAIN_FILE} does not start with this bundle's CA certificate")
-    if spki_der(bundle.private_key.public_key()) != spki_der(bundle.certificate):
-        raise SignerError("CA private key does not match the CA certificate")
-    key_id = x509.SubjectKeyIdentifier.from_public_key(bundle.private_key.public_key()).digest
-    private_template, public_template = _key_templates(bundle.private_key, key_label, key_id)
-    created: list[Any] = []
-
-    def create(session: Any) -> None:
-        for attributes, what in (
-            ({Attribute.LABEL: key_label}, f"label {key_label!r}"),
-            ({Attribute.ID: key_id}, f"id {key_id.hex()}"),
-        ):
-            if any(True for _ in session.get_objects(attributes)):
-                raise SignerError(f"PKCS#11 token {token_label!r} already holds an object with {what}")
-        created.append(session.create_object(private_template))
-        created.append(session.create_object(public_template))
-
-    connection = _connect(module_path, token_label, pin)
-    wrote_reference = False
-    try:
-        connection.run(create)
-        with Pkcs11Signer(module_path, token_label, key_label, pin, bundle.certificate, key_id=key_id):
-            pass  # the constructor's self-test signs on the token and verifies
-        reference = TokenReference(
-            module_path=module_path,
-            token_label=token_label,
-            key_label=key_label,
-            key_id=key_id,
-            ca_sha256=_fingerprint(bundle.certificate),
-        )
-        _write_new(reference_path, reference.to_json())
-        wrote_reference = True
-        _fsync_dir(lot_dir)
-    except BaseException:
-        if wrote_reference:
-            reference_path.unlink(missing_ok=True)
-        if created:
-
-            def destroy(session: Any) -> None:
-                for item in created:
-                    with contextlib.suppress(p11_errors.PKCS11Error):
-                        item.destroy()
-
-            with contextlib.suppress(SignerError):
-                connection.run(destroy)
-        raise
-    finally:
-        _release(connection)
-    if remove_software_key and (lot_dir / KEY_FILE).exists():
-        _wipe(lot_dir / KEY_FILE)
-        _fsync_dir(lot_dir)
-    log.info(
-        "ca_key_imported_to_token",
-        token=token_label,
-        key_label=key_label,
-        ca_subject=bundle.certificate.subject.rfc4514_string(),
-        software_key_removed=remove_software_key,
-    )
-    return reference

@@ -46,7 +46,12 @@ def spki_der(public_key: CaPublicKey | x509.Certificate) -> bytes:
 
 @runtime_checkable
 class Signer(Protocol):
-    """Holds the issuing CA key; software today, a PKCS#11 token tomorrow."""
+    """Holds the issuing CA key: in memory (``SoftwareSigner``) or in a PKCS#11 token."""
+
+    @property
+    def blocking(self) -> bool:
+        """True when signing may take long enough to stall an event loop (run it in a thread)."""
+        ...
 
     @property
     def certificate(self) -> x509.Certificate:
@@ -69,6 +74,9 @@ class Signer(Protocol):
 
 class SoftwareSigner:
     """A Signer with the CA key in memory."""
+
+    # Well under a millisecond per signature: not worth a thread hop.
+    blocking = False
 
     def __init__(self, private_key: CaPrivateKey, certificate: x509.Certificate) -> None:
         problem = key_problem(private_key.public_key())

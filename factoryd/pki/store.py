@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import secrets
 import shutil
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from factoryd.errors import BundleError, ConfigError, SignerError
+from factoryd.files import DIR_MODE, private_staging_dir, wipe, write_new
 from factoryd.pki.bundle import CaBundle, pem_of
 from factoryd.pki.passphrase import Secret
 from factoryd.pki.signer import spki_der
@@ -24,8 +24,6 @@ log = structlog.get_logger(__name__)
 KEY_FILE = "ca-key.pem"
 CHAIN_FILE = "ca-chain.pem"
 ANCHORS_FILE = "trust-anchors.pem"
-FILE_MODE = 0o600
-DIR_MODE = 0o700
 # Lot names become directory names: keep them to a safe, portable alphabet.
 LOT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -70,20 +68,11 @@ class BundleStore:
             serialization.PrivateFormat.PKCS8,
             serialization.BestAvailableEncryption(bytes(self._passphrase)),
         )
-        staging = self._dir / f".{lot}.tmp-{secrets.token_hex(4)}"
-        os.mkdir(staging, DIR_MODE)
-        try:
-            os.chmod(staging, DIR_MODE)
-            _write_new(staging / KEY_FILE, key_pem)
-            _write_new(staging / CHAIN_FILE, pem_of(bundle.chain))
-            _write_new(staging / ANCHORS_FILE, pem_of(bundle.trust_anchors))
-            _fsync_dir(staging)
-            # A directory rename is atomic: readers see the whole bundle or none of it.
-            os.rename(staging, target)
-            _fsync_dir(self._dir)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        # A directory rename is atomic: readers see the whole bundle or none of it.
+        with private_staging_dir(target) as staging:
+            write_new(staging / KEY_FILE, key_pem)
+            write_new(staging / CHAIN_FILE, pem_of(bundle.chain))
+            write_new(staging / ANCHORS_FILE, pem_of(bundle.trust_anchors))
         log.info("ca_bundle_saved", lot=lot, ca_subject=bundle.certificate.subject.rfc4514_string())
         return target
 
@@ -119,33 +108,7 @@ class BundleStore:
         directory = self.path(lot)
         if not directory.is_dir():
             raise BundleError(f"lot {lot!r} has no CA bundle")
-        key_file = directory / KEY_FILE
-        with contextlib.suppress(FileNotFoundError), open(key_file, "r+b") as handle:
-            size = handle.seek(0, os.SEEK_END)
-            handle.seek(0)
-            handle.write(b"\0" * size)
-            handle.flush()
-            os.fsync(handle.fileno())
+        with contextlib.suppress(FileNotFoundError):  # a token lot has no key file
+            wipe(directory / KEY_FILE)
         shutil.rmtree(directory)
         log.info("ca_bundle_deleted", lot=lot)
-
-
-def _write_new(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), FILE_MODE)
-    try:
-        os.fchmod(fd, FILE_MODE)
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import ClassVar, Self
+from typing import ClassVar, Protocol, Self, TypeVar
 
 from factoryd.errors import ProtocolViolationError
 
@@ -145,237 +145,6 @@ def _bits(values: frozenset[int]) -> int:
 
 def _unbits(mask: int) -> frozenset[int]:
     return frozenset(i for i in range(8) if mask & (1 << i))
-
-
-# Requests -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Hello:
-    """Ask the board who it is."""
-
-    command: ClassVar[Command] = Command.HELLO
-    host_version: int = HOST_PROTOCOL_VERSION
-
-    def encode(self) -> bytes:
-        """Return the request payload."""
-        return bytes([self.host_version])
-
-    @classmethod
-    def decode(cls, payload: bytes) -> Self:
-        """Parse a request payload."""
-        r = Reader(payload, "HELLO request")
-        msg = cls(r.u8("host_version"))
-        r.end()
-        return msg
-
-
-@dataclass(frozen=True, slots=True)
-class GenKey:
-    """Generate a new key pair inside the secure element."""
-
-    command: ClassVar[Command] = Command.GENKEY
-    slot: int = IDENTITY_SLOT
-
-    def encode(self) -> bytes:
-        """Return the request payload."""
-        return bytes([self.slot])
-
-    @classmethod
-    def decode(cls, payload: bytes) -> Self:
-        """Parse a request payload."""
-        r = Reader(payload, "GENKEY request")
-        msg = cls(r.u8("slot"))
-        r.end()
-        return msg
-
-
-@dataclass(frozen=True, slots=True)
-class GetCsr:
-    """Ask for a CSR signed by a slot key with the given subject CN."""
-
-    command: ClassVar[Command] = Command.GET_CSR
-    slot: int
-    common_name: str
-
-    def encode(self) -> bytes:
-        """Return the request payload."""
-        return bytes([self.slot]) + str8(self.common_name)
-
-    @classmethod
-    def decode(cls, payload: bytes) -> Self:
-        """Parse a request payload."""
-        r = Reader(payload, "GET_CSR request")
-        msg = cls(r.u8("slot"), r.str8("common_name"))
-        r.end()
-        return msg
-
-
-@dataclass(frozen=True, slots=True)
-class Write:
-    """Store an object on the board."""
-
-    command: ClassVar[Command] = Command.WRITE
-    obj: ObjectId
-    data: bytes
-
-    def encode(self) -> bytes:
-        """Return the request payload."""
-        return bytes([self.obj]) + bytes16(self.data)
-
-    @classmethod
-    def decode(cls, payload: bytes) -> Self:
-        """Parse a request payload."""
-        r = Reader(payload, "WRITE request")
-        msg = cls(_object_id(r.u8("object")), r.bytes16("data"))
-        r.end()
-        return msg
-
-
-@dataclass(frozen=True, slots=True)
-class Read:
-    """Read an object back."""
-
-    command: ClassVar[Command] = Command.READ
-    obj: ObjectId
-
-    def encode(self) -> bytes:
-        """Return the request payload."""
-        return bytes([self.obj])
-
-    @classmethod
-    def decode(cls, payload: bytes) -> Self:
-        """Parse a request payload."""
-        r = Reader(payload, "READ request")
-        msg = cls(_object_id(r.u8("object")))
-        r.end()
-        return msg
-
-
-@dataclass(frozen=True, slots=True)
-class Sign:
-    """Sign a challenge with a slot key."""
-
-    command: ClassVar[Command] = Command.SIGN
-    slot: int
-    challenge: bytes
-
-    def encode(self) -> bytes:
-        """Return the request payload."""
-        return bytes([self.slot]) + bytes16(self.challenge)
-
-    @classmethod
-    def decode(cls, payload: bytes) -> Self:
-        """Parse a request payload."""
-        r = Reader(payload, "SIGN request")
-        msg = cls(r.u8("slot"), r.bytes16("challenge"))
-        r.end()
-        if not 1 <= len(msg.challenge) <= MAX_CHALLENGE:
-            raise ProtocolViolationError(f"SIGN request: challenge of {len(msg.challenge)} bytes")
-        return msg
-
-
-@dataclass(frozen=True, slots=True)
-class Lock:
-    """Lock the secure element irreversibly."""
-
-    command: ClassVar[Command] = Command.LOCK
-
-    def encode(self) -> bytes:
-        """Return the request payload."""
-        return b""
-
-    @classmethod
-    def decode(cls, payload: bytes) -> Self:
-        """Parse a request payload."""
-        Reader(payload, "LOCK request").end()
-        return cls()
-
-
-@dataclass(frozen=True, slots=True)
-class Reboot:
-    """Reset the board."""
-
-    command: ClassVar[Command] = Command.REBOOT
-
-    def encode(self) -> bytes:
-        """Return the request payload."""
-        return b""
-
-    @classmethod
-    def decode(cls, payload: bytes) -> Self:
-        """Parse a request payload."""
-        Reader(payload, "REBOOT request").end()
-        return cls()
-
-
-@dataclass(frozen=True, slots=True)
-class FwBegin:
-    """Start a firmware update."""
-
-    command: ClassVar[Command] = Command.FW_BEGIN
-    size: int
-    version: str
-
-    def encode(self) -> bytes:
-        """Return the request payload."""
-        return struct.pack(">I", self.size) + str8(self.version)
-
-    @classmethod
-    def decode(cls, payload: bytes) -> Self:
-        """Parse a request payload."""
-        r = Reader(payload, "FW_BEGIN request")
-        msg = cls(r.u32("size"), r.str8("version"))
-        r.end()
-        return msg
-
-
-@dataclass(frozen=True, slots=True)
-class FwChunk:
-    """One piece of a firmware image."""
-
-    command: ClassVar[Command] = Command.FW_CHUNK
-    offset: int
-    data: bytes
-
-    def encode(self) -> bytes:
-        """Return the request payload."""
-        return struct.pack(">I", self.offset) + bytes16(self.data)
-
-    @classmethod
-    def decode(cls, payload: bytes) -> Self:
-        """Parse a request payload."""
-        r = Reader(payload, "FW_CHUNK request")
-        msg = cls(r.u32("offset"), r.bytes16("data"))
-        r.end()
-        return msg
-
-
-@dataclass(frozen=True, slots=True)
-class FwEnd:
-    """Finish a firmware update with the image signature."""
-
-    command: ClassVar[Command] = Command.FW_END
-    signature: bytes
-
-    def encode(self) -> bytes:
-        """Return the request payload."""
-        return _fixed(self.signature, RAW_SIGNATURE_LEN, "signature")
-
-    @classmethod
-    def decode(cls, payload: bytes) -> Self:
-        """Parse a request payload."""
-        r = Reader(payload, "FW_END request")
-        msg = cls(r.take(RAW_SIGNATURE_LEN, "signature"))
-        r.end()
-        return msg
-
-
-Request = Hello | GenKey | GetCsr | Write | Read | Sign | Lock | Reboot | FwBegin | FwChunk | FwEnd
-
-REQUEST_TYPES: dict[Command, type[Request]] = {
-    t.command: t for t in (Hello, GenKey, GetCsr, Write, Read, Sign, Lock, Reboot, FwBegin, FwChunk, FwEnd)
-}
 
 
 # Replies --------------------------------------------------------------------------------------
@@ -537,9 +306,287 @@ class SignatureReply:
         return msg
 
 
-def expect_empty(payload: bytes, what: str) -> None:
-    """Check a reply that carries no payload."""
-    Reader(payload, what).end()
+@dataclass(frozen=True, slots=True)
+class EmptyReply:
+    """The reply of LOCK, REBOOT, FW_BEGIN and FW_CHUNK: no payload."""
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Self:
+        """Parse a reply payload (which must be empty)."""
+        Reader(payload, "empty reply").end()
+        return cls()
+
+
+class Reply(Protocol):
+    """A reply message: decoded from a payload."""
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Self:
+        """Parse a reply payload."""
+        ...
+
+
+R_co = TypeVar("R_co", bound=Reply, covariant=True)
+
+
+class RequestFor(Protocol[R_co]):
+    """A request that names its reply type (zigpy-znp's ``Req.Rsp``): ``client.request(req) -> reply``."""
+
+    @property
+    def command(self) -> Command:
+        """The command id."""
+        ...
+
+    @property
+    def reply(self) -> type[R_co]:
+        """The reply message type."""
+        ...
+
+    def encode(self) -> bytes:
+        """The request payload."""
+        ...
+
+
+# Requests -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """Ask the board who it is."""
+
+    command: ClassVar[Command] = Command.HELLO
+    reply: ClassVar[type[BoardInfo]] = BoardInfo
+    host_version: int = HOST_PROTOCOL_VERSION
+
+    def encode(self) -> bytes:
+        """Return the request payload."""
+        return bytes([self.host_version])
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Self:
+        """Parse a request payload."""
+        r = Reader(payload, "HELLO request")
+        msg = cls(r.u8("host_version"))
+        r.end()
+        return msg
+
+
+@dataclass(frozen=True, slots=True)
+class GenKey:
+    """Generate a new key pair inside the secure element."""
+
+    command: ClassVar[Command] = Command.GENKEY
+    reply: ClassVar[type[PublicKeyReply]] = PublicKeyReply
+    slot: int = IDENTITY_SLOT
+
+    def encode(self) -> bytes:
+        """Return the request payload."""
+        return bytes([self.slot])
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Self:
+        """Parse a request payload."""
+        r = Reader(payload, "GENKEY request")
+        msg = cls(r.u8("slot"))
+        r.end()
+        return msg
+
+
+@dataclass(frozen=True, slots=True)
+class GetCsr:
+    """Ask for a CSR signed by a slot key with the given subject CN."""
+
+    command: ClassVar[Command] = Command.GET_CSR
+    reply: ClassVar[type[CsrReply]] = CsrReply
+    slot: int
+    common_name: str
+
+    def encode(self) -> bytes:
+        """Return the request payload."""
+        return bytes([self.slot]) + str8(self.common_name)
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Self:
+        """Parse a request payload."""
+        r = Reader(payload, "GET_CSR request")
+        msg = cls(r.u8("slot"), r.str8("common_name"))
+        r.end()
+        return msg
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """Store an object on the board."""
+
+    command: ClassVar[Command] = Command.WRITE
+    reply: ClassVar[type[DigestReply]] = DigestReply
+    obj: ObjectId
+    data: bytes
+
+    def encode(self) -> bytes:
+        """Return the request payload."""
+        return bytes([self.obj]) + bytes16(self.data)
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Self:
+        """Parse a request payload."""
+        r = Reader(payload, "WRITE request")
+        msg = cls(_object_id(r.u8("object")), r.bytes16("data"))
+        r.end()
+        return msg
+
+
+@dataclass(frozen=True, slots=True)
+class Read:
+    """Read an object back."""
+
+    command: ClassVar[Command] = Command.READ
+    reply: ClassVar[type[DataReply]] = DataReply
+    obj: ObjectId
+
+    def encode(self) -> bytes:
+        """Return the request payload."""
+        return bytes([self.obj])
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Self:
+        """Parse a request payload."""
+        r = Reader(payload, "READ request")
+        msg = cls(_object_id(r.u8("object")))
+        r.end()
+        return msg
+
+
+@dataclass(frozen=True, slots=True)
+class Sign:
+    """Sign a challenge with a slot key."""
+
+    command: ClassVar[Command] = Command.SIGN
+    reply: ClassVar[type[SignatureReply]] = SignatureReply
+    slot: int
+    challenge: bytes
+
+    def encode(self) -> bytes:
+        """Return the request payload."""
+        return bytes([self.slot]) + bytes16(self.challenge)
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Self:
+        """Parse a request payload."""
+        r = Reader(payload, "SIGN request")
+        msg = cls(r.u8("slot"), r.bytes16("challenge"))
+        r.end()
+        if not 1 <= len(msg.challenge) <= MAX_CHALLENGE:
+            raise ProtocolViolationError(f"SIGN request: challenge of {len(msg.challenge)} bytes")
+        return msg
+
+
+@dataclass(frozen=True, slots=True)
+class Lock:
+    """Lock the secure element irreversibly."""
+
+    command: ClassVar[Command] = Command.LOCK
+    reply: ClassVar[type[EmptyReply]] = EmptyReply
+
+    def encode(self) -> bytes:
+        """Return the request payload."""
+        return b""
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Self:
+        """Parse a request payload."""
+        Reader(payload, "LOCK request").end()
+        return cls()
+
+
+@dataclass(frozen=True, slots=True)
+class Reboot:
+    """Reset the board."""
+
+    command: ClassVar[Command] = Command.REBOOT
+    reply: ClassVar[type[EmptyReply]] = EmptyReply
+
+    def encode(self) -> bytes:
+        """Return the request payload."""
+        return b""
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Self:
+        """Parse a request payload."""
+        Reader(payload, "REBOOT request").end()
+        return cls()
+
+
+@dataclass(frozen=True, slots=True)
+class FwBegin:
+    """Start a firmware update."""
+
+    command: ClassVar[Command] = Command.FW_BEGIN
+    reply: ClassVar[type[EmptyReply]] = EmptyReply
+    size: int
+    version: str
+
+    def encode(self) -> bytes:
+        """Return the request payload."""
+        return struct.pack(">I", self.size) + str8(self.version)
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Self:
+        """Parse a request payload."""
+        r = Reader(payload, "FW_BEGIN request")
+        msg = cls(r.u32("size"), r.str8("version"))
+        r.end()
+        return msg
+
+
+@dataclass(frozen=True, slots=True)
+class FwChunk:
+    """One piece of a firmware image."""
+
+    command: ClassVar[Command] = Command.FW_CHUNK
+    reply: ClassVar[type[EmptyReply]] = EmptyReply
+    offset: int
+    data: bytes
+
+    def encode(self) -> bytes:
+        """Return the request payload."""
+        return struct.pack(">I", self.offset) + bytes16(self.data)
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Self:
+        """Parse a request payload."""
+        r = Reader(payload, "FW_CHUNK request")
+        msg = cls(r.u32("offset"), r.bytes16("data"))
+        r.end()
+        return msg
+
+
+@dataclass(frozen=True, slots=True)
+class FwEnd:
+    """Finish a firmware update with the image signature."""
+
+    command: ClassVar[Command] = Command.FW_END
+    reply: ClassVar[type[DigestReply]] = DigestReply
+    signature: bytes
+
+    def encode(self) -> bytes:
+        """Return the request payload."""
+        return _fixed(self.signature, RAW_SIGNATURE_LEN, "signature")
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Self:
+        """Parse a request payload."""
+        r = Reader(payload, "FW_END request")
+        msg = cls(r.take(RAW_SIGNATURE_LEN, "signature"))
+        r.end()
+        return msg
+
+
+Request = Hello | GenKey | GetCsr | Write | Read | Sign | Lock | Reboot | FwBegin | FwChunk | FwEnd
+
+REQUEST_TYPES: dict[Command, type[Request]] = {
+    t.command: t for t in (Hello, GenKey, GetCsr, Write, Read, Sign, Lock, Reboot, FwBegin, FwChunk, FwEnd)
+}
 
 
 def _fixed(value: bytes, length: int, field: str) -> bytes:

@@ -1,7 +1,7 @@
 """A simulated Arduino board running the provisioning sketch (ARDUINO_V1.md), quirks included.
 
 ``SimArduinoBoard`` turns command frames into replies on the production codec
-(``factoryd.protocol.arduino``); ``ArduinoPtyBoard`` serves it behind a real pseudo-terminal with
+(``factoryd.transport.arduino_framing``); ``ArduinoPtyBoard`` serves it behind a real pseudo-terminal with
 the same public surface as ``PtyBoard``. What the sketch does and this model keeps:
 
 - no HELLO and no boot frame: the host cannot read the secure-element serial, only the USB
@@ -38,22 +38,21 @@ from factoryd.pki.arduino import (
     arduino_unpack_dates,
     public_key_raw64,
 )
-from factoryd.protocol.arduino import (
+from factoryd.protocol.arduino import DEVICE_ID_BYTES, ArduinoCommand
+from factoryd.sim.board import NO_FAULTS, ZERO_TIMING, BoardHang, Fault, FaultPlan, SimBoard, Timing
+from factoryd.sim.pty import PtyEndpoint, serve_pty
+from factoryd.sim.secure_element import SimSecureElement, make_csr
+from factoryd.transport.arduino_framing import (
     BOARD_ACT_BYTES,
     BOARD_BUFFER_BYTES,
-    DEVICE_ID_BYTES,
     HEADER_BYTES,
     START,
     TRAILER_BYTES,
-    ArduinoCommand,
     ArduinoDecoder,
     ArduinoFrame,
     FrameType,
     ResponseCode,
 )
-from factoryd.sim.board import NO_FAULTS, ZERO_TIMING, BoardHang, Fault, FaultPlan, SimBoard, Timing
-from factoryd.sim.pty import PtyEndpoint, serve_pty
-from factoryd.sim.secure_element import SimSecureElement, make_csr
 
 log = structlog.get_logger(__name__)
 

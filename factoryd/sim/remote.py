@@ -32,6 +32,8 @@ CONNECTION_POOL = 32
 _Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 # Extra time over a wait_for_tty timeout before the client gives up on the hub process itself.
 CONTROL_SLACK_S = 5.0
+# How long entering a RemoteSimHub waits for its hub process to answer (it may still be starting).
+CONNECT_TIMEOUT_S = 10.0
 
 
 def board_inventory(board: SimBoard, where: str) -> dict[str, Any]:
@@ -132,16 +134,27 @@ class SimHubServer:
 
 
 class RemoteSimHub:
-    """The Hub interface over a SimHubServer's socket (one connection per call: survives restarts)."""
+    """The Hub interface over a SimHubServer's socket (one connection per call: survives restarts).
 
-    def __init__(self, socket_path: Path, *, name: str = "sim-hub-remote", pool: int = 0) -> None:
+    Entering it waits for the hub process and learns its ports; leaving it closes pooled connections.
+    """
+
+    def __init__(
+        self,
+        socket_path: Path,
+        *,
+        name: str = "sim-hub-remote",
+        pool: int = 0,
+        connect_timeout_s: float = CONNECT_TIMEOUT_S,
+    ) -> None:
         self.name = name
         self._pool = pool
         self.socket_path = socket_path
+        self.connect_timeout_s = connect_timeout_s
         self._ports: list[str] | None = None
         self._idle: list[_Connection] = []
 
-    async def connect(self, timeout_s: float = 10.0) -> None:
+    async def connect(self, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         """Wait for the hub process and learn its ports."""
         deadline = asyncio.get_running_loop().time() + timeout_s
         while True:
@@ -250,6 +263,7 @@ class RemoteSimHub:
         return line, connection
 
     async def __aenter__(self) -> Self:
+        await self.connect(self.connect_timeout_s)
         return self
 
     async def __aexit__(

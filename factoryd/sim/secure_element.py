@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import random
 import secrets
 from dataclasses import dataclass, field
 
@@ -31,6 +32,13 @@ class SeRefusal(Exception):  # noqa: N818 - a board-internal signal, mapped to a
 def new_se_serial() -> bytes:
     """A random serial in the ATECC format."""
     return SE_SERIAL_PREFIX + secrets.token_bytes(SE_SERIAL_LEN - len(SE_SERIAL_PREFIX))
+
+
+def seeded_se_serial(seed: int) -> bytes:
+    """A serial in the ATECC format that depends on ``seed`` alone (reproducible simulated lines)."""
+    # Not a secret: a simulated part's serial, reproducible on purpose.
+    rng = random.Random(seed)  # noqa: S311
+    return SE_SERIAL_PREFIX + rng.randbytes(SE_SERIAL_LEN - len(SE_SERIAL_PREFIX))
 
 
 @dataclass

@@ -20,6 +20,7 @@ __all__ = [
     "FanOut",
     "JobEvent",
     "JobEventKind",
+    "LinkStats",
     "LotProgressUpdate",
     "NullSink",
     "PortState",
@@ -128,6 +129,26 @@ class LotProgressUpdate:
         _require_aware("LotProgressUpdate.at", self.at)
 
 
+@dataclass(frozen=True)
+class LinkStats:
+    """The traffic of one board link, reported when it closes (every board profile)."""
+
+    port: str
+    frames_sent: int
+    frames_received: int
+    resends: int
+    crc_errors: int
+    at: datetime
+
+    def __post_init__(self) -> None:
+        if not self.port:
+            raise ValueError("LinkStats.port must not be empty")
+        for name in ("frames_sent", "frames_received", "resends", "crc_errors"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"LinkStats.{name} must be >= 0, got {getattr(self, name)}")
+        _require_aware("LinkStats.at", self.at)
+
+
 @runtime_checkable
 class TelemetrySink(Protocol):
     """Receives telemetry. Every method MUST return at once (O(1)) and MUST NOT raise."""
@@ -140,6 +161,9 @@ class TelemetrySink(Protocol):
 
     def lot_progress(self, update: LotProgressUpdate) -> None:
         """Record the ledger counts of a lot."""
+
+    def link_stats(self, stats: LinkStats) -> None:
+        """Record the traffic of a closed board link."""
 
 
 class FanOut(TelemetrySink):
@@ -173,6 +197,14 @@ class FanOut(TelemetrySink):
             except Exception:
                 _log.exception("telemetry_sink_failed", sink=type(sink).__name__, method="lot_progress")
 
+    def link_stats(self, stats: LinkStats) -> None:
+        """Forward link statistics to every sink."""
+        for sink in self._sinks:
+            try:
+                sink.link_stats(stats)
+            except Exception:
+                _log.exception("telemetry_sink_failed", sink=type(sink).__name__, method="link_stats")
+
 
 class NullSink(TelemetrySink):
     """Discards everything (telemetry switched off)."""
@@ -186,6 +218,9 @@ class NullSink(TelemetrySink):
     def lot_progress(self, update: LotProgressUpdate) -> None:
         """Discard."""
 
+    def link_stats(self, stats: LinkStats) -> None:
+        """Discard."""
+
 
 @dataclass
 class RecordingSink(TelemetrySink):
@@ -194,6 +229,7 @@ class RecordingSink(TelemetrySink):
     ports: list[PortUpdate] = field(default_factory=list)
     events: list[JobEvent] = field(default_factory=list)
     lots: list[LotProgressUpdate] = field(default_factory=list)
+    links: list[LinkStats] = field(default_factory=list)
 
     def port_update(self, update: PortUpdate) -> None:
         """Keep the update."""
@@ -206,3 +242,7 @@ class RecordingSink(TelemetrySink):
     def lot_progress(self, update: LotProgressUpdate) -> None:
         """Keep the update."""
         self.lots.append(update)
+
+    def link_stats(self, stats: LinkStats) -> None:
+        """Keep the statistics."""
+        self.links.append(stats)

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 from collections import deque
-from collections.abc import AsyncIterator
-from datetime import datetime
-from enum import Enum
-from typing import Any
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
 
-from factoryd.telemetry.events import JobEvent, LotProgressUpdate, PortUpdate, TelemetrySink
+from factoryd.telemetry.events import JobEvent, LinkStats, LotProgressUpdate, PortUpdate, TelemetrySink
+from factoryd.telemetry.figures import RATE_WINDOW_S, Rate, provisioned_rate
 
 # Events kept for the page's "last events" list.
 EVENT_HISTORY = 50
@@ -24,22 +23,22 @@ EVENT_HISTORY = 50
 SUBSCRIBER_QUEUE = 256
 
 
-def to_json(obj: Any) -> dict[str, Any]:
-    """A flat dataclass event as a JSON-friendly dict (shallow: events hold only scalars)."""
-    data: dict[str, Any] = {}
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if isinstance(value, datetime):
-            value = value.isoformat()
-        elif isinstance(value, Enum):
-            value = value.value
-        data[f.name] = value
-    return data
+@dataclass(frozen=True)
+class LiveSnapshot:
+    """Everything a fresh subscriber needs: latest port states and lot counts, recent events."""
+
+    ports: Mapping[str, PortUpdate]
+    lots: Mapping[str, LotProgressUpdate]
+    events: tuple[JobEvent, ...]
+
+
+# What a subscription yields: a snapshot first (and after lagging), then each change as it happens.
+LiveMessage = LiveSnapshot | PortUpdate | JobEvent | LotProgressUpdate
 
 
 class _Subscriber:
     def __init__(self) -> None:
-        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(SUBSCRIBER_QUEUE)
+        self.queue: asyncio.Queue[LiveMessage] = asyncio.Queue(SUBSCRIBER_QUEUE)
         self.lagging = False
 
 
@@ -50,46 +49,51 @@ class LiveState(TelemetrySink):
         self.ports: dict[str, PortUpdate] = {}
         self.lots: dict[str, LotProgressUpdate] = {}
         self.events: deque[JobEvent] = deque(maxlen=EVENT_HISTORY)
-        self.finished: deque[datetime] = deque(maxlen=10_000)
+        # End times of provisioned jobs within the rate window (older ones are dropped as new ones come).
+        self.provisioned_at: deque[datetime] = deque()
+        self.started_at = datetime.now(UTC)
         self._subscribers: set[_Subscriber] = set()
 
     def port_update(self, update: PortUpdate) -> None:
         """Remember and broadcast a port's state."""
         self.ports[update.port] = update
-        if self._subscribers:  # serialise only when someone is watching: this is on the hot path
-            self._broadcast({"type": "port", **to_json(update)})
+        if self._subscribers:  # frozen events are shared as they are: nothing to copy on the hot path
+            self._broadcast(update)
 
     def job_event(self, event: JobEvent) -> None:
         """Remember and broadcast a job event (step events are broadcast, not kept in the history)."""
         if event.kind != "step":
             self.events.append(event)
-        if event.kind == "job_finished":
-            self.finished.append(event.at)
+        if event.kind == "job_finished" and event.outcome == "provisioned":
+            self.provisioned_at.append(event.at)
+            while (event.at - self.provisioned_at[0]).total_seconds() > RATE_WINDOW_S:
+                self.provisioned_at.popleft()
         if self._subscribers:
-            self._broadcast({"type": "event", **to_json(event)})
+            self._broadcast(event)
 
     def lot_progress(self, update: LotProgressUpdate) -> None:
         """Remember and broadcast a lot's counts."""
         self.lots[update.lot] = update
         if self._subscribers:
-            self._broadcast({"type": "lot", **to_json(update)})
+            self._broadcast(update)
 
-    def units_per_hour(self, now: datetime, window_s: float = 600.0) -> float:
-        """Boards finished per hour over the last window."""
-        recent = [t for t in self.finished if (now - t).total_seconds() <= window_s]
-        return len(recent) * 3600.0 / window_s
+    def link_stats(self, stats: LinkStats) -> None:
+        """Not shown on the page (link counters are Prometheus figures)."""
 
-    def snapshot(self) -> dict[str, Any]:
-        """Everything a fresh subscriber needs."""
-        return {
-            "type": "snapshot",
-            "ports": {p: to_json(u) for p, u in sorted(self.ports.items())},
-            "lots": {name: to_json(u) for name, u in self.lots.items()},
-            "events": [to_json(e) for e in self.events],
-        }
+    def rate(self, now: datetime, since: datetime | None = None) -> Rate:
+        """The provisioning rate (factoryd.telemetry.figures) of a station started at ``since``."""
+        return provisioned_rate(self.provisioned_at, now=now, since=since or self.started_at)
+
+    def units_per_hour(self, now: datetime) -> float:
+        """``rate(now).per_hour``, for callers that want the number alone."""
+        return self.rate(now).per_hour
+
+    def snapshot(self) -> LiveSnapshot:
+        """Everything a fresh subscriber needs (copies: later updates do not change it)."""
+        return LiveSnapshot(dict(sorted(self.ports.items())), dict(self.lots), tuple(self.events))
 
     @contextlib.asynccontextmanager
-    async def subscribe(self) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
+    async def subscribe(self) -> AsyncIterator[AsyncIterator[LiveMessage]]:
         """Yield an iterator of updates, starting with a snapshot; unsubscribes on exit."""
         subscriber = _Subscriber()
         self._subscribers.add(subscriber)
@@ -98,7 +102,7 @@ class LiveState(TelemetrySink):
         finally:
             self._subscribers.discard(subscriber)
 
-    async def _updates(self, subscriber: _Subscriber) -> AsyncIterator[dict[str, Any]]:
+    async def _updates(self, subscriber: _Subscriber) -> AsyncIterator[LiveMessage]:
         yield self.snapshot()
         while True:
             update = await subscriber.queue.get()
@@ -111,7 +115,7 @@ class LiveState(TelemetrySink):
                 continue
             yield update
 
-    def _broadcast(self, message: dict[str, Any]) -> None:
+    def _broadcast(self, message: LiveMessage) -> None:
         for subscriber in self._subscribers:
             try:
                 subscriber.queue.put_nowait(message)

@@ -29,7 +29,14 @@ from prometheus_client import make_asgi_app as _make_asgi_app
 from prometheus_client import start_http_server as _start_http_server
 
 from factoryd.errors import ConfigError
-from factoryd.telemetry.events import JobEvent, LotProgressUpdate, PortState, PortUpdate, TelemetrySink
+from factoryd.telemetry.events import (
+    JobEvent,
+    LinkStats,
+    LotProgressUpdate,
+    PortState,
+    PortUpdate,
+    TelemetrySink,
+)
 
 __all__ = [
     "JOB_DURATION_BUCKETS_S",
@@ -121,6 +128,11 @@ class Metrics(TelemetrySink):
             "factoryd_jobs",
             "Finished provisioning jobs by outcome (ok, failed, aborted, refused) and reason code.",
             ["outcome", "reason"],
+            registry=r,
+        )
+        self.provisioned = Counter(
+            "factoryd_provisioned",
+            "Devices this station provisioned (jobs that ended in a new device; factoryd.telemetry.figures).",
             registry=r,
         )
         self.jobs_first_pass = Counter(
@@ -285,6 +297,8 @@ class Metrics(TelemetrySink):
         elif event.kind in ("job_finished", "job_failed"):
             if event.kind == "job_finished":
                 outcome, reason = "ok", NO_REASON_LABEL
+                if event.outcome == "provisioned":
+                    self.provisioned.inc()
             else:
                 outcome = event.outcome if event.outcome in FAILED_JOB_OUTCOMES else "failed"
                 reason = self._reasons(event.reason, UNKNOWN_LABEL)
@@ -303,6 +317,16 @@ class Metrics(TelemetrySink):
                 self.lot_ids.labels(lot=lot, state=state).set(getattr(update, state))
         except Exception:  # a sink never raises (TelemetrySink contract)
             _log.exception("metrics_lot_progress_failed", lot=update.lot)
+
+    def link_stats(self, stats: LinkStats) -> None:
+        """Fold one closed board link's frame counters into the per-port counters."""
+        try:
+            self.frame_sent(stats.port, stats.frames_sent)
+            self.frame_received(stats.port, stats.frames_received)
+            self.crc_error(stats.port, stats.crc_errors)
+            self.resend(stats.port, stats.resends)
+        except Exception:  # a sink never raises (TelemetrySink contract)
+            _log.exception("metrics_link_stats_failed", port=stats.port)
 
     # -- exposition -----------------------------------------------------------------------------
 

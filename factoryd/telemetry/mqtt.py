@@ -25,7 +25,7 @@ import structlog
 
 from factoryd import __version__
 from factoryd.errors import ConfigError
-from factoryd.telemetry.events import JobEvent, LotProgressUpdate, PortUpdate, TelemetrySink
+from factoryd.telemetry.events import JobEvent, LinkStats, LotProgressUpdate, PortUpdate, TelemetrySink
 from factoryd.telemetry.metrics import Metrics
 from factoryd.telemetry.payloads import (
     Topics,
@@ -203,6 +203,9 @@ class MqttPublisher(TelemetrySink):
     def lot_progress(self, update: LotProgressUpdate) -> None:
         """Keep the lot's latest counts for publishing (retained)."""
         self._retain(self._topics.lot_progress(update.lot), update)
+
+    def link_stats(self, stats: LinkStats) -> None:
+        """Not published: link counters reach supervisors as Prometheus metrics."""
 
     def job_event(self, event: JobEvent) -> None:
         """Queue an event; when the queue is full the oldest event is dropped and counted."""

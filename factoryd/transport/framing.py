@@ -131,6 +131,14 @@ class FrameDecoder:
         count, self._errors_seen = self._errors_seen, 0
         return count
 
+    def flush(self) -> int:
+        """Drop a half-received frame (the line went quiet: it will never complete); return its size."""
+        dropped = len(self._buffer)
+        self.stats.garbage_bytes += dropped
+        self._buffer.clear()
+        self._discarding = False
+        return dropped
+
     @property
     def buffered(self) -> int:
         """Bytes held for an unfinished frame."""

@@ -23,7 +23,6 @@ import serial
 import serial_asyncio_fast
 
 from factoryd.errors import LinkClosedError, LinkOpenError
-from factoryd.transport.framing import FrameDecoder
 
 DEFAULT_BAUDRATE = 115200
 # Bits per byte on an 8N1 line: start + 8 data + stop.
@@ -47,6 +46,9 @@ class Decoder(Protocol):
     def take_errors(self) -> int:
         """Return and reset the count of undecodable frames."""
 
+    def flush(self) -> int:
+        """Drop a half-received frame; return its size in bytes."""
+
 
 D = TypeVar("D", bound=Decoder)
 
@@ -65,7 +67,7 @@ class LinkListener(Protocol):
 
 
 @dataclass
-class LinkStats:
+class LinkCounters:
     """Traffic counters of one link."""
 
     frames_sent: int = 0
@@ -127,7 +129,7 @@ class SerialLink(Generic[D]):
         self.baudrate = baudrate
         self.state = LinkState.OPENING
         self.decoder = decoder
-        self.stats = LinkStats()
+        self.stats = LinkCounters()
         self._listener: LinkListener = _NullListener()
         self._transport: asyncio.BaseTransport | None = None
         self._closed = asyncio.get_running_loop().create_future()
@@ -149,11 +151,6 @@ class SerialLink(Generic[D]):
         # connection_made() runs on the next loop iteration; the link is usable now.
         link._connection_made(transport)
         return link
-
-    @classmethod
-    async def open_native(cls, path: str, *, baudrate: int = DEFAULT_BAUDRATE) -> SerialLink[FrameDecoder]:
-        """Open a tty speaking the native protocol (COBS frames)."""
-        return await SerialLink.open(path, FrameDecoder(), baudrate=baudrate)
 
     async def __aenter__(self) -> Self:
         return self

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from factoryd.protocol.client import Timeouts
+from factoryd.protocol.native import Timeouts
 
 # Short timeouts so fault tests that wait for resends stay fast.
 FAST_TIMEOUTS = Timeouts(

@@ -1,0 +1,162 @@
+"""What the station page says and where: reason and step texts, each profile's step order, the grid.
+
+Step labels are keyed by :class:`~factoryd.jobs.steps.Step`, so a new step without a label fails
+``tests/test_page.py``. A slot's progress bar ("Step 4 of 8") counts its step's place in the step
+sequence of its lot's board profile (:data:`STEP_SEQUENCES`); a step outside that sequence (the
+re-check detour, a step string this page does not know) or a lot whose profile is not known yet
+shows its label without a count.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+from factoryd.config import PageConfig
+from factoryd.jobs.steps import Step
+
+# Reason codes (FactorydError.reason) as sentences an operator at the fixture can act on.
+REASON_TEXT: dict[str, str] = {
+    "csr_rejected": "The board's certificate request was wrong (name, key or signature). Put it aside.",
+    "board_timeout": "The board stopped answering. Reseat it and retry.",
+    "readback_mismatch": "The board did not store its certificate correctly. Retry once, then put it aside.",
+    "board_flood": "The board sends garbage on its serial line. Put it aside.",
+    "identity_mismatch": "The board claims another board's identity (a clone?). Put it aside.",
+    "refused_board": "This board may not be provisioned in this lot (done before?). Tell the supervisor.",
+    "hub_command": "The USB hub did not switch this port. Check the hub and its cable.",
+    "enumeration_timeout": "The board did not show up on USB. Reseat it or check the cable.",
+    "challenge_failed": "The board could not prove it holds its new key. Put it aside.",
+    "verification": "The board's answer failed a check. Put it aside.",
+    "firmware_rejected": "The board refused the firmware image. Tell the supervisor.",
+    "board_locked": "The board's secure element is already locked. Put it aside.",
+    "board_busy": "The board stayed busy. Reseat it and retry.",
+    "board_status": "The board reported an error. Reseat it and retry.",
+    "board_reset": "The board rebooted during provisioning. Reseat it and retry.",
+    "protocol_violation": "The board answered nonsense. Reseat it and retry.",
+    "link_closed": "The USB serial link dropped. Reseat the board and retry.",
+    "link_open": "The board's serial port could not be opened. Reseat the board and retry.",
+    "frame": "The serial link garbles data. Reseat the board and retry.",
+    "crc": "The serial link garbles data. Reseat the board and retry.",
+    "ids_exhausted": "The lot has no device IDs left. Tell the supervisor.",
+    "reservation_conflict": "The ledger refused a device ID for this board. Tell the supervisor.",
+    "lot_state": "The lot is paused or closed.",
+    "ledger_unavailable": "The station's database cannot be reached. Tell the supervisor.",
+    "issuance": "The station could not issue the certificate. Tell the supervisor.",
+    "signer": "The lot's CA key cannot be used. Tell the supervisor.",
+    "job_aborted": "Stopped by the operator or a station shutdown.",
+}
+
+# Every pipeline step with the words a slot shows while the board is in it.
+STEP_TEXT: dict[Step, str] = {
+    Step.POWER: "Switching the port on",
+    Step.ENUMERATE: "Waiting for USB",
+    Step.HELLO: "Identifying the board",
+    Step.FIRMWARE: "Flashing firmware",
+    Step.RECHECK: "Re-checking a provisioned board",
+    Step.RESERVE: "Reserving a device ID",
+    Step.KEYGEN: "Making the key in the secure element",
+    Step.CSR: "Reading the certificate request",
+    Step.ISSUE: "Issuing the certificate",
+    Step.WRITE: "Writing and reading back",
+    Step.CHALLENGE: "Checking the new key",
+    Step.LOCK: "Locking the secure element",
+    Step.RECORD: "Recording the device",
+    Step.STORE: "Storing the certificate on the board",
+    Step.RECONSTRUCT: "Checking the stored certificate",
+}
+# A step string no Step names (a newer pipeline, a typo): still a sentence, never a crash.
+UNKNOWN_STEP_TEXT = "Working on the board"
+UNKNOWN_STEP_SHOWN_CHARS = 40
+
+# Each board profile (LotProfile.protocol) with its steps in the order its job runs them: the
+# scale of the slot's progress bar. Power and USB count too, so a bar never starts at zero.
+STEP_SEQUENCES: dict[str, tuple[Step, ...]] = {
+    "factoryd-v1": (
+        Step.POWER,
+        Step.ENUMERATE,
+        Step.HELLO,
+        Step.FIRMWARE,
+        Step.RESERVE,
+        Step.KEYGEN,
+        Step.CSR,
+        Step.ISSUE,
+        Step.WRITE,
+        Step.CHALLENGE,
+        Step.LOCK,
+        Step.RECORD,
+    ),
+    "arduino-v1": (
+        Step.POWER,
+        Step.ENUMERATE,
+        Step.RESERVE,
+        Step.CSR,
+        Step.ISSUE,
+        Step.STORE,
+        Step.RECONSTRUCT,
+        Step.RECORD,
+    ),
+}
+# Steps in no sequence on purpose: a board already provisioned is re-checked instead of provisioned
+# (hello, then recheck, then done), so it has no place on the provisioning bar.
+STEP_DETOURS = frozenset({Step.RECHECK})
+
+
+def reason_text(reason: str | None) -> str:
+    """A failure reason (code or message) as one operator sentence."""
+    if not reason:
+        return "Failed for an unknown reason. Retry, or put the board aside."
+    sentence = REASON_TEXT.get(reason)
+    if sentence is not None:
+        return sentence
+    if reason.replace("_", "").isalnum() and reason.islower():
+        return f"Failed ({reason.replace('_', ' ')}). Retry, or put the board aside."
+    return reason[:200]
+
+
+def parse_step(code: str | None) -> Step | None:
+    """The Step a telemetry step string names; None for no step or one this page does not know."""
+    if code is None:
+        return None
+    try:
+        return Step(code)
+    except ValueError:
+        return None
+
+
+def step_text(code: str | None) -> str:
+    """What a slot shows for the step string of a port update (known or not)."""
+    step = parse_step(code)
+    label = STEP_TEXT.get(step) if step is not None else None
+    if label is not None:
+        return label
+    if not code:
+        return UNKNOWN_STEP_TEXT
+    return f"{UNKNOWN_STEP_TEXT} ({code[:UNKNOWN_STEP_SHOWN_CHARS]})"
+
+
+def step_progress(code: str | None, protocol: str | None) -> tuple[int, int] | None:
+    """(1-based place, number of steps) of a step in its profile's sequence; None when it has none."""
+    step = parse_step(code)
+    sequence = STEP_SEQUENCES.get(protocol) if protocol is not None else None
+    if step is None or sequence is None or step not in sequence:
+        return None
+    return sequence.index(step) + 1, len(sequence)
+
+
+def grid_shape(ports: int, rows: int, columns: int) -> tuple[int, int]:
+    """(rows, columns) of the slot grid: configured sizes, 0 = automatic, grown to fit every port."""
+    count = max(ports, 1)
+    if rows == 0 and columns == 0:
+        columns = math.ceil(math.sqrt(count))
+    elif columns == 0:
+        columns = math.ceil(count / rows)
+    rows = max(rows, math.ceil(count / columns))
+    return rows, columns
+
+
+def slot_order(hub_ports: Iterable[str], page: PageConfig) -> list[str]:
+    """Ports in fixture order: those named in page.slots first (in that order), then the rest."""
+    ports = list(hub_ports)
+    known = set(ports)
+    first = [p for p in page.slots if p in known]
+    return first + [p for p in ports if p not in set(first)]

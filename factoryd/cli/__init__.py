@@ -1,0 +1,1 @@
+"""The `factoryd` command line: the root command in `main`, shared options in `opts`, a module per group."""

@@ -1,0 +1,100 @@
+"""`factoryd bench`: link, line, overhead, ledger and PKI benchmarks (results as JSON)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from factoryd.cli.opts import command_group, fail, guard, run_async
+from factoryd.log import configure_logging
+
+app = command_group("Benchmarks (results as JSON).")
+
+OutOption = Annotated[Path | None, typer.Option("--out", "-o", help="Write the JSON result here too.")]
+
+
+def _write_json(result: dict[str, Any], out: Path | None) -> None:
+    """Print a benchmark result and write it to a file."""
+    text = json.dumps(result, indent=2, sort_keys=True)
+    if out is not None:
+        out.write_text(text + "\n")
+    typer.echo(text)
+
+
+@app.command("link")
+def bench_link(
+    seconds: Annotated[float, typer.Option(help="Duration per measurement.")] = 3.0,
+    out: OutOption = None,
+) -> None:
+    """Round trips per second to a simulated board over a real PTY."""
+    from factoryd.bench.link import run_link_bench  # noqa: PLC0415 - keep `factoryd --help` fast
+
+    _write_json(run_async(run_link_bench(seconds)), out)
+
+
+@app.command("line")
+def bench_line(
+    ports: Annotated[int, typer.Option(min=1, max=1024, help="Ports on the line.")] = 16,
+    devices: Annotated[int, typer.Option(min=1, help="Boards to provision.")] = 256,
+    timing: Annotated[str, typer.Option(help="realistic or zero.")] = "realistic",
+    flash: Annotated[bool, typer.Option(help="Include the signed firmware update.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="JSON only (the default output is JSON too).")
+    ] = True,
+    out: OutOption = None,
+) -> None:
+    """Line throughput against the physical limit and against one board at a time."""
+    from factoryd.bench.line import run_line_bench  # noqa: PLC0415
+
+    if timing not in ("zero", "realistic"):
+        fail(f"--timing must be 'zero' or 'realistic', not {timing!r}")
+    configure_logging("error", "console")
+    result = run_async(run_line_bench(ports, devices, timing=timing, flash=flash))  # type: ignore[arg-type]
+    _write_json(result, out)
+
+
+@app.command("overhead")
+def bench_overhead(
+    ports: Annotated[list[int] | None, typer.Option(help="Port counts (repeatable).")] = None,
+    single: Annotated[bool, typer.Option(hidden=True, help="Run one port count in this process.")] = False,
+    out: OutOption = None,
+) -> None:
+    """Daemon CPU per device, devices per second and RSS per port with zero-latency boards."""
+    from factoryd.bench.overhead import DEFAULT_PORTS, run_overhead_bench, single_main  # noqa: PLC0415
+
+    configure_logging("error", "console")
+    if single:
+        typer.echo(json.dumps(guard(lambda: single_main((ports or [8])[0]))))
+        return
+    _write_json(guard(lambda: run_overhead_bench(tuple(ports or DEFAULT_PORTS))), out)
+
+
+@app.command("ledger")
+def bench_ledger(
+    url: Annotated[str | None, typer.Option(help="Ledger URL (default: a temporary SQLite file).")] = None,
+    n: Annotated[int, typer.Option(help="Claims to make.")] = 2000,
+    threads: Annotated[int, typer.Option(help="Concurrent claimers.")] = 4,
+    out: OutOption = None,
+) -> None:
+    """Durable claims (reserve + mark provisioned) per second."""
+    import tempfile  # noqa: PLC0415
+
+    from factoryd.ledger.bench import run_ledger_bench  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ledger_url = url or f"sqlite:///{tmp}/bench.db"
+        _write_json(guard(lambda: run_ledger_bench(ledger_url, n, threads)), out)
+
+
+@app.command("pki")
+def bench_pki(
+    n: Annotated[int, typer.Option(help="Certificates to issue.")] = 500,
+    out: OutOption = None,
+) -> None:
+    """CSR verification plus certificate issuing per second."""
+    from factoryd.pki.bench import run_pki_bench  # noqa: PLC0415
+
+    _write_json(guard(lambda: run_pki_bench(n)), out)

@@ -1,0 +1,47 @@
+"""The root `factoryd` command: version, run, and the command groups of this package."""
+
+from __future__ import annotations
+
+import typer
+
+from factoryd import __version__
+from factoryd.cli import audit, bench, demo, hubs, jobs, ledger, lots, manifest, ports, sim, status, tokens
+from factoryd.cli.opts import ConfigOption, command_group, get_settings, run_async
+from factoryd.log import configure_logging
+
+app = command_group("Factory bulk-provisioning line daemon.", add_completion=False)
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    typer.echo(__version__)
+
+
+@app.command()
+def run(config: ConfigOption = None) -> None:
+    """Run the station daemon (what systemd starts)."""
+    from factoryd.daemon import Daemon  # noqa: PLC0415 - keep `factoryd --help` fast
+
+    settings = get_settings(config)
+    configure_logging(settings.log.level, settings.log.format)
+    run_async(Daemon(settings).run())
+
+
+app.command("demo")(demo.demo)
+app.command("status")(status.status)
+app.add_typer(lots.app, name="lots")
+app.add_typer(audit.app, name="audit")
+app.add_typer(manifest.app, name="manifest")
+app.add_typer(sim.app, name="sim")
+app.add_typer(bench.app, name="bench")
+app.add_typer(hubs.app, name="hubs")
+app.add_typer(jobs.app, name="jobs")
+app.add_typer(ledger.app, name="ledger")
+app.add_typer(tokens.app, name="tokens")
+app.add_typer(ports.app, name="ports")
+
+
+def main() -> None:
+    """Console entry point."""
+    app()

@@ -1,0 +1,91 @@
+"""`factoryd sim`: a simulated board behind a PTY, or a simulated hub behind a control socket."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from factoryd.cli.opts import command_group, fail, read_input
+from factoryd.log import configure_logging
+
+app = command_group("The board simulator.")
+
+
+@app.command("board")
+def sim_board(
+    fault_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Per-opportunity fault chance.")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Fault seed.")] = 0,
+    timing: Annotated[str, typer.Option(help="zero or realistic.")] = "zero",
+) -> None:
+    """Run one simulated board behind a PTY and print its tty path (Ctrl-C to stop)."""
+    from factoryd.sim.board import FaultPlan, SimBoard, Timing  # noqa: PLC0415 - keep `factoryd --help` fast
+    from factoryd.sim.pty import serve_pty  # noqa: PLC0415
+
+    async def serve() -> None:
+        board = SimBoard(
+            faults=FaultPlan.uniform(fault_rate, seed=seed),
+            timing=Timing.realistic() if timing == "realistic" else Timing(),
+        )
+        async with serve_pty(board) as pty:
+            typer.echo(pty.path)
+            typer.echo(f"secure-element serial {board.serial_hex}; Ctrl-C to stop", err=True)
+            sys.stdout.flush()
+            await asyncio.Event().wait()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve())
+
+
+@app.command("hub")
+def sim_hub(
+    socket: Annotated[
+        Path, typer.Option(help="Control socket path for the daemon (hub.sim.control_socket).")
+    ],
+    ports: Annotated[int, typer.Option(min=1, max=1024, help="Ports.")] = 8,
+    boards: Annotated[
+        int | None, typer.Option(help="Boards the simulated operator feeds in (default endless).")
+    ] = None,
+    fault_rate: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Chance per fault kind per board.")
+    ] = 0.0,
+    seed: Annotated[int, typer.Option(help="Fault seed.")] = 1,
+    timing: Annotated[str, typer.Option(help="zero or realistic.")] = "zero",
+    timing_scale: Annotated[float, typer.Option(min=0.0, help="Multiply every simulated delay.")] = 1.0,
+    firmware_key: Annotated[Path | None, typer.Option(help="PEM public key the bootloaders trust.")] = None,
+) -> None:
+    """Run a simulated hub with boards in this process, controlled over a Unix socket."""
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key  # noqa: PLC0415
+
+    from factoryd.sim.board import FaultPlan, SimBoard, Timing  # noqa: PLC0415
+    from factoryd.sim.hub import SimHub  # noqa: PLC0415
+    from factoryd.sim.remote import SimHubServer  # noqa: PLC0415
+
+    key = load_pem_public_key(read_input(firmware_key)) if firmware_key else None
+    if key is not None and not isinstance(key, ec.EllipticCurvePublicKey):
+        fail(f"{firmware_key}: the firmware-signing key must be an EC key")
+    base = (Timing.realistic() if timing == "realistic" else Timing()).scaled(timing_scale)
+    counter = iter(range(1, 1 << 62))
+
+    def make_board() -> SimBoard:
+        plan = FaultPlan.uniform(fault_rate, seed=seed * 1_000_003 + next(counter), per_power_on=True)
+        return SimBoard(faults=plan, timing=base, firmware_key=key)
+
+    async def serve() -> None:
+        async with SimHub(ports, make_board, supply=boards) as hub:
+            ready = asyncio.Event()
+            server = SimHubServer(hub, socket)
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(server.serve(ready))
+                await ready.wait()
+                typer.echo(f"sim hub with {ports} ports listening on {socket}")
+                sys.stdout.flush()
+
+    configure_logging("warning", "console")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve())

@@ -1,0 +1,167 @@
+"""What a board profile's job sequence gets from the pipeline, and what it gives back.
+
+The pipeline (``jobs/pipeline.py``) owns everything shared: power, enumeration, job retries, the
+ledger binding (start job, set serial, claim, reserve) and recording. A profile's job module
+(``jobs/native.py``, ``jobs/arduino.py``) implements ``BoardSession`` for one attempt on one tty:
+
+1. ``identify()`` returns the hardware serial the ID is bound to (run as step ``identify_step``);
+2. ``existing(host)`` is the re-check hook, called once the job is bound to that serial and
+   before an ID is reserved: ``None`` goes on to reserve, a ``Finished`` ends the job
+   (re-checked, or completed from what the board holds), an exception refuses or fails it;
+3. ``provision(host, device_id)`` runs the board steps and returns the certificate the board
+   now holds, which the pipeline records.
+
+``link_counters()`` hands the pipeline the traffic of the links the session opened, for the
+``LinkStats`` telemetry event when the session closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Self, TypeVar
+
+from factoryd.jobs.steps import Step
+from factoryd.pki.issuer import IssuedCertificate, Issuer
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+    from factoryd.hub.base import Hub
+    from factoryd.jobs.lots import LotContext
+    from factoryd.jobs.pipeline import PipelineSettings
+    from factoryd.ledger import AsyncLedger
+    from factoryd.protocol.engine import RequestStats
+    from factoryd.transport.serial_link import SerialLink
+
+T = TypeVar("T")
+
+
+class StepRunner(Protocol):
+    """Runs one step (the pipeline's runner retries transient errors and records telemetry)."""
+
+    async def __call__(self, step: Step, action: Callable[[], Awaitable[T]]) -> T:
+        """Run ``action`` as ``step``."""
+        ...
+
+
+class JobHost(Protocol):
+    """The pipeline's side of one bound job, as a profile's job sees it."""
+
+    @property
+    def lot(self) -> LotContext:
+        """The lot being provisioned."""
+        ...
+
+    @property
+    def port(self) -> str:
+        """The hub port."""
+        ...
+
+    @property
+    def hw_serial(self) -> str:
+        """The serial the job is bound to."""
+        ...
+
+    @property
+    def job_id(self) -> int:
+        """The ledger's job id."""
+        ...
+
+    @property
+    def ledger(self) -> AsyncLedger:
+        """The ledger (for look-ups; the pipeline does the binding writes)."""
+        ...
+
+    async def step(self, step: Step, action: Callable[[], Awaitable[T]]) -> T:
+        """Run one step of the job."""
+        ...
+
+    async def audit(self, action: str, subject: str, details: dict[str, Any]) -> None:
+        """Append an audit entry in the station's name."""
+        ...
+
+    async def audit_issued(self, device_id: str, issued: IssuedCertificate) -> None:
+        """Audit a certificate before anything of it is written to the board."""
+        ...
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A job the re-check hook ended: the board already holds ``device_id``."""
+
+    outcome: Literal["rechecked", "provisioned"]
+    device_id: str
+    # Set when the job is completed from the board (it still has to be recorded).
+    issued: IssuedCertificate | None = None
+
+
+@dataclass(frozen=True)
+class LinkCounters:
+    """The traffic of one closed link, as the telemetry ``LinkStats`` event carries it."""
+
+    frames_sent: int
+    frames_received: int
+    resends: int
+    crc_errors: int
+
+    @classmethod
+    def of(cls, link: SerialLink[Any], stats: RequestStats) -> LinkCounters:
+        """The counters of a link and of the client engine on it."""
+        decoder = link.decoder.stats
+        return cls(link.stats.frames_sent, decoder.frames, stats.resends, decoder.crc_errors)
+
+
+class BoardSession(Protocol):
+    """One attempt of a profile's job on one tty (see the module docstring); an async context manager."""
+
+    @property
+    def identify_step(self) -> Step:
+        """The step ``identify`` runs as."""
+        ...
+
+    async def __aenter__(self) -> Self:
+        """Open what the session needs first."""
+        ...
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        """Close every link the session opened."""
+        ...
+
+    async def identify(self) -> str:
+        """The hardware serial the device ID is bound to."""
+        ...
+
+    async def existing(self, host: JobHost) -> Finished | None:
+        """Re-check hook before reserving; None continues with a reservation."""
+        ...
+
+    async def provision(self, host: JobHost, device_id: str) -> IssuedCertificate:
+        """Run the board steps; return the certificate the board now holds."""
+        ...
+
+    def link_counters(self) -> LinkCounters | None:
+        """Traffic of the links this session opened (None when it opened none)."""
+        ...
+
+
+class SessionFactory(Protocol):
+    """Opens a profile's session for one attempt."""
+
+    def __call__(self, hub: Hub, port: str, path: str, settings: PipelineSettings) -> BoardSession:
+        """A session on the tty at ``path`` (opened by ``async with``)."""
+        ...
+
+
+async def issue_certificate(
+    issuer: Issuer, csr: x509.CertificateSigningRequest, device_id: str
+) -> IssuedCertificate:
+    """Issue a device certificate; a signer that blocks (a PKCS#11 token) signs off the event loop."""
+    if issuer.signer.blocking:
+        # A token signs in ms to 100s of ms: never on the event loop.
+        return await asyncio.to_thread(issuer.issue, csr, device_id)
+    return issuer.issue(csr, device_id)  # well under a millisecond: not worth a thread hop

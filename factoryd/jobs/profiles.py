@@ -1,0 +1,64 @@
+"""The board-profile registry: one line per profile, chosen by name (``LotProfile.protocol``).
+
+A profile is four modules of the same shape: an I/O-free framer (``transport/``), a typed client on
+the shared request engine (``protocol/``), a job sequence (``jobs/``, a ``BoardSession``) and a
+simulated board (``sim/``). This registry names the first three; adding a profile is its four
+files and one line in ``PROFILES`` (plus its simulated board in ``factoryd.sim.profiles``).
+
+Why the simulated boards are not in this table: ``LotProfile`` (``ledger/``) validates its
+``protocol`` against these names, and no module in ``hub/``, ``protocol/``, ``transport/``,
+``jobs/``, ``ledger/`` or ``pki/`` may import ``factoryd.sim`` (the simulator is a backend, not a
+driver). So the sim side keeps its own table keyed by the same names, and
+``tests/test_profiles.py`` fails when a registered profile has no simulated board.
+
+Why ``LotProfile`` imports this module inside its validator: the job modules import the ledger
+(re-check look-ups), and the ledger package imports ``LotProfile`` while it initialises; a
+module-level import either way would be a cycle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from factoryd.jobs.arduino import ArduinoSession
+from factoryd.jobs.board import SessionFactory
+from factoryd.jobs.native import NativeSession
+from factoryd.protocol.arduino import ArduinoClient
+from factoryd.protocol.native import BoardClient
+from factoryd.transport.arduino_framing import ArduinoDecoder
+from factoryd.transport.framing import FrameDecoder
+from factoryd.transport.serial_link import Decoder
+
+
+@dataclass(frozen=True)
+class BoardProfile:
+    """One board profile: its framer, its client and its job sequence."""
+
+    name: str
+    framer: Callable[[], Decoder]
+    client: type
+    session: SessionFactory
+    summary: str
+
+
+PROFILES: dict[str, BoardProfile] = {
+    profile.name: profile
+    for profile in (
+        BoardProfile("factoryd-v1", FrameDecoder, BoardClient, NativeSession, "factoryd firmware"),
+        BoardProfile("arduino-v1", ArduinoDecoder, ArduinoClient, ArduinoSession, "Arduino sketch"),
+    )
+}
+
+
+def profile_names() -> tuple[str, ...]:
+    """The registered profile names, in registry order."""
+    return tuple(PROFILES)
+
+
+def board_profile(name: str) -> BoardProfile:
+    """The profile registered under ``name``; ValueError listing the known names otherwise."""
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(f"unknown board profile {name!r}; known: {', '.join(PROFILES)}") from None

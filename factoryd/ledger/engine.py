@@ -1,0 +1,308 @@
+"""The ledger's database: the engine, its transactions, error translation and the audit append.
+
+Every public ledger call is one transaction committed before it returns, and the audit entry
+describing a change is written in the same transaction as the change. Two kinds of transaction
+exist: ORM sessions for the calls off the hot path (lots, imports, audit verification) and
+driver-cursor transactions running :mod:`factoryd.ledger.hot`'s compiled statements for the
+per-board calls. Both translate database errors into ledger errors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
+from sqlmodel import Session, col, create_engine, select
+
+from factoryd.errors import ConfigError, InputError, LedgerError, ReservationConflictError
+from factoryd.ledger.audit import AuditLink, canonical_json, link_hash, verify_chain
+from factoryd.ledger.errors import LedgerUnavailableError
+from factoryd.ledger.hot import (
+    DRIVER_ERRORS,
+    DRIVER_INTEGRITY_ERRORS,
+    DRIVER_UNAVAILABLE_ERRORS,
+    HotStatements,
+    Tx,
+    driver_transaction,
+)
+from factoryd.ledger.tables import (
+    AUDIT_HEAD_ROW_ID,
+    AUDIT_SUBJECT_MAX_CHARS,
+    LABEL_MAX_CHARS,
+    SERIAL_MAX_CHARS,
+    AuditEntryRow,
+    AuditHeadRow,
+)
+
+# How long a SQLite writer waits for another one before giving up (several stations' worth of commits).
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+PG_POOL_SIZE = 10
+PG_MAX_OVERFLOW = 20
+# The execution option that makes a SQLite transaction a writer from its BEGIN.
+WRITE_OPTION = "factoryd_ledger_write"
+_INTEGRITY_ERRORS: tuple[type[Exception], ...] = (IntegrityError, *DRIVER_INTEGRITY_ERRORS)
+_OTHER_DB_ERRORS: tuple[type[Exception], ...] = (SQLAlchemyError, *DRIVER_ERRORS)
+
+
+def utc_now() -> datetime:
+    """The current time, timezone-aware (every ledger timestamp is UTC)."""
+    return datetime.now(UTC)
+
+
+def require_label(value: str, what: str, max_chars: int = LABEL_MAX_CHARS) -> str:
+    """``value`` if it is 1..``max_chars`` printable characters; InputError naming ``what`` otherwise."""
+    if not value or len(value) > max_chars or any(not ch.isprintable() for ch in value):
+        raise InputError(f"{what} must be 1..{max_chars} printable characters, got {value!r}")
+    return value
+
+
+def require_serial(hw_serial: str) -> str:
+    """``hw_serial`` if it is a printable label without whitespace; InputError otherwise."""
+    require_label(hw_serial, "hw_serial", SERIAL_MAX_CHARS)
+    if any(ch.isspace() for ch in hw_serial):
+        raise InputError(f"hw_serial must not contain whitespace, got {hw_serial!r}")
+    return hw_serial
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+    # Take transaction control away from the sqlite3 module so BEGIN IMMEDIATE is ours to emit.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        # FULL: a commit survives power loss in WAL mode too (NORMAL may lose the last commits).
+        cursor.execute("PRAGMA synchronous = FULL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+    finally:
+        cursor.close()
+
+
+def _sqlite_on_begin(connection: Any) -> None:
+    # Writers take the write lock up front: a deferred transaction that later upgrades
+    # to a writer fails with SQLITE_BUSY immediately instead of waiting in busy_timeout.
+    write = connection.get_execution_options().get(WRITE_OPTION, False)
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def create_ledger_engine(url: str | URL) -> Engine:
+    """Create the engine for a ``sqlite:///`` or ``postgresql+psycopg://`` ledger URL."""
+    try:
+        sa_url = make_url(url)
+    except (ArgumentError, ValueError) as exc:
+        raise ConfigError(f"not a database URL: {exc}") from exc
+    backend = sa_url.get_backend_name()
+    if backend == "sqlite":
+        memory = sa_url.database in (None, "", ":memory:")
+        engine = (
+            # One shared connection: only for tests and demos, never for several stations.
+            create_engine(sa_url, poolclass=StaticPool, connect_args={"check_same_thread": False})
+            if memory
+            else create_engine(sa_url)
+        )
+        event.listen(engine, "connect", _sqlite_on_connect)
+        event.listen(engine, "begin", _sqlite_on_begin)
+        return engine
+    if backend == "postgresql":
+        if sa_url.drivername == "postgresql":
+            sa_url = sa_url.set(drivername="postgresql+psycopg")
+        if sa_url.drivername != "postgresql+psycopg":
+            raise ConfigError(
+                f"PostgreSQL ledgers use psycopg 3 (postgresql+psycopg://), not {sa_url.drivername}"
+            )
+        return create_engine(
+            sa_url,
+            pool_pre_ping=True,
+            pool_size=PG_POOL_SIZE,
+            max_overflow=PG_MAX_OVERFLOW,
+            # No server-side prepared statements: after psycopg's default five executions the
+            # server switches to a generic plan, and for the import's ID lookups that plan is
+            # a sequential scan per chunk (minutes for a 400k-ID list instead of seconds).
+            connect_args={"prepare_threshold": None},
+        )
+    raise ConfigError(f"unsupported ledger database {backend!r}: use sqlite:/// or postgresql+psycopg://")
+
+
+class LedgerBase:
+    """Connections, transactions and the audit trail that every part of the ledger runs on."""
+
+    def __init__(self, engine: Engine) -> None:
+        """Wrap an engine whose database is already at head."""
+        self._engine = engine
+        self._write_engine = engine.execution_options(**{WRITE_OPTION: True})
+        self._is_postgres = engine.dialect.name == "postgresql"
+        # verify_audit reads the head and every entry from one snapshot while writers go on.
+        self._snapshot_engine = (
+            engine.execution_options(isolation_level="REPEATABLE READ") if self._is_postgres else engine
+        )
+        # Lot name -> id. Lots are never deleted or renamed, so an entry never goes stale; a
+        # lot's *state* is never cached: the calls that depend on it read it in their transaction.
+        self._lot_ids: dict[str, int] = {}
+        self._sql = HotStatements.compile(engine.dialect)
+        self._closed = False
+
+    @contextmanager
+    def _translated(self, on_integrity: Callable[[Exception], Exception] | None) -> Iterator[None]:
+        """Translate database errors (SQLAlchemy's or the driver's) raised in the block into ledger errors."""
+        if self._closed:
+            raise LedgerError("the ledger is closed")
+        try:
+            yield
+        except _INTEGRITY_ERRORS as exc:
+            orig = exc.orig if isinstance(exc, IntegrityError) else exc
+            if on_integrity is None:
+                raise ReservationConflictError(
+                    f"the ledger refused a change that breaks a rule: {orig}"
+                ) from exc
+            raise on_integrity(exc) from exc
+        except (OperationalError, InterfaceError) as exc:
+            raise LedgerUnavailableError(f"ledger database unavailable: {exc.orig or exc}") from exc
+        except DRIVER_UNAVAILABLE_ERRORS as exc:
+            raise LedgerUnavailableError(f"ledger database unavailable: {exc}") from exc
+        except _OTHER_DB_ERRORS as exc:
+            raise LedgerError(f"ledger database error: {exc}") from exc
+
+    @contextmanager
+    def _transaction(
+        self,
+        *,
+        write: bool,
+        on_integrity: Callable[[Exception], Exception] | None = None,
+        snapshot: bool = False,
+    ) -> Iterator[Session]:
+        """One ORM transaction: committed on success, rolled back on any error, DB errors translated."""
+        bind = self._write_engine if write else self._snapshot_engine if snapshot else self._engine
+        with (
+            self._translated(on_integrity),
+            Session(bind, expire_on_commit=False) as session,
+            session.begin(),
+        ):
+            yield session
+
+    @contextmanager
+    def _hot(
+        self, *, write: bool, on_integrity: Callable[[Exception], Exception] | None = None
+    ) -> Iterator[Tx]:
+        """One hot-path transaction on a pooled connection's driver: committed before it returns."""
+        with self._translated(on_integrity):
+            fairy = self._engine.raw_connection()
+            checked_in = False
+            try:
+                with driver_transaction(
+                    fairy.driver_connection, sqlite=not self._is_postgres, write=write
+                ) as cursor:
+                    yield Tx(cursor)
+            except DRIVER_UNAVAILABLE_ERRORS:
+                if self._is_postgres:
+                    # A lost server connection must not go back to the pool (invalidate checks it in).
+                    fairy.invalidate()
+                    checked_in = True
+                raise
+            finally:
+                if not checked_in:
+                    fairy.close()
+
+    @contextmanager
+    def _session_tx(self, session: Session) -> Iterator[Tx]:
+        """The hot-path statements inside an ORM session's transaction."""
+        cursor = session.connection().connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
+            yield Tx(cursor)
+        finally:
+            cursor.close()
+
+    # -- audit ------------------------------------------------------------------------------
+
+    def _append_audit(
+        self,
+        tx: Tx,
+        *,
+        actor: str,
+        action: str,
+        subject: str,
+        details: dict[str, object],
+        at: datetime,
+    ) -> None:
+        """Append one link in the caller's transaction; the head row lock serialises every writer."""
+        require_label(actor, "actor")
+        require_label(action, "action", 64)
+        require_label(subject, "subject", AUDIT_SUBJECT_MAX_CHARS)
+        details_json = canonical_json(details)
+        head = tx.first(self._sql.head_locked)
+        if head is None:
+            raise LedgerError("the audit chain head row is missing")
+        seq = head.seq + 1
+        digest = link_hash(
+            seq=seq,
+            at=at,
+            actor=actor,
+            action=action,
+            subject=subject,
+            details_json=details_json,
+            prev_hash=head.hash,
+        )
+        tx.execute(
+            self._sql.insert_audit,
+            {
+                "b_seq": seq,
+                "b_at": at,
+                "b_actor": actor,
+                "b_action": action,
+                "b_subject": subject,
+                "b_details": details_json,
+                "b_prev_hash": head.hash,
+                "b_hash": digest,
+            },
+        )
+        tx.execute(self._sql.update_head, {"b_seq": seq, "b_hash": digest})
+
+    def _audit_in_session(
+        self,
+        session: Session,
+        *,
+        actor: str,
+        action: str,
+        subject: str,
+        details: dict[str, object],
+        at: datetime,
+    ) -> None:
+        """Append one link inside an ORM session's transaction."""
+        with self._session_tx(session) as tx:
+            self._append_audit(tx, actor=actor, action=action, subject=subject, details=details, at=at)
+
+    def audit(self, *, actor: str, action: str, subject: str, details: dict[str, object]) -> None:
+        """Append an entry to the audit trail (for events outside the ledger's own transitions)."""
+        with self._hot(write=True) as tx:
+            self._append_audit(tx, actor=actor, action=action, subject=subject, details=details, at=utc_now())
+
+    def verify_audit(self) -> int:
+        """Recompute the whole hash chain; return the entry count or raise AuditChainError."""
+        with self._transaction(write=False, snapshot=True) as session:
+            head = session.exec(select(AuditHeadRow).where(AuditHeadRow.id == AUDIT_HEAD_ROW_ID)).one()
+            rows = session.exec(
+                select(AuditEntryRow).order_by(col(AuditEntryRow.seq)).execution_options(yield_per=1000)
+            )
+            links = (
+                AuditLink(
+                    seq=row.seq,
+                    at=row.at,
+                    actor=row.actor,
+                    action=row.action,
+                    subject=row.subject,
+                    details_json=row.details,
+                    prev_hash=row.prev_hash,
+                    hash=row.hash,
+                )
+                for row in rows
+            )
+            try:
+                return verify_chain(links, head_seq=head.seq, head_hash=head.hash)
+            finally:
+                # A server-side cursor (PostgreSQL) must be closed even when verification stops early.
+                rows.close()

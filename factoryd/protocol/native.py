@@ -1,0 +1,286 @@
+"""The factoryd-v1 client: typed requests to one board running factoryd firmware (docs/protocol.md).
+
+Frames are ``factoryd.transport.framing``'s; requests and replies go through the shared
+``RequestEngine``, keyed by seq, so many may be in flight. Each request names its reply type
+(``messages.RequestFor``): ``request(req)`` sends it and decodes the reply, and the typed methods
+(``hello``, ``genkey``, ...) are one line each. The board answers resends from its reply cache, so a
+resend never runs a command twice. A BOOT event answers the pending requests itself: harmless
+ones are asked again, any other fails with ``BoardResetError`` (the reset may have undone it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self, TypeVar
+
+import structlog
+
+from factoryd.errors import (
+    BoardBusyError,
+    BoardLockedError,
+    BoardResetError,
+    BoardStatusError,
+    FirmwareRejectedError,
+    ProtocolViolationError,
+    ReadbackMismatchError,
+)
+from factoryd.protocol.engine import RequestEngine, RequestStats, Route
+from factoryd.protocol.messages import (
+    IDENTITY_SLOT,
+    MAX_FW_CHUNK,
+    BoardInfo,
+    Command,
+    FwBegin,
+    FwChunk,
+    FwEnd,
+    GenKey,
+    GetCsr,
+    Hello,
+    Lock,
+    ObjectId,
+    Read,
+    Reboot,
+    Reply,
+    RequestFor,
+    Sign,
+    Status,
+    Write,
+)
+from factoryd.transport.framing import Frame, FrameDecoder, FrameKind
+from factoryd.transport.serial_link import SerialLink
+
+log = structlog.get_logger(__name__)
+R = TypeVar("R", bound=Reply)
+# Wire-time allowance per request for the frame header, CRC, COBS overhead and the reply's.
+FRAME_ALLOWANCE_BYTES = 64
+
+# Status codes after which the same request may succeed when tried again later.
+TRANSIENT_STATUSES = frozenset({Status.BUSY, Status.STORAGE, Status.INTERNAL})
+# Requests that change nothing on the board: after a BOOT they are simply asked again; any other
+# pending request fails with BoardResetError, since the reset may have undone it.
+RESEND_AFTER_BOOT = frozenset({Command.HELLO, Command.READ})
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Per-command reply timeouts in seconds (wire time for the frame is added on top)."""
+
+    # A board answers HELLO from RAM; 1 s covers USB CDC latency on a loaded hub.
+    hello_s: float = 1.0
+    # ATECC608 key generation takes ~100 ms; real boards add firmware overhead, so 5 s.
+    keygen_s: float = 5.0
+    csr_s: float = 5.0
+    # EEPROM/secure-element data zone writes of a few KiB take up to ~1 s.
+    write_s: float = 3.0
+    read_s: float = 2.0
+    sign_s: float = 3.0
+    lock_s: float = 3.0
+    reboot_s: float = 2.0
+    fw_chunk_s: float = 3.0
+    # Verifying the image signature in the bootloader.
+    fw_end_s: float = 10.0
+
+    def for_command(self, command: Command) -> float:
+        """Timeout for one command."""
+        field_name: str = _TIMEOUT_FIELDS.get(command, "hello_s")
+        value: float = getattr(self, field_name)
+        return value
+
+
+# Which Timeouts field bounds each command (a table, not a dict built per request).
+_TIMEOUT_FIELDS: dict[Command, str] = {
+    Command.HELLO: "hello_s",
+    Command.GENKEY: "keygen_s",
+    Command.GET_CSR: "csr_s",
+    Command.WRITE: "write_s",
+    Command.READ: "read_s",
+    Command.SIGN: "sign_s",
+    Command.LOCK: "lock_s",
+    Command.REBOOT: "reboot_s",
+    Command.FW_BEGIN: "fw_chunk_s",
+    Command.FW_CHUNK: "fw_chunk_s",
+    Command.FW_END: "fw_end_s",
+}
+
+
+class _NativeReplies:
+    """How factoryd-v1 frames answer: RESPONSE by seq, NACK resends, BOOT goes to the client."""
+
+    def __init__(self, client: BoardClient) -> None:
+        self._client = client
+
+    def route(self, frame: Frame) -> Route:
+        """Classify by frame kind."""
+        kind = frame.kind
+        if kind is FrameKind.RESPONSE:
+            return Route.REPLY
+        if kind is FrameKind.NACK:
+            return Route.NACK
+        if kind is FrameKind.EVENT and frame.command == Command.BOOT:
+            return Route.EVENT
+        return Route.UNMATCHED
+
+    def reply_key(self, frame: Frame) -> int:
+        """Replies carry the request's seq."""
+        return frame.seq
+
+    def mismatch(self, command: Command, frame: Frame) -> str | None:
+        """A reply must name the command it answers."""
+        if frame.command == command:
+            return None
+        return f"reply for command 0x{frame.command:02X} to a {command.name} request"
+
+    def nack_exhausted(self, attempts: int) -> None:
+        """A NACK after the last resend: the request's timer decides."""
+
+    def event(self, frame: Frame) -> None:
+        """A BOOT event."""
+        self._client._board_booted(frame)
+
+
+class BoardClient:
+    """Typed access to one board; one instance per open link."""
+
+    def __init__(
+        self,
+        link: SerialLink[FrameDecoder],
+        *,
+        timeouts: Timeouts | None = None,
+        resends: int = 3,
+    ) -> None:
+        self.link = link
+        self.timeouts = timeouts or Timeouts()
+        self.resends = resends
+        self.last_boot: BoardInfo | None = None
+        self.booted = asyncio.Event()
+        self._engine: RequestEngine[Frame, Command] = RequestEngine(
+            link, _NativeReplies(self), resends=resends
+        )
+        self.stats: RequestStats = self._engine.stats
+
+    @classmethod
+    async def open(
+        cls, path: str, *, baudrate: int = 115200, timeouts: Timeouts | None = None, resends: int = 3
+    ) -> Self:
+        """Open the tty at path and return a client on it."""
+        link = await SerialLink.open(path, FrameDecoder(), baudrate=baudrate)
+        return cls(link, timeouts=timeouts, resends=resends)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the link; pending requests fail with LinkClosedError."""
+        await self._engine.close()
+
+    @property
+    def pending(self) -> int:
+        """Requests waiting for a reply (0 when idle; tests check nothing is left behind)."""
+        return self._engine.pending
+
+    async def request(self, request: RequestFor[R]) -> R:
+        """Send a request; return its reply, decoded as the type the request names."""
+        command = request.command
+        engine = self._engine
+        seq = engine.next_key()
+        frame = Frame(FrameKind.REQUEST, seq, command, 0, request.encode())
+        # Wire time both ways for the frame, so slow baud rates do not look like timeouts.
+        timeout_s = self.timeouts.for_command(command) + 2 * self.link.wire_time_s(
+            len(frame.payload) + FRAME_ALLOWANCE_BYTES
+        )
+        reply = await engine.call(seq, command, frame.encode(), timeout_s)
+        if reply.status:
+            _raise_status(command, reply.status)
+        return request.reply.decode(reply.payload)
+
+    # Commands -----------------------------------------------------------------------------
+
+    async def hello(self) -> BoardInfo:
+        """Identify the board."""
+        return await self.request(Hello())
+
+    async def genkey(self, slot: int = IDENTITY_SLOT) -> bytes:
+        """Generate a key in the secure element; return the public key point."""
+        return (await self.request(GenKey(slot))).public_key
+
+    async def get_csr(self, common_name: str, slot: int = IDENTITY_SLOT) -> bytes:
+        """Return a DER CSR for the slot key with subject CN=common_name."""
+        return (await self.request(GetCsr(slot, common_name))).csr_der
+
+    async def write(self, obj: ObjectId, data: bytes) -> None:
+        """Store an object; fail if the board's digest of what it stored differs."""
+        digest = (await self.request(Write(obj, data))).sha256
+        if digest != hashlib.sha256(data).digest():
+            raise ReadbackMismatchError(f"board stored a different {obj.name} than was sent (digest differs)")
+
+    async def read(self, obj: ObjectId) -> bytes:
+        """Read an object back."""
+        return (await self.request(Read(obj))).data
+
+    async def sign(self, challenge: bytes, slot: int = IDENTITY_SLOT) -> bytes:
+        """Return the raw r||s signature of SHA-256(challenge) by the slot key."""
+        return (await self.request(Sign(slot, challenge))).signature
+
+    async def lock(self) -> None:
+        """Lock the secure element irreversibly."""
+        await self.request(Lock())
+
+    async def reboot(self) -> None:
+        """Reset the board (it sends BOOT afterwards)."""
+        self.booted.clear()
+        await self.request(Reboot())
+
+    async def update_firmware(self, image: bytes, version: str, signature: bytes) -> bytes:
+        """Send a signed image to the bootloader; return the installed image's SHA-256."""
+        await self.request(FwBegin(len(image), version))
+        for offset in range(0, len(image), MAX_FW_CHUNK):
+            await self.request(FwChunk(offset, image[offset : offset + MAX_FW_CHUNK]))
+        digest = (await self.request(FwEnd(signature))).sha256
+        if digest != hashlib.sha256(image).digest():
+            raise FirmwareRejectedError("bootloader installed an image with another digest", Status.FW_STATE)
+        return digest
+
+    # Events -------------------------------------------------------------------------------
+
+    def _board_booted(self, frame: Frame) -> None:
+        engine = self._engine
+        engine.stats.boots += 1
+        try:
+            self.last_boot = BoardInfo.decode(frame.payload)
+        except ProtocolViolationError as exc:
+            log.warning("bad boot event", error=str(exc), path=self.link.path)
+            self.last_boot = None
+        self.booted.set()
+        fresh = engine.stats.replies == 0
+        for waiter in engine.waiters():
+            if waiter.command is Command.REBOOT:
+                continue
+            if (fresh or waiter.command in RESEND_AFTER_BOOT) and waiter.resends_left > 0:
+                # Sent while the board was still starting up (nothing answered on this link yet), or
+                # harmless to repeat: ask again now that it listens.
+                engine.resend(waiter)
+            else:
+                engine.fail(
+                    waiter,
+                    BoardResetError(f"board on {self.link.path} rebooted during {waiter.command.name}"),
+                )
+
+
+def _raise_status(command: Command, code: int) -> None:
+    status = Status(code)
+    message = f"{command.name} refused by board: {status.name}"
+    if status is Status.BUSY:
+        raise BoardBusyError(message, status)
+    if status is Status.LOCKED:
+        raise BoardLockedError(message, status)
+    if status in (Status.FW_SIGNATURE, Status.FW_STATE):
+        raise FirmwareRejectedError(message, status)
+    raise BoardStatusError(message, status, transient=status in TRANSIENT_STATUSES)
