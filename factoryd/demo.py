@@ -38,6 +38,8 @@ from typing import Any, Literal
 
 import structlog
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
@@ -48,7 +50,7 @@ from factoryd.errors import ConfigError, LotNotFoundError, VerificationError
 from factoryd.firmware import FirmwareStore, sign_firmware
 from factoryd.jobs.scheduler import Station
 from factoryd.ledger import Ledger
-from factoryd.ledger.model import LotState, ProvisionedDevice
+from factoryd.ledger.model import LotInfo, LotState, ProvisionedDevice
 from factoryd.ledger.profile import LotProfile
 from factoryd.pki.passphrase import DEFAULT_PASSPHRASE_ENV
 from factoryd.pki.store import BundleStore
@@ -78,6 +80,7 @@ SUPERVISOR_TOKEN_FILE = "supervisor.token"  # noqa: S105 - a file name
 OPERATOR_TOKEN_FILE = "operator.token"  # noqa: S105 - a file name
 STATION_NAME = "demo-station"
 LINE_NAME = "demo-line"
+DEMO_RUNS_FILE = "demo-runs.json"
 DEFAULT_METRICS_PORT = 9464
 USB_SERIAL_BYTES = 16
 
@@ -112,6 +115,8 @@ class DemoOptions:
     state_dir: Path | None = None
     ledger_url: str | None = None
     lot: str = DEMO_LOT
+    # Feed more boards into an existing lot of the state directory instead of refusing to.
+    resume: bool = False
     metrics: bool = False
     # Serve /metrics on this port (None: DEFAULT_METRICS_PORT when ``metrics``).
     metrics_port: int | None = None
@@ -315,21 +320,89 @@ def write_station_config(options: DemoOptions, settings: Settings, passphrase_fi
     return path
 
 
-def prepare_lot(options: DemoOptions, settings: Settings, passphrase: bytes) -> ec.EllipticCurvePublicKey:
-    """Create the demo lot: PKI, bundle, firmware, ID list; return the firmware-signing public key."""
+@dataclass(frozen=True)
+class PreparedLot:
+    """The lot a demo run feeds: the firmware key its boards' bootloaders trust, boards fed before."""
+
+    fw_public: ec.EllipticCurvePublicKey
+    boards_before: int = 0
+
+
+def _demo_runs(state_dir: Path) -> dict[str, int]:
+    """Boards fed into each lot by earlier demo runs in this state directory."""
+    path = state_dir / DEMO_RUNS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path} is unreadable ({exc}): remove it to start the count again") from None
+    if not isinstance(data, dict) or not all(isinstance(v, int) for v in data.values()):
+        raise ConfigError(f"{path} is not a map of lot names to board counts: remove it")
+    return {str(k): int(v) for k, v in data.items()}
+
+
+def record_demo_run(state_dir: Path, lot: str, boards: int) -> None:
+    """Add this run's boards to the lot's count (so a resumed run feeds new boards, not the same ones)."""
+    runs = _demo_runs(state_dir)
+    runs[lot] = runs.get(lot, 0) + boards
+    (state_dir / DEMO_RUNS_FILE).write_text(json.dumps(runs, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def prepare_lot(options: DemoOptions, settings: Settings, passphrase: bytes) -> PreparedLot:
+    """Create the demo lot (PKI, bundle, firmware, ID list), or with ``resume`` continue an existing one."""
     paths = StationPaths(settings.station.state_dir)
     paths.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    lot_name = options.lot
     with Ledger.open(settings.ledger_url) as ledger:
         try:
-            ledger.get_lot(lot_name)
+            existing: LotInfo | None = ledger.get_lot(options.lot)
         except LotNotFoundError:
-            pass
-        else:
-            raise ConfigError(
-                f"a lot named {lot_name!r} already exists in {paths.state_dir}: run the demo again with "
-                f"--lot <new name> to make a new lot in this state directory, or with another --state-dir"
-            )
+            existing = None
+    if existing is None:
+        return PreparedLot(_create_lot(options, settings, passphrase))
+    if not options.resume:
+        raise ConfigError(
+            f"a lot named {options.lot!r} already exists in {paths.state_dir}: add --resume to feed more "
+            f"boards into it, or --lot <new name> for a new lot in this state directory, or use another "
+            "--state-dir"
+        )
+    return _resume_lot(options, settings, passphrase, existing)
+
+
+def _resume_lot(options: DemoOptions, settings: Settings, passphrase: bytes, info: LotInfo) -> PreparedLot:
+    paths = StationPaths(settings.station.state_dir)
+    if info.state is LotState.CLOSED:
+        raise ConfigError(f"lot {info.name!r} is closed: it cannot be resumed; use --lot <new name>")
+    if info.profile.protocol != options.profile:
+        raise ConfigError(
+            f"lot {info.name!r} is a {info.profile.protocol} lot: "
+            f"resume it with --profile {info.profile.protocol}"
+        )
+    # Opening the bundle checks the passphrase before anything runs (a wrong one is refused here).
+    BundleStore(paths.bundles, passphrase).load(info.name)
+    key_pem = paths.firmware / info.name / "signing-key.pem"
+    if key_pem.is_file():
+        key = serialization.load_pem_public_key(key_pem.read_bytes())
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            raise ConfigError(f"{key_pem} is not an EC public key")
+        fw_public = key
+    else:
+        # The lot flashes no firmware: the boards' bootloader key is never used.
+        fw_public = ec.generate_private_key(ec.SECP256R1()).public_key()
+    with Ledger.open(settings.ledger_url) as ledger:
+        available = ledger.progress(info.name).available
+        wanted = max(1, int(options.boards * ID_MARGIN) + 1)
+        if available < wanted:
+            more = "\n".join(str(uuid.uuid4()) for _ in range(wanted - available))
+            ledger.import_ids(info.name, more.encode(), filename="demo-ids-resume.txt", actor="demo")
+        if info.state is not LotState.ACTIVE:
+            ledger.set_lot_state(info.name, LotState.ACTIVE, actor="demo")
+    return PreparedLot(fw_public, boards_before=_demo_runs(paths.state_dir).get(info.name, 0))
+
+
+def _create_lot(options: DemoOptions, settings: Settings, passphrase: bytes) -> ec.EllipticCurvePublicKey:
+    paths = StationPaths(settings.station.state_dir)
+    lot_name = options.lot
     upload_passphrase = secrets.token_urlsafe(16).encode()
     pki = make_test_pki(profile_kind=options.profile, passphrase=upload_passphrase)
     fw_key = ec.generate_private_key(ec.SECP256R1())
@@ -376,10 +449,12 @@ def board_seed(seed: int, lot: str, position: int) -> int:
     return int.from_bytes(digest[:8], "big")
 
 
-def demo_board_factory(options: DemoOptions, fw_public: ec.EllipticCurvePublicKey) -> Callable[[], SimBoard]:
+def demo_board_factory(
+    options: DemoOptions, fw_public: ec.EllipticCurvePublicKey, *, first_position: int = 1
+) -> Callable[[], SimBoard]:
     """Boards in supply order, each seeded by its position (the hub calls this once per board, in order)."""
     timing = (Timing.realistic() if options.timing == "realistic" else Timing()).scaled(options.timing_scale)
-    position = 0
+    position = first_position - 1
 
     def make() -> SimBoard:
         nonlocal position
@@ -412,11 +487,12 @@ async def _run_demo(options: DemoOptions, state_dir: Path, temporary: bool) -> D
     settings = demo_settings(options, state_dir)
     await asyncio.to_thread(state_dir.mkdir, parents=True, exist_ok=True, mode=0o700)
     passphrase, passphrase_file = await asyncio.to_thread(demo_passphrase, state_dir)
-    fw_public = await asyncio.to_thread(prepare_lot, options, settings, passphrase)
+    prepared = await asyncio.to_thread(prepare_lot, options, settings, passphrase)
     config_path = write_station_config(options, settings, passphrase_file)
     tokens = await asyncio.to_thread(make_access_tokens, settings) if settings.api.enabled else None
 
-    hub = SimHub(options.ports, demo_board_factory(options, fw_public), supply=options.boards)
+    factory = demo_board_factory(options, prepared.fw_public, first_position=prepared.boards_before + 1)
+    hub = SimHub(options.ports, factory, supply=options.boards)
 
     def finished(_station: Station) -> bool:
         return hub.exhausted
@@ -439,7 +515,10 @@ async def _run_demo(options: DemoOptions, state_dir: Path, temporary: bool) -> D
             await options.on_finished(daemon)
 
     hooks.on_ready = operator
-    station = await daemon.run()
+    try:
+        station = await daemon.run()
+    finally:
+        await asyncio.to_thread(record_demo_run, state_dir, options.lot, hub.boards_inserted)
     ended = datetime.now(UTC)
     elapsed = time.monotonic() - started
     rate = daemon.live.rate(ended, station.started_at)
@@ -451,6 +530,7 @@ async def _run_demo(options: DemoOptions, state_dir: Path, temporary: bool) -> D
         hub.finished,
         lot=options.lot,
         clock=_RunClock(elapsed, rate, partial=daemon.stopped_by is not None),
+        earlier_runs=prepared.boards_before > 0,
     )
     result.state_dir_kept = not temporary
     result.config_path = config_path
@@ -520,16 +600,29 @@ async def simulated_operator(station: Station) -> None:
         await asyncio.sleep(OPERATOR_LOOK_S)
 
 
+def check_certificate(record: ProvisionedDevice, issuing_ca: x509.Certificate) -> x509.Certificate:
+    """Check a device's certificate: issued by the lot's CA, CN the device ID; raise VerificationError."""
+    cert = x509.load_der_x509_certificate(record.cert_der)
+    try:
+        cert.verify_directly_issued_by(issuing_ca)
+    except (ValueError, TypeError, InvalidSignature) as exc:
+        raise VerificationError(
+            f"{record.device_id}: certificate not issued by the lot's CA ({exc})"
+        ) from None
+    cn = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value
+    if cn != record.device_id:
+        raise VerificationError(f"{record.device_id}: certificate names {cn!r}")
+    return cert
+
+
 def check_provisioned(
     record: ProvisionedDevice, issuing_ca: x509.Certificate, boards: dict[str, SimBoard]
 ) -> None:
     """Check one provisioned device end to end; raise VerificationError naming what is wrong."""
-    cert = x509.load_der_x509_certificate(record.cert_der)
-    cert.verify_directly_issued_by(issuing_ca)
-    cn = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value
+    cert = check_certificate(record, issuing_ca)
     board = boards.get(record.hw_serial)
-    if cn != record.device_id or board is None:
-        raise VerificationError(f"{record.device_id}: CN {cn!r} or board {record.hw_serial} does not match")
+    if board is None:
+        raise VerificationError(f"{record.device_id}: board {record.hw_serial} is not one of this run's")
     if stored_certificate(board) != record.cert_der:
         raise VerificationError(f"{record.device_id}: board {record.hw_serial} holds another certificate")
     key = cert.public_key()
@@ -554,6 +647,7 @@ def _verify(
     *,
     lot: str,
     clock: _RunClock,
+    earlier_runs: bool = False,
 ) -> DemoResult:
     paths = StationPaths(settings.station.state_dir)
     with Ledger.open(settings.ledger_url) as ledger:
@@ -564,9 +658,14 @@ def _verify(
     issuing_ca = BundleStore(paths.bundles, passphrase).load(lot).certificate
     by_serial = {board_identity(b): b for b in boards}
     for record in devices:
-        if clock.partial and record.hw_serial not in by_serial:
-            continue
-        check_provisioned(record, issuing_ca, by_serial)
+        if record.hw_serial in by_serial:
+            check_provisioned(record, issuing_ca, by_serial)
+        elif clock.partial or earlier_runs:
+            # Made by an earlier (resumed) run, or still on the fixture after an early stop: its board is
+            # not here to read back, its certificate still has to be the lot CA's and name its ID.
+            check_certificate(record, issuing_ca)
+        else:
+            raise VerificationError(f"{record.device_id}: board {record.hw_serial} is not one of this run's")
     on_boards = Counter(device_id for b in boards if (device_id := stored_device_id(b)))
     failures: dict[str, int] = {}
     last_result = {}

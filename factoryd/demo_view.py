@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from datetime import UTC, datetime
 
 from rich.console import Group
@@ -12,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from factoryd.jobs.scheduler import Station
+from factoryd.telemetry.figures import JobCounts
 from factoryd.telemetry.live import LiveState
 
 REFRESH_S = 0.25
@@ -28,7 +28,7 @@ STATE_STYLES = {
 }
 
 
-def render(live: LiveState, station: Station, total: int, started: float) -> Group:
+def render(live: LiveState, station: Station, total: int) -> Group:
     """One frame of the view."""
     table = Table(title="factoryd demo line", expand=False)
     for column in ("port", "state", "step", "device id", "attempt", "note"):
@@ -43,23 +43,25 @@ def render(live: LiveState, station: Station, total: int, started: float) -> Gro
             str(update.attempt or ""),
             (update.reason or "")[:48],
         )
-    done = sum(station.outcomes.values())
-    elapsed = max(time.monotonic() - started, 1e-6)
-    outcomes = ", ".join(f"{k} {v}" for k, v in sorted(station.outcomes.items())) or "—"
-    rate = station.outcomes.get("provisioned", 0) / elapsed * 3600
+    # The same figures as the summary, `factoryd status` and /metrics (factoryd.telemetry.figures).
+    jobs = JobCounts.from_outcomes(station.outcomes)
+    now = datetime.now(UTC)
+    rate = live.rate(now, station.started_at)
     footer = Text(
-        f"{done}/{total} boards  ·  {outcomes}  ·  {rate:,.0f} devices/h  ·  {datetime.now(UTC):%H:%M:%S} UTC"
+        f"{jobs.jobs}/{total} boards  ·  provisioned {jobs.provisioned}, failed {jobs.failed}  ·  "
+        f"{rate.describe()}  ·  {now:%H:%M:%S} UTC"
     )
     return Group(table, footer)
 
 
 async def show(live: LiveState, station: Station, total: int) -> None:
-    """Refresh the view until the station stops."""
-    started = time.monotonic()
-    with Live(
-        render(live, station, total, started), refresh_per_second=1 / REFRESH_S, transient=False
-    ) as view:
-        while not station.stopping:
-            view.update(render(live, station, total, started))
-            await asyncio.sleep(REFRESH_S)
-        view.update(render(live, station, total, started))
+    """Refresh the view until the station stops, or until the terminal is gone."""
+    try:
+        with Live(render(live, station, total), refresh_per_second=1 / REFRESH_S, transient=False) as view:
+            while not station.stopping:
+                view.update(render(live, station, total))
+                await asyncio.sleep(REFRESH_S)
+            view.update(render(live, station, total))
+    except OSError:
+        # The terminal hung up (EIO): nothing to draw on. The run itself ends on the SIGHUP.
+        return

@@ -196,6 +196,16 @@ async def test_lot_life_cycle_and_conflicts(api: Api) -> None:
         duplicate = await op.post("/lots", json={"name": "lot-a", "customer": "acme"})
         assert duplicate.status_code == 409
         assert "already exists" in duplicate.json()["detail"]
+        refused = await op.post("/lots/lot-a/activate")
+        assert refused.status_code == 409
+        assert "no device IDs" in refused.json()["detail"]
+        assert "no CA bundle" in refused.json()["detail"]
+        assert (
+            await post_multipart(op, "/lots/lot-a/ids", [("ids", b"ids.txt", ids_text(UUIDS[:2]))])
+        ).is_success
+        pki = await asyncio.to_thread(make_test_pki, passphrase=BUNDLE_PASSPHRASE)
+        bundle = [("bundle", b"ca.p12", pki.pkcs12), ("passphrase", None, BUNDLE_PASSPHRASE)]
+        assert (await post_multipart(op, "/lots/lot-a/bundle", bundle)).is_success
         assert (await op.post("/lots/lot-a/activate")).json()["state"] == "active"
         assert (await op.post("/lots/lot-a/pause")).json()["state"] == "paused"
         assert (await op.post("/lots/lot-a/close")).json()["state"] == "closed"
@@ -206,8 +216,8 @@ async def test_lot_life_cycle_and_conflicts(api: Api) -> None:
         progress = (await op.get("/lots/lot-a/progress")).json()
     assert progress == {
         "lot": "lot-a",
-        "total": 0,
-        "available": 0,
+        "total": 2,
+        "available": 2,
         "reserved": 0,
         "provisioned": 0,
         "void": 0,

@@ -37,7 +37,7 @@ def test_lot_administration_and_repairs(tmp_path: Path) -> None:
     assert shown["ids"]["available"] == 3
     assert shown["profile"]["id_format"] == "uuid"
     assert "voided" in _ok("ledger", "void", "--id", ids[0], "--reason", "board crushed", "-c", config)
-    listed = json.loads(_ok("lots", "list", "-c", config))
+    listed = json.loads(_ok("lots", "list", "--json", "-c", config))
     assert listed[0]["void"] == 1
     assert listed[0]["available"] == 2
     assert "closed 0 open job(s)" in _ok("jobs", "abandon", "--station", "dead-station", "-c", config)

@@ -1,4 +1,4 @@
-"""Ledger core: lot state machine, reservations keyed by serial, provisioning, voids, jobs, async facade."""
+"""Ledger core: lot state machine, reservations keyed by serial, provisioning, voids, jobs."""
 
 from __future__ import annotations
 

@@ -273,12 +273,18 @@ async def test_close_stops_the_worker_and_refuses_later_calls(url: str) -> None:
 
 async def test_async_with_closes_even_when_the_block_fails(url: str) -> None:
     before = _workers()
-    with pytest.raises(RuntimeError, match="boom"):
+    opened: list[AsyncLedger] = []
+
+    async def use_then_fail() -> None:
         async with AsyncLedger.open(url) as aledger:
+            opened.append(aledger)
             await aledger.list_lots()
             raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        await use_then_fail()
     with pytest.raises(LedgerError, match="closed"):
-        await aledger.list_lots()
+        await opened[0].list_lots()
     assert not any(t.is_alive() for t in _workers() - before)
 
 

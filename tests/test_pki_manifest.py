@@ -235,6 +235,10 @@ class TokenLikeSigner:
         self._inner = SoftwareSigner(key, certificate)
 
     @property
+    def blocking(self) -> bool:
+        return True  # as a token's signing calls do
+
+    @property
     def certificate(self) -> x509.Certificate:
         return self._inner.certificate
 

@@ -440,7 +440,7 @@ _IMPORTS = (
     f"assert ctypes.CDLL(None).prctl({PR_GET_MDWE}, 0, 0, 0, 0) == {PR_MDWE_REFUSE_EXEC_GAIN}\n"
     "import cffi, cryptography.hazmat.bindings._rust, psycopg, pydantic_core, aiomqtt, uvicorn, fastapi\n"
     "import serial_asyncio_fast, cobs.cobs, sqlalchemy, alembic, prometheus_client, structlog\n"
-    "import factoryd.daemon, factoryd.cli\n"
+    "import factoryd.daemon, factoryd.cli.main\n"
     "print('imports ok')\n"
 )
 

@@ -48,7 +48,7 @@ from factoryd.pki.manifest import SignedManifest
 from factoryd.pki.store import BundleStore
 from factoryd.service import export_manifest, parse_bundle, store_bundle
 
-# The ledger's rule for lot names (factoryd.ledger.core refuses anything else at creation).
+# The ledger's rule for lot names (factoryd.ledger.lots refuses anything else at creation).
 LOT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # Readiness must answer quickly even when the database hangs.
 READY_TIMEOUT_S = 2.0

@@ -113,6 +113,9 @@ def demo(
     lot: Annotated[str, typer.Option(help="Lot name (a new one to run again in the same state dir).")] = (
         "demo-lot"
     ),
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Feed more boards into the lot if the state dir has it.")
+    ] = False,
     ledger_url: Annotated[str | None, typer.Option(help="Ledger URL (default SQLite in state dir).")] = None,
     no_lock: Annotated[bool, typer.Option("--no-lock", help="Do not lock secure elements.")] = False,
     no_flash: Annotated[bool, typer.Option("--no-flash", help="Skip the signed firmware update.")] = False,
@@ -148,6 +151,7 @@ def demo(
         state_dir=state_dir,
         ledger_url=ledger_url,
         lot=lot,
+        resume=resume,
         metrics=metrics,
         metrics_port=metrics_port,
         api_port=api_port,

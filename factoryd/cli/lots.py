@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 
 app = command_group("Customer lots: create, import IDs and bundles, activate.")
 
-
 LIST_COLUMNS = ("lot", "customer", "state", "total", "available", "reserved", "provisioned", "void")
 
 
@@ -135,7 +134,7 @@ def _set_state(name: str, state: str, config: Path | None) -> None:
 
 @app.command("activate")
 def lots_activate(name: str, config: ConfigOption = None) -> None:
-    """Start (or resume) provisioning a lot."""
+    """Start (or resume) provisioning a lot; refused, naming what it lacks (IDs, CA bundle, firmware)."""
     from factoryd.jobs.lots import check_activation  # noqa: PLC0415
     from factoryd.ledger import LotState  # noqa: PLC0415
     from factoryd.service import StationPaths  # noqa: PLC0415

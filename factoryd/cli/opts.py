@@ -77,11 +77,16 @@ def get_settings(config: Path | None) -> Settings:
 
 def state_dir_settings(config: Path | None) -> Settings:
     """Settings of a command that writes into the state directory, which is created if missing."""
+    settings = get_settings(config)
+    prepare_state(settings)
+    return settings
+
+
+def prepare_state(settings: Settings) -> None:
+    """Create the state directory if missing; a one-line error naming the fix if it is unusable."""
     from factoryd.service import StationPaths, prepare_state_dir  # noqa: PLC0415
 
-    settings = get_settings(config)
     guard(lambda: prepare_state_dir(StationPaths(settings.station.state_dir)))
-    return settings
 
 
 def guard(fn: Callable[[], T]) -> T:
@@ -130,7 +135,7 @@ def open_ledger(config: Path | None) -> Ledger:
     settings = get_settings(config)
     if settings.ledger.url is None:
         # The default ledger is a SQLite file in the state directory.
-        settings = state_dir_settings(config)
+        prepare_state(settings)
     return guard(lambda: Ledger.open(settings.ledger_url))
 
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from factoryd.cli.opts import ConfigOption, TokenFileOption, api_client, echo_json, guard
+
+if TYPE_CHECKING:
+    from factoryd.telemetry.figures import Rate
 
 
 def status(
@@ -26,11 +30,24 @@ def status(
         f"  ports     {data['ports_total']} total, {data['ports_enabled']} enabled, "
         f"{data['ports_busy']} busy, {data['ports_attention']} need attention"
     )
+    # The figures as the demo, the page and /metrics define them (factoryd.telemetry.figures).
     outcomes = ", ".join(f"{k} {v}" for k, v in sorted(data["outcomes"].items())) or "none yet"
-    typer.echo(f"  outcomes  {outcomes}")
-    typer.echo(f"  rate      {data['units_per_hour']:.0f} boards/h (last 10 min)")
+    typer.echo(f"  jobs      {outcomes} (this station since it started)")
+    typer.echo(f"  rate      {_rate(data).describe()}")
     for lot in data["lots"]:
         typer.echo(
             f"  lot {lot['lot']}: {lot['provisioned']} provisioned, {lot['available']} available, "
-            f"{lot['reserved']} reserved, {lot['void']} void of {lot['total']}"
+            f"{lot['reserved']} reserved, {lot['void']} void of {lot['total']} IDs (ledger, all stations)"
         )
+
+
+def _rate(data: dict[str, Any]) -> Rate:
+    """The API's rate with its window: since the station started, at most RATE_WINDOW_S."""
+    from factoryd.telemetry.figures import RATE_WINDOW_S, Rate  # noqa: PLC0415 - keep `factoryd --help` fast
+
+    started = data.get("started_at")
+    window_s = RATE_WINDOW_S
+    if started:
+        elapsed_s = (datetime.now(UTC) - datetime.fromisoformat(started)).total_seconds()
+        window_s = max(0.0, min(RATE_WINDOW_S, elapsed_s))
+    return Rate(per_hour=float(data["units_per_hour"]), window_s=window_s)

@@ -8,7 +8,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from factoryd.cli.opts import ConfigOption, command_group, echo_json, get_settings, guard, state_dir_settings
+from factoryd.cli.opts import ConfigOption, command_group, echo_json, get_settings, guard, prepare_state
 
 T = TypeVar("T")
 
@@ -23,7 +23,7 @@ def _token_store_call(config: Path | None, action: str | None, subject: str, cal
     settings = get_settings(config)
     if settings.ledger.url is None:
         # The default ledger is a SQLite file in the state directory.
-        settings = state_dir_settings(config)
+        prepare_state(settings)
 
     def body() -> T:
         # Opening the ledger migrates its schema (the api_tokens table) before the store uses it.

@@ -9,6 +9,7 @@ from cryptography import x509
 
 from factoryd.errors import FactorydError, LotStateError
 from factoryd.firmware import FirmwareStore, SignedFirmware
+from factoryd.jobs.profiles import board_profile
 from factoryd.ledger import AsyncLedger
 from factoryd.ledger.model import LOT_TRANSITIONS, LotInfo, LotProgress, LotState
 from factoryd.ledger.profile import LotProfile
@@ -36,7 +37,9 @@ class LotContext:
 
 def cert_profile(profile: LotProfile) -> CertProfile:
     """The certificate profile a lot profile asks for."""
-    return CertProfile(kind=profile.protocol, cert_validity_days=profile.cert_validity_days)
+    return CertProfile(
+        kind=board_profile(profile.protocol).cert_kind, cert_validity_days=profile.cert_validity_days
+    )
 
 
 @dataclass(frozen=True, repr=False)
@@ -90,14 +93,20 @@ def activation_gaps(info: LotInfo, progress: LotProgress, bundles_dir: Path, fir
     name = info.name
     gaps = []
     if progress.total == 0:
-        gaps.append(f"no device IDs (import the customer's list: factoryd lots import {name} FILE)")
+        gaps.append(
+            f"no device IDs (import the customer's list: factoryd lots import {name} FILE, "
+            f"or POST /lots/{name}/ids)"
+        )
     elif progress.available == 0 and progress.reserved == 0:
         gaps.append(
             f"no device ID left to provision ({progress.provisioned} provisioned, {progress.void} void "
-            f"of {progress.total}; import more with factoryd lots import {name} FILE)"
+            f"of {progress.total}; import more: factoryd lots import {name} FILE, or POST /lots/{name}/ids)"
         )
     if not (bundles_dir / name).is_dir():
-        gaps.append(f"no CA bundle (store the customer's: factoryd lots bundle {name} FILE)")
+        gaps.append(
+            f"no CA bundle (store the customer's: factoryd lots bundle {name} FILE, "
+            f"or POST /lots/{name}/bundle)"
+        )
     wanted = info.profile.firmware_sha256
     if wanted is not None:
         where = firmware_dir / name
@@ -108,7 +117,8 @@ def activation_gaps(info: LotInfo, progress: LotProgress, bundles_dir: Path, fir
         else:
             if firmware is None:
                 gaps.append(
-                    f"no firmware image in {where}, and the profile asks for firmware_sha256 {wanted}"
+                    f"no firmware image in {where}, and the profile asks for firmware_sha256 {wanted} "
+                    "(docs/operators-guide.md, 'Running a lot')"
                 )
             elif firmware.sha256.hex() != wanted:
                 gaps.append(

@@ -6,8 +6,9 @@ release to the operator. What is shared by every board profile lives here (power
 job retries, the step runner, the in-flight claim, the ledger binding, recording, telemetry);
 the board-specific part is the profile's ``BoardSession`` (``jobs/board.py``, ``jobs/profiles.py``).
 
-Retries: the client's request engine resends frames; a step is retried (tenacity) on transient board errors;
-a job is power-cycled and restarted on link/hub/timeout errors or when step retries run out.
+Retries: the client's request engine resends frames; a step is retried (tenacity) on transient
+board errors; a job is power-cycled and restarted on link/hub/timeout errors or when step retries
+run out.
 Restarting is safe because the ledger binds the ID to the secure-element serial first (rule 1).
 Permanent errors (bad CSR, refused firmware, exhausted lot) fail at once with their reason.
 """
@@ -238,7 +239,7 @@ class Pipeline:
                 f"board answered with serial {serial} after starting as {job.hw_serial}"
             )
         self._port(port, PortState.PROVISIONING, lot.name, step=session.identify_step, job=job)
-        host = _Host(self, job, serial)
+        host = _Host(self, job)
 
         finished = await session.existing(host)
         if finished is not None:
@@ -488,7 +489,11 @@ class _Host:
 
     pipeline: Pipeline
     job: _Job
-    hw_serial: str
+
+    @property
+    def hw_serial(self) -> str:
+        """The serial the job is bound to."""
+        return self.job.hw_serial
 
     @property
     def lot(self) -> LotContext:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from factoryd.jobs.arduino import ArduinoSession
 from factoryd.jobs.board import SessionFactory
 from factoryd.jobs.native import NativeSession
+from factoryd.pki.profile import ProfileKind
 from factoryd.protocol.arduino import ArduinoClient
 from factoryd.protocol.native import BoardClient
 from factoryd.transport.arduino_framing import ArduinoDecoder
@@ -39,14 +40,20 @@ class BoardProfile:
     framer: Callable[[], Decoder]
     client: type
     session: SessionFactory
+    # The certificate profile its boards get (pki/profile.py): the device certificate layout.
+    cert_kind: ProfileKind
     summary: str
 
 
 PROFILES: dict[str, BoardProfile] = {
     profile.name: profile
     for profile in (
-        BoardProfile("factoryd-v1", FrameDecoder, BoardClient, NativeSession, "factoryd firmware"),
-        BoardProfile("arduino-v1", ArduinoDecoder, ArduinoClient, ArduinoSession, "Arduino sketch"),
+        BoardProfile(
+            "factoryd-v1", FrameDecoder, BoardClient, NativeSession, "factoryd-v1", "factoryd firmware"
+        ),
+        BoardProfile(
+            "arduino-v1", ArduinoDecoder, ArduinoClient, ArduinoSession, "arduino-v1", "Arduino sketch"
+        ),
     )
 }
 

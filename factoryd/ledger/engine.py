@@ -133,7 +133,7 @@ class LedgerBase:
     """Connections, transactions and the audit trail that every part of the ledger runs on."""
 
     def __init__(self, engine: Engine) -> None:
-        """Wrap an engine whose database is already at head."""
+        """Wrap an engine whose database is already at head; use ``Ledger.open`` instead."""
         self._engine = engine
         self._write_engine = engine.execution_options(**{WRITE_OPTION: True})
         self._is_postgres = engine.dialect.name == "postgresql"

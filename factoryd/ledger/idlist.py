@@ -20,7 +20,6 @@ from factoryd.ledger.tables import ID_MAX_CHARS
 
 # 16 MiB holds ~400 000 UUIDs with a little metadata: a large order, still one transaction.
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024
-FORMATS = ("csv", "json", "txt")
 _FORMAT_ALIASES = {"csv": "csv", "json": "json", "txt": "txt", "text": "txt", "plain": "txt"}
 _EXTENSIONS = {".csv": "csv", ".json": "json", ".txt": "txt", ".lst": "txt", ".list": "txt", ".ids": "txt"}
 _UTF8_BOM = b"\xef\xbb\xbf"
@@ -149,8 +148,8 @@ def _sniff(text: str) -> str:
     return "txt"
 
 
-def _parse_txt(text: str, problems: _Problems) -> Iterator[ParsedId]:
-    del problems  # plain text has no structure that can be wrong
+def _parse_txt(text: str) -> Iterator[ParsedId]:
+    # Plain text has no structure that can be wrong: each non-blank line that is no # comment is an ID.
     for number, raw in enumerate(text.split("\n"), start=1):
         line = raw.strip()
         if line and not line.startswith("#"):
@@ -333,7 +332,7 @@ def parse_id_list(
     elif resolved == "json":
         parsed = list(_parse_json(text, problems, source))
     else:
-        parsed = list(_parse_txt(text, problems))
+        parsed = list(_parse_txt(text))
     first_seen: dict[str, int] = {}
     for item in parsed:
         problem = validate(item.device_id)

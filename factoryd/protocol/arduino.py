@@ -12,11 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
-from types import TracebackType
 from typing import Self
 
 from factoryd.errors import BoardStatusError, ProtocolViolationError
-from factoryd.protocol.engine import EXCLUSIVE_KEY, RequestEngine, RequestStats, Route
+from factoryd.protocol.engine import EXCLUSIVE_KEY, EngineClient, RequestEngine, Route
 from factoryd.transport.arduino_framing import (
     ARDUINO_BAUDRATE,
     BOARD_BUFFER_BYTES,
@@ -160,7 +159,7 @@ class _ArduinoReplies:
 _REPLIES = _ArduinoReplies()
 
 
-class ArduinoClient:
+class ArduinoClient(EngineClient[ArduinoFrame, ArduinoCommand]):
     """Typed access to one board running Arduino's provisioning sketch; one request at a time."""
 
     def __init__(
@@ -173,10 +172,11 @@ class ArduinoClient:
         self.link = link
         self.timeouts = timeouts or ArduinoTimeouts()
         self.resends = resends
-        self._engine: RequestEngine[ArduinoFrame, ArduinoCommand] = RequestEngine(
-            link, _REPLIES, resends=resends, exclusive=True, late_reply_s=self.timeouts.late_reply_s
+        super().__init__(
+            RequestEngine(
+                link, _REPLIES, resends=resends, exclusive=True, late_reply_s=self.timeouts.late_reply_s
+            )
         )
-        self.stats: RequestStats = self._engine.stats
 
     @classmethod
     async def open(
@@ -190,23 +190,6 @@ class ArduinoClient:
         """Open the tty at path and return a client on it."""
         link = await SerialLink.open(path, ArduinoDecoder(), baudrate=baudrate)
         return cls(link, timeouts=timeouts, resends=resends)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        """Close the link; a pending request fails with LinkClosedError."""
-        await self._engine.close()
-
-    @property
-    def pending(self) -> int:
-        """Requests waiting for a reply (0 when idle; tests check nothing is left behind)."""
-        return self._engine.pending
 
     # Commands -----------------------------------------------------------------------------
 

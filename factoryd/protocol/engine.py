@@ -30,7 +30,8 @@ import asyncio
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum, IntEnum
-from typing import Any, Generic, Protocol, TypeVar
+from types import TracebackType
+from typing import Any, Generic, Protocol, Self, TypeVar
 
 import structlog
 
@@ -358,3 +359,28 @@ class RequestEngine(Generic[F, C]):
         if exc is not None:
             error.__cause__ = exc
         self._fail_all(error)
+
+
+class EngineClient(Generic[F, C]):
+    """What every client on the engine shares: an async context manager, ``close``, ``pending``, ``stats``."""
+
+    def __init__(self, engine: RequestEngine[F, C]) -> None:
+        self._engine = engine
+        self.stats: RequestStats = engine.stats
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the link; pending requests fail with LinkClosedError."""
+        await self._engine.close()
+
+    @property
+    def pending(self) -> int:
+        """Requests waiting for a reply (0 when idle; tests check nothing is left behind)."""
+        return self._engine.pending

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Self, TypeVar
 
 import structlog
@@ -27,7 +26,7 @@ from factoryd.errors import (
     ProtocolViolationError,
     ReadbackMismatchError,
 )
-from factoryd.protocol.engine import RequestEngine, RequestStats, Route
+from factoryd.protocol.engine import EngineClient, RequestEngine, Route
 from factoryd.protocol.messages import (
     IDENTITY_SLOT,
     MAX_FW_CHUNK,
@@ -141,7 +140,7 @@ class _NativeReplies:
         self._client._board_booted(frame)
 
 
-class BoardClient:
+class BoardClient(EngineClient[Frame, Command]):
     """Typed access to one board; one instance per open link."""
 
     def __init__(
@@ -156,10 +155,7 @@ class BoardClient:
         self.resends = resends
         self.last_boot: BoardInfo | None = None
         self.booted = asyncio.Event()
-        self._engine: RequestEngine[Frame, Command] = RequestEngine(
-            link, _NativeReplies(self), resends=resends
-        )
-        self.stats: RequestStats = self._engine.stats
+        super().__init__(RequestEngine(link, _NativeReplies(self), resends=resends))
 
     @classmethod
     async def open(
@@ -168,23 +164,6 @@ class BoardClient:
         """Open the tty at path and return a client on it."""
         link = await SerialLink.open(path, FrameDecoder(), baudrate=baudrate)
         return cls(link, timeouts=timeouts, resends=resends)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        """Close the link; pending requests fail with LinkClosedError."""
-        await self._engine.close()
-
-    @property
-    def pending(self) -> int:
-        """Requests waiting for a reply (0 when idle; tests check nothing is left behind)."""
-        return self._engine.pending
 
     async def request(self, request: RequestFor[R]) -> R:
         """Send a request; return its reply, decoded as the type the request names."""

@@ -68,8 +68,9 @@ STEP_TEXT: dict[Step, str] = {
 UNKNOWN_STEP_TEXT = "Working on the board"
 UNKNOWN_STEP_SHOWN_CHARS = 40
 
-# Each board profile (LotProfile.protocol) with its steps in the order its job runs them: the
-# scale of the slot's progress bar. Power and USB count too, so a bar never starts at zero.
+# Each board profile (factoryd.jobs.profiles, LotProfile.protocol) with its steps in the order its
+# job runs them: the scale of the slot's progress bar. Power and USB count too, so a bar never
+# starts at zero. tests/test_page.py fails when a registered profile has no sequence here.
 STEP_SEQUENCES: dict[str, tuple[Step, ...]] = {
     "factoryd-v1": (
         Step.POWER,

@@ -1,0 +1,125 @@
+"""The hot path's compiled statements: typed rows checked at compile time, SQLAlchemy's processors applied."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from sqlalchemy import bindparam
+from sqlalchemy import select as core_select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Dialect
+
+from factoryd.errors import LedgerError
+from factoryd.ledger.hot import LOT, Command, DeviceRowView, HotStatements, LotIdRow, LotStateRow, Query, Tx
+
+SQLITE = sqlite.dialect(paramstyle="named")
+RESERVED_AT = datetime(2026, 3, 7, 14, 0, 1, 500, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    "dialect", [sqlite.dialect(), postgresql.psycopg.dialect()], ids=["sqlite", "postgresql"]
+)
+def test_every_statement_compiles_for_both_backends(dialect: Dialect) -> None:
+    statements = HotStatements.compile(dialect)
+    fields = dataclasses.fields(statements)
+    assert len(fields) == 23
+    for field in fields:
+        compiled = getattr(statements, field.name)
+        assert isinstance(compiled, Command), field.name
+        assert compiled.sql.split()[0] in ("SELECT", "INSERT", "UPDATE"), field.name
+    if dialect.name == "postgresql":
+        assert "FOR UPDATE SKIP LOCKED" in statements.claim.sql
+        assert "FOR SHARE" in statements.lot_shared.sql
+    else:
+        # SQLite renders no row locks, and binds by name so one parameter dict serves both drivers.
+        assert "FOR UPDATE" not in statements.claim.sql
+        assert ":lot_id" in statements.claim.sql
+
+
+def test_a_query_whose_row_type_does_not_match_its_columns_is_refused() -> None:
+    statement = core_select(LOT.c.id, LOT.c.state).where(LOT.c.name == bindparam("name"))
+    with pytest.raises(LedgerError, match=r"returns columns \('id', 'state'\), its row type has \('id',\)"):
+        Query(statement, SQLITE, LotIdRow._make, LotIdRow._fields)
+    assert Query(statement, SQLITE, LotStateRow._make, LotStateRow._fields).sql.startswith("SELECT")
+
+
+def test_a_statement_needing_per_execution_rendering_is_refused() -> None:
+    expanding = core_select(LOT.c.id).where(LOT.c.name.in_(bindparam("names", expanding=True)))
+    with pytest.raises(LedgerError, match="per-execution rendering"):
+        Query(expanding, SQLITE, LotIdRow._make, LotIdRow._fields)
+
+
+def _raw_device(reserved_at: str | None, metadata: str) -> tuple[object, ...]:
+    """A device row as the sqlite3 driver returns it (text timestamps, JSON as text)."""
+    return (
+        7,
+        "dev-1",
+        "reserved",
+        metadata,
+        "se-1",
+        "st1",
+        "3",
+        None,
+        reserved_at,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+def test_rows_get_sqlalchemys_result_processing() -> None:
+    query = HotStatements.compile(sqlite.dialect()).device_by_serial
+    row = query.make_row(_raw_device("2026-03-07 14:00:01.000500", '{"batch": "7"}'))
+    assert isinstance(row, DeviceRowView)
+    assert row.metadata == {"batch": "7"}
+    assert row.reserved_at == RESERVED_AT.replace(tzinfo=None)
+    assert (row.id, row.device_id, row.hw_serial, row.provisioned_at) == (7, "dev-1", "se-1", None)
+    # NULLs stay None instead of going through a processor.
+    assert query.make_row(_raw_device(None, "{}")).reserved_at is None
+
+
+def test_parameters_get_defaults_and_bind_processing() -> None:
+    statements = HotStatements.compile(sqlite.dialect())
+    params = statements.reserve.params({"row_id": 7, "b_at": RESERVED_AT, "b_job_id": None})
+    # The literal state is a default of the compiled statement; SQLite stores datetimes as text.
+    assert "reserved" in params.values()
+    assert params["b_at"] == "2026-03-07 14:00:01.000500"
+    assert params["row_id"] == 7
+    assert params["b_job_id"] is None
+
+
+class _Cursor:
+    """A DBAPI cursor stand-in that returns canned rows."""
+
+    def __init__(self, rows: list[tuple[Any, ...]], rowcount: int = 0) -> None:
+        self.rows = rows
+        self.rowcount = rowcount
+        self.executed: list[tuple[str, Mapping[str, Any]]] = []
+
+    def execute(self, sql: str, params: Mapping[str, Any], /) -> object:
+        self.executed.append((sql, params))
+        return self
+
+    def fetchone(self) -> Sequence[Any] | None:
+        return self.rows[0] if self.rows else None
+
+    def fetchall(self) -> Sequence[Sequence[Any]]:
+        return self.rows
+
+
+def test_tx_runs_the_compiled_sql_and_types_the_rows() -> None:
+    statements = HotStatements.compile(sqlite.dialect())
+    empty = _Cursor([])
+    assert Tx(empty).first(statements.lot_id, {"name": "lot-a"}) is None
+    assert empty.executed == [(statements.lot_id.sql, {"name": "lot-a"})]
+    found = Tx(_Cursor([(4, "active")])).first(statements.lot_shared, {"name": "lot-a"})
+    assert found == LotStateRow(id=4, state="active")
+    counts = Tx(_Cursor([("available", 3), ("void", 1)])).all(statements.count_by_state, {"lot_id": 4})
+    assert [(c.state, c.ids) for c in counts] == [("available", 3), ("void", 1)]
+    assert Tx(_Cursor([], rowcount=2)).execute(statements.abandon_jobs, {"station": "st1"}) == 2

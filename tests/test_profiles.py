@@ -1,0 +1,59 @@
+"""The board-profile registry: every profile has its four parts, and lots name only registered ones."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+from pydantic import ValidationError
+
+from factoryd.jobs.board import BoardSession
+from factoryd.jobs.profiles import PROFILES, board_profile, profile_names
+from factoryd.jobs.steps import Step
+from factoryd.ledger.profile import LotProfile
+from factoryd.sim.board import SimBoard
+from factoryd.sim.profiles import SIM_BOARDS
+
+
+def test_the_two_profiles_are_registered() -> None:
+    assert profile_names() == ("factoryd-v1", "arduino-v1")
+
+
+@pytest.mark.parametrize("name", list(PROFILES))
+def test_every_profile_has_framer_client_job_and_sim_board(name: str) -> None:
+    profile = board_profile(name)
+    assert profile.name == name
+    decoder = profile.framer()
+    assert decoder.feed(b"") == []
+    assert decoder.take_errors() == 0
+    assert profile.client.__module__.startswith("factoryd.protocol.")
+    assert callable(profile.client.open)
+    assert profile.session.__module__.startswith("factoryd.jobs.")  # type: ignore[attr-defined]
+    for method in ("identify", "existing", "provision", "__aenter__", "__aexit__"):
+        assert inspect.iscoroutinefunction(getattr(profile.session, method)), method
+    assert isinstance(profile.session.identify_step, Step)  # type: ignore[attr-defined]
+    assert callable(getattr(profile.session, "link_counters", None))
+    assert issubclass(SIM_BOARDS[name], SimBoard)
+
+
+def test_the_sim_table_names_exactly_the_registered_profiles() -> None:
+    assert set(SIM_BOARDS) == set(PROFILES)
+
+
+def test_session_protocol_names_what_the_pipeline_calls() -> None:
+    members = {"identify", "existing", "provision", "link_counters", "identify_step"}
+    assert members <= set(dir(BoardSession))
+
+
+def test_unknown_profile_is_refused_with_the_known_names() -> None:
+    with pytest.raises(ValueError, match=r"unknown board profile 'mcumgr'; known: factoryd-v1, arduino-v1"):
+        board_profile("mcumgr")
+
+
+def test_lot_profile_refuses_an_unknown_protocol_naming_the_known_ones() -> None:
+    with pytest.raises(
+        ValidationError, match=r"unknown board protocol 'nrf91-at'; known: factoryd-v1, arduino-v1"
+    ):
+        LotProfile(protocol="nrf91-at")
+    assert LotProfile(protocol="arduino-v1").protocol == "arduino-v1"
+    assert LotProfile().protocol == "factoryd-v1"
