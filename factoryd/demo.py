@@ -449,27 +449,41 @@ def board_seed(seed: int, lot: str, position: int) -> int:
     return int.from_bytes(digest[:8], "big")
 
 
-def demo_board_factory(
-    options: DemoOptions, fw_public: ec.EllipticCurvePublicKey, *, first_position: int = 1
-) -> Callable[[], SimBoard]:
-    """Boards in supply order, each seeded by its position (the hub calls this once per board, in order)."""
-    timing = (Timing.realistic() if options.timing == "realistic" else Timing()).scaled(options.timing_scale)
-    position = first_position - 1
+class DemoSupply:
+    """The simulated operator's supply of boards, each seeded by its position (1 = the first one fed in).
 
-    def make() -> SimBoard:
-        nonlocal position
-        position += 1
+    The hub calls it once per board, in supply order; ``positions`` maps each board's station serial
+    (``board_identity``) to its position.
+    """
+
+    def __init__(
+        self, options: DemoOptions, fw_public: ec.EllipticCurvePublicKey, *, first_position: int = 1
+    ) -> None:
+        self._options = options
+        self._fw_public = fw_public
+        self._timing = (Timing.realistic() if options.timing == "realistic" else Timing()).scaled(
+            options.timing_scale
+        )
+        self._next = first_position
+        self.positions: dict[str, int] = {}
+
+    def __call__(self) -> SimBoard:
+        """The next board of the supply."""
+        options, timing, position = self._options, self._timing, self._next
+        self._next += 1
         seed = board_seed(options.seed, options.lot, position)
         faults = FaultPlan.uniform(options.fault_rate, seed=seed, per_power_on=True)
         se = SimSecureElement(serial=seeded_se_serial(seed))
+        board: SimBoard
         if options.profile == "arduino-v1":
             # Arduino's sketch: its own board model, serial line at 57600 baud.
             arduino_timing = replace(timing, baudrate=ARDUINO_BAUDRATE) if timing.baudrate else timing
             usb_serial = hashlib.sha256(f"usb/{seed}".encode()).hexdigest()[: 2 * USB_SERIAL_BYTES].upper()
-            return SimArduinoBoard(se=se, faults=faults, timing=arduino_timing, usb_serial=usb_serial)
-        return SimBoard(se=se, faults=faults, timing=timing, firmware_key=fw_public)
-
-    return make
+            board = SimArduinoBoard(se=se, faults=faults, timing=arduino_timing, usb_serial=usb_serial)
+        else:
+            board = SimBoard(se=se, faults=faults, timing=timing, firmware_key=self._fw_public)
+        self.positions[board_identity(board)] = position
+        return board
 
 
 async def run_demo(options: DemoOptions) -> DemoResult:
@@ -491,8 +505,8 @@ async def _run_demo(options: DemoOptions, state_dir: Path, temporary: bool) -> D
     config_path = write_station_config(options, settings, passphrase_file)
     tokens = await asyncio.to_thread(make_access_tokens, settings) if settings.api.enabled else None
 
-    factory = demo_board_factory(options, prepared.fw_public, first_position=prepared.boards_before + 1)
-    hub = SimHub(options.ports, factory, supply=options.boards)
+    supply = DemoSupply(options, prepared.fw_public, first_position=prepared.boards_before + 1)
+    hub = SimHub(options.ports, supply, supply=options.boards)
 
     def finished(_station: Station) -> bool:
         return hub.exhausted
@@ -529,6 +543,7 @@ async def _run_demo(options: DemoOptions, state_dir: Path, temporary: bool) -> D
         station,
         hub.finished,
         lot=options.lot,
+        positions=supply.positions,
         clock=_RunClock(elapsed, rate, partial=daemon.stopped_by is not None),
         earlier_runs=prepared.boards_before > 0,
     )
@@ -646,6 +661,7 @@ def _verify(
     boards: list[SimBoard],
     *,
     lot: str,
+    positions: dict[str, int],
     clock: _RunClock,
     earlier_runs: bool = False,
 ) -> DemoResult:
@@ -675,12 +691,12 @@ def _verify(
             key = result.reason or "unknown"
             failures[key] = failures.get(key, 0) + 1
     outcomes: list[BoardOutcome] = []
-    for board in sorted(boards, key=lambda b: b.sequence):
+    for board in sorted(boards, key=lambda b: positions.get(board_identity(b), 0)):
         serial = board_identity(board)
         final = last_result.get(serial)
         outcomes.append(
             BoardOutcome(
-                position=board.sequence,
+                position=positions.get(serial, 0),
                 serial=serial,
                 outcome=final.outcome if final is not None else "not run",
                 reason=final.reason if final is not None else None,

@@ -21,7 +21,7 @@ from sqlmodel import Session, col, select
 
 from factoryd.api.tokens import Role
 from factoryd.errors import ConfigError
-from factoryd.ledger.core import create_ledger_engine
+from factoryd.ledger.engine import create_ledger_engine
 from factoryd.ledger.tables import AuditEntryRow
 from factoryd.pki.manifest import verify_manifest
 from factoryd.pki.store import BundleStore

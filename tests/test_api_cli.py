@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from factoryd.api import TokenStore
 from factoryd.cli.main import app
 from factoryd.ledger import Ledger
-from factoryd.ledger.core import create_ledger_engine
+from factoryd.ledger.engine import create_ledger_engine
 from factoryd.ledger.tables import AuditEntryRow
 
 

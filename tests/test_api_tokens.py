@@ -19,7 +19,7 @@ from factoryd.api.errors import TokenExistsError, TokenNotFoundError, TokenRejec
 from factoryd.api.tokens import LAST_USED_RESOLUTION_S, ApiTokenRow, Role, TokenStore
 from factoryd.errors import InputError
 from factoryd.ledger import Ledger
-from factoryd.ledger.core import create_ledger_engine
+from factoryd.ledger.engine import create_ledger_engine
 from factoryd.ledger.migrate import alembic_config
 from factoryd.ledger.testing import throwaway_postgres_database
 

@@ -39,7 +39,7 @@ from factoryd.jobs.profiles import profile_names
 from factoryd.jobs.scheduler import PortControl, Station
 from factoryd.jobs.steps import Step
 from factoryd.ledger import LotProfile, LotState
-from factoryd.ledger.core import create_ledger_engine
+from factoryd.ledger.engine import create_ledger_engine
 from factoryd.ledger.model import LotInfo, LotProgress
 from factoryd.ledger.tables import AuditEntryRow
 from factoryd.telemetry.events import JobEvent, JobEventKind, LotProgressUpdate, PortState, PortUpdate
@@ -182,6 +182,13 @@ async def test_actions_need_an_operator_a_csrf_token_and_the_same_origin(api: Ap
         paused = await client.post(pause, headers=same)
         assert paused.status_code == 200, paused.text
         assert paused.json() == {"ok": True, "lot": "lot-1", "state": "paused"}
+        # Resuming checks the lot as `lots activate` does: no IDs and no bundle → refused, still paused.
+        refused_resume = await client.post("/station/actions/lots/lot-1/resume", headers=same)
+        assert refused_resume.status_code == 409
+        assert "no CA bundle" in refused_resume.json()["detail"]
+        assert "no device IDs" in refused_resume.json()["detail"]
+        assert (await api.ledger.get_lot("lot-1")).state is LotState.PAUSED
+        await api.make_provisionable("lot-1")
         resumed = await client.post("/station/actions/lots/lot-1/resume", headers=same)
         assert resumed.json()["state"] == "active"
         assert (await client.post("/station/actions/lots/nope/pause", headers=same)).status_code == 404

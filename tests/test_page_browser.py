@@ -24,7 +24,7 @@ from factoryd.config import Settings
 from factoryd.daemon import Daemon, DaemonHooks
 from factoryd.jobs.scheduler import Station
 from factoryd.ledger import LotState
-from factoryd.ledger.core import create_ledger_engine
+from factoryd.ledger.engine import create_ledger_engine
 from factoryd.ledger.tables import AuditEntryRow
 from factoryd.sim.board import Fault, FaultPlan, SimBoard, Timing
 from factoryd.sim.hub import SimHub

@@ -20,13 +20,13 @@ from structlog.testing import capture_logs
 
 from factoryd.errors import ConfigError, SignerError
 from factoryd.jobs.lots import load_lot_context
-from factoryd.ledger.model import LotInfo, LotState
+from factoryd.ledger.model import LotInfo, LotState, ProvisionedDevice
 from factoryd.ledger.profile import LotProfile
 from factoryd.pki import pkcs11 as p11
 from factoryd.pki.bundle import CaBundle, chain_pem, load_pkcs12_bundle
 from factoryd.pki.issuer import IssuedCertificate, Issuer
 from factoryd.pki.keyimport import import_key_to_token
-from factoryd.pki.manifest import ManifestRecord, build_manifest, verify_manifest
+from factoryd.pki.manifest import build_manifest, verify_manifest
 from factoryd.pki.passphrase import Secret
 from factoryd.pki.pkcs11 import (
     REFERENCE_FILE,
@@ -245,15 +245,17 @@ def test_wrong_pin_is_refused_without_showing_it(softhsm: str, p256_ca: TokenCa)
 def test_manifest_signed_on_token_verifies(p256_ca: TokenCa) -> None:
     issuer = Issuer(p256_ca.signer, p256_ca.bundle.chain, CertProfile())
     issued = _issue(issuer, "manifest-dev-1")
-    record = ManifestRecord(
+    record = ProvisionedDevice(
         device_id="manifest-dev-1",
+        lot="lot-p256",
         hw_serial="0123aa",
-        cert_pem=issued.pem,
+        cert_der=issued.der,
         cert_serial=issued.serial_hex,
         fingerprint_sha256=issued.fingerprint_sha256,
         provisioned_at=dt.datetime.now(dt.UTC),
         station="st1",
         port="1",
+        metadata={},
     )
     manifest = build_manifest("lot-p256", [record], p256_ca.signer, p256_ca.bundle.chain)
     document = verify_manifest(manifest.json_bytes, manifest.signature_der, [p256_ca.root])

@@ -28,7 +28,7 @@ from sqlmodel import Field, Session, SQLModel, col, select
 from factoryd.api.errors import TokenExistsError, TokenNotFoundError, TokenRejectedError
 from factoryd.errors import InputError, LedgerError
 from factoryd.ledger.audit import as_utc
-from factoryd.ledger.core import create_ledger_engine
+from factoryd.ledger.engine import create_ledger_engine
 from factoryd.ledger.errors import LedgerUnavailableError
 
 TOKEN_PREFIX = "fdt_"  # noqa: S105 - a public prefix, not a secret

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -14,10 +15,12 @@ from factoryd.api import ApiContext, TokenStore, UploadLimits, create_app, serve
 from factoryd.config import Settings, load_settings
 from factoryd.jobs.scheduler import Station
 from factoryd.ledger import AsyncLedger, LotProfile
-from factoryd.service import StationPaths
+from factoryd.pki.testca import make_test_pki
+from factoryd.service import StationPaths, parse_bundle, store_bundle
 from factoryd.telemetry.live import LiveState
 
 STATION_PASSPHRASE = b"station-passphrase-for-tests"
+TEST_BUNDLE_PASSPHRASE = b"bundle-passphrase-for-tests"
 # Small limits so refusals are quick to provoke; the bundle limit stays at the real 1 MiB.
 TEST_LIMITS = UploadLimits(id_list_bytes=64 * 1024, json_bytes=16 * 1024, overhead_bytes=8 * 1024)
 ROLES = ("admin", "operator", "supervisor")
@@ -48,6 +51,15 @@ class Api:
         await self.ledger.create_lot(
             name, customer=customer, profile=profile or LotProfile(), target_quantity=None, actor="test"
         )
+
+    async def make_provisionable(self, name: str, *, ids: int = 4) -> None:
+        """Give a lot what activation checks for: device IDs and a CA bundle (a fresh test PKI)."""
+        lot = await self.ledger.get_lot(name)
+        id_list = "".join(f"{uuid.uuid4()}\n" for _ in range(ids)).encode()
+        await self.ledger.import_ids(name, id_list, filename="ids.txt", actor="test")
+        pki = await asyncio.to_thread(make_test_pki, passphrase=TEST_BUNDLE_PASSPHRASE)
+        bundle = parse_bundle(pki.pkcs12, TEST_BUNDLE_PASSPHRASE, lot)
+        store_bundle(self.ctx.paths, STATION_PASSPHRASE, name, bundle)
 
 
 def api_settings(state_dir: Path, **overrides: object) -> Settings:

@@ -36,6 +36,7 @@ from factoryd.api.page.sessions import (
     session_signer,
 )
 from factoryd.api.routes import LOT_NAME
+from factoryd.jobs.lots import check_activation
 from factoryd.ledger import LotState
 
 log = structlog.get_logger(__name__)
@@ -243,7 +244,11 @@ async def _lot_action(ctx: ApiContext, who: Principal, lot: str, state: LotState
     if not LOT_NAME.fullmatch(lot):
         raise HTTPException(404, f"no lot named {lot!r}")
     verb = "pause" if state is LotState.PAUSED else "resume"
-    await ctx.ledger.get_lot(lot)  # 404 before anything is written
+    info = await ctx.ledger.get_lot(lot)  # 404 before anything is written
+    if state is LotState.ACTIVE:
+        # The same check as `lots activate` and the API: a lot that cannot be provisioned stays paused.
+        progress = await ctx.ledger.progress(info.name)
+        await asyncio.to_thread(check_activation, info, progress, ctx.paths.bundles, ctx.paths.firmware)
     await _audit(ctx, who, f"lot.{verb}", lot)
     info = await ctx.ledger.set_lot_state(lot, state, actor=who.name)
     log.info("station page action", actor=who.name, action=verb, lot=lot)
