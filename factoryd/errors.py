@@ -12,6 +12,7 @@ inherit :class:`TimeoutError` so ``except TimeoutError`` keeps working.
     ├── InputError                        bad input from a user/customer; nothing was changed
     │   ├── IdListError                   an ID list refused whole (line and problem named)
     │   ├── BundleError                   a certificate bundle refused (reason named)
+    │   ├── McubootImageError             mcuboot.py: an MCUboot image refused (the problem named)
     │   ├── TokenExistsError              api/errors.py: an API token name is taken
     │   └── TokenNotFoundError            api/errors.py: no such API token
     ├── LinkError                         serial link layer            (transient = True)

@@ -100,9 +100,17 @@ class SignatureType(StrEnum):
     ED25519 = "Ed25519"
 
 
+class KeyFormat(StrEnum):
+    """How an image names its signing key (imgtool `--public-key-format`); an MCUboot build takes one."""
+
+    HASH = "hash"  # KEYHASH TLV: stock MCUboot, keys built into the bootloader
+    FULL = "full"  # PUBKEY TLV: MCUBOOT_HW_KEY builds, which check the key against a hash in hardware
+
+
 SigningPublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
 
 _ENCRYPTED_FLAGS = ImageFlag.ENCRYPTED_AES128 | ImageFlag.ENCRYPTED_AES256
+_KEY_FORMAT_WORDS = {KeyFormat.HASH: "by its hash (KEYHASH TLV)", KeyFormat.FULL: "in full (PUBKEY TLV)"}
 _ENCRYPTION_FLAG_NAMES = (
     (ImageFlag.ENCRYPTED_AES128, "AES-128 flag"),
     (ImageFlag.ENCRYPTED_AES256, "AES-256 flag"),
@@ -117,7 +125,16 @@ _SIG_TLVS = frozenset(
 # MCUBOOT_USE_TLV_ALLOW_LIST: only these may sit in the unprotected area, which the signature does not
 # cover. Anything else there (a SEC_CNT, a DEPENDENCY) could be added or changed by anyone.
 _UNPROTECTED_ALLOWED = frozenset(
-    {TlvType.KEYHASH, TlvType.PUBKEY, TlvType.SHA256, TlvType.SHA384, TlvType.SHA512, *_SIG_TLVS, *_ENC_TLVS}
+    {
+        TlvType.KEYHASH,
+        TlvType.PUBKEY,
+        TlvType.SHA256,
+        TlvType.SHA384,
+        TlvType.SHA512,
+        TlvType.SIG_PURE,
+        *_SIG_TLVS,
+        *_ENC_TLVS,
+    }
 )
 _HASH_TLV = {
     SignatureType.ECDSA_P256: TlvType.SHA256,
@@ -150,6 +167,7 @@ class McubootImage:
     load_addr: int
     flags: int
     key_hash: str  # hex hash of the signing key as MCUboot embeds it (SubjectPublicKeyInfo DER)
+    key_format: KeyFormat  # the key TLV before the valid signature: KEYHASH or PUBKEY
     signature_type: SignatureType
     total_size: int  # header + body + both TLV areas: what must fit the slot before its trailer
     file_size: int  # total_size plus any padding (`imgtool sign --pad`) or trailing bytes
@@ -161,7 +179,6 @@ class _Tlv:
     type: int
     offset: int  # of the value
     value: bytes
-    protected: bool
 
 
 def _tlv_name(tlv_type: int) -> str:
@@ -258,7 +275,7 @@ def _read_area(data: bytes, offset: int, *, protected: bool) -> tuple[int, list[
                 f"TLV {_tlv_name(tlv_type)} at offset 0x{pos:x} (length {length}) "
                 f"runs past the end of {limit}"
             )
-        tlvs.append(_Tlv(tlv_type, value_at, data[value_at : value_at + length], protected))
+        tlvs.append(_Tlv(tlv_type, value_at, data[value_at : value_at + length]))
         pos = value_at + length
     return end, tlvs
 
@@ -357,6 +374,64 @@ def _signature_valid(key: SigningPublicKey, kind: SignatureType, sig: bytes, dig
     return True
 
 
+def _check_signature(
+    tlvs: list[_Tlv], signing_key: SigningPublicKey, lot_type: SignatureType, digest: bytes
+) -> tuple[KeyFormat, bytes]:
+    """Find a signature by the lot's key as bootutil_img_validate does; return the key TLV kind and hash."""
+    hash_tlv, sig_tlv = _HASH_TLV[lot_type], _SIG_TLV[lot_type]
+    lot_key = public_key_bytes(signing_key)
+    lot_key_hash = _digest(hash_tlv, lot_key)
+    foreign_key_hash: bytes | None = None  # the first key TLV naming another key
+    names_lot_key = False  # some key TLV names the lot's key
+    checked = False  # a signature TLV followed such a key TLV
+    valid: KeyFormat | None = None  # set by the first signature that verifies
+    key_matches: KeyFormat | None = None  # the key TLV just seen names the lot's key
+    # A signature counts only right after a key TLV naming the lot's key (MCUboot's key_id).
+    for tlv in tlvs:
+        if tlv.type in {TlvType.KEYHASH, TlvType.PUBKEY}:
+            if tlv.type == TlvType.KEYHASH and len(tlv.value) != len(digest):
+                raise McubootImageError(f"KEYHASH TLV is {len(tlv.value)} bytes, expected {len(digest)}")
+            named = KeyFormat.HASH if tlv.type == TlvType.KEYHASH else KeyFormat.FULL
+            expected = lot_key_hash if named == KeyFormat.HASH else lot_key
+            key_matches = named if tlv.value == expected else None
+            names_lot_key = names_lot_key or key_matches is not None
+            if key_matches is None and foreign_key_hash is None:
+                foreign_key_hash = tlv.value if named == KeyFormat.HASH else _digest(hash_tlv, tlv.value)
+        elif tlv.type == sig_tlv:
+            if key_matches is not None:
+                checked = True
+                if valid is None and _signature_valid(signing_key, lot_type, tlv.value, digest):
+                    valid = key_matches
+            key_matches = None
+    if valid is not None:
+        return valid, lot_key_hash
+    if checked:
+        raise McubootImageError(f"the {lot_type} signature does not verify with the lot's key")
+    if names_lot_key:
+        raise McubootImageError(f"no {lot_type} signature TLV follows the TLV naming the lot's key")
+    if foreign_key_hash is None:
+        raise McubootImageError("image carries no KEYHASH or PUBKEY TLV naming its signing key")
+    raise McubootImageError(
+        f"signed by a different key (key hash {foreign_key_hash.hex()[:16]}…; "
+        f"the lot's key hash is {lot_key_hash.hex()[:16]}…)"
+    )
+
+
+def _security_counter(tlvs: list[_Tlv]) -> int | None:
+    """The image's SEC_CNT (the allow list keeps it in the protected area), None without one."""
+    counters = [t for t in tlvs if t.type == TlvType.SEC_CNT]
+    if not counters:
+        return None
+    if len(counters) > 1:
+        raise McubootImageError(
+            f"image carries {len(counters)} SEC_CNT TLVs; the security counter to record is ambiguous"
+        )
+    if len(counters[0].value) != SEC_CNT_BYTES:
+        raise McubootImageError(f"SEC_CNT TLV is {len(counters[0].value)} bytes, expected {SEC_CNT_BYTES}")
+    counter: int = struct.unpack("<I", counters[0].value)[0]
+    return counter
+
+
 def verify_image(data: bytes, signing_key: SigningPublicKey) -> McubootImage:
     """Check an image as MCUboot does (structure, hash, key, signature); refuse it with the reason."""
     size = len(data)
@@ -402,66 +477,21 @@ def verify_image(data: bytes, signing_key: SigningPublicKey) -> McubootImage:
     hash_tlvs = [t for t in tlvs if t.type == hash_tlv]
     if not hash_tlvs:
         raise McubootImageError(f"image carries no {hash_tlv.name} TLV: MCUboot needs the image hash")
-    if len(hash_tlvs) > 1:
-        raise McubootImageError(
-            f"image carries {len(hash_tlvs)} {hash_tlv.name} TLVs; MCUboot images have one"
-        )
     digest = _digest(hash_tlv, data[: tlv_off + protect_tlv_size])
-    if hash_tlvs[0].value != digest:
-        if len(hash_tlvs[0].value) != len(digest):
-            raise McubootImageError(
-                f"{hash_tlv.name} TLV is {len(hash_tlvs[0].value)} bytes, expected {len(digest)}"
+    for tlv in hash_tlvs:  # MCUboot checks every one
+        if len(tlv.value) != len(digest):
+            raise McubootImageError(f"{hash_tlv.name} TLV is {len(tlv.value)} bytes, expected {len(digest)}")
+        if tlv.value != digest:
+            hint = (
+                ": the image is encrypted, and the hash covers the plaintext "
+                "(encrypted images are not supported)"
+                if flags & _ENCRYPTED_FLAGS
+                else ""
             )
-        hint = (
-            ": the image is encrypted, and the hash covers the plaintext (encrypted images are not supported)"
-            if flags & _ENCRYPTED_FLAGS
-            else ""
-        )
-        raise McubootImageError(f"image hash does not match the {hash_tlv.name} TLV{hint}")
+            raise McubootImageError(f"image hash does not match the {hash_tlv.name} TLV{hint}")
 
-    lot_key = public_key_bytes(signing_key)
-    lot_key_hash = _digest(hash_tlv, lot_key)
-    foreign_key_hash: bytes | None = None  # the first key TLV naming another key
-    names_lot_key = False  # some key TLV names the lot's key
-    checked = False  # a signature TLV followed such a key TLV
-    valid = False
-    key_matches = False
-    # As bootutil_img_validate: a signature counts only right after a key TLV naming the lot's key.
-    for tlv in tlvs:
-        if tlv.type in {TlvType.KEYHASH, TlvType.PUBKEY}:
-            if tlv.type == TlvType.KEYHASH and len(tlv.value) != len(digest):
-                raise McubootImageError(f"KEYHASH TLV is {len(tlv.value)} bytes, expected {len(digest)}")
-            key_matches = tlv.value == (lot_key_hash if tlv.type == TlvType.KEYHASH else lot_key)
-            names_lot_key = names_lot_key or key_matches
-            if not key_matches and foreign_key_hash is None:
-                foreign_key_hash = tlv.value if tlv.type == TlvType.KEYHASH else _digest(hash_tlv, tlv.value)
-        elif tlv.type == sig_tlv:
-            if key_matches:
-                checked = True
-                valid = valid or _signature_valid(signing_key, lot_type, tlv.value, digest)
-            key_matches = False
-    if not valid:
-        if checked:
-            raise McubootImageError(f"the {lot_type} signature does not verify with the lot's key")
-        if names_lot_key:
-            raise McubootImageError(f"no {lot_type} signature TLV follows the TLV naming the lot's key")
-        if foreign_key_hash is None:
-            raise McubootImageError("image carries no KEYHASH or PUBKEY TLV naming its signing key")
-        raise McubootImageError(
-            f"signed by a different key (key hash {foreign_key_hash.hex()[:16]}…; "
-            f"the lot's key hash is {lot_key_hash.hex()[:16]}…)"
-        )
-
-    counters = [t for t in tlvs if t.type == TlvType.SEC_CNT]
-    if len(counters) > 1:
-        raise McubootImageError(f"image carries {len(counters)} SEC_CNT TLVs; MCUboot images have one")
-    counter: int | None = None
-    if counters:
-        if len(counters[0].value) != SEC_CNT_BYTES:
-            raise McubootImageError(
-                f"SEC_CNT TLV is {len(counters[0].value)} bytes, expected {SEC_CNT_BYTES}"
-            )
-        (counter,) = struct.unpack("<I", counters[0].value)
+    key_format, lot_key_hash = _check_signature(tlvs, signing_key, lot_type, digest)
+    counter = _security_counter(tlvs)
 
     return McubootImage(
         version=f"{major}.{minor}.{revision}+{build}",
@@ -475,6 +505,7 @@ def verify_image(data: bytes, signing_key: SigningPublicKey) -> McubootImage:
         load_addr=load_addr,
         flags=flags,
         key_hash=lot_key_hash.hex(),
+        key_format=key_format,
         signature_type=lot_type,
         total_size=total_size,
         file_size=size,
@@ -488,20 +519,26 @@ def check_image_policy(
     slot_size: int,
     previous_security_counter: int | None = None,
     trailer_bytes: int = DEFAULT_TRAILER_BYTES,
+    key_format: KeyFormat = KeyFormat.HASH,
 ) -> None:
     """Refuse a verified image the station must not flash to a lot's boards; the message says why."""
     if image.signature_type != SignatureType.ECDSA_P256:
         raise McubootImageError(
             f"image is signed with {image.signature_type}; the lot expects {SignatureType.ECDSA_P256}"
         )
+    if image.key_format != key_format:
+        raise McubootImageError(
+            f"image names its signing key {_KEY_FORMAT_WORDS[image.key_format]}, but the lot's bootloader "
+            f"expects it {_KEY_FORMAT_WORDS[key_format]}: sign with --public-key-format {key_format}"
+        )
     encryption = [name for flag, name in _ENCRYPTION_FLAG_NAMES if image.flags & flag] + [
         f"{TlvType(t).name} TLV" for t in image.tlv_types if t in _ENC_TLVS
     ]
     if encryption:
         raise McubootImageError(
-            f"image is encrypted ({', '.join(encryption)}); the station does not support encrypted images: "
-            "their hash covers the plaintext, which only the board can decrypt. Supply the image signed "
-            "without --encrypt"
+            f"image is marked encrypted ({', '.join(encryption)}); the station does not support encrypted "
+            "images: it cannot check an encrypted body, and MCUboot decrypts any image so marked when it "
+            "installs it. Sign the image without -E/--encrypt"
         )
     if image.flags & ImageFlag.NON_BOOTABLE:
         raise McubootImageError("image is marked non-bootable (flag 0x10); the lot needs a bootable image")
@@ -541,6 +578,7 @@ def verify_lot_image(
     slot_size: int,
     previous_security_counter: int | None = None,
     trailer_bytes: int = DEFAULT_TRAILER_BYTES,
+    key_format: KeyFormat = KeyFormat.HASH,
 ) -> McubootImage:
     """Verify an image as MCUboot does, then apply the station's lot policy; return what to record."""
     image = verify_image(data, signing_key)
@@ -549,5 +587,6 @@ def verify_lot_image(
         slot_size=slot_size,
         previous_security_counter=previous_security_counter,
         trailer_bytes=trailer_bytes,
+        key_format=key_format,
     )
     return image

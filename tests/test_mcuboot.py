@@ -8,6 +8,7 @@ the key type policy: those refusals are tested on their own, with their exact me
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import random
 import shutil
@@ -16,18 +17,20 @@ import subprocess
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from hypothesis import HealthCheck, given, settings
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from factoryd.errors import InputError
 from factoryd.mcuboot import (
     DEFAULT_TRAILER_BYTES,
+    KeyFormat,
     McubootImage,
     McubootImageError,
     SignatureType,
@@ -92,6 +95,12 @@ class Tools:
     public: dict[str, SigningPublicKey]
     images: dict[str, bytes]
 
+    def lot_private_key(self) -> ec.EllipticCurvePrivateKey:
+        """The lot's signing key, for hostile images imgtool cannot make."""
+        key = serialization.load_pem_private_key(self.pems["lot"].read_bytes(), password=None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        return key
+
     def public_pem(self, name: str) -> Path:
         """The public half of a key as a PEM file: what a customer gives the station."""
         path = self.workdir / f"{name}.pub.pem"
@@ -123,13 +132,15 @@ SIGNED: dict[str, tuple[str | None, tuple[str, ...], bytes]] = {
     "extras": ("lot", ("-d", "(1,1.0.0)", "--boot-record", "CoFM"), PAYLOAD),
     "old_version": ("lot", ("-v", "1.1.0+0"), PAYLOAD),
     "no_counter": ("lot", ("--no-counter",), PAYLOAD),
+    "pure": ("ed25519", ("--pure",), PAYLOAD),
 }
 
 
 def sign_args(tools_dir: Path, pems: dict[str, Path], name: str) -> tuple[str | Path, ...]:
     """The `imgtool sign` command line for one entry of SIGNED."""
     key, extra, _ = SIGNED[name]
-    version, counter = VERSION, ("-s", "auto")
+    version = VERSION
+    counter: tuple[str, ...] = ("-s", "auto")
     args: list[str | Path] = []
     rest = list(extra)
     while rest:
@@ -241,6 +252,32 @@ def with_unprotected_tlv(data: bytes, tlv_type: int, value: bytes) -> bytes:
     return put(out, lay.unprot_off + 2, "<H", total + 4 + len(value))
 
 
+def resign(signed_part: bytes, key: ec.EllipticCurvePrivateKey) -> bytes:
+    """Append SHA256, KEYHASH and ECDSA_SIG TLVs over ``signed_part``, as a buggy or hostile signer.
+
+    imgtool never writes these structures; the point is an image whose hash and signature are good
+    but whose layout MCUboot refuses. imgtool still judges each one.
+    """
+    digest = hashlib.sha256(signed_part).digest()
+    der = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    signature = key.sign(digest, ec.ECDSA(Prehashed(hashes.SHA256())))
+    tlvs = b"".join(
+        struct.pack("<HH", tlv_type, len(value)) + value
+        for tlv_type, value in ((0x10, digest), (0x01, hashlib.sha256(der).digest()), (0x22, signature))
+    )
+    return signed_part + struct.pack("<HH", 0x6907, 4 + len(tlvs)) + tlvs
+
+
+def with_protected(good: bytes, tlvs: bytes, *, header_says: int | None = None) -> bytes:
+    """The good image's header and body with another protected area (header field set to match)."""
+    lay = layout(good)
+    area = struct.pack("<HH", 0x6908, 4 + len(tlvs)) + tlvs
+    header = put(good[: lay.tlv_off], 10, "<H", len(area) if header_says is None else header_says)
+    return header + area
+
+
 # --- the corpus ---------------------------------------------------------------------------------
 
 
@@ -276,6 +313,12 @@ def corpus_cases(tools: Tools) -> list[Case]:
     (unprot_total,) = struct.unpack_from("<H", good, lay.unprot_off + 2)
     bad_hash = "image hash does not match the SHA256 TLV"
     bad_sig = "the ECDSA P-256 signature does not verify with the lot's key"
+    lot_key = tools.lot_private_key()
+
+    def tlv(tlv_type: int, value: bytes) -> bytes:
+        return struct.pack("<HH", tlv_type, len(value)) + value
+
+    sec_cnt = tlv(0x50, struct.pack("<I", COUNTER_1_2_3))
     return [
         Case("good", good, None),
         Case("flipped payload byte", flip(good, HEADER_BYTES + 100), bad_hash),
@@ -407,6 +450,105 @@ def corpus_cases(tools: Tools) -> list[Case]:
         Case("compressed (lzma2)", tools.images["compressed"], None),
         Case("dependency and boot record TLVs", tools.images["extras"], None),
         Case("lower security counter", tools.images["old_version"], None),
+        Case(
+            "protected TLV area size differs from the header",
+            put(good, lay.tlv_off + 2, "<H", 16),
+            "protected TLV area is 16 bytes but the header says protect_tlv_size 12",
+        ),
+        Case(
+            "TLV area smaller than its info",
+            put(good, lay.unprot_off + 2, "<H", 2),
+            f"TLV area at offset 0x{lay.unprot_off:x} says it is 2 bytes, smaller than its 4-byte info",
+        ),
+        Case(
+            "SHA256 TLV relabelled SHA512",
+            put(good, lay.tlvs[0x10][0], "<H", 0x12),
+            "image carries no SHA256 TLV: MCUboot needs the image hash",
+        ),
+        Case(
+            "signature TLV relabelled ECDSA P-224",
+            put(good, sig_pos, "<H", 0x21),
+            "image is signed with ECDSA P-224, which current MCUboot no longer supports",
+        ),
+        Case(
+            "SIG_PURE TLV appended",
+            with_unprotected_tlv(good, 0x25, b"\x01"),
+            "image has a pure signature (SIG_PURE TLV), which the station does not verify",
+        ),
+        Case(
+            "second, matching SHA256 TLV appended",
+            with_unprotected_tlv(good, 0x10, good[lay.tlvs[0x10][0] + 4 : lay.tlvs[0x10][0] + 36]),
+            None,
+        ),
+        Case(
+            "second SHA256 TLV appended, wrong",
+            with_unprotected_tlv(good, 0x10, bytes(32)),
+            bad_hash,
+            stricter_than_imgtool="imgtool stops at the first valid signature; MCUboot checks every hash TLV",
+        ),
+        Case(
+            "TLV header cut by its area's end",
+            put(good, lay.unprot_off + 2, "<H", unprot_total + 2) + b"\x10\x00",
+            f"TLV header at offset 0x{lay.end:x} runs past the end of the TLV area",  # imgtool: struct.error
+        ),
+        Case(
+            "SHA256 TLV 31 bytes",
+            with_unprotected_tlv(without_tlv(good, 0x10), 0x10, bytes(31)),
+            "SHA256 TLV is 31 bytes, expected 32",
+            stricter_than_imgtool="imgtool verify does not require a hash TLV; MCUboot refuses one of the "
+            "wrong size",
+        ),
+        Case(
+            "KEYHASH 31 bytes",
+            with_unprotected_tlv(without_tlv(good, 0x01), 0x01, bytes.fromhex(lot_hash)[:31]),
+            "KEYHASH TLV is 31 bytes, expected 32",
+            stricter_than_imgtool="imgtool verify ignores KEYHASH; here it also comes after the signature, "
+            "which MCUboot then skips",
+        ),
+        Case(
+            "KEYHASH moved after the signature",
+            with_unprotected_tlv(without_tlv(good, 0x01), 0x01, bytes.fromhex(lot_hash)),
+            "no ECDSA P-256 signature TLV follows the TLV naming the lot's key",
+            stricter_than_imgtool="imgtool verify ignores KEYHASH; MCUboot skips a signature no key TLV "
+            "precedes",
+        ),
+        Case(
+            "vendor TLV in the unprotected area",
+            with_unprotected_tlv(good, 0x00A0, b"vendor"),
+            f"TLV 0xa0 at offset 0x{lay.end:x} is in the unprotected TLV area, which the signature does not "
+            "cover; MCUboot accepts it only in the protected area",
+            stricter_than_imgtool="imgtool verify ignores where a TLV sits; MCUboot's TLV allow list "
+            "refuses it",
+        ),
+        Case(
+            "pure Ed25519 image, its own key",
+            tools.images["pure"],
+            "image has a pure signature (SIG_PURE TLV), which the station does not verify",
+            key="ed25519",
+            stricter_than_imgtool="factoryd does not verify pure signatures (only Ed25519 has them; lots "
+            "are ECDSA P-256)",
+        ),
+        Case("re-signed by a hostile signer, well formed", resign(good[: lay.unprot_off], lot_key), None),
+        Case(
+            "protected area the header does not announce (re-signed)",
+            resign(with_protected(good, sec_cnt, header_says=0), lot_key),
+            "protected TLV area is 12 bytes but the header says protect_tlv_size 0",
+            stricter_than_imgtool="imgtool hashes the protected area anyway; MCUboot requires the header to "
+            "announce it (else the counter in it would not be covered)",
+        ),
+        Case(
+            "two SEC_CNT TLVs (re-signed)",
+            resign(with_protected(good, sec_cnt + tlv(0x50, struct.pack("<I", 0xFFFFFFFF))), lot_key),
+            "image carries 2 SEC_CNT TLVs; the security counter to record is ambiguous",
+            stricter_than_imgtool="imgtool does not read the counter; the station must know which it records",
+        ),
+        Case(
+            "2-byte SEC_CNT (re-signed)",
+            resign(with_protected(good, tlv(0x50, b"\x01\x00")), lot_key),
+            "SEC_CNT TLV is 2 bytes, expected 4",
+            stricter_than_imgtool="imgtool does not read the counter; MCUboot refuses a SEC_CNT that is not "
+            "4 bytes",
+        ),
         Case(
             "flipped byte in the KEYHASH",
             flip(good, keyhash_pos + 4),
@@ -564,11 +706,18 @@ def test_total_size_and_default_trailer_match_imgtool_slot_check(tools: Tools) -
 # --- the station's policy, on images the crypto check accepts --------------------------------
 
 
-def policy_refusal(tools: Tools, name: str, key: str = "lot", **kwargs: int) -> str:
+def policy_refusal(
+    tools: Tools,
+    name: str,
+    key: str = "lot",
+    *,
+    slot_size: int = SLOT_BYTES,
+    previous_security_counter: int | None = None,
+) -> str:
     """The exact refusal check_image_policy gives a crypto-valid image."""
     image = verify_image(tools.images[name], tools.public[key])
     with pytest.raises(McubootImageError) as refused:
-        check_image_policy(image, **{"slot_size": SLOT_BYTES, **kwargs})
+        check_image_policy(image, slot_size=slot_size, previous_security_counter=previous_security_counter)
     return str(refused.value)
 
 
@@ -599,8 +748,6 @@ def test_policy_refuses_a_lower_security_counter(tools: Tools) -> None:
 
 
 def _with_counter(image: McubootImage, counter: int) -> McubootImage:
-    from dataclasses import replace
-
     return replace(image, security_counter=counter)
 
 
@@ -639,9 +786,9 @@ def test_policy_measures_a_padded_image_by_its_tlvs_and_its_file(tools: Tools) -
         (
             "clear",
             "lot",
-            "image is encrypted (AES-128 flag, ENC_EC256 TLV); the station does not support encrypted "
-            "images: their hash covers the plaintext, which only the board can decrypt. Supply the image "
-            "signed without --encrypt",
+            "image is marked encrypted (AES-128 flag, ENC_EC256 TLV); the station does not support "
+            "encrypted images: it cannot check an encrypted body, and MCUboot decrypts any image so marked "
+            "when it installs it. Sign the image without -E/--encrypt",
         ),
         ("non_bootable", "lot", "image is marked non-bootable (flag 0x10); the lot needs a bootable image"),
         (
@@ -653,6 +800,25 @@ def test_policy_measures_a_padded_image_by_its_tlvs_and_its_file(tools: Tools) -
 )
 def test_policy_refusals(tools: Tools, name: str, key: str, expected: str) -> None:
     assert policy_refusal(tools, name, key) == expected
+
+
+def test_policy_requires_the_key_format_the_lot_s_bootloader_expects(tools: Tools) -> None:
+    """Stock MCUboot finds its key by KEYHASH; MCUBOOT_HW_KEY builds need the full key (PUBKEY)."""
+    full = verify_image(tools.images["pubkey"], tools.public["lot"])
+    assert full.key_format == KeyFormat.FULL
+    check_image_policy(full, slot_size=SLOT_BYTES, key_format=KeyFormat.FULL)
+    assert policy_refusal(tools, "pubkey") == (
+        "image names its signing key in full (PUBKEY TLV), but the lot's bootloader expects it by its "
+        "hash (KEYHASH TLV): sign with --public-key-format hash"
+    )
+    hashed = verify_image(tools.images["good"], tools.public["lot"])
+    assert hashed.key_format == KeyFormat.HASH
+    with pytest.raises(McubootImageError) as refused:
+        check_image_policy(hashed, slot_size=SLOT_BYTES, key_format=KeyFormat.FULL)
+    assert str(refused.value) == (
+        "image names its signing key by its hash (KEYHASH TLV), but the lot's bootloader expects it in "
+        "full (PUBKEY TLV): sign with --public-key-format full"
+    )
 
 
 def test_policy_refuses_an_invalid_slot(tools: Tools) -> None:
@@ -690,9 +856,7 @@ def _only_typed_error(check: Callable[[], object]) -> None:
         check()
 
 
-HYPOTHESIS = settings(
-    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+HYPOTHESIS = settings(max_examples=300, deadline=None)
 
 
 @HYPOTHESIS
@@ -709,6 +873,17 @@ def test_arbitrary_bytes_behind_a_valid_header_raise_only_the_typed_error(tools:
     _only_typed_error(
         lambda: verify_image(bytes(header) + bytes(HEADER_BYTES - 32) + data, tools.public["lot"])
     )
+
+
+@HYPOTHESIS
+@given(area=st.binary(max_size=300), declared=st.integers(min_value=0, max_value=0xFFFF))
+def test_arbitrary_tlv_areas_raise_only_the_typed_error(tools: Tools, area: bytes, declared: int) -> None:
+    """A good header, body and protected area, then an unprotected area of random entries and size."""
+    good = tools.images["good"]
+    head = good[: layout(good).unprot_off]
+    for total in (4 + len(area), declared):
+        with contextlib.suppress(McubootImageError):
+            verify_image(head + struct.pack("<HH", 0x6907, total) + area, tools.public["lot"])
 
 
 @HYPOTHESIS

@@ -21,6 +21,7 @@ from factoryd.ledger.core import Ledger
 from factoryd.ledger.idlist import DEFAULT_MAX_BYTES
 from factoryd.ledger.model import DeviceRecord, LotInfo, LotProgress, LotState, ProvisionedDevice, Reservation
 from factoryd.ledger.profile import LotProfile
+from factoryd.ledger.registrations import CloudRegistration, RegistrationStep
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -181,6 +182,37 @@ class AsyncLedger:
     async def provisioned_devices(self, lot: str) -> list[ProvisionedDevice]:
         """See :meth:`Ledger.provisioned_devices`."""
         return await self._run(self._ledger.provisioned_devices, lot)
+
+    async def cloud_registrations(self, lot: str, *, cloud: str, target: str) -> list[CloudRegistration]:
+        """See :meth:`Ledger.cloud_registrations`."""
+        return await self._run(self._ledger.cloud_registrations, lot, cloud=cloud, target=target)
+
+    async def record_cloud_step(
+        self,
+        lot: str,
+        *,
+        cloud: str,
+        target: str,
+        cert_sha256: str,
+        device_id: str | None,
+        step: RegistrationStep,
+        cloud_cert_id: str | None,
+        cloud_cert_arn: str | None,
+        actor: str,
+    ) -> CloudRegistration:
+        """See :meth:`Ledger.record_cloud_step`."""
+        return await self._run(
+            self._ledger.record_cloud_step,
+            lot,
+            cloud=cloud,
+            target=target,
+            cert_sha256=cert_sha256,
+            device_id=device_id,
+            step=step,
+            cloud_cert_id=cloud_cert_id,
+            cloud_cert_arn=cloud_cert_arn,
+            actor=actor,
+        )
 
     async def start_job(self, lot: str, *, station: str, port: str, hw_serial: str | None = None) -> int:
         """See :meth:`Ledger.start_job`."""

@@ -6,7 +6,8 @@
 - :mod:`~factoryd.ledger.lots`: lots and their life cycle;
 - :mod:`~factoryd.ledger.imports`: customer ID lists, imported whole or not at all;
 - :mod:`~factoryd.ledger.jobs`: job records and step attempts;
-- :mod:`~factoryd.ledger.states`: the device-ID state machine (reserve, provision, void) and records.
+- :mod:`~factoryd.ledger.states`: the device-ID state machine (reserve, provision, void) and records;
+- :mod:`~factoryd.ledger.registrations`: how far each certificate got in registering with a cloud.
 
 Every public method is one database transaction that is committed before it returns. Writers
 are serialised per claim with ``SELECT ... FOR UPDATE SKIP LOCKED`` on PostgreSQL and
@@ -25,10 +26,11 @@ from factoryd.ledger.engine import WRITE_OPTION, create_ledger_engine
 from factoryd.ledger.errors import LedgerUnavailableError
 from factoryd.ledger.imports import IdImport
 from factoryd.ledger.migrate import upgrade_to_head
+from factoryd.ledger.registrations import RegistrationBook
 from factoryd.ledger.states import DeviceBook
 
 
-class Ledger(DeviceBook, IdImport):
+class Ledger(DeviceBook, IdImport, RegistrationBook):
     """The allocation ledger; thread-safe, each call is its own committed transaction."""
 
     @classmethod

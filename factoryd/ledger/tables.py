@@ -139,3 +139,27 @@ class AuditHeadRow(SQLModel, table=True):
     id: int = Field(sa_column=Column(Integer, primary_key=True, autoincrement=False))
     seq: int = Field(sa_column=Column(BigInteger, nullable=False))
     hash: str = Field(sa_column=Column(String(64), nullable=False))
+
+
+class CloudRegistrationRow(SQLModel, table=True):
+    """How far one certificate of a lot got in registering with one cloud account (and region)."""
+
+    __tablename__ = "cloud_registration"
+    __table_args__ = (
+        # One row per certificate and target: a rerun finds it and does only the missing steps.
+        UniqueConstraint("lot_id", "cloud", "target", "cert_sha256", name="uq_cloud_registration_cert"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    lot_id: int = Field(
+        sa_column=Column(Integer, ForeignKey("lot.id", name="fk_cloud_registration_lot"), nullable=False)
+    )
+    cloud: str = Field(sa_column=Column(String(16), nullable=False))
+    target: str = Field(sa_column=Column(String(LABEL_MAX_CHARS), nullable=False))
+    # NULL for the lot's CA certificate; the device ID for a device certificate.
+    device_id: str | None = Field(default=None, sa_column=Column(String(ID_MAX_CHARS), nullable=True))
+    cert_sha256: str = Field(sa_column=Column(String(64), nullable=False))
+    step: str = Field(sa_column=Column(String(32), nullable=False))
+    cloud_cert_id: str | None = Field(default=None, sa_column=Column(String(128), nullable=True))
+    cloud_cert_arn: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    updated_at: datetime = _ts(nullable=False)
