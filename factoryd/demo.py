@@ -349,7 +349,12 @@ def record_demo_run(state_dir: Path, lot: str, boards: int) -> None:
     (state_dir / DEMO_RUNS_FILE).write_text(json.dumps(runs, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def prepare_lot(options: DemoOptions, settings: Settings, passphrase: bytes) -> PreparedLot:
+def prepare_lot(options: DemoOptions, settings: Settings, passphrase: bytes) -> ec.EllipticCurvePublicKey:
+    """Create the demo lot: PKI, bundle, firmware, ID list; return the firmware-signing public key."""
+    return prepare_demo_lot(options, settings, passphrase).fw_public
+
+
+def prepare_demo_lot(options: DemoOptions, settings: Settings, passphrase: bytes) -> PreparedLot:
     """Create the demo lot (PKI, bundle, firmware, ID list), or with ``resume`` continue an existing one."""
     paths = StationPaths(settings.station.state_dir)
     paths.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -501,7 +506,7 @@ async def _run_demo(options: DemoOptions, state_dir: Path, temporary: bool) -> D
     settings = demo_settings(options, state_dir)
     await asyncio.to_thread(state_dir.mkdir, parents=True, exist_ok=True, mode=0o700)
     passphrase, passphrase_file = await asyncio.to_thread(demo_passphrase, state_dir)
-    prepared = await asyncio.to_thread(prepare_lot, options, settings, passphrase)
+    prepared = await asyncio.to_thread(prepare_demo_lot, options, settings, passphrase)
     config_path = write_station_config(options, settings, passphrase_file)
     tokens = await asyncio.to_thread(make_access_tokens, settings) if settings.api.enabled else None
 

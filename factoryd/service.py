@@ -10,19 +10,25 @@ from __future__ import annotations
 import os
 import pwd
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from factoryd.config import Settings
-from factoryd.errors import BundleError, ConfigError
+from factoryd.errors import BundleError, ConfigError, InputError
 from factoryd.firmware import FirmwareStore
 from factoryd.jobs.lots import cert_profile, lot_signer
 from factoryd.ledger import Ledger
 from factoryd.ledger.model import LotInfo
 from factoryd.pki.bundle import CaBundle, load_pem_bundle, load_pkcs12_bundle
 from factoryd.pki.manifest import SignedManifest, build_manifest
+from factoryd.pki.crl import DEFAULT_NEXT_UPDATE_DAYS, MAX_NEXT_UPDATE_DAYS, CrlEntry, SignedCrl, build_crl
 from factoryd.pki.passphrase import load_passphrase
+from factoryd.pki.pkcs11 import Pkcs11Signer
+from factoryd.pki.signer import Signer
 from factoryd.pki.store import BundleStore
+from factoryd.pki.verification import VerificationCertificate, check_verification_code, verification_certificate
 
 # What systemd's StateDirectoryMode= and deploy/install.sh give the state directory: the service
 # user alone, since it holds the ledger and the encrypted CA keys.
@@ -124,10 +130,73 @@ def store_bundle(paths: StationPaths, passphrase: bytes, lot: str, bundle: CaBun
 
 
 def export_manifest(ledger: Ledger, paths: StationPaths, passphrase: bytes, lot: str) -> SignedManifest:
-    """Build and sign the manifest of every provisioned device of a lot."""
+    """Build and sign the manifest of every provisioned device of a lot, and its revoked certificates."""
     info = ledger.get_lot(lot)
     ca = lot_signer(BundleStore(paths.bundles, passphrase), info.name)
-    return build_manifest(info.name, ledger.provisioned_devices(lot), ca.signer, ca.chain)
+    with _closing(ca.signer):
+        return build_manifest(
+            info.name,
+            ledger.provisioned_devices(lot),
+            ca.signer,
+            ca.chain,
+            revoked=ledger.revoked_certificates(lot),
+        )
+
+
+@contextmanager
+def _closing(signer: Signer) -> Iterator[None]:
+    """Release a token signer's session when done (a software signer holds nothing to release)."""
+    try:
+        yield
+    finally:
+        if isinstance(signer, Pkcs11Signer):
+            signer.close()
+
+
+def ca_verification(
+    ledger: Ledger, paths: StationPaths, passphrase: bytes, lot: str, code: str, *, actor: str
+) -> VerificationCertificate:
+    """A verification certificate (CN=code) signed by the lot's CA key, recorded in the audit trail."""
+    check_verification_code(code)
+    info = ledger.get_lot(lot)
+    ca = lot_signer(BundleStore(paths.bundles, passphrase), info.name)
+    with _closing(ca.signer):
+        verification = verification_certificate(ca.signer, code)
+    # Recorded before anyone sees it: every certificate the CA key signs is in the trail.
+    ledger.audit(
+        actor=actor,
+        action="lot.ca_verification",
+        subject=info.name,
+        details={
+            "code": code,
+            "cert_serial": verification.serial_hex,
+            "not_after": verification.cert.not_valid_after_utc.isoformat(),
+        },
+    )
+    return verification
+
+
+def export_crl(
+    ledger: Ledger,
+    paths: StationPaths,
+    passphrase: bytes,
+    lot: str,
+    *,
+    next_update_days: int = DEFAULT_NEXT_UPDATE_DAYS,
+    actor: str,
+) -> SignedCrl:
+    """Sign the lot's CRL of every certificate issued that does not stand, with the next CRL number."""
+    if not 1 <= next_update_days <= MAX_NEXT_UPDATE_DAYS:
+        raise InputError(f"--next-update-days must be 1..{MAX_NEXT_UPDATE_DAYS}, got {next_update_days}")
+    info = ledger.get_lot(lot)
+    ca = lot_signer(BundleStore(paths.bundles, passphrase), info.name)
+    with _closing(ca.signer):
+        revoked = ledger.revoked_certificates(lot)
+        entries = [CrlEntry(r.cert_serial, r.revoked_at, r.cause.value) for r in revoked]
+        number = ledger.record_crl(
+            lot, actor=actor, details={"revoked": len(entries), "next_update_days": next_update_days}
+        )
+        return build_crl(ca.signer, entries, number=number, next_update_days=next_update_days)
 
 
 def write_manifest(manifest: SignedManifest, directory: Path) -> tuple[Path, Path]:

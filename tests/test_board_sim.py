@@ -23,8 +23,8 @@ from factoryd.errors import (
     LinkOpenError,
 )
 from factoryd.firmware import sign_firmware
-from factoryd.protocol.native import BoardClient
 from factoryd.protocol.messages import ObjectId, Status
+from factoryd.protocol.native import BoardClient
 from factoryd.sim.board import Fault, FaultPlan, SimBoard
 from factoryd.sim.pty import PtyBoard, serve_pty
 from tests.helpers.boards import FAST_TIMEOUTS

@@ -68,6 +68,8 @@ class FakeLink:
 class Policy:
     nack_error: str | None = None
     events: list[FakeFrame] = field(default_factory=list)
+    # Commands not resent when their timer fires.
+    once: frozenset[Cmd] = frozenset({Cmd.SLOW})
 
     def route(self, frame: FakeFrame) -> Route:
         return frame.route
@@ -80,6 +82,9 @@ class Policy:
 
     def nack_exhausted(self, attempts: int) -> str | None:
         return None if self.nack_error is None else f"{self.nack_error} after {attempts}"
+
+    def resend_on_timeout(self, command: Cmd) -> bool:
+        return command not in self.once
 
     def event(self, frame: FakeFrame) -> None:
         self.events.append(frame)
@@ -254,7 +259,7 @@ async def test_exclusive_mode_runs_one_request_at_a_time() -> None:
 async def test_exclusive_mode_drops_a_late_reply_after_a_timeout() -> None:
     eng, link = engine(exclusive=True, resends=0, late_reply_s=0.05)
     with pytest.raises(BoardTimeoutError, match="no reply after 1 attempt "):
-        await eng.call(EXCLUSIVE_KEY, Cmd.SLOW, b"slow", TIMEOUT_S, resend_on_timeout=False)
+        await eng.call(EXCLUSIVE_KEY, Cmd.SLOW, b"slow", TIMEOUT_S)
     assert link.decoder.flushed == 1  # the half-received frame is dropped on the timeout
     nxt = asyncio.ensure_future(eng.call(EXCLUSIVE_KEY, Cmd.PING, b"ping", 10.0))
     await asyncio.sleep(0.01)
@@ -271,7 +276,7 @@ async def test_exclusive_mode_drops_a_late_reply_after_a_timeout() -> None:
 async def test_exclusive_mode_without_resend_on_timeout_sends_once() -> None:
     eng, link = engine(exclusive=True, resends=3)
     with pytest.raises(BoardTimeoutError):
-        await eng.call(EXCLUSIVE_KEY, Cmd.SLOW, b"slow", TIMEOUT_S, resend_on_timeout=False)
+        await eng.call(EXCLUSIVE_KEY, Cmd.SLOW, b"slow", TIMEOUT_S)
     assert link.sent == [b"slow"]
 
 

@@ -11,8 +11,8 @@ import pytest
 from factoryd.errors import BoardFloodError, ReservationConflictError
 from factoryd.ledger import AsyncLedger, LedgerUnavailableError
 from factoryd.ledger.model import DeviceState
-from factoryd.protocol.native import BoardClient
 from factoryd.protocol.messages import ObjectId
+from factoryd.protocol.native import BoardClient
 from factoryd.sim.board import Fault, FaultPlan, SimBoard
 from factoryd.sim.pty import serve_pty
 from factoryd.transport.framing import MAX_ENCODED_FRAME

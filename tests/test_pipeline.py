@@ -12,6 +12,7 @@ from factoryd.demo import DemoOptions, run_demo
 from factoryd.jobs.pipeline import Pipeline
 from factoryd.ledger.model import DeviceState
 from factoryd.protocol.messages import ObjectId
+from factoryd.sim.arduino import SimArduinoBoard
 from factoryd.sim.board import Fault, FaultPlan
 from factoryd.telemetry.events import PortState, RecordingSink
 from tests.helpers.station import LOT, make_line
@@ -249,3 +250,18 @@ async def test_demo_operator_acknowledges_attention_so_the_run_ends(tmp_path: Pa
     assert sum(result.outcomes.values()) == 6
     assert result.outcomes.get("failed", 0) + result.outcomes.get("refused", 0) >= 5
     assert result.duplicate_ids == 0
+
+
+@pytest.mark.parametrize("profile", ["factoryd-v1", "arduino-v1"])
+async def test_link_statistics_reach_telemetry_for_every_profile(tmp_path: Path, profile: str) -> None:
+    line = await make_line(tmp_path, profile=profile, boards=2, ports=1)
+    factory = SimArduinoBoard if profile == "arduino-v1" else line.board
+    recorder = RecordingSink()
+    station = await line.run(line.hub(ports=1, supply=2, factory=factory), sinks=(recorder,))
+    assert station.outcomes["provisioned"] == 2
+    assert recorder.links, "no LinkStats event"
+    for stats in recorder.links:
+        assert stats.port == "1"
+        assert stats.frames_sent > 0
+        assert stats.frames_received > 0
+        assert stats.crc_errors >= 0

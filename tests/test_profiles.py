@@ -32,7 +32,7 @@ def test_every_profile_has_framer_client_job_and_sim_board(name: str) -> None:
     for method in ("identify", "existing", "provision", "__aenter__", "__aexit__"):
         assert inspect.iscoroutinefunction(getattr(profile.session, method)), method
     assert isinstance(profile.session.identify_step, Step)  # type: ignore[attr-defined]
-    assert callable(getattr(profile.session, "link_counters", None))
+    assert callable(getattr(profile.session, "link_stats", None))
     assert issubclass(SIM_BOARDS[name], SimBoard)
 
 
@@ -41,7 +41,7 @@ def test_the_sim_table_names_exactly_the_registered_profiles() -> None:
 
 
 def test_session_protocol_names_what_the_pipeline_calls() -> None:
-    members = {"identify", "existing", "provision", "link_counters", "identify_step"}
+    members = {"identify", "existing", "provision", "link_stats", "identify_step"}
     assert members <= set(dir(BoardSession))
 
 

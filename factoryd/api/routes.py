@@ -7,7 +7,7 @@ import re
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 
 from factoryd import __version__
 from factoryd.api.auth import (
@@ -40,13 +40,15 @@ from factoryd.api.models import (
 )
 from factoryd.api.tokens import Role, TokenStore
 from factoryd.api.uploads import read_upload
+from factoryd.cloud.exports import build_export, lot_ca_chain
+from factoryd.cloud.formats import ExportFormat
 from factoryd.errors import FactorydError, LotNotFoundError, LotStateError
 from factoryd.jobs.lots import check_activation
 from factoryd.jobs.scheduler import Station
 from factoryd.ledger import LotInfo, LotState
 from factoryd.pki.manifest import SignedManifest
 from factoryd.pki.store import BundleStore
-from factoryd.service import export_manifest, parse_bundle, store_bundle
+from factoryd.service import ca_verification, export_manifest, parse_bundle, store_bundle
 
 # The ledger's rule for lot names (factoryd.ledger.lots refuses anything else at creation).
 LOT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -90,19 +92,21 @@ class ManifestCache:
 
     The JSON and its detached signature are separate downloads and must match, so both come
     from the same cached build. (provisioned, void) identifies the provisioned set: void only
-    grows, so any change to the set changes one of the two counts.
+    grows, so any change to the set changes one of the two counts; the revoked certificates
+    (serial and cause) are part of the key too, since a failed job adds one without changing them.
     """
 
     def __init__(self) -> None:
         """An empty cache."""
-        self._entries: dict[str, tuple[tuple[int, int], SignedManifest]] = {}
+        self._entries: dict[str, tuple[tuple[object, ...], SignedManifest]] = {}
         self._lock = asyncio.Lock()
 
     async def get(self, ctx: ApiContext, lot: str) -> SignedManifest:
         """The signed manifest of ``lot`` as of now (rebuilt only when its devices changed)."""
         async with self._lock:
             progress = await ctx.ledger.progress(lot)
-            key = (progress.provisioned, progress.void)
+            revoked = await ctx.ledger.revoked_certificates(lot)
+            key = (progress.provisioned, progress.void, tuple((r.cert_serial, r.cause) for r in revoked))
             cached = self._entries.get(lot)
             if cached is not None and cached[0] == key:
                 return cached[1]
@@ -383,6 +387,81 @@ async def manifest_signature(ctx: Ctx, who: Who, lot: str, request: Request) -> 
             "X-Manifest-SHA256": manifest.sha256,
             "Content-Disposition": f'attachment; filename="{info.name}.manifest.p7s"',
         },
+    )
+
+
+# The lot's owner and the station's admin; operators and supervisors never make the CA key sign.
+CA_VERIFICATION_ROLES = frozenset({Role.ADMIN, Role.CUSTOMER})
+
+
+@router.post(
+    "/lots/{lot}/ca-verification",
+    tags=["lots"],
+    responses={**_errors(404, 409, 422), 200: {"content": {"application/x-pem-file": {}}}},
+    response_class=Response,
+)
+@guarded(CA_VERIFICATION_ROLES)
+async def lot_ca_verification(ctx: Ctx, who: Who, lot: str, code: str) -> Response:
+    """A verification certificate (PEM, CN=code) signed by the lot's CA key, for AWS IoT or Azure DPS."""
+    info = await visible_lot(ctx, who, lot)
+    if not BundleStore(ctx.paths.bundles, ctx.passphrase).exists(info.name):
+        raise LotStateError(f"lot {info.name!r} has no CA bundle yet; upload one first")
+    verification = await asyncio.to_thread(
+        ca_verification, ctx.ledger.sync, ctx.paths, ctx.passphrase, info.name, code, actor=who.name
+    )
+    return Response(
+        verification.pem,
+        media_type="application/x-pem-file",
+        headers={"Content-Disposition": f'attachment; filename="{info.name}.verification.pem"'},
+    )
+
+
+@router.get(
+    "/lots/{lot}/export",
+    tags=["lots"],
+    responses={
+        **_errors(404, 409, 422),
+        200: {
+            "content": {
+                "application/json": {},
+                "text/csv": {},
+                "application/x-ndjson": {},
+                "application/zip": {},
+            }
+        },
+    },
+    response_class=Response,
+)
+@guarded(LOT_READ_ROLES)
+async def lot_export(
+    ctx: Ctx,
+    who: Who,
+    lot: str,
+    request: Request,
+    fmt: Annotated[ExportFormat, Query(alias="format")] = ExportFormat.JSON,
+) -> Response:
+    """The lot's provisioned devices in a cloud's format (docs/clouds.md); several files come as a zip.
+
+    ``json`` is the signed manifest (its signature: manifest.p7s); ``csv``, ``aws-bulk``,
+    ``nrfcloud`` (onboarding CSVs of at most 1,000 rows, zipped) and ``azure-dps`` (the CA chain,
+    an enrollment-group body and the registration IDs, zipped). 422 names the devices a cloud
+    would refuse (an ID that is no thing name, no DPS registration ID).
+    """
+    info = await visible_lot(ctx, who, lot)
+    if fmt is ExportFormat.JSON:
+        manifest = await _manifests(request).get(ctx, info.name)
+        body, media_type, filename = manifest.json_bytes, "application/json", f"{info.name}.manifest.json"
+    else:
+        devices = await ctx.ledger.provisioned_devices(info.name)
+        chain = (
+            await asyncio.to_thread(lot_ca_chain, ctx.paths.bundles, info.name)
+            if fmt is ExportFormat.AZURE_DPS
+            else ()
+        )
+        export = await asyncio.to_thread(build_export, fmt, info.name, devices, chain=chain)
+        body, media_type, filename = export.payload(), export.media_type, export.filename
+    return Response(
+        body, media_type=media_type, headers={"Content-Disposition": f'attachment; filename="{filename}"'}
     )
 
 

@@ -202,6 +202,30 @@ def lots_key_to_token(
     typer.echo(f"CA key of {name} is now in token {token!r} as {key_label!r} (reference in {where})")
 
 
+@app.command("ca-verification")
+def lots_ca_verification(
+    name: str,
+    code: Annotated[str, typer.Option(help="The cloud's code (AWS registration code, Azure verification code).")],
+    out: Annotated[Path | None, typer.Option(help="File for the certificate (PEM); default: stdout.")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Print a verification certificate (CN=CODE) signed by the lot's CA key: proof of possession."""
+    from factoryd.cli.manifest import write_public  # noqa: PLC0415
+    from factoryd.service import StationPaths, ca_verification, station_passphrase  # noqa: PLC0415
+
+    settings = state_dir_settings(config)
+    paths = StationPaths(settings.station.state_dir)
+    with open_ledger(config) as ledger:
+        verification = guard(
+            lambda: ca_verification(ledger, paths, station_passphrase(settings), name, code, actor="cli")
+        )
+    if out is None:
+        typer.echo(verification.pem, nl=False)
+        return
+    write_public(out, verification.pem.encode("ascii"))
+    typer.echo(f"verification certificate for {name} (CN={code}, serial {verification.serial_hex}) in {out}")
+
+
 @app.command("progress")
 def lots_progress(name: str, config: ConfigOption = None) -> None:
     """Counts of a lot's IDs by state."""

@@ -5,7 +5,21 @@ from __future__ import annotations
 import typer
 
 from factoryd import __version__
-from factoryd.cli import audit, bench, demo, hubs, jobs, ledger, lots, manifest, ports, sim, status, tokens
+from factoryd.cli import (
+    audit,
+    bench,
+    cloud,
+    demo,
+    hubs,
+    jobs,
+    ledger,
+    lots,
+    manifest,
+    ports,
+    sim,
+    status,
+    tokens,
+)
 from factoryd.cli.opts import ConfigOption, command_group, get_settings, run_async
 from factoryd.log import configure_logging
 
@@ -40,6 +54,7 @@ app.add_typer(jobs.app, name="jobs")
 app.add_typer(ledger.app, name="ledger")
 app.add_typer(tokens.app, name="tokens")
 app.add_typer(ports.app, name="ports")
+app.add_typer(cloud.app, name="cloud")
 
 
 def main() -> None:

@@ -30,7 +30,6 @@ import shutil
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from factoryd.cloud.errors import ExportError
+from factoryd.cloud.formats import ExportFormat
 from factoryd.files import fsync_dir, private_staging_dir, write_new, write_private
 from factoryd.ledger.model import ProvisionedDevice
 from factoryd.pki.bundle import pem_of
@@ -93,16 +93,6 @@ AWS_BULK_TEMPLATE: dict[str, Any] = {
         "policy": {"Type": "AWS::IoT::Policy", "Properties": {"PolicyName": {"Ref": "PolicyName"}}},
     },
 }
-
-
-class ExportFormat(StrEnum):
-    """What ``factoryd manifest export --format`` and ``GET /lots/{lot}/export`` write."""
-
-    JSON = "json"  # the signed manifest (factoryd.pki.manifest), not written here
-    CSV = "csv"
-    AWS_BULK = "aws-bulk"
-    NRFCLOUD = "nrfcloud"
-    AZURE_DPS = "azure-dps"
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +151,9 @@ def common_name(device: ProvisionedDevice) -> str:
     """The single subject CN of the device's certificate (what DPS and nRF Cloud take as its ID)."""
     names = _certificate(device).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if len(names) != 1:
-        raise ExportError(f"device {device.device_id!r}: its certificate has {len(names)} subject CNs, not one")
+        raise ExportError(
+            f"device {device.device_id!r}: its certificate has {len(names)} subject CNs, not one"
+        )
     value = names[0].value
     return value if isinstance(value, str) else value.decode()
 
@@ -201,7 +193,11 @@ def csv_export(devices: Sequence[ProvisionedDevice]) -> bytes:
 def aws_bulk_export(devices: Sequence[ProvisionedDevice]) -> bytes:
     """JSON lines for AWS bulk thing registration: ThingName, SerialNumber, CertificatePem per device."""
     _refuse(
-        [f"{d.device_id!r} is not an AWS thing name" for d in devices if not AWS_THING_NAME.fullmatch(d.device_id)],
+        [
+            f"{d.device_id!r} is not an AWS thing name"
+            for d in devices
+            if not AWS_THING_NAME.fullmatch(d.device_id)
+        ],
         "as AWS things (1..128 of a-z A-Z 0-9 : _ -)",
     )
     lines = [
@@ -223,8 +219,8 @@ def nrfcloud_export(
     if max_rows < 1:
         raise ExportError(f"max_rows must be positive, got {max_rows}")
     for field in (sub_type, *tags, *fw_types):
-        if any(ch in field for ch in ",|\"\r\n"):
-            raise ExportError(f"nRF Cloud fields must not contain , | \" or line breaks: {field!r}")
+        if any(ch in field for ch in ',|"\r\n'):
+            raise ExportError(f'nRF Cloud fields must not contain , | " or line breaks: {field!r}')
     ids = [(device, common_name(device)) for device in devices]
     _refuse(
         [f"{d.device_id!r}: CN {cn!r}" for d, cn in ids if not cn or len(cn) > NRFCLOUD_ID_MAX_CHARS],
@@ -235,7 +231,9 @@ def nrfcloud_export(
     for number, start in enumerate(range(0, len(rows), max_rows), 1):
         out = io.StringIO(newline="")
         # Minimal quoting wraps only the multi-line PEM, as nRF Cloud's own tools write it.
-        csv.writer(out, lineterminator="\n", quoting=csv.QUOTE_MINIMAL).writerows(rows[start : start + max_rows])
+        csv.writer(out, lineterminator="\n", quoting=csv.QUOTE_MINIMAL).writerows(
+            rows[start : start + max_rows]
+        )
         files.append(ExportFile(f"onboard-{number:03d}.csv", out.getvalue().encode()))
     return files
 
@@ -265,18 +263,25 @@ def azure_dps_export(
     if group_problem is not None:
         raise ExportError(f"lot name {lot!r} cannot be a DPS enrollment group ID: {group_problem}")
     ids = [(device, common_name(device)) for device in devices]
-    problems = [f"{d.device_id!r}: CN {cn!r} is {p}" for d, cn in ids if (p := dps_id_problem(cn)) is not None]
+    problems = [
+        f"{d.device_id!r}: CN {cn!r} is {p}" for d, cn in ids if (p := dps_id_problem(cn)) is not None
+    ]
     seen: dict[str, str] = {}
     for device, cn in ids:
         # DPS compares registration IDs case-insensitively: two such CNs are one enrollment.
         other = seen.setdefault(cn.lower(), device.device_id)
         if other != device.device_id:
-            problems.append(f"{device.device_id!r} and {other!r} have the same registration ID {cn.lower()!r}")
+            problems.append(
+                f"{device.device_id!r} and {other!r} have the same registration ID {cn.lower()!r}"
+            )
     _refuse(problems, "to Azure DPS (a registration ID is the certificate's CN)")
     issuing_pem = chain[0].public_bytes(serialization.Encoding.PEM).decode("ascii")
     group = {
         "enrollmentGroupId": lot,
-        "attestation": {"type": "x509", "x509": {"signingCertificates": {"primary": {"certificate": issuing_pem}}}},
+        "attestation": {
+            "type": "x509",
+            "x509": {"signingCertificates": {"primary": {"certificate": issuing_pem}}},
+        },
         "provisioningStatus": "enabled",
     }
     return [
@@ -307,7 +312,7 @@ def build_export(
     *,
     chain: Sequence[x509.Certificate] = (),
 ) -> Export:
-    """The lot's export in ``fmt`` (every format but ``json``, the signed manifest); ExportError if refused."""
+    """The lot's export in ``fmt`` (any format but ``json``, the signed manifest); ExportError if refused."""
     fmt = ExportFormat(fmt)
     count = len(devices)
     if fmt is ExportFormat.CSV:
@@ -318,7 +323,9 @@ def build_export(
         return Export(lot, fmt, tuple(nrfcloud_export(devices)), f"{lot}-nrfcloud", count)
     if fmt is ExportFormat.AZURE_DPS:
         return Export(lot, fmt, tuple(azure_dps_export(lot, devices, chain)), f"{lot}-azure-dps", count)
-    raise ExportError("the json export is the signed manifest; build it with factoryd.service.export_manifest")
+    raise ExportError(
+        "the json export is the signed manifest; build it with factoryd.service.export_manifest"
+    )
 
 
 def write_export(export: Export, directory: Path) -> Path:

@@ -15,12 +15,13 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
 from factoryd.errors import BoardStatusError, IssuanceError, RefusedBoardError, VerificationError
-from factoryd.jobs.board import Finished, JobHost, LinkCounters, StepRunner, issue_certificate
+from factoryd.jobs.board import Finished, JobHost, StepRunner, closed_link_stats, issue_certificate
 from factoryd.jobs.steps import Step
 from factoryd.ledger.model import DeviceState
 from factoryd.pki.arduino import ArduinoCertFields, arduino_compressed_fields
 from factoryd.pki.issuer import IssuedCertificate, Issuer
 from factoryd.protocol.arduino import ArduinoClient, device_id_bytes
+from factoryd.telemetry.events import LinkStats
 
 if TYPE_CHECKING:
     from factoryd.hub.base import Hub
@@ -108,7 +109,7 @@ class ArduinoSession:
         self._port = port
         self._path = path
         self._resends = settings.resends
-        self._counters: LinkCounters | None = None
+        self._link_stats: LinkStats | None = None
 
     async def __aenter__(self) -> Self:
         return self
@@ -118,9 +119,9 @@ class ArduinoSession:
     ) -> None:
         return None
 
-    def link_counters(self) -> LinkCounters | None:
+    def link_stats(self) -> LinkStats | None:
         """Traffic of the link the board steps used (None before they ran)."""
-        return self._counters
+        return self._link_stats
 
     async def identify(self) -> str:
         """The board's USB serial number; refused when it has none (or all zeros)."""
@@ -155,4 +156,4 @@ class ArduinoSession:
             )
         finally:
             await client.close()
-            self._counters = LinkCounters.of(client.link, client.stats)
+            self._link_stats = closed_link_stats(self._port, client.link, client.stats)

@@ -11,8 +11,8 @@ ledger binding (start job, set serial, claim, reserve) and recording. A profile'
 3. ``provision(host, device_id)`` runs the board steps and returns the certificate the board
    now holds, which the pipeline records.
 
-``link_counters()`` hands the pipeline the traffic of the links the session opened, for the
-``LinkStats`` telemetry event when the session closes.
+``link_stats()`` hands the pipeline the ``LinkStats`` telemetry event of the link the session
+opened, which the pipeline emits when the session closes (every profile reports its link).
 """
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Protocol, Self, TypeVar
 
 from factoryd.jobs.steps import Step
 from factoryd.pki.issuer import IssuedCertificate, Issuer
+from factoryd.telemetry.events import LinkStats
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -98,20 +100,17 @@ class Finished:
     issued: IssuedCertificate | None = None
 
 
-@dataclass(frozen=True)
-class LinkCounters:
-    """The traffic of one closed link, as the telemetry ``LinkStats`` event carries it."""
-
-    frames_sent: int
-    frames_received: int
-    resends: int
-    crc_errors: int
-
-    @classmethod
-    def of(cls, link: SerialLink[Any], stats: RequestStats) -> LinkCounters:
-        """The counters of a link and of the client engine on it."""
-        decoder = link.decoder.stats
-        return cls(link.stats.frames_sent, decoder.frames, stats.resends, decoder.crc_errors)
+def closed_link_stats(port: str, link: SerialLink[Any], stats: RequestStats) -> LinkStats:
+    """The telemetry event for a closed link: its frame counters and its client engine's."""
+    decoder = link.decoder.stats
+    return LinkStats(
+        port=port,
+        frames_sent=link.stats.frames_sent,
+        frames_received=decoder.frames,
+        resends=stats.resends,
+        crc_errors=decoder.crc_errors,
+        at=datetime.now(UTC),
+    )
 
 
 class BoardSession(Protocol):
@@ -144,8 +143,8 @@ class BoardSession(Protocol):
         """Run the board steps; return the certificate the board now holds."""
         ...
 
-    def link_counters(self) -> LinkCounters | None:
-        """Traffic of the links this session opened (None when it opened none)."""
+    def link_stats(self) -> LinkStats | None:
+        """Traffic of the link this session opened, once closed (None when it opened none)."""
         ...
 
 

@@ -28,13 +28,14 @@ from factoryd.errors import (
     RefusedBoardError,
     VerificationError,
 )
-from factoryd.jobs.board import Finished, JobHost, LinkCounters, issue_certificate
+from factoryd.jobs.board import Finished, JobHost, closed_link_stats, issue_certificate
 from factoryd.jobs.steps import Step
 from factoryd.ledger.model import DeviceRecord, DeviceState
 from factoryd.pki.challenge import verify_challenge
 from factoryd.pki.issuer import IssuedCertificate
 from factoryd.protocol.messages import BoardInfo, ObjectId
 from factoryd.protocol.native import BoardClient
+from factoryd.telemetry.events import LinkStats
 
 if TYPE_CHECKING:
     from factoryd.hub.base import Hub
@@ -50,6 +51,7 @@ class NativeSession:
     identify_step = Step.HELLO
 
     def __init__(self, hub: Hub, port: str, path: str, settings: PipelineSettings) -> None:
+        self._port = port
         self._path = path
         self._settings = settings
         self._client: BoardClient | None = None
@@ -75,12 +77,10 @@ class NativeSession:
             raise RuntimeError("NativeSession used outside its async with block")
         return self._client
 
-    def link_counters(self) -> LinkCounters | None:
+    def link_stats(self) -> LinkStats | None:
         """Traffic of the session's link."""
         client = self._client
-        if client is None:
-            return None
-        return LinkCounters.of(client.link, client.stats)
+        return None if client is None else closed_link_stats(self._port, client.link, client.stats)
 
     async def identify(self) -> str:
         """HELLO: the secure-element serial."""

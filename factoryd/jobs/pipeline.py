@@ -48,7 +48,7 @@ from factoryd.ledger import AsyncLedger
 from factoryd.ledger.model import DeviceState
 from factoryd.pki.issuer import IssuedCertificate
 from factoryd.protocol.native import Timeouts
-from factoryd.telemetry.events import JobEvent, LinkStats, PortState, PortUpdate, TelemetrySink
+from factoryd.telemetry.events import JobEvent, PortState, PortUpdate, TelemetrySink
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -210,18 +210,10 @@ class Pipeline:
             async with session:
                 return await self._bound_attempt(run, session, attempt)
         finally:
-            counters = session.link_counters()
-            if counters is not None:
-                self.telemetry.link_stats(
-                    LinkStats(
-                        port=run.port,
-                        frames_sent=counters.frames_sent,
-                        frames_received=counters.frames_received,
-                        resends=counters.resends,
-                        crc_errors=counters.crc_errors,
-                        at=datetime.now(UTC),
-                    )
-                )
+            # Link statistics reach metrics for every profile, whatever ended the attempt.
+            stats = session.link_stats()
+            if stats is not None:
+                self.telemetry.link_stats(stats)
 
     async def _bound_attempt(self, run: _Run, session: BoardSession, attempt: int) -> JobResult:
         """Identify the board, bind the job to it (once for every profile), then the profile's steps."""

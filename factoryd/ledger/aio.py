@@ -17,6 +17,7 @@ from types import TracebackType
 from typing import ParamSpec, Self, TypeVar
 
 from factoryd.errors import LedgerError
+from factoryd.ledger.certificates import IssuedCertificateEntry, RevokedCertificate
 from factoryd.ledger.core import Ledger
 from factoryd.ledger.idlist import DEFAULT_MAX_BYTES
 from factoryd.ledger.model import DeviceRecord, LotInfo, LotProgress, LotState, ProvisionedDevice, Reservation
@@ -213,6 +214,22 @@ class AsyncLedger:
             cloud_cert_arn=cloud_cert_arn,
             actor=actor,
         )
+
+    async def issued_certificates(self, lot: str) -> list[IssuedCertificateEntry]:
+        """See :meth:`Ledger.issued_certificates`."""
+        return await self._run(self._ledger.issued_certificates, lot)
+
+    async def revoked_certificates(self, lot: str) -> list[RevokedCertificate]:
+        """See :meth:`Ledger.revoked_certificates`."""
+        return await self._run(self._ledger.revoked_certificates, lot)
+
+    async def crl_numbers(self, lot: str) -> list[int]:
+        """See :meth:`Ledger.crl_numbers`."""
+        return await self._run(self._ledger.crl_numbers, lot)
+
+    async def record_crl(self, lot: str, *, actor: str, details: dict[str, object]) -> int:
+        """See :meth:`Ledger.record_crl`."""
+        return await self._run(self._ledger.record_crl, lot, actor=actor, details=details)
 
     async def start_job(self, lot: str, *, station: str, port: str, hw_serial: str | None = None) -> int:
         """See :meth:`Ledger.start_job`."""

@@ -7,6 +7,7 @@
 - :mod:`~factoryd.ledger.imports`: customer ID lists, imported whole or not at all;
 - :mod:`~factoryd.ledger.jobs`: job records and step attempts;
 - :mod:`~factoryd.ledger.states`: the device-ID state machine (reserve, provision, void) and records;
+- :mod:`~factoryd.ledger.certificates`: every certificate issued for a lot, which stand, CRL numbers;
 - :mod:`~factoryd.ledger.registrations`: how far each certificate got in registering with a cloud.
 
 Every public method is one database transaction that is committed before it returns. Writers
@@ -22,6 +23,7 @@ from typing import Self
 from sqlalchemy.exc import SQLAlchemyError
 
 from factoryd.errors import LedgerError
+from factoryd.ledger.certificates import CertificateBook
 from factoryd.ledger.engine import WRITE_OPTION, create_ledger_engine
 from factoryd.ledger.errors import LedgerUnavailableError
 from factoryd.ledger.imports import IdImport
@@ -30,7 +32,7 @@ from factoryd.ledger.registrations import RegistrationBook
 from factoryd.ledger.states import DeviceBook
 
 
-class Ledger(DeviceBook, IdImport, RegistrationBook):
+class Ledger(DeviceBook, IdImport, RegistrationBook, CertificateBook):
     """The allocation ledger; thread-safe, each call is its own committed transaction."""
 
     @classmethod

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from factoryd.errors import ConfigError
+
+if TYPE_CHECKING:
+    from factoryd.pki.template import SubjectTemplate
 
 ID_FORMAT_UUID = "uuid"
 ID_FORMAT_REGEX_PREFIX = "regex:"
@@ -31,6 +37,38 @@ class LotProfile(BaseModel):
     lock: bool = False
     allow_rework: bool = False
     max_attempts: int = Field(default=3, ge=1)
+    # Device certificate subject, most significant first: "O={org}, CN={id}" (docs/clouds.md).
+    subject: str = "CN={id}"
+    # Lot constants for the subject and SAN templates ({org} -> subject_fields["org"]).
+    subject_fields: dict[str, str] = Field(default_factory=dict)
+    san_uris: tuple[str, ...] = ()
+    san_dns: tuple[str, ...] = ()
+
+    def subject_template(self) -> SubjectTemplate:
+        """The parsed subject/SAN template of the lot's device certificates."""
+        from factoryd.pki.template import UUID_CHARS, SubjectTemplate  # noqa: PLC0415 - pki imports ledger
+
+        return SubjectTemplate.parse(
+            self.subject,
+            fields=self.subject_fields,
+            san_uris=self.san_uris,
+            san_dns=self.san_dns,
+            id_chars=UUID_CHARS if self.id_format == ID_FORMAT_UUID else None,
+        )
+
+    @model_validator(mode="after")
+    def _check_subject_template(self) -> Self:
+        try:
+            template = self.subject_template()
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        if not template.is_default:
+            from factoryd.jobs.profiles import board_profile  # noqa: PLC0415 - see _check_protocol
+            from factoryd.pki.profile import ARDUINO_TEMPLATE_REFUSAL  # noqa: PLC0415
+
+            if board_profile(self.protocol).cert_kind == "arduino-v1":
+                raise ValueError(f"protocol {self.protocol}: {ARDUINO_TEMPLATE_REFUSAL}")
+        return self
 
     @field_validator("protocol")
     @classmethod

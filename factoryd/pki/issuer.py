@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -17,6 +17,7 @@ from factoryd.errors import BundleError, CsrRejectedError, IssuanceError
 from factoryd.pki.bundle import _validate_arduino
 from factoryd.pki.profile import CertProfile, arduino_subject, utc_now
 from factoryd.pki.signer import CaPublicKey, Signer, spki_der
+from factoryd.pki.template import RenderedIdentity
 
 # CA/Browser Forum BR 7.1: at least 64 bits of CSPRNG output; 16 bytes leave a wide margin.
 SERIAL_BYTES = 16
@@ -188,14 +189,40 @@ class Issuer:
         """The key identifier put into every device certificate's AKI."""
         return self._aki
 
-    def verify_csr(self, csr_der: bytes, expected_cn: str) -> x509.CertificateSigningRequest:
-        """Check a device CSR against this lot's profile (see module-level ``verify_csr``)."""
-        return verify_csr(csr_der, expected_cn, allowed_extensions=self._profile.allowed_csr_extensions)
+    def identity(self, device_id: str, fields: Mapping[str, str] | None = None) -> RenderedIdentity:
+        """The device's subject and SANs from the lot's template; IssuanceError on a value it cannot hold.
+
+        ``fields`` is the device's metadata (the extra columns of its line in the ID list).
+        """
+        return self._profile.subject.render(device_id, fields)
+
+    def common_name(self, device_id: str, fields: Mapping[str, str] | None = None) -> str:
+        """The CN the board must put in its CSR (``get_csr(common_name)``): the templated CN."""
+        return self.identity(device_id, fields).common_name
+
+    def verify_csr(
+        self, csr_der: bytes, device_id: str, *, fields: Mapping[str, str] | None = None
+    ) -> x509.CertificateSigningRequest:
+        """Check a device CSR against this lot's profile: its subject is exactly CN=<the templated CN>."""
+        return verify_csr(
+            csr_der,
+            self.common_name(device_id, fields),
+            allowed_extensions=self._profile.allowed_csr_extensions,
+        )
 
     def issue(
-        self, csr: x509.CertificateSigningRequest, device_id: str, *, now: dt.datetime | None = None
+        self,
+        csr: x509.CertificateSigningRequest,
+        device_id: str,
+        *,
+        fields: Mapping[str, str] | None = None,
+        now: dt.datetime | None = None,
     ) -> IssuedCertificate:
-        """Issue the device certificate for a verified CSR; refuses if the CA would expire first."""
+        """Issue the device certificate for a verified CSR; refuses if the CA would expire first.
+
+        The subject and SANs come from the lot's template with ``fields`` (the device's metadata).
+        """
+        identity = self.identity(device_id, fields)
         public_key = csr.public_key()
         if not isinstance(public_key, ec.EllipticCurvePublicKey) or public_key.curve.name != "secp256r1":
             raise IssuanceError(f"device key is {_key_name(public_key)}; EC P-256 required")
@@ -238,7 +265,7 @@ class Issuer:
             )
         else:
             builder = (
-                builder.subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
+                builder.subject_name(identity.subject)
                 .serial_number(random_serial())
                 .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                 .add_extension(
@@ -259,6 +286,10 @@ class Issuer:
                 .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
                 .add_extension(aki, critical=False)
             )
+            san = identity.san()
+            if san is not None:
+                # Non-critical: the subject is not empty (RFC 5280 4.2.1.6).
+                builder = builder.add_extension(san, critical=False)
         cert = self._signer.sign_certificate(builder)
         if self._profile.kind == "arduino-v1" and not isinstance(
             cert.signature_hash_algorithm, hashes.SHA256

@@ -104,6 +104,40 @@ class ManifestRecord(Protocol):
         ...
 
 
+class RevokedRecord(Protocol):
+    """What the manifest says of a certificate that was issued but does not stand (ledger ``RevokedCertificate``)."""
+
+    @property
+    def device_id(self) -> str:
+        """The device ID the certificate names."""
+        ...
+
+    @property
+    def cert_serial(self) -> str:
+        """The certificate's serial number, hex."""
+        ...
+
+    @property
+    def fingerprint_sha256(self) -> str:
+        """Hex SHA-256 of the certificate's DER."""
+        ...
+
+    @property
+    def issued_at(self) -> dt.datetime:
+        """When the station signed it."""
+        ...
+
+    @property
+    def revoked_at(self) -> dt.datetime:
+        """Since when it does not stand."""
+        ...
+
+    @property
+    def cause(self) -> str:
+        """``superseded``, ``voided`` or ``failed`` (docs/clouds.md, Revocation)."""
+        ...
+
+
 @dataclass(frozen=True)
 class SignedManifest:
     """The canonical JSON document and its detached DER CMS signature."""
@@ -155,19 +189,42 @@ def _device_entry(record: ManifestRecord) -> dict[str, Any]:
     }
 
 
+def _revoked_entry(record: RevokedRecord) -> dict[str, Any]:
+    return {
+        "device_id": record.device_id,
+        "cert_serial": record.cert_serial.lower(),
+        "fingerprint": record.fingerprint_sha256.lower(),
+        "reason": str(record.cause),
+        "issued_at": _iso(record.issued_at),
+        "revoked_at": _iso(record.revoked_at),
+    }
+
+
 def build_manifest(
     lot: str,
     records: Sequence[ManifestRecord],
     signer: Signer,
     chain: Sequence[x509.Certificate],
     *,
+    revoked: Sequence[RevokedRecord] = (),
     now: dt.datetime | None = None,
 ) -> SignedManifest:
-    """Build the canonical manifest of ``records`` and sign it (detached CMS) with the lot's CA."""
+    """Build the canonical manifest of ``records`` and sign it (detached CMS) with the lot's CA.
+
+    ``revoked`` lists the certificates the CA signed for the lot that do not stand (the CRL's
+    entries), so the manifest accounts for every certificate issued.
+    """
     entries = sorted((_device_entry(r) for r in records), key=lambda e: str(e["device_id"]))
     for previous, current in itertools.pairwise(entries):
         if previous["device_id"] == current["device_id"]:
             raise ManifestError(f"device {current['device_id']!r} appears twice")
+    revoked_entries = sorted(
+        (_revoked_entry(r) for r in revoked), key=lambda e: (str(e["issued_at"]), str(e["cert_serial"]))
+    )
+    standing = {str(e["cert_serial"]) for e in entries}
+    for entry in revoked_entries:
+        if entry["cert_serial"] in standing:
+            raise ManifestError(f"certificate {entry['cert_serial']} is listed as provisioned and revoked")
     ca = signer.certificate
     document = {
         "schema_version": MANIFEST_SCHEMA_VERSION,
@@ -179,6 +236,8 @@ def build_manifest(
             "fingerprint_sha256": hashlib.sha256(ca.public_bytes(serialization.Encoding.DER)).hexdigest(),
         },
         "devices": entries,
+        "revoked_count": len(revoked_entries),
+        "revoked": revoked_entries,
     }
     try:
         content = canonical_json(document)
@@ -254,7 +313,7 @@ def verify_manifest(
 ) -> dict[str, Any]:
     """Verify the detached signature chains to ``trust_roots`` and the document is consistent; return it."""
     try:
-        signer_cert = _verify_cms(json_bytes, sig_der, trust_roots, utc_now(now))
+        signer_cert = verify_detached(json_bytes, sig_der, trust_roots, utc_now(now))
     except der.DerError as exc:
         raise ManifestError(f"signature is malformed: {exc}") from None
     try:
@@ -268,6 +327,9 @@ def verify_manifest(
     devices = document.get("devices")
     if not isinstance(devices, list) or document.get("count") != len(devices):
         raise ManifestError("manifest count does not match its device list")
+    revoked = document.get("revoked", [])
+    if not isinstance(revoked, list) or document.get("revoked_count", 0) != len(revoked):
+        raise ManifestError("manifest revoked_count does not match its revoked list")
     ids = [str(d.get("device_id")) for d in devices if isinstance(d, dict)]
     if len(ids) != len(devices) or ids != sorted(ids) or len(set(ids)) != len(ids):
         raise ManifestError("manifest devices are not unique and sorted by device_id")
@@ -287,9 +349,10 @@ def verify_manifest(
     return document
 
 
-def _verify_cms(
+def verify_detached(
     content: bytes, sig_der: bytes, trust_roots: Sequence[x509.Certificate], now: dt.datetime
 ) -> x509.Certificate:
+    """Check a detached CMS signature over ``content`` chaining to ``trust_roots``; return the signer."""
     _, _, sd_parts, parts = _signer_info_parts(sig_der)
     encap = der.expect(sd_parts[2], der.TAG_SEQUENCE, "encapContentInfo").children()
     if len(encap) != 1:
@@ -352,7 +415,7 @@ def _verify_cms(
             raise ManifestError("the signer's key type is not supported")
     except InvalidSignature:
         raise ManifestError("manifest signature does not verify") from None
-    _verify_path(signer_cert, certs, trust_roots, now)
+    verify_path(signer_cert, certs, trust_roots, now)
     return signer_cert
 
 
@@ -371,12 +434,13 @@ def _is_ca(cert: x509.Certificate) -> bool:
         return False
 
 
-def _verify_path(
+def verify_path(
     signer_cert: x509.Certificate,
     pool: Sequence[x509.Certificate],
     trust_roots: Sequence[x509.Certificate],
     now: dt.datetime,
 ) -> None:
+    """Check ``signer_cert`` chains through ``pool`` to one of ``trust_roots``, all valid at ``now``."""
     root_ders = {r.public_bytes(serialization.Encoding.DER) for r in trust_roots}
     current = signer_cert
     for _ in range(MAX_CHAIN_DEPTH):

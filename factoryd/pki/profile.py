@@ -11,6 +11,7 @@ from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import NameOID
 
 from factoryd.errors import ConfigError, IssuanceError
+from factoryd.pki.template import DEFAULT_TEMPLATE, SubjectTemplate
 
 ProfileKind = Literal["factoryd-v1", "arduino-v1"]
 PROFILE_KINDS: tuple[str, ...] = get_args(ProfileKind)
@@ -23,6 +24,10 @@ ARDUINO_MAX_VALIDITY_YEARS = 31
 # arduino-v1: the issue year lives in 5 bits counting from 2000.
 ARDUINO_MAX_ISSUE_YEAR = 2031
 ARDUINO_MIN_ISSUE_YEAR = 2000
+ARDUINO_TEMPLATE_REFUSAL = (
+    "arduino-v1 certificates have a fixed subject (CN=<device ID>) and no SANs: the sketch rebuilds "
+    "the certificate from its own template, so a subject template or SANs cannot be used with it"
+)
 
 
 def _printable(oid: x509.ObjectIdentifier, value: str) -> x509.NameAttribute[str]:
@@ -55,12 +60,16 @@ class CertProfile:
     backdate_s: int = DEFAULT_BACKDATE_S
     validity_years: int = ARDUINO_MAX_VALIDITY_YEARS  # arduino-v1
     allowed_csr_extensions: frozenset[x509.ObjectIdentifier] = field(default_factory=frozenset)
+    # The device certificate's subject and SANs (factoryd-v1; arduino-v1 takes only the default).
+    subject: SubjectTemplate = DEFAULT_TEMPLATE
 
     def __post_init__(self) -> None:
         if self.kind not in PROFILE_KINDS:
             raise ConfigError(
                 f"unknown certificate profile {self.kind!r} (known: {', '.join(PROFILE_KINDS)})"
             )
+        if self.kind == "arduino-v1" and not self.subject.is_default:
+            raise ConfigError(ARDUINO_TEMPLATE_REFUSAL)
         if self.cert_validity_days < 1:
             raise ConfigError(f"cert_validity_days must be >= 1, got {self.cert_validity_days}")
         if not 0 <= self.backdate_s <= 86400:

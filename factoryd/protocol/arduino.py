@@ -152,6 +152,10 @@ class _ArduinoReplies:
         """The sketch NACKs a frame that failed its CRC: it did not run the command."""
         return f"NACKed {attempts} times (the board cannot decode our frames)"
 
+    def resend_on_timeout(self, command: ArduinoCommand) -> bool:
+        """GET_CSR is not: a late first reply would carry a key the second call replaced."""
+        return command is not ArduinoCommand.GET_CSR
+
     def event(self, frame: ArduinoFrame) -> None:
         """The sketch sends no events."""
 
@@ -286,6 +290,4 @@ class ArduinoClient(EngineClient[ArduinoFrame, ArduinoCommand]):
             raise ValueError(f"{command.name} frame of {len(data)} bytes overflows the board's buffer")
         reply_bytes = CSR_REPLY_ALLOWANCE_BYTES if command is ArduinoCommand.GET_CSR else MIN_FRAME_BYTES
         timeout_s = self.timeouts.for_command(command) + self.link.wire_time_s(len(data) + reply_bytes)
-        return await self._engine.call(
-            EXCLUSIVE_KEY, command, data, timeout_s, resend_on_timeout=command is not ArduinoCommand.GET_CSR
-        )
+        return await self._engine.call(EXCLUSIVE_KEY, command, data, timeout_s)

@@ -1,10 +1,11 @@
 """The request engine every board client sits on: waiters, loop-timer resends, flood cap, link loss.
 
-One ``RequestEngine`` per open link is the link's ``LinkListener``. A client hands it an encoded
-request (``call``) and gets the reply frame back; what differs between protocols is a small
-``ReplyPolicy`` (how a frame is routed: reply to which key, NACK, event; what an exhausted NACK
-means; whether a reply names another command than the request) and, for protocols without
-sequence numbers, the *exclusive* mode. Everything else is written once here:
+One ``RequestEngine`` per open link is the link's ``LinkListener``. A client encodes a request
+(the encoding is the client's), hands the bytes to ``call`` and gets the reply frame back. What
+differs between protocols is a small ``ReplyPolicy``: how a frame is routed (the reply to which
+key, a NACK, an event), whether a reply names another command than its request, what a NACK after
+the last resend means, and which commands are asked again when the board stays silent; and, for
+protocols without sequence numbers, the *exclusive* mode. Everything else is written once here:
 
 - the waiter is registered before the frame is sent and removed in ``finally``;
 - a silent board is resent to when a loop timer (``call_later``) fires: no task per request;
@@ -16,7 +17,7 @@ sequence numbers, the *exclusive* mode. Everything else is written once here:
 Correlation styles:
 
 - **keyed** (native ``factoryd-v1``): many requests in flight, each keyed by its seq
-  (``next_key``); the client's own event handling (BOOT) uses ``pending``/``resend``/``fail``.
+  (``next_key``); the client's own event handling (BOOT) uses ``waiters``/``resend``/``fail``.
 - **exclusive** (``arduino-v1``, no seq numbers): one request at a time under a lock, key
   ``EXCLUSIVE_KEY``. After a timeout or a cancelled request a late reply may still arrive, so the
   next request first listens to the line for ``late_reply_s`` and drops what comes
@@ -85,6 +86,10 @@ class ReplyPolicy(Protocol[F_contra, C_contra]):
 
     def nack_exhausted(self, attempts: int) -> str | None:
         """Why a request NACKed after its last resend fails now (None: wait for its timer)."""
+        ...
+
+    def resend_on_timeout(self, command: C_contra) -> bool:
+        """Whether a silent board is asked again (False where a late first reply would mislead)."""
         ...
 
     def event(self, frame: F_contra) -> None:
@@ -198,21 +203,17 @@ class RequestEngine(Generic[F, C]):
         if self._lost is not None:
             raise LinkClosedError(f"link {self.link.path} is closed") from self._lost
 
-    async def call(
-        self, key: int, command: C, data: bytes, timeout_s: float, *, resend_on_timeout: bool = True
-    ) -> F:
+    async def call(self, key: int, command: C, data: bytes, timeout_s: float) -> F:
         """Send an encoded request and return its reply frame (resent on NACK, garble, timeout)."""
         if self._lock is None:
-            return await self._exchange(key, command, data, timeout_s, resend_on_timeout)
+            return await self._exchange(key, command, data, timeout_s)
         async with self._lock:
             self.check_open()
             if self._late_reply_possible:
                 await self._drop_late_replies()
-            return await self._exchange(key, command, data, timeout_s, resend_on_timeout)
+            return await self._exchange(key, command, data, timeout_s)
 
-    async def _exchange(
-        self, key: int, command: C, data: bytes, timeout_s: float, resend_on_timeout: bool
-    ) -> F:
+    async def _exchange(self, key: int, command: C, data: bytes, timeout_s: float) -> F:
         self.check_open()
         future: asyncio.Future[F] = self._loop.create_future()
         waiter = Waiter(
@@ -221,7 +222,7 @@ class RequestEngine(Generic[F, C]):
             future,
             self.resends,
             timeout_s,
-            resend_on_timeout=resend_on_timeout,
+            resend_on_timeout=self.policy.resend_on_timeout(command),
         )
         self._waiters[key] = waiter
         self.stats.requests += 1

@@ -135,6 +135,10 @@ class _NativeReplies:
     def nack_exhausted(self, attempts: int) -> None:
         """A NACK after the last resend: the request's timer decides."""
 
+    def resend_on_timeout(self, command: Command) -> bool:
+        """Always: the board answers a resend from its reply cache, so nothing runs twice."""
+        return True
+
     def event(self, frame: Frame) -> None:
         """A BOOT event."""
         self._client._board_booted(frame)
