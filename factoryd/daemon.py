@@ -101,8 +101,9 @@ class Daemon:
         self.metrics_port: int | None = None
         self.station: Station | None = None
         self.notifier = Notifier()
-        # The signal that stopped the station (None: the stop condition or no stop yet).
+        # The signal that stopped the station (None: the stop condition or no stop yet), and its event.
         self.stopped_by: signal.Signals | None = None
+        self.signalled = asyncio.Event()
 
     async def run(self) -> Station:
         """Run until SIGTERM/SIGINT or the stop condition; return the station (results, counts)."""
@@ -227,6 +228,7 @@ class Daemon:
     def _on_signal(self, station: Station, sig: signal.Signals) -> None:
         log.info("stopping on signal", signal=sig.name)
         self.stopped_by = sig
+        self.signalled.set()
         self.notifier.stopping()
         station.stop()
 

@@ -164,27 +164,21 @@ class DemoResult:
     rate: Rate
     devices: int = 0
     duplicate_ids: int = 0
-    # Mean modelled physical time per finished board, and the first-job-to-last-job window.
-    physical_s_mean: float = 0.0
-    window_s: float = 0.0
     failures: dict[str, int] = field(default_factory=dict)
     faults_injected: int = 0
     # Injected faults on boards that still ended provisioned: the retries recovered them.
     faults_recovered: int = 0
     boards_failed: int = 0
     boards: list[BoardOutcome] = field(default_factory=list)
-    # The signal that ended the run early (e.g. "SIGHUP"), None when the supply ran out.
+    # The signal that ended the demo (e.g. "SIGHUP"), None when it ended with its supply.
     stopped_by: str | None = None
+    # Every board of the supply was fed in and finished (False: a signal stopped the run early).
+    complete: bool = True
 
     @property
     def provisioned(self) -> int:
         """Devices this run provisioned (jobs that ended provisioned; factoryd.telemetry.figures)."""
         return self.jobs.provisioned
-
-    @property
-    def devices_per_hour(self) -> float:
-        """The run's provisioning rate at its end (factoryd.telemetry.figures)."""
-        return self.rate.per_hour
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly form: one key per figure."""
@@ -213,6 +207,7 @@ class DemoResult:
             "state_dir_kept": self.state_dir_kept,
             "config": str(self.config_path),
             "stopped_by": self.stopped_by,
+            "complete": self.complete,
         }
 
 
@@ -549,12 +544,13 @@ async def _run_demo(options: DemoOptions, state_dir: Path, temporary: bool) -> D
         hub.finished,
         lot=options.lot,
         positions=supply.positions,
-        clock=_RunClock(elapsed, rate, partial=daemon.stopped_by is not None),
+        clock=_RunClock(elapsed, rate, partial=not hub.exhausted),
         earlier_runs=prepared.boards_before > 0,
     )
     result.state_dir_kept = not temporary
     result.config_path = config_path
     result.stopped_by = daemon.stopped_by.name if daemon.stopped_by is not None else None
+    result.complete = hub.exhausted
     return result
 
 
@@ -725,10 +721,6 @@ def _verify(
         rate=clock.rate,
         devices=len(boards),
         duplicate_ids=sum(1 for n in on_boards.values() if n > 1),
-        physical_s_mean=sum(b.physical_s for b in boards) / len(boards) if boards else 0.0,
-        window_s=(station.last_job_at - station.first_job_at)
-        if station.first_job_at is not None and station.last_job_at is not None
-        else 0.0,
         failures=failures,
         faults_injected=sum(o.faults_injected for o in outcomes),
         faults_recovered=sum(o.faults_injected for o in outcomes if o.outcome not in FAILED_OUTCOMES),

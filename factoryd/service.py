@@ -22,13 +22,17 @@ from factoryd.jobs.lots import cert_profile, lot_signer
 from factoryd.ledger import Ledger
 from factoryd.ledger.model import LotInfo
 from factoryd.pki.bundle import CaBundle, load_pem_bundle, load_pkcs12_bundle
-from factoryd.pki.manifest import SignedManifest, build_manifest
 from factoryd.pki.crl import DEFAULT_NEXT_UPDATE_DAYS, MAX_NEXT_UPDATE_DAYS, CrlEntry, SignedCrl, build_crl
+from factoryd.pki.manifest import SignedManifest, build_manifest
 from factoryd.pki.passphrase import load_passphrase
 from factoryd.pki.pkcs11 import Pkcs11Signer
 from factoryd.pki.signer import Signer
 from factoryd.pki.store import BundleStore
-from factoryd.pki.verification import VerificationCertificate, check_verification_code, verification_certificate
+from factoryd.pki.verification import (
+    VerificationCertificate,
+    check_verification_code,
+    verification_certificate,
+)
 
 # What systemd's StateDirectoryMode= and deploy/install.sh give the state directory: the service
 # user alone, since it holds the ledger and the encrypted CA keys.

@@ -1,4 +1,4 @@
-"""CA proof of possession: the verification certificate (CN=code) signed by the lot's CA key, software or token."""
+"""CA proof of possession: a verification certificate (CN=code) signed by the lot's CA key or token."""
 
 from __future__ import annotations
 
@@ -23,7 +23,11 @@ from factoryd.pki import load_pkcs12_bundle
 from factoryd.pki.pkcs11 import REFERENCE_FILE
 from factoryd.pki.store import KEY_FILE
 from factoryd.pki.testca import TestPki, make_test_pki
-from factoryd.pki.verification import VERIFICATION_VALIDITY_S, check_verification_code, verification_certificate
+from factoryd.pki.verification import (
+    VERIFICATION_VALIDITY_S,
+    check_verification_code,
+    verification_certificate,
+)
 from factoryd.service import StationPaths, ca_verification, store_bundle
 
 OPENSSL = shutil.which("openssl")
@@ -47,7 +51,16 @@ def _openssl_verify(tmp_path: Path, pki: TestPki, cert_pem: bytes) -> None:
     (tmp_path / "issuing.pem").write_bytes(pki.issuing_cert.public_bytes(serialization.Encoding.PEM))
     (tmp_path / "verification.pem").write_bytes(cert_pem)
     result = subprocess.run(  # noqa: S603 - fixed argv
-        [OPENSSL, "verify", "-x509_strict", "-CAfile", "root.pem", "-untrusted", "issuing.pem", "verification.pem"],
+        [
+            OPENSSL,
+            "verify",
+            "-x509_strict",
+            "-CAfile",
+            "root.pem",
+            "-untrusted",
+            "issuing.pem",
+            "verification.pem",
+        ],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -99,7 +112,9 @@ def _audited(tmp_path: Path) -> list[tuple[str, str]]:
 def test_service_audits_the_code_and_serial(pki: TestPki, tmp_path: Path) -> None:
     ledger, paths = _station(pki, tmp_path)
     with ledger:
-        verification = ca_verification(ledger, paths, STATION_PASSPHRASE.encode(), LOT, AWS_CODE, actor="admin")
+        verification = ca_verification(
+            ledger, paths, STATION_PASSPHRASE.encode(), LOT, AWS_CODE, actor="admin"
+        )
         with pytest.raises(InputError):
             ca_verification(ledger, paths, STATION_PASSPHRASE.encode(), LOT, "bad code", actor="admin")
         assert ledger.verify_audit() > 0
@@ -159,7 +174,9 @@ def test_token_signed_verification_certificate_and_crl(pki: TestPki, tmp_path: P
         pytest.fail("SoftHSM2 is not installed (softhsm2-util, /usr/lib/softhsm/libsofthsm2.so)")
     (tmp_path / "tokens").mkdir()
     conf = tmp_path / "softhsm2.conf"
-    conf.write_text(f"directories.tokendir = {tmp_path / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    conf.write_text(
+        f"directories.tokendir = {tmp_path / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n"
+    )
     pin = "2718-user"
     env = _env(tmp_path, SOFTHSM2_CONF=str(conf), FACTORYD_PKCS11_PIN=pin)
     subprocess.run(  # noqa: S603 - fixed argv
@@ -178,7 +195,9 @@ def test_token_signed_verification_certificate_and_crl(pki: TestPki, tmp_path: P
     lot_dir = tmp_path / "state" / "bundles" / lot
     assert (lot_dir / REFERENCE_FILE).is_file()
     assert not (lot_dir / KEY_FILE).exists()
-    out = _cli(tmp_path, env, "lots", "ca-verification", lot, "--code", AWS_CODE, "--out", str(tmp_path / "v.pem"))
+    out = _cli(
+        tmp_path, env, "lots", "ca-verification", lot, "--code", AWS_CODE, "--out", str(tmp_path / "v.pem")
+    )
     assert "CN=" + AWS_CODE in out
     _openssl_verify(tmp_path, pki, (tmp_path / "v.pem").read_bytes())
     _cli(tmp_path, env, "manifest", "crl", lot, "--out", str(tmp_path / "lot.crl.pem"))
@@ -197,7 +216,7 @@ def test_token_signed_verification_certificate_and_crl(pki: TestPki, tmp_path: P
 
 
 async def test_api_gives_the_customer_and_admin_a_verification_certificate(tmp_path: Path) -> None:
-    from tests.helpers.api import running_api  # noqa: PLC0415 - the API stack only for this test
+    from tests.helpers.api import running_api
 
     async with running_api(tmp_path) as api:
         await api.make_lot("acme-api", "acme")

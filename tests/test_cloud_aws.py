@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from factoryd.cloud.aws import (
@@ -36,7 +38,7 @@ from factoryd.pki import SoftwareSigner
 from factoryd.pki.testca import TestPki, make_test_pki
 from factoryd.pki.verification import verification_certificate
 from tests.helpers.mqtt_broker import free_port
-from tests.helpers.provisioned import provision_lot
+from tests.helpers.provisioned import issuer_for, provision_lot
 
 if TYPE_CHECKING:
     from mypy_boto3_iot import IoTClient
@@ -353,18 +355,39 @@ class _Revoked:
 
 
 def test_certificates_that_do_not_stand_are_marked_revoked(setup: Setup) -> None:
-    setup.registrar().run()
-    # thing-000 was reworked after registration: its registered certificate no longer stands.
-    reworked = _Revoked("thing-000", setup.devices[0].fingerprint_sha256)
-    # A certificate that failed before anyone registered it: AWS does not know it.
+    # thing-000 was reworked after an earlier run registered its first certificate.
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "thing-000")]))
+        .sign(key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.DER)
+    )
+    issuer = issuer_for(setup.pki)
+    old = issuer.issue(issuer.verify_csr(csr, "thing-000"), "thing-000")
+    old_pem = x509.load_der_x509_certificate(old.der).public_bytes(serialization.Encoding.PEM).decode()
+    earlier = setup.iot.register_certificate(certificatePem=old_pem, status="ACTIVE")
+    setup.ledger.record_cloud_step(
+        "LOT-A",
+        cloud="aws",
+        target=setup.target,
+        cert_sha256=old.fingerprint_sha256,
+        device_id="thing-000",
+        step=RegistrationStep.POLICY_ATTACHED,
+        cloud_cert_id=earlier["certificateId"],
+        cloud_cert_arn=earlier["certificateArn"],
+        actor="test",
+    )
+    reworked = _Revoked("thing-000", old.fingerprint_sha256)
+    # A certificate whose board failed before anyone registered it: AWS does not know it.
     never_registered = _Revoked("thing-001", hashlib.sha256(b"a certificate that never left").hexdigest())
     calls = Calls(setup.iot)
     summary = setup.registrar().run([reworked, never_registered])
-    assert (summary.revoked, summary.absent, summary.already) == (1, 1, DEVICES)
-    statuses = [c["status"] for c in _certificates(setup.iot)]
-    assert (statuses.count("REVOKED"), statuses.count("ACTIVE")) == (1, DEVICES - 1)
+    assert (summary.registered, summary.revoked, summary.absent, summary.failed) == (DEVICES, 1, 1, ())
+    revoked = setup.iot.describe_certificate(certificateId=earlier["certificateId"])["certificateDescription"]
+    assert revoked["status"] == "REVOKED"
     (update,) = calls.params["UpdateCertificate"]
-    assert update["newStatus"] == "REVOKED"
+    assert (update["certificateId"], update["newStatus"]) == (earlier["certificateId"], "REVOKED")
     again = setup.registrar().run([reworked, never_registered])
     assert (again.revoked, again.absent, again.already) == (0, 1, DEVICES + 1)
 

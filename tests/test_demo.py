@@ -120,6 +120,48 @@ def test_closing_the_terminal_stops_the_demo_and_frees_its_ports(tmp_path: Path)
     assert _port_free(metrics_port)
 
 
+def _read_until(master: int, proc: subprocess.Popen[bytes], marker: bytes, timeout_s: float) -> bytes:
+    seen = b""
+    deadline = time.monotonic() + timeout_s
+    while marker not in seen and time.monotonic() < deadline:
+        if select.select([master], [], [], 0.2)[0]:
+            try:
+                seen += os.read(master, 65536)
+            except OSError:  # EIO: the child closed its side of the terminal
+                break
+        elif proc.poll() is not None:
+            break
+    return seen
+
+
+def test_on_a_terminal_the_page_keeps_serving_after_the_last_board_until_ctrl_c(tmp_path: Path) -> None:
+    api_port = free_port()
+    master, slave = pty.openpty()
+    args = [*FACTORYD, "demo", "--devices", "2", "--ports", "1", "--api-port", str(api_port)]
+    proc = subprocess.Popen(  # noqa: S603 - our own argument list
+        [*args, "--state-dir", str(tmp_path)], stdin=slave, stdout=slave, stderr=slave, start_new_session=True
+    )
+    os.close(slave)
+    try:
+        seen = _read_until(master, proc, b"Ctrl-C ends the demo", PTY_DEMO_START_TIMEOUT_S)
+        assert b"keeps serving" in seen, seen.decode(errors="replace")
+        time.sleep(0.5)
+        assert proc.poll() is None
+        assert not _port_free(api_port)
+        proc.send_signal(signal.SIGINT)
+        seen += _read_until(master, proc, b"audit verify -c", PTY_DEMO_EXIT_TIMEOUT_S)
+        code = proc.wait(timeout=PTY_DEMO_EXIT_TIMEOUT_S)
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == 0, seen.decode(errors="replace")
+    assert b"Try next:" in seen
+    assert b"stopped early" not in seen
+    assert _port_free(api_port)
+
+
 def test_demo_with_the_api_says_where_its_page_and_tokens_are(tmp_path: Path) -> None:
     api_port = free_port()
     state = tmp_path / "demo"

@@ -108,7 +108,9 @@ def test_one_altered_byte_is_refused(pki: TestPki, signed: tuple[bytes, bytes]) 
 def test_a_foreign_signature_is_refused(pki: TestPki, signed: tuple[bytes, bytes]) -> None:
     other = make_test_pki(passphrase=b"other")
     content, _ = signed
-    foreign = sign_detached(content, SoftwareSigner(other.issuing_key, other.issuing_cert), [other.issuing_cert])
+    foreign = sign_detached(
+        content, SoftwareSigner(other.issuing_key, other.issuing_cert), [other.issuing_cert]
+    )
     report = check_manifest(content, foreign, [pki.root_cert])
     assert not report.ok
     assert _failed(report.lines()) >= {"signature", "ca"}
@@ -152,7 +154,14 @@ def test_wrong_counts_and_a_foreign_device_certificate_are_refused(
     report = check_manifest(*_resign(pki, document), [pki.root_cert])
     assert _failed(report.lines()) == {"counts"}
     other = make_test_pki(passphrase=b"other-2")
-    stranger = _device(Issuer(SoftwareSigner(other.issuing_key, other.issuing_cert), (other.issuing_cert, other.root_cert), CertProfile()), "dev-9")
+    stranger = _device(
+        Issuer(
+            SoftwareSigner(other.issuing_key, other.issuing_cert),
+            (other.issuing_cert, other.root_cert),
+            CertProfile(),
+        ),
+        "dev-9",
+    )
     document = json.loads(signed[0])
     document["devices"].append(
         {
@@ -178,7 +187,14 @@ def test_cli_says_what_it_found_and_exits_non_zero_on_failure(
     (tmp_path / "m.json").write_bytes(content)
     (tmp_path / "m.p7s").write_bytes(signature)
     (tmp_path / "ca.pem").write_bytes(pki.root_cert.public_bytes(serialization.Encoding.PEM))
-    args = ["manifest", "verify", str(tmp_path / "m.json"), str(tmp_path / "m.p7s"), "--ca", str(tmp_path / "ca.pem")]
+    args = [
+        "manifest",
+        "verify",
+        str(tmp_path / "m.json"),
+        str(tmp_path / "m.p7s"),
+        "--ca",
+        str(tmp_path / "ca.pem"),
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "signature: OK" in result.output

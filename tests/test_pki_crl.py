@@ -1,4 +1,4 @@
-"""Revocation: which issued certificates stand, the per-lot CRL checked by openssl, the manifest's revoked list."""
+"""Revocation: which certificates stand, the lot's CRL checked by openssl, the manifest's revoked list."""
 
 from __future__ import annotations
 
@@ -115,7 +115,9 @@ def line(pki: TestPki, tmp_path: Path) -> Line:
     return result
 
 
-def _openssl_verify(line: Line, tmp_path: Path, crl_pem: bytes, label: str) -> subprocess.CompletedProcess[str]:
+def _openssl_verify(
+    line: Line, tmp_path: Path, crl_pem: bytes, label: str
+) -> subprocess.CompletedProcess[str]:
     assert OPENSSL is not None, "openssl is required"
     (tmp_path / "root.pem").write_bytes(line.pki.root_cert.public_bytes(serialization.Encoding.PEM))
     (tmp_path / "issuing.pem").write_bytes(line.pki.issuing_cert.public_bytes(serialization.Encoding.PEM))
@@ -145,7 +147,9 @@ def _openssl_verify(line: Line, tmp_path: Path, crl_pem: bytes, label: str) -> s
 
 def test_revoked_certificates_are_the_ones_that_do_not_stand(line: Line) -> None:
     revoked = {r.cert_serial: r for r in line.ledger.revoked_certificates(LOT)}
-    causes = {label: revoked[c.serial_hex].cause for label, c in line.certs.items() if c.serial_hex in revoked}
+    causes = {
+        label: revoked[c.serial_hex].cause for label, c in line.certs.items() if c.serial_hex in revoked
+    }
     assert causes == {
         "retried-first": RevocationCause.SUPERSEDED,
         "failed": RevocationCause.FAILED,
@@ -179,7 +183,9 @@ def test_crl_fields(line: Line) -> None:
     reasons = {}
     for entry in crl:
         try:
-            reasons[entry.serial_number] = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
+            reasons[entry.serial_number] = entry.extensions.get_extension_for_class(
+                x509.CRLReason
+            ).value.reason
         except x509.ExtensionNotFound:
             reasons[entry.serial_number] = None
     assert reasons == {
@@ -229,7 +235,7 @@ def test_manifest_lists_revoked_certificates_separately(line: Line) -> None:
 
 
 def test_bad_next_update_is_refused_before_a_number_is_taken(line: Line) -> None:
-    with pytest.raises(InputError, match="1..3660"):
+    with pytest.raises(InputError, match=r"1\.\.3660"):
         export_crl(line.ledger, line.paths, STATION_PASSPHRASE, LOT, next_update_days=0, actor="test")
     assert line.ledger.crl_numbers(LOT) == []
 

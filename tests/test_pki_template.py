@@ -1,4 +1,4 @@
-"""Subject templates: checked at lot creation, rendered per device, certificates openssl- and pkilint-clean."""
+"""Subject templates: checked at lot creation, rendered per device, openssl- and pkilint-clean."""
 
 from __future__ import annotations
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 import inspect
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
+import factoryd
 from factoryd.jobs.board import BoardSession
 from factoryd.jobs.profiles import PROFILES, board_profile, profile_names
 from factoryd.jobs.steps import Step
@@ -57,3 +60,16 @@ def test_lot_profile_refuses_an_unknown_protocol_naming_the_known_ones() -> None
         LotProfile(protocol="nrf91-at")
     assert LotProfile(protocol="arduino-v1").protocol == "arduino-v1"
     assert LotProfile().protocol == "factoryd-v1"
+
+
+def test_no_driver_layer_imports_the_simulator() -> None:
+    root = Path(factoryd.__file__).parent
+    offenders = []
+    for package in ("hub", "protocol", "transport", "jobs", "ledger", "pki"):
+        for path in sorted((root / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module]
+                offenders += [f"{path.relative_to(root)}: {n}" for n in names if n.startswith("factoryd.sim")]
+    assert offenders == []

@@ -16,6 +16,7 @@ from factoryd.cli.opts import fail, run_async
 from factoryd.log import configure_logging
 
 if TYPE_CHECKING:
+    from factoryd.daemon import Daemon
     from factoryd.demo import DemoResult, DemoStarted
 
 
@@ -38,6 +39,20 @@ def _echo_started(info: DemoStarted) -> None:
     if info.passphrase_file is not None:
         lines.append(f"  CA passphrase  {info.passphrase_file} (0600)")
     typer.echo("\n".join(lines), err=True)
+
+
+def _keeps_serving(asked: bool | None, api_port: int | None, metrics_port: int | None) -> bool:
+    if asked is not None:
+        return asked
+    # Without a person at a terminal nobody would press Ctrl-C: scripts get the demo's end as before.
+    return api_port is not None and sys.stdin.isatty() and sys.stderr.isatty()
+
+
+async def _serve_until_stopped(daemon: Daemon) -> None:
+    """After the last board: keep the page, API and /metrics up until a signal (Ctrl-C, SIGTERM, hangup)."""
+    where = f" at http://127.0.0.1:{daemon.api_port}/station" if daemon.api_port is not None else ""
+    typer.echo(f"all boards done; the station page keeps serving{where}: Ctrl-C ends the demo", err=True)
+    await daemon.signalled.wait()
 
 
 def next_steps(result: DemoResult) -> list[str]:
@@ -63,7 +78,7 @@ def next_steps(result: DemoResult) -> list[str]:
 def _echo_summary(result: DemoResult, boards: int, ports: int, profile: str, timing: str) -> None:
     outcomes = ", ".join(f"{k} {v}" for k, v in sorted(result.outcomes.items())) or "none"
     typer.echo(f"factoryd demo: {boards} boards on {ports} simulated ports ({profile}, timing {timing})")
-    if result.stopped_by is not None:
+    if not result.complete:
         typer.echo(f"  stopped early       by {result.stopped_by}, {result.devices} boards done")
     typer.echo(f"  jobs                {outcomes}")
     if result.failures:
@@ -74,8 +89,14 @@ def _echo_summary(result: DemoResult, boards: int, ports: int, profile: str, tim
         f"  faults injected     {result.faults_injected}: {result.faults_recovered} recovered by retries, "
         f"{result.boards_failed} boards failed"
     )
+    in_lot = (
+        f"lot {result.lot}: {result.lot_provisioned} with earlier runs; "
+        if result.lot_provisioned != result.provisioned
+        else ""
+    )
     typer.echo(
-        f"  provisioned         {result.provisioned} (certificates checked: {result.certificates_verified})"
+        f"  provisioned         {result.provisioned} "
+        f"({in_lot}certificates checked: {result.certificates_verified})"
     )
     typer.echo(f"  duplicate IDs       {result.duplicate_ids}")
     typer.echo(f"  audit chain         verified, {result.audit_entries} entries")
@@ -125,6 +146,14 @@ def demo(
         int | None, typer.Option(help="Serve the HTTP API and the station page on 127.0.0.1:PORT.")
     ] = None,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "warning",
+    keep_serving: Annotated[
+        bool | None,
+        typer.Option(
+            "--keep-serving/--no-keep-serving",
+            help="Keep the page and API up after the last board until Ctrl-C "
+            "(default: with --api-port on a terminal).",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Provision a simulated line end to end (no hardware, no broker, SQLite)."""
@@ -158,6 +187,7 @@ def demo(
         log_level=log_level,
         live_view=not as_json and sys.stdout.isatty(),
         on_started=_echo_started,
+        on_finished=_serve_until_stopped if _keeps_serving(keep_serving, api_port, metrics_port) else None,
     )
     result = run_async(run_demo(options))
     if result.stopped_by == signal.SIGHUP.name:

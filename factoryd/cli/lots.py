@@ -205,7 +205,9 @@ def lots_key_to_token(
 @app.command("ca-verification")
 def lots_ca_verification(
     name: str,
-    code: Annotated[str, typer.Option(help="The cloud's code (AWS registration code, Azure verification code).")],
+    code: Annotated[
+        str, typer.Option(help="The cloud's code (AWS registration code, Azure verification code).")
+    ],
     out: Annotated[Path | None, typer.Option(help="File for the certificate (PEM); default: stdout.")] = None,
     config: ConfigOption = None,
 ) -> None:

@@ -10,9 +10,9 @@ import typer
 from factoryd.cli.opts import (
     ConfigOption,
     command_group,
+    fail,
     guard,
     open_ledger,
-    fail,
     read_input,
     state_dir_settings,
 )
@@ -29,6 +29,7 @@ def write_public(path: Path, data: bytes) -> None:
         write_private(path, data, mode=PUBLIC_FILE_MODE)
     except OSError as exc:
         fail(f"cannot write {path}: {exc.strerror or exc}")
+
 
 app = command_group("Signed manifests of provisioned devices, the lot's CRL, customer-side checks.")
 

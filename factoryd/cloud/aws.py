@@ -5,11 +5,11 @@ What one run does, in this order:
 1. the lot's policy must exist (or is created from :data:`DEFAULT_POLICY_DOCUMENT` when asked);
 2. the lot's issuing CA is registered ACTIVE with proof of possession (GetRegistrationCode, a
    verification certificate ``CN=<code>`` signed by the lot's CA key, RegisterCACertificate), or
-   found already registered (the ledger's record, else a scan of the account's CA certificates);
+   found already registered (by the ledger's record, else by its certificate ID);
 3. every provisioned device: RegisterCertificate ACTIVE (with the CA's PEM) → CreateThing named by
    the device ID → AttachThingPrincipal → AttachPolicy;
-4. every certificate that was issued but does not stand is registered (or updated) REVOKED, so it
-   can never be activated by just-in-time registration.
+4. every certificate that was issued but does not stand and is in AWS is updated to REVOKED (one
+   that is not there cannot connect: the CA is registered without auto-registration).
 
 Idempotent and resumable: each step a certificate completes is committed to the ledger
 (:mod:`factoryd.ledger.registrations`) before the next one starts, so a rerun after a crash, a

@@ -28,8 +28,8 @@ from factoryd.pki.profile import ProfileKind
 from factoryd.protocol.arduino import ArduinoClient
 from factoryd.protocol.native import BoardClient
 from factoryd.transport.arduino_framing import ArduinoDecoder
+from factoryd.transport.decoding import Decoder
 from factoryd.transport.framing import FrameDecoder
-from factoryd.transport.serial_link import Decoder
 
 
 @dataclass(frozen=True)

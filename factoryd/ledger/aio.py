@@ -94,6 +94,29 @@ class AsyncLedger:
         """See :meth:`Ledger.set_lot_state`."""
         return await self._run(self._ledger.set_lot_state, lot, state, actor=actor)
 
+    async def record_lot_firmware(
+        self,
+        lot: str,
+        *,
+        sha256: str,
+        version: str,
+        security_counter: int | None,
+        key_hash: str,
+        actor: str,
+        replace_signing_key: bool = False,
+    ) -> LotInfo:
+        """See :meth:`Ledger.record_lot_firmware`."""
+        return await self._run(
+            self._ledger.record_lot_firmware,
+            lot,
+            sha256=sha256,
+            version=version,
+            security_counter=security_counter,
+            key_hash=key_hash,
+            actor=actor,
+            replace_signing_key=replace_signing_key,
+        )
+
     async def get_lot(self, lot: str) -> LotInfo:
         """See :meth:`Ledger.get_lot`."""
         return await self._run(self._ledger.get_lot, lot)

@@ -123,21 +123,27 @@ class CertificateBook(LotBook):
                 )
                 .order_by(col(AuditEntryRow.seq))
             ).all()
+            # Only the columns needed: a large lot's certificates (cert_der) stay in the database.
             devices = {
-                row.device_id: _DeviceState(
-                    DeviceState(row.state),
-                    row.cert_fingerprint_sha256,
-                    None if row.provisioned_at is None else as_utc(row.provisioned_at),
+                device_id: _DeviceState(
+                    DeviceState(state),
+                    fingerprint,
+                    None if provisioned_at is None else as_utc(provisioned_at),
                 )
-                for row in session.exec(
-                    select(DeviceRow).where(
-                        DeviceRow.lot_id == lot_id, DeviceRow.state != DeviceState.AVAILABLE.value
-                    )
+                for device_id, state, fingerprint, provisioned_at in session.exec(
+                    select(
+                        DeviceRow.device_id,
+                        DeviceRow.state,
+                        DeviceRow.cert_fingerprint_sha256,
+                        DeviceRow.provisioned_at,
+                    ).where(DeviceRow.lot_id == lot_id, DeviceRow.state != DeviceState.AVAILABLE.value)
                 ).all()
             }
             jobs = {
-                row.id: None if row.finished_at is None else as_utc(row.finished_at)
-                for row in session.exec(select(JobRow).where(JobRow.lot_id == lot_id)).all()
+                job_id: None if finished_at is None else as_utc(finished_at)
+                for job_id, finished_at in session.exec(
+                    select(JobRow.id, JobRow.finished_at).where(JobRow.lot_id == lot_id)
+                ).all()
             }
         issued = [_entry(row) for row in audit_rows if row.action == CERT_ISSUED_ACTION]
         voided_at = {row.subject: as_utc(row.at) for row in audit_rows if row.action == _VOIDED_ACTION}

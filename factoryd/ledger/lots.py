@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from pydantic import ValidationError
 from sqlmodel import Session, col, select
 
 from factoryd.errors import InputError, LotNotFoundError, LotStateError
@@ -118,6 +119,74 @@ class LotBook(LedgerBase):
                 action="lot.state_changed",
                 subject=lot,
                 details={"from": current.value, "to": target.value},
+                at=now,
+            )
+            return _lot_info(row)
+
+    def record_lot_firmware(
+        self,
+        lot: str,
+        *,
+        sha256: str,
+        version: str,
+        security_counter: int | None,
+        key_hash: str,
+        actor: str,
+        replace_signing_key: bool = False,
+    ) -> LotInfo:
+        """Make a verified MCUboot image the lot's firmware: profile and audit entry in one transaction.
+
+        Re-checks under the lot's row lock what the upload checked (another upload may have won):
+        the signing key is the lot's unless ``replace_signing_key`` (an admin's decision), and the
+        security counter is not lower than the current image's. A closed lot is refused.
+        """
+        now = utc_now()
+        with self._transaction(write=True) as session:
+            row = self._lot_row(session, lot, for_update=True)
+            if LotState(row.state) is LotState.CLOSED:
+                raise LotStateError(f"lot {lot!r} is closed; its firmware cannot change")
+            current = LotProfile.model_validate(row.profile)
+            replaced = current.firmware_key_hash is not None and current.firmware_key_hash != key_hash
+            if replaced and not replace_signing_key:
+                raise InputError(
+                    f"image is signed by key {key_hash[:16]}…, not the lot's firmware-signing key "
+                    f"{(current.firmware_key_hash or '')[:16]}…; an admin may replace the lot's key "
+                    "(factoryd lots firmware --replace-signing-key)"
+                )
+            previous = current.firmware_security_counter
+            if previous is not None and (security_counter is None or security_counter < previous):
+                raise InputError(
+                    f"security counter {security_counter} is lower than the lot's previous image ({previous})"
+                    if security_counter is not None
+                    else f"image has no security counter (SEC_CNT TLV); the lot's previous image had {previous}"
+                )
+            try:
+                profile = LotProfile.model_validate(
+                    {
+                        **current.model_dump(mode="json"),
+                        "firmware_sha256": sha256,
+                        "firmware_version": version,
+                        "firmware_security_counter": security_counter,
+                        "firmware_key_hash": key_hash,
+                    }
+                )
+            except ValidationError as exc:
+                raise InputError(f"lot {lot!r}: firmware record refused: {exc}") from None
+            row.profile = profile.model_dump(mode="json")
+            session.add(row)
+            self._audit_in_session(
+                session,
+                actor=actor,
+                action="lot.firmware",
+                subject=lot,
+                details={
+                    "sha256": sha256,
+                    "version": version,
+                    "security_counter": security_counter,
+                    "key_hash": key_hash,
+                    "previous_sha256": current.firmware_sha256,
+                    "signing_key_replaced": replaced,
+                },
                 at=now,
             )
             return _lot_info(row)

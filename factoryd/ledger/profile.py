@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from factoryd.errors import ConfigError
+from factoryd.mcuboot import (
+    DEFAULT_ALIGN_BYTES,
+    DEFAULT_MAX_ALIGN_BYTES,
+    DEFAULT_MAX_SECTORS,
+    KeyFormat,
+    McubootImageError,
+    swap_trailer_bytes,
+)
 
 if TYPE_CHECKING:
     from factoryd.pki.template import SubjectTemplate
@@ -30,8 +38,25 @@ class LotProfile(BaseModel):
     # A board profile name from factoryd.jobs.profiles.PROFILES.
     protocol: str = "factoryd-v1"
     id_format: str = ID_FORMAT_UUID
+    # Firmware (docs/firmware.md). The image format: MCUboot is the only one (the old raw r||s blob
+    # had no stock bootloader and no user left; an external flasher writes an MCUboot image as well).
+    firmware_format: Literal["mcuboot"] = "mcuboot"
+    # The board's image slot in bytes (primary = secondary); an image must fit it with its trailer.
+    slot_size: int | None = Field(default=None, ge=1)
+    # MCUboot's swap trailer geometry at the slot end (imgtool sign --align/--max-align/-M).
+    trailer_align: int = DEFAULT_ALIGN_BYTES
+    trailer_max_align: int = DEFAULT_MAX_ALIGN_BYTES
+    trailer_max_sectors: int = DEFAULT_MAX_SECTORS
+    # How the board's MCUboot finds the signing key: by hash (stock builds) or in full (HW key builds).
+    firmware_key_format: KeyFormat = KeyFormat.HASH
+    # The current image, recorded by `factoryd lots firmware` (Ledger.record_lot_firmware): its MCUboot
+    # hash (the SHA256 TLV, what the board reports; not the file's hash), version and security counter,
+    # and the hash of the lot's firmware-signing key (set by the first image, or up front).
+    # With firmware_sha256 set the station flashes that image before provisioning.
     firmware_sha256: str | None = None
     firmware_version: str | None = None
+    firmware_security_counter: int | None = Field(default=None, ge=0, le=0xFFFF_FFFF)
+    firmware_key_hash: str | None = None
     cert_validity_days: int = Field(default=DEFAULT_CERT_VALIDITY_DAYS, ge=1, le=MAX_CERT_VALIDITY_DAYS)
     endpoint: str = Field(default="mqtts://iot.example.com:8883", min_length=1)
     lock: bool = False
@@ -97,9 +122,33 @@ class LotProfile(BaseModel):
             return value
         raise ValueError(f"id_format must be 'uuid' or 'regex:<pattern>', not {value!r}")
 
-    @field_validator("firmware_sha256")
+    @field_validator("firmware_sha256", "firmware_key_hash")
     @classmethod
-    def _check_sha256(cls, value: str | None) -> str | None:
+    def _check_sha256(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is not None and not _SHA256_HEX.fullmatch(value):
-            raise ValueError("firmware_sha256 must be 64 lowercase hex digits")
+            raise ValueError(f"{info.field_name} must be 64 lowercase hex digits")
         return value
+
+    @field_validator("firmware_format", mode="before")
+    @classmethod
+    def _check_firmware_format(cls, value: object) -> object:
+        if value != "mcuboot":
+            raise ValueError(
+                f"firmware_format {value!r} is not supported: lot firmware is an MCUboot image "
+                "(imgtool sign), the only format stock bootloaders accept (docs/firmware.md)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check_trailer(self) -> Self:
+        try:
+            self.trailer_bytes()
+        except McubootImageError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    def trailer_bytes(self) -> int:
+        """Bytes of MCUboot's swap trailer at the end of the lot's image slot."""
+        return swap_trailer_bytes(
+            align=self.trailer_align, max_align=self.trailer_max_align, max_sectors=self.trailer_max_sectors
+        )

@@ -69,7 +69,9 @@ def build_crl(
     if not 0 <= number <= MAX_CRL_NUMBER:
         raise IssuanceError(f"CRL number {number} does not fit in 20 octets")
     if not 1 <= next_update_days <= MAX_NEXT_UPDATE_DAYS:
-        raise IssuanceError(f"next update must be 1..{MAX_NEXT_UPDATE_DAYS} days away, got {next_update_days}")
+        raise IssuanceError(
+            f"next update must be 1..{MAX_NEXT_UPDATE_DAYS} days away, got {next_update_days}"
+        )
     ca = signer.certificate
     this_update = utc_now(now).replace(microsecond=0)
     try:

@@ -105,7 +105,7 @@ class ManifestRecord(Protocol):
 
 
 class RevokedRecord(Protocol):
-    """What the manifest says of a certificate that was issued but does not stand (ledger ``RevokedCertificate``)."""
+    """A certificate issued for the lot that does not stand (the ledger's ``RevokedCertificate``)."""
 
     @property
     def device_id(self) -> str:

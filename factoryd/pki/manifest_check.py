@@ -14,6 +14,7 @@ import json
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -22,9 +23,9 @@ from factoryd.pki import der
 from factoryd.pki.manifest import (
     MANIFEST_SCHEMA_VERSION,
     ManifestError,
+    canonical_json,
     verify_detached,
     verify_path,
-    canonical_json,
 )
 from factoryd.pki.profile import utc_now
 
@@ -109,8 +110,7 @@ def check_manifest(
     if not isinstance(document, dict):
         report.checks.append(Check("document", False, "not a JSON object"))
         return report
-    devices = document.get("devices")
-    revoked = document.get("revoked", [])
+    raw_devices, raw_revoked = document.get("devices"), document.get("revoked", [])
     report.lot = str(document.get("lot"))
 
     def form() -> str:
@@ -118,14 +118,18 @@ def check_manifest(
             raise ManifestError(f"schema_version is not {MANIFEST_SCHEMA_VERSION}")
         if canonical_json(document) != json_bytes:
             raise ManifestError("not in canonical form (sorted keys, no whitespace)")
-        if not isinstance(devices, list) or not all(isinstance(d, dict) for d in devices):
+        if not isinstance(raw_devices, list) or not all(isinstance(d, dict) for d in raw_devices):
             raise ManifestError("devices is not a list of objects")
-        if not isinstance(revoked, list) or not all(isinstance(r, dict) for r in revoked):
+        if not isinstance(raw_revoked, list) or not all(isinstance(r, dict) for r in raw_revoked):
             raise ManifestError("revoked is not a list of objects")
         return f"schema {MANIFEST_SCHEMA_VERSION}, canonical JSON"
 
     if not check("document", form):
         return report
+    if not isinstance(raw_devices, list) or not isinstance(raw_revoked, list):
+        return report  # form() refused them already
+    devices: list[dict[str, Any]] = raw_devices
+    revoked: list[dict[str, Any]] = raw_revoked
     report.devices, report.revoked = len(devices), len(revoked)
 
     def ca() -> str:
@@ -198,7 +202,9 @@ def check_manifest(
     check("counts", counts)
 
     def revocations() -> str:
-        provisioned = {str(d.get("cert_serial")) for d in devices} | {str(d.get("cert_sha256")) for d in devices}
+        provisioned = {str(d.get("cert_serial")) for d in devices} | {
+            str(d.get("cert_sha256")) for d in devices
+        }
         both = [
             str(r.get("cert_serial"))
             for r in revoked
@@ -219,4 +225,3 @@ def load_chain(pem: bytes) -> list[x509.Certificate]:
     except ValueError as exc:
         raise ManifestError(f"the CA file holds no PEM certificates: {exc}") from None
     return chain
-

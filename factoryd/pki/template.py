@@ -46,7 +46,9 @@ _ATTRIBUTE_TYPES = (
     _AttributeType("ST", NameOID.STATE_OR_PROVINCE_NAME, 128, _UTF8),  # ub-state-name
     _AttributeType("L", NameOID.LOCALITY_NAME, 128, _UTF8),  # ub-locality-name
     _AttributeType("O", NameOID.ORGANIZATION_NAME, 64, _UTF8),  # ub-organization-name
-    _AttributeType("OU", NameOID.ORGANIZATIONAL_UNIT_NAME, 64, _UTF8, repeatable=True),  # ub-organizational-unit-name
+    _AttributeType(
+        "OU", NameOID.ORGANIZATIONAL_UNIT_NAME, 64, _UTF8, repeatable=True
+    ),  # ub-organizational-unit-name
     _AttributeType("CN", NameOID.COMMON_NAME, 64, _UTF8),  # ub-common-name
     _AttributeType("serialNumber", NameOID.SERIAL_NUMBER, 64, _PRINTABLE),  # ub-serial-number
     # RFC 5280 gives dnQualifier no upper bound; 64 keeps it within what every consumer takes.
@@ -110,7 +112,9 @@ def _parse_value(text: str, where: str) -> _Value:
     try:
         parsed = list(string.Formatter().parse(text))
     except ValueError as exc:
-        raise ConfigError(f"{where}: {exc} (placeholders look like {{id}}, {{org}} or {{meta.column}})") from None
+        raise ConfigError(
+            f"{where}: {exc} (placeholders look like {{id}}, {{org}} or {{meta.column}})"
+        ) from None
     for literal, field, spec, conversion in parsed:
         if literal:
             if "{" in literal or "}" in literal:
@@ -194,7 +198,9 @@ class SubjectTemplate:
         dns_names = tuple(_parse_value(d, f"san_dns {d!r}") for d in san_dns)
         template = cls(subject, tuple(attributes), tuple(sorted(constants.items())), uris, dns_names)
         used = set().union(*(v.placeholders for v in template._values()))
-        unknown = sorted(f for f in used if f != ID_FIELD and not f.startswith(META_PREFIX) and f not in constants)
+        unknown = sorted(
+            f for f in used if f != ID_FIELD and not f.startswith(META_PREFIX) and f not in constants
+        )
         if unknown:
             raise ConfigError(
                 f"subject template uses undefined field(s) {', '.join('{' + f + '}' for f in unknown)}; "
@@ -202,7 +208,9 @@ class SubjectTemplate:
             )
         unused = sorted(set(constants) - used)
         if unused:
-            raise ConfigError(f"subject_fields {', '.join(unused)} are not used by the subject or SAN templates")
+            raise ConfigError(
+                f"subject_fields {', '.join(unused)} are not used by the subject or SAN templates"
+            )
         template._check_static(id_chars)
         return template
 
@@ -241,7 +249,9 @@ class SubjectTemplate:
         constants = dict(self.fields)
         for attribute in self.attributes:
             kind = attribute.kind
-            known = "".join(p.text if p.field is None else constants.get(p.field, "") for p in attribute.value.pieces)
+            known = "".join(
+                p.text if p.field is None else constants.get(p.field, "") for p in attribute.value.pieces
+            )
             problem = _value_problem(known, printable_string=kind.asn1_type is _PRINTABLE) if known else None
             if problem:
                 raise ConfigError(f"subject {kind.name} ({known!r}) {problem}")
@@ -260,7 +270,9 @@ class SubjectTemplate:
             if any(not ch.isascii() or not ch.isprintable() or ch.isspace() for ch in literal):
                 raise ConfigError(f"san_uris: {literal!r} has non-ASCII, space or control characters")
             if not re.match(r"[A-Za-z][A-Za-z0-9+.\-]*:", literal):
-                raise ConfigError(f"san_uris: a URI template must start with its scheme, e.g. 'urn:', not {literal!r}")
+                raise ConfigError(
+                    f"san_uris: a URI template must start with its scheme, e.g. 'urn:', not {literal!r}"
+                )
         for value in self.dns_names:
             literal = "".join(p.text for p in value.pieces)
             if not re.fullmatch(r"[A-Za-z0-9.\-]*", literal):
@@ -305,14 +317,20 @@ class SubjectTemplate:
             else:
                 problem = _value_problem(text, printable_string=kind.asn1_type is _PRINTABLE)
             if problem is None and not kind.min_chars <= len(text) <= kind.max_chars:
-                problem = f"is {len(text)} characters long; RFC 5280 allows {kind.min_chars}..{kind.max_chars}"
+                problem = (
+                    f"is {len(text)} characters long; RFC 5280 allows {kind.min_chars}..{kind.max_chars}"
+                )
             if problem:
                 raise IssuanceError(f"device {device_id!r}: subject {kind.name} {_show(text)} {problem}")
-            rdns.append(x509.RelativeDistinguishedName([x509.NameAttribute(kind.oid, text, _type=kind.asn1_type)]))
+            rdns.append(
+                x509.RelativeDistinguishedName([x509.NameAttribute(kind.oid, text, _type=kind.asn1_type)])
+            )
         uris = tuple(fill(v, "san_uris") for v in self.uris)
         for uri in uris:
             if len(uri) > MAX_URI_CHARS or not _URI.fullmatch(uri):
-                raise IssuanceError(f"device {device_id!r}: URI SAN {_show(uri)} is not a valid URI (RFC 3986)")
+                raise IssuanceError(
+                    f"device {device_id!r}: URI SAN {_show(uri)} is not a valid URI (RFC 3986)"
+                )
         dns_names = tuple(fill(v, "san_dns") for v in self.dns_names)
         for name in dns_names:
             labels = name.split(".")

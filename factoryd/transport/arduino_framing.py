@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+from factoryd.transport.decoding import DecoderStats
+
 START = b"\x55\xaa"
 END = b"\xaa\x55"
 # 0x55 0xAA | type | length (2, BE) -- then payload, CRC (2, BE), 0xAA 0x55.
@@ -144,7 +146,7 @@ class ArduinoDecoder:
 
     max_frame: int = HOST_MAX_FRAME_BYTES
     act_at: int = MIN_FRAME_BYTES
-    stats: ArduinoDecoderStats = field(default_factory=ArduinoDecoderStats)
+    stats: DecoderStats = field(default_factory=DecoderStats)
     _buffer: bytearray = field(default_factory=bytearray)
     _errors_seen: int = 0
 

@@ -15,6 +15,7 @@ from enum import IntEnum
 from cobs import cobs
 
 from factoryd.errors import CrcError, FrameError
+from factoryd.transport.decoding import DecoderStats
 
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct(">BBHBB")
@@ -77,17 +78,6 @@ def decode_frame(raw: bytes) -> Frame:
     except ValueError:
         raise FrameError(f"unknown frame kind 0x{kind:02X}") from None
     return Frame(frame_kind, seq, command, status, bytes(body[HEADER.size :]), version)
-
-
-@dataclass
-class DecoderStats:
-    """Counters of what the decoder had to discard."""
-
-    frames: int = 0
-    crc_errors: int = 0
-    malformed: int = 0
-    oversize: int = 0
-    garbage_bytes: int = 0
 
 
 @dataclass

@@ -23,6 +23,7 @@ import serial
 import serial_asyncio_fast
 
 from factoryd.errors import LinkClosedError, LinkOpenError
+from factoryd.transport.decoding import Decoder
 
 DEFAULT_BAUDRATE = 115200
 # Bits per byte on an 8N1 line: start + 8 data + stop.
@@ -35,19 +36,6 @@ class LinkState(Enum):
     OPENING = "opening"
     OPEN = "open"
     CLOSED = "closed"
-
-
-class Decoder(Protocol):
-    """An I/O-free frame decoder (``FrameDecoder``, ``ArduinoDecoder``)."""
-
-    def feed(self, data: bytes) -> list[Any]:
-        """Add bytes; return completed frames."""
-
-    def take_errors(self) -> int:
-        """Return and reset the count of undecodable frames."""
-
-    def flush(self) -> int:
-        """Drop a half-received frame; return its size in bytes."""
 
 
 D = TypeVar("D", bound=Decoder)
