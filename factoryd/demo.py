@@ -47,7 +47,7 @@ from factoryd.api.tokens import Role, TokenStore
 from factoryd.config import Settings, load_settings
 from factoryd.daemon import Daemon, DaemonHooks
 from factoryd.errors import ConfigError, LotNotFoundError, VerificationError
-from factoryd.firmware import FirmwareStore, sign_firmware
+from factoryd.firmware import RawFirmwareStore, sign_firmware
 from factoryd.jobs.scheduler import Station
 from factoryd.ledger import Ledger
 from factoryd.ledger.model import LotInfo, LotState, ProvisionedDevice
@@ -424,7 +424,7 @@ def _create_lot(options: DemoOptions, settings: Settings, passphrase: bytes) -> 
         bundle = parse_bundle(pki.pkcs12, upload_passphrase, lot)
         store_bundle(paths, passphrase, lot_name, bundle)
         if flash:
-            FirmwareStore(paths.firmware).save(lot_name, firmware, fw_key.public_key())
+            RawFirmwareStore(paths.firmware).save(lot_name, firmware, fw_key.public_key())
         ledger.import_ids(lot_name, ids.encode(), filename="demo-ids.txt", actor="demo")
         ledger.set_lot_state(lot_name, LotState.ACTIVE, actor="demo")
     return fw_key.public_key()

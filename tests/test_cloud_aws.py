@@ -10,6 +10,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -140,6 +141,7 @@ class Calls:
     """Counts each IoT operation boto3 sends (every attempt, retries included)."""
 
     def __init__(self, iot: IoTClient) -> None:
+        self._lock = threading.Lock()  # the registrar's workers send at once
         self.sent: dict[str, int] = {}
         self.params: dict[str, list[dict[str, Any]]] = {}
         iot.meta.events.register("before-send.iot.*", self._sent)
@@ -147,11 +149,13 @@ class Calls:
 
     def _sent(self, request: Any, **kwargs: Any) -> None:
         name = kwargs["event_name"].rsplit(".", 1)[-1]
-        self.sent[name] = self.sent.get(name, 0) + 1
+        with self._lock:
+            self.sent[name] = self.sent.get(name, 0) + 1
 
     def _params(self, params: dict[str, Any], **kwargs: Any) -> None:
         name = kwargs["event_name"].rsplit(".", 1)[-1]
-        self.params.setdefault(name, []).append(dict(params))
+        with self._lock:
+            self.params.setdefault(name, []).append(dict(params))
 
 
 def _certificates(iot: IoTClient) -> list[dict[str, Any]]:
@@ -273,11 +277,14 @@ def _throttled(remaining: dict[str, int]) -> Any:
         def stream(self, **_kwargs: Any) -> Iterator[bytes]:
             yield self._body
 
+    lock = threading.Lock()
+
     def hook(request: Any, **kwargs: Any) -> AWSResponse | None:
         name = kwargs["event_name"].rsplit(".", 1)[-1]
-        if remaining.get(name, 0) <= 0:
-            return None
-        remaining[name] -= 1
+        with lock:
+            if remaining.get(name, 0) <= 0:
+                return None
+            remaining[name] -= 1
         headers = {"x-amzn-ErrorType": "ThrottlingException", "Content-Type": "application/json"}
         return AWSResponse(request.url, 400, headers, _Raw(b'{"message": "Rate exceeded"}'))
 

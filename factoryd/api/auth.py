@@ -22,8 +22,9 @@ from starlette.types import Message
 from factoryd.api.context import ApiContext
 from factoryd.api.errors import TokenRejectedError
 from factoryd.api.tokens import Role, TokenInfo, TokenStore
+from factoryd.firmware import SIGNING_KEY_MAX_BYTES
 
-Body = Literal["none", "json", "ids", "bundle"]
+Body = Literal["none", "json", "ids", "bundle", "firmware"]
 _F = TypeVar("_F", bound=Callable[..., Any])
 _GUARD_ATTR = "__factoryd_guard__"
 STATE_PRINCIPAL = "factoryd_principal"
@@ -141,7 +142,7 @@ def _check_content_type(request: Request, body: Body) -> None:
             raise HTTPException(
                 415, f"this endpoint takes application/json, not {media or 'an untyped body'}"
             )
-    elif body in ("ids", "bundle") and media != "multipart/form-data":
+    elif body in ("ids", "bundle", "firmware") and media != "multipart/form-data":
         raise HTTPException(415, f"this endpoint takes multipart/form-data, not {media or 'an untyped body'}")
 
 
@@ -152,6 +153,8 @@ def body_limit(ctx: ApiContext, body: Body) -> int:
         return limits.id_list_bytes + limits.overhead_bytes
     if body == "bundle":
         return 3 * limits.bundle_file_bytes + limits.overhead_bytes
+    if body == "firmware":  # the image and its signing key (a few hundred bytes of PEM)
+        return limits.firmware_image_bytes + SIGNING_KEY_MAX_BYTES + limits.overhead_bytes
     if body == "json":
         return limits.json_bytes
     return limits.overhead_bytes

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from factoryd.config import Settings
+from factoryd.firmware import FIRMWARE_IMAGE_MAX_BYTES
 from factoryd.jobs.scheduler import Station
 from factoryd.ledger import DEFAULT_MAX_BYTES, AsyncLedger
 from factoryd.pki.bundle import MAX_BUNDLE_BYTES
@@ -23,6 +24,7 @@ class UploadLimits:
 
     id_list_bytes: int = DEFAULT_MAX_BYTES
     bundle_file_bytes: int = MAX_BUNDLE_BYTES
+    firmware_image_bytes: int = FIRMWARE_IMAGE_MAX_BYTES
     json_bytes: int = JSON_BODY_MAX_BYTES
     overhead_bytes: int = MULTIPART_OVERHEAD_BYTES
 

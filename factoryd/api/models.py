@@ -55,6 +55,27 @@ class LotCreate(_Request):
     target_quantity: int | None = Field(default=None, ge=1, le=100_000_000)
 
 
+class FirmwareOut(BaseModel):
+    """A lot's current MCUboot image, as recorded in its profile."""
+
+    sha256: str = Field(description="MCUboot image hash (the SHA256 TLV, what boards report), hex")
+    version: str | None = Field(description="major.minor.revision+build")
+    security_counter: int | None
+    signing_key_hash: str | None = Field(description="SHA-256 of the signing key (imgtool getpubhash)")
+
+    @classmethod
+    def of(cls, profile: LotProfile) -> FirmwareOut | None:
+        """From a lot profile; None when the lot has no image."""
+        if profile.firmware_sha256 is None:
+            return None
+        return cls(
+            sha256=profile.firmware_sha256,
+            version=profile.firmware_version,
+            security_counter=profile.firmware_security_counter,
+            signing_key_hash=profile.firmware_key_hash,
+        )
+
+
 class LotOut(BaseModel):
     """A lot."""
 
@@ -62,6 +83,7 @@ class LotOut(BaseModel):
     customer: str
     state: str
     profile: LotProfile
+    firmware: FirmwareOut | None = None
     target_quantity: int | None
     created_at: datetime
 
@@ -73,6 +95,7 @@ class LotOut(BaseModel):
             customer=info.customer,
             state=info.state.value,
             profile=info.profile,
+            firmware=FirmwareOut.of(info.profile),
             target_quantity=info.target_quantity,
             created_at=info.created_at,
         )
@@ -108,6 +131,14 @@ class ImportOut(BaseModel):
 
     lot: str
     imported: int
+
+
+class FirmwareUploadOut(BaseModel):
+    """Result of a firmware upload: the image is now the lot's."""
+
+    lot: str
+    firmware: FirmwareOut
+    signing_key_replaced: bool
 
 
 class BundleOut(BaseModel):

@@ -27,6 +27,8 @@ from factoryd.api.context import ApiContext
 from factoryd.api.models import (
     BundleOut,
     ErrorOut,
+    FirmwareOut,
+    FirmwareUploadOut,
     HealthOut,
     ImportOut,
     LotCreate,
@@ -42,7 +44,8 @@ from factoryd.api.tokens import Role, TokenStore
 from factoryd.api.uploads import read_upload
 from factoryd.cloud.exports import build_export, lot_ca_chain
 from factoryd.cloud.formats import ExportFormat
-from factoryd.errors import FactorydError, LotNotFoundError, LotStateError
+from factoryd.errors import FactorydError, InputError, LotNotFoundError, LotStateError
+from factoryd.firmware import SIGNING_KEY_MAX_BYTES, FirmwareStore, store_lot_firmware
 from factoryd.jobs.lots import check_activation
 from factoryd.jobs.scheduler import Station
 from factoryd.ledger import LotInfo, LotState
@@ -346,6 +349,81 @@ async def upload_bundle(ctx: Ctx, who: Who, lot: str, request: Request) -> Bundl
         chain_length=len(bundle.chain),
         trust_anchors=len(bundle.trust_anchors),
     )
+
+
+# The lot's owner gives its firmware, the station's admin may too; operators flash what they are given.
+FIRMWARE_UPLOAD_ROLES = frozenset({Role.ADMIN, Role.CUSTOMER})
+_FIRMWARE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image", "signing_key"],
+                    "properties": {
+                        "image": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "The signed MCUboot image (imgtool sign output)",
+                        },
+                        "signing_key": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "The firmware-signing public key (PEM)",
+                        },
+                        "replace_signing_key": {
+                            "type": "string",
+                            "enum": ["true", "false"],
+                            "description": "Make this key the lot's firmware-signing key (admin only)",
+                        },
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+@router.post(
+    "/lots/{lot}/firmware",
+    tags=["lots"],
+    responses=_errors(400, 404, 409, 413, 415, 422),
+    openapi_extra=_FIRMWARE_BODY,
+)
+@guarded(FIRMWARE_UPLOAD_ROLES, body="firmware")
+async def upload_firmware(ctx: Ctx, who: Who, lot: str, request: Request) -> FirmwareUploadOut:
+    """Verify an MCUboot image completely and make it the lot's firmware; refused whole otherwise."""
+    info = await visible_lot(ctx, who, lot)
+    upload = await read_upload(
+        request,
+        files={"image": ctx.limits.firmware_image_bytes, "signing_key": SIGNING_KEY_MAX_BYTES},
+        fields=frozenset({"replace_signing_key"}),
+        required=frozenset({"image", "signing_key"}),
+    )
+    replace = upload.fields.get("replace_signing_key", "false")
+    if replace not in ("true", "false"):
+        raise InputError(f"replace_signing_key must be 'true' or 'false', not {replace!r}")
+    if replace == "true" and who.role is not Role.ADMIN:
+        raise HTTPException(403, "only an admin may replace a lot's firmware-signing key")
+    stored = await asyncio.to_thread(
+        store_lot_firmware,
+        ctx.ledger.sync,
+        FirmwareStore(ctx.paths.firmware),
+        info.name,
+        upload.files["image"].data,
+        upload.files["signing_key"].data,
+        actor=who.name,
+        replace_signing_key=replace == "true",
+    )
+    image = stored.firmware.image
+    shown = FirmwareOut(
+        sha256=image.hash,
+        version=image.version,
+        security_counter=image.security_counter,
+        signing_key_hash=image.key_hash,
+    )
+    return FirmwareUploadOut(lot=info.name, firmware=shown, signing_key_replaced=stored.signing_key_replaced)
 
 
 @router.get(

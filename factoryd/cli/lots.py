@@ -21,6 +21,7 @@ from factoryd.cli.opts import (
     read_input,
     state_dir_settings,
 )
+from factoryd.errors import FactorydError, InputError
 
 if TYPE_CHECKING:
     from factoryd.ledger.model import LotInfo
@@ -122,6 +123,57 @@ def lots_bundle(
 
         path = guard(store)
     typer.echo(f"stored CA bundle for {name} in {path}")
+
+
+@app.command("firmware")
+def lots_firmware(
+    name: str,
+    image: Annotated[Path, typer.Argument(help="The signed MCUboot image (imgtool sign output).")],
+    signing_key: Annotated[
+        Path, typer.Option("--signing-key", help="The firmware-signing public key (PEM).")
+    ],
+    replace_signing_key: Annotated[
+        bool,
+        typer.Option(
+            "--replace-signing-key", help="Make this key the lot's firmware-signing key (admin only)."
+        ),
+    ] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Verify an MCUboot image completely and make it the lot's firmware; refused whole otherwise."""
+    from factoryd.firmware import FIRMWARE_IMAGE_MAX_BYTES, store_lot_firmware  # noqa: PLC0415
+    from factoryd.service import StationPaths, firmware_store  # noqa: PLC0415
+
+    paths = StationPaths(state_dir_settings(config).station.state_dir)
+    try:
+        size = image.stat().st_size
+    except OSError as exc:
+        fail(f"cannot read {image}: {exc.strerror}")
+    if size > FIRMWARE_IMAGE_MAX_BYTES:
+        fail(f"{image}: refused, nothing stored: file is {size} bytes, over {FIRMWARE_IMAGE_MAX_BYTES}")
+    data, key_pem = read_input(image), read_input(signing_key)
+    with open_ledger(config) as ledger:
+        try:
+            upload = store_lot_firmware(
+                ledger,
+                firmware_store(paths),
+                name,
+                data,
+                key_pem,
+                actor="cli",
+                replace_signing_key=replace_signing_key,
+            )
+        except InputError as exc:
+            fail(f"{image}: refused, nothing stored: {exc}")
+        except FactorydError as exc:
+            fail(str(exc))
+    shown = upload.firmware.image
+    counter = "none" if shown.security_counter is None else f"0x{shown.security_counter:08x}"
+    typer.echo(
+        f"firmware {shown.version} (hash {shown.hash}, security counter {counter}) is lot {name}'s image"
+        + (" (signing key replaced)" if upload.signing_key_replaced else "")
+        + f"; stored in {upload.path}"
+    )
 
 
 def _set_state(name: str, state: str, config: Path | None) -> None:
@@ -250,6 +302,20 @@ def lots_show(name: str, config: ConfigOption = None) -> None:
             "target_quantity": info.target_quantity,
             "created_at": info.created_at.isoformat(),
             "profile": info.profile.model_dump(),
+            "firmware": _firmware_view(info),
             "ids": dataclasses.asdict(progress),
         }
     )
+
+
+def _firmware_view(info: LotInfo) -> dict[str, object] | None:
+    """The lot's current MCUboot image as `lots show` prints it; None without one."""
+    profile = info.profile
+    if profile.firmware_sha256 is None:
+        return None
+    return {
+        "sha256": profile.firmware_sha256,
+        "version": profile.firmware_version,
+        "security_counter": profile.firmware_security_counter,
+        "signing_key_hash": profile.firmware_key_hash,
+    }

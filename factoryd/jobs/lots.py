@@ -8,7 +8,7 @@ from pathlib import Path
 from cryptography import x509
 
 from factoryd.errors import FactorydError, LotStateError
-from factoryd.firmware import FirmwareStore, SignedFirmware
+from factoryd.firmware import FirmwareStore, LotFirmware, RawFirmwareStore, SignedFirmware
 from factoryd.jobs.profiles import board_profile
 from factoryd.ledger import AsyncLedger
 from factoryd.ledger.model import LOT_TRANSITIONS, LotInfo, LotProgress, LotState
@@ -68,7 +68,8 @@ def load_lot_context(info: LotInfo, bundles: BundleStore, firmware_dir: Path) ->
         profile=info.profile,
         issuer=Issuer(ca.signer, ca.chain, cert_profile(info.profile)),
         chain_pem=ca.chain_pem,
-        firmware=FirmwareStore(firmware_dir).load(info.name),
+        # Interim: the native protocol still flashes the raw-signed image (issue 16, second part).
+        firmware=RawFirmwareStore(firmware_dir).load(info.name),
     )
 
 
@@ -110,15 +111,19 @@ def activation_gaps(info: LotInfo, progress: LotProgress, bundles_dir: Path, fir
     wanted = info.profile.firmware_sha256
     if wanted is not None:
         where = firmware_dir / name
+        firmware: LotFirmware | SignedFirmware | None
         try:
-            firmware = FirmwareStore(firmware_dir).load(name)
+            firmware = FirmwareStore(firmware_dir).load_current(name, info.profile)
+            if firmware is None:  # interim: the demo's raw-signed image (issue 16, second part)
+                firmware = RawFirmwareStore(firmware_dir).load(name)
         except (OSError, FactorydError) as exc:
             gaps.append(f"the firmware image in {where} cannot be used: {exc}")
         else:
             if firmware is None:
                 gaps.append(
                     f"no firmware image in {where}, and the profile asks for firmware_sha256 {wanted} "
-                    "(docs/operators-guide.md, 'Running a lot')"
+                    f"(store it: factoryd lots firmware {name} IMAGE --signing-key PUB.pem, "
+                    f"or POST /lots/{name}/firmware)"
                 )
             elif firmware.sha256.hex() != wanted:
                 gaps.append(

@@ -154,11 +154,13 @@ class LotBook(LedgerBase):
                     "(factoryd lots firmware --replace-signing-key)"
                 )
             previous = current.firmware_security_counter
-            if previous is not None and (security_counter is None or security_counter < previous):
+            if previous is not None and security_counter is None:
+                raise InputError(
+                    f"image has no security counter (SEC_CNT TLV); the lot's previous image had {previous}"
+                )
+            if previous is not None and security_counter is not None and security_counter < previous:
                 raise InputError(
                     f"security counter {security_counter} is lower than the lot's previous image ({previous})"
-                    if security_counter is not None
-                    else f"image has no security counter (SEC_CNT TLV); the lot's previous image had {previous}"
                 )
             try:
                 profile = LotProfile.model_validate(

@@ -28,7 +28,7 @@ Correlation styles:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum, IntEnum
 from types import TracebackType
@@ -173,6 +173,11 @@ class RequestEngine(Generic[F, C]):
         self._lost: BaseException | None = None
         self._lock = asyncio.Lock() if exclusive else None
         self._late_reply_possible = False
+        # call(key, command, data, timeout_s) -> reply frame: send an encoded request, resent on
+        # NACK, garble and timeout. Bound once: a keyed request costs no extra coroutine hop.
+        self.call: Callable[[int, C, bytes, float], Awaitable[F]] = (
+            self._call_exclusive if exclusive else self._exchange
+        )
         link.attach(self)
 
     @property
@@ -203,10 +208,9 @@ class RequestEngine(Generic[F, C]):
         if self._lost is not None:
             raise LinkClosedError(f"link {self.link.path} is closed") from self._lost
 
-    async def call(self, key: int, command: C, data: bytes, timeout_s: float) -> F:
-        """Send an encoded request and return its reply frame (resent on NACK, garble, timeout)."""
+    async def _call_exclusive(self, key: int, command: C, data: bytes, timeout_s: float) -> F:
         if self._lock is None:
-            return await self._exchange(key, command, data, timeout_s)
+            raise RuntimeError("_call_exclusive on a keyed engine")
         async with self._lock:
             self.check_open()
             if self._late_reply_possible:
