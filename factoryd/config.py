@@ -206,6 +206,9 @@ class PkiSettings(_Section):
     # Names of a credential and of an env variable, not secrets themselves.
     passphrase_credential: str = "factoryd-ca-passphrase"  # noqa: S105
     passphrase_env: str = "FACTORYD_CA_PASSPHRASE"  # noqa: S105
+    # A 0600 file holding the passphrase (a demo's state dir keeps one); read after the systemd
+    # credential and before the environment variable. The path is in the config, the secret is not.
+    passphrase_file: Path | None = None
 
 
 class MqttConfig(_Section):

@@ -282,8 +282,7 @@ def write_station_config(options: DemoOptions, settings: Settings, passphrase_fi
     state_dir = settings.station.state_dir
     path = state_dir / CONFIG_FILE
     passphrase_note = (
-        f"# The lot's CA key is encrypted under the passphrase in {passphrase_file} (0600):\n"
-        f'#   export {DEFAULT_PASSPHRASE_ENV}="$(cat {passphrase_file})"\n'
+        f"# The lot's CA key is encrypted under the passphrase in {passphrase_file} (0600).\n"
         if passphrase_file is not None
         else f"# The lot's CA key is encrypted under the passphrase in ${DEFAULT_PASSPHRASE_ENV}.\n"
     )
@@ -301,6 +300,7 @@ def write_station_config(options: DemoOptions, settings: Settings, passphrase_fi
         "[jobs]",
         f"lot = {_toml_str(options.lot)}",
         "",
+        *(["[pki]", f"passphrase_file = {_toml_str(passphrase_file)}", ""] if passphrase_file else []),
         "[hub]",
         'backend = "sim"',
         "",

@@ -107,8 +107,9 @@ def _user(uid: int) -> str:
 
 
 def station_passphrase(settings: Settings) -> bytes:
-    """The passphrase protecting CA keys at rest (systemd credential or env, never the config file)."""
-    return load_passphrase(settings.pki.passphrase_credential, settings.pki.passphrase_env)
+    """The passphrase protecting CA keys at rest (credential, private file or env; never the config)."""
+    pki = settings.pki
+    return load_passphrase(pki.passphrase_credential, pki.passphrase_env, file=pki.passphrase_file)
 
 
 def parse_bundle(

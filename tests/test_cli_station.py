@@ -27,9 +27,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from typer.testing import CliRunner
 
 from factoryd.cli.main import app
-from factoryd.firmware import FirmwareStore, sign_firmware
+from factoryd.firmware import FirmwareStore
 from factoryd.ledger import Ledger, LotProfile, LotState
+from factoryd.mcuboot import verify_image
 from factoryd.pki.testca import make_test_pki
+from factoryd.sim.mcuboot_signer import sign_image
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -222,10 +224,10 @@ def test_activate_lists_everything_a_lot_lacks_and_refuses(tmp_path: Path) -> No
     state_dir = tmp_path / "state"
     config = tmp_path / "factoryd.toml"
     config.write_text(f'[station]\nstate_dir = "{state_dir}"\n')
-    image = b"signed firmware image for the lot" * 64
     key = ec.generate_private_key(ec.SECP256R1())
-    firmware = sign_firmware(image, "1.2.3", key)
-    (tmp_path / "profile.json").write_text(json.dumps({"firmware_sha256": firmware.sha256.hex()}))
+    image = sign_image(b"signed firmware image for the lot" * 64, key, "1.2.3")
+    wanted = verify_image(image, key.public_key()).hash
+    (tmp_path / "profile.json").write_text(json.dumps({"firmware_sha256": wanted}))
     c = ("-c", str(config))
     assert (
         _cli(
@@ -248,7 +250,7 @@ def test_activate_lists_everything_a_lot_lacks_and_refuses(tmp_path: Path) -> No
     assert "no device IDs" in err
     assert "no CA bundle" in err
     assert f"no firmware image in {state_dir / 'firmware' / 'acme-1'}" in err
-    assert firmware.sha256.hex() in err
+    assert wanted in err
 
     (tmp_path / "ids.txt").write_text(f"{uuid.uuid4()}\n{uuid.uuid4()}\n")
     assert _cli("lots", "import", "acme-1", str(tmp_path / "ids.txt"), *c)[0] == 0
@@ -260,18 +262,19 @@ def test_activate_lists_everything_a_lot_lacks_and_refuses(tmp_path: Path) -> No
         env=_env(FACTORYD_CA_PASSPHRASE=STATION_PASSPHRASE, FACTORYD_BUNDLE_PASSPHRASE=BUNDLE_PASSPHRASE),
     )
     assert result.exit_code == 0, result.output
-    other = sign_firmware(b"some other image", "9.9.9", key)
+    # A stored image the profile does not name is not the lot's.
+    other = sign_image(b"some other image", key, "9.9.9")
     FirmwareStore(state_dir / "firmware").save("acme-1", other, key.public_key())
 
     code, _, err = _cli("lots", "activate", "acme-1", *c)
     assert code == 2
     assert "no device IDs" not in err
     assert "no CA bundle" not in err
-    assert f"has sha256 {other.sha256.hex()}, the profile asks for {firmware.sha256.hex()}" in err
+    assert f"no firmware image in {state_dir / 'firmware' / 'acme-1'}" in err
     with Ledger.open(f"sqlite:///{state_dir / 'ledger.db'}") as ledger:
         assert ledger.get_lot("acme-1").state is LotState.DRAFT
 
-    FirmwareStore(state_dir / "firmware").save("acme-1", firmware, key.public_key())
+    FirmwareStore(state_dir / "firmware").save("acme-1", image, key.public_key())
     assert _cli("lots", "activate", "acme-1", *c) == (0, "lot acme-1 is active\n", "")
 
 

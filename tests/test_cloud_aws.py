@@ -362,6 +362,7 @@ class _Revoked:
 
 
 def test_certificates_that_do_not_stand_are_marked_revoked(setup: Setup) -> None:
+    setup.registrar().run()
     # thing-000 was reworked after an earlier run registered its first certificate.
     key = ec.generate_private_key(ec.SECP256R1())
     csr = (
@@ -385,16 +386,24 @@ def test_certificates_that_do_not_stand_are_marked_revoked(setup: Setup) -> None
         cloud_cert_arn=earlier["certificateArn"],
         actor="test",
     )
+    setup.iot.attach_thing_principal(thingName="thing-000", principal=earlier["certificateArn"])
     reworked = _Revoked("thing-000", old.fingerprint_sha256)
     # A certificate whose board failed before anyone registered it: AWS does not know it.
     never_registered = _Revoked("thing-001", hashlib.sha256(b"a certificate that never left").hexdigest())
     calls = Calls(setup.iot)
     summary = setup.registrar().run([reworked, never_registered])
-    assert (summary.registered, summary.revoked, summary.absent, summary.failed) == (DEVICES, 1, 1, ())
+    assert (summary.already, summary.revoked, summary.absent, summary.failed) == (DEVICES, 1, 1, ())
     revoked = setup.iot.describe_certificate(certificateId=earlier["certificateId"])["certificateDescription"]
     assert revoked["status"] == "REVOKED"
     (update,) = calls.params["UpdateCertificate"]
     assert (update["certificateId"], update["newStatus"]) == (earlier["certificateId"], "REVOKED")
+    standing = next(
+        r
+        for r in setup.ledger.cloud_registrations("LOT-A", cloud="aws", target=setup.target)
+        if r.cert_sha256 == setup.devices[0].fingerprint_sha256
+    )
+    # thing-000 holds its standing certificate only, again.
+    assert setup.iot.list_thing_principals(thingName="thing-000")["principals"] == [standing.cloud_cert_arn]
     again = setup.registrar().run([reworked, never_registered])
     assert (again.revoked, again.absent, again.already) == (0, 1, DEVICES + 1)
 

@@ -302,11 +302,6 @@ def test_the_demo_takes_its_passphrase_from_the_environment(
     _ok("manifest", "export", "demo-lot", "-c", str(tmp_path / "factoryd.toml"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs a config key for the passphrase file (pki.passphrase_file, read by "
-    "service.station_passphrase): not in this helper's files",
-)
 def test_a_demo_state_dir_is_a_station_without_extra_env(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -316,7 +311,8 @@ def test_a_demo_state_dir_is_a_station_without_extra_env(
     shown = json.loads(_ok("lots", "show", "demo-lot", "-c", config)[0])
     assert shown["ids"]["provisioned"] == 3
     _ok("audit", "verify", "-c", config)
-    _ok("manifest", "export", "demo-lot", "-c", config)
+    _ok("manifest", "export", "demo-lot", "-c", config)  # signs with the lot's CA key
+    _ok("lots", "ca-verification", "demo-lot", "--code", "0123abcd", "-c", config)
 
 
 async def test_resume_feeds_new_boards_into_the_same_lot(tmp_path: Path) -> None:

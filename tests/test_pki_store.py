@@ -58,6 +58,43 @@ def test_passphrase_falls_back_to_env_when_credential_missing(
     assert load_passphrase() == b"env-value"
 
 
+def test_passphrase_file_after_credential_before_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    file = tmp_path / "ca-passphrase"
+    file.write_bytes(STATION_PASSPHRASE + b"\n")
+    file.chmod(0o600)
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    monkeypatch.setenv("FACTORYD_CA_PASSPHRASE", "from-env-loses")
+    secret = load_passphrase(file=file)
+    assert secret == STATION_PASSPHRASE
+    assert isinstance(secret, Secret)
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "factoryd-ca-passphrase").write_bytes(b"from-credential")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    assert load_passphrase(file=file) == b"from-credential"
+
+
+def test_passphrase_file_must_be_private_regular_and_not_empty(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    file = tmp_path / "ca-passphrase"
+    file.write_bytes(STATION_PASSPHRASE)
+    file.chmod(0o644)
+    with pytest.raises(ConfigError, match=r"readable by others .*0644.*chmod 600"):
+        load_passphrase(file=file)
+    file.chmod(0o600)
+    link = tmp_path / "link"
+    link.symlink_to(file)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_passphrase(file=link)
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_passphrase(file=tmp_path / "missing")
+    file.write_bytes(b"\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        load_passphrase(file=file)
+
+
 def test_passphrase_absent_is_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
     monkeypatch.delenv("FACTORYD_CA_PASSPHRASE", raising=False)

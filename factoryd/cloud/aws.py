@@ -8,8 +8,9 @@ What one run does, in this order:
    found already registered (by the ledger's record, else by its certificate ID);
 3. every provisioned device: RegisterCertificate ACTIVE (with the CA's PEM) → CreateThing named by
    the device ID → AttachThingPrincipal → AttachPolicy;
-4. every certificate that was issued but does not stand and is in AWS is updated to REVOKED (one
-   that is not there cannot connect: the CA is registered without auto-registration).
+4. every certificate that was issued but does not stand and is in AWS is updated to REVOKED and
+   detached from its thing (one that is not there cannot connect: the CA is registered without
+   auto-registration).
 
 Idempotent and resumable: each step a certificate completes is committed to the ledger
 (:mod:`factoryd.ledger.registrations`) before the next one starts, so a rerun after a crash, a
@@ -620,6 +621,9 @@ class AwsRegistrar:
                     "UpdateCertificate",
                     lambda: self._iot.update_certificate(certificateId=cert_id, newStatus="REVOKED"),
                 )
+            arn = described.get("certificateArn")
+            if arn:
+                self._detach_from_thing(cert.device_id, arn)
         except _ThrottledError:
             raise
         except self._client_errors as exc:
@@ -628,6 +632,17 @@ class AwsRegistrar:
             cert.device_id, fingerprint, RegistrationStep.REVOKED, cert_id, described.get("certificateArn")
         )
         return self._report(DeviceOutcome(cert.device_id, Outcome.REVOKED))
+
+    def _detach_from_thing(self, thing: str, arn: str) -> None:
+        """Take a certificate that does not stand off the device's thing (a reworked board's old one)."""
+        try:
+            self._call(
+                "DetachThingPrincipal",
+                lambda: self._iot.detach_thing_principal(thingName=thing, principal=arn),
+            )
+        except self._client_errors as exc:
+            if _error_code(exc) != "ResourceNotFoundException":  # no such thing, or not attached
+                raise
 
 
 __all__ = [

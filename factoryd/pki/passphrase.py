@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from factoryd.errors import ConfigError
@@ -54,6 +55,33 @@ def load_secret(name: str, env: str, *, what: str) -> Secret:
     )
 
 
-def load_passphrase(name: str = DEFAULT_CREDENTIAL_NAME, env: str = DEFAULT_PASSPHRASE_ENV) -> Secret:
-    """Read the CA passphrase from ``$CREDENTIALS_DIRECTORY/<name>``, else from env var ``env``."""
+def load_passphrase(
+    name: str = DEFAULT_CREDENTIAL_NAME, env: str = DEFAULT_PASSPHRASE_ENV, *, file: Path | None = None
+) -> Secret:
+    """The CA passphrase: systemd credential ``name``, else the private ``file``, else env var ``env``."""
+    cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+    if file is not None and not (cred_dir and (Path(cred_dir) / name).is_file()):
+        return read_secret_file(file, what="CA passphrase file")
     return load_secret(name, env, what="CA passphrase")
+
+
+def read_secret_file(path: Path, *, what: str) -> Secret:
+    """A secret from a regular file of this user that nobody else can read (newline stripped)."""
+    try:
+        info = path.lstat()
+    except OSError as exc:
+        raise ConfigError(f"{what} {path} cannot be read: {exc.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(f"{what} {path} is not a regular file (symlinks are refused)")
+    if info.st_mode & 0o077:
+        raise ConfigError(
+            f"{what} {path} is readable by others (mode {stat.S_IMODE(info.st_mode):04o}); chmod 600 it"
+        )
+    if info.st_uid != os.geteuid():
+        raise ConfigError(f"{what} {path} belongs to another user (uid {info.st_uid})")
+    if info.st_size > MAX_CREDENTIAL_BYTES:
+        raise ConfigError(f"{what} {path} is larger than {MAX_CREDENTIAL_BYTES} bytes")
+    value = path.read_bytes().rstrip(b"\r\n")
+    if not value:
+        raise ConfigError(f"{what} {path} is empty")
+    return Secret(value)
