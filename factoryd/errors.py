@@ -13,6 +13,7 @@ inherit :class:`TimeoutError` so ``except TimeoutError`` keeps working.
     │   ├── IdListError                   an ID list refused whole (line and problem named)
     │   ├── BundleError                   a certificate bundle refused (reason named)
     │   ├── McubootImageError             mcuboot.py: an MCUboot image refused (the problem named)
+    │   ├── ExportError                   cloud/errors.py: devices cannot be written in that format
     │   ├── TokenExistsError              api/errors.py: an API token name is taken
     │   └── TokenNotFoundError            api/errors.py: no such API token
     ├── LinkError                         serial link layer            (transient = True)
@@ -57,6 +58,7 @@ inherit :class:`TimeoutError` so ``except TimeoutError`` keeps working.
     │   └── HubCommandError               the hub tool or driver failed
     ├── TokenRejectedError                api/errors.py: an API token is unknown, expired or revoked
     ├── ApiCallError                      api/client.py: the CLI's call to the local API failed
+    ├── CloudError                        cloud/errors.py: a cloud refused or failed a call (resumable)
     └── JobError                          a provisioning job ended without success
         ├── JobAbortedError               stopped by the operator or shutdown
         └── RefusedBoardError             the board may not be provisioned (already done, rework off)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from factoryd.config import Settings
 from factoryd.errors import BundleError, ConfigError, InputError
+from factoryd.files import write_private
 from factoryd.firmware import FirmwareStore
 from factoryd.jobs.lots import cert_profile, lot_signer
 from factoryd.ledger import Ledger
@@ -209,8 +210,9 @@ def write_manifest(manifest: SignedManifest, directory: Path) -> tuple[Path, Pat
     directory.mkdir(parents=True, exist_ok=True)
     json_path = directory / f"{manifest.lot}.manifest.json"
     sig_path = directory / f"{manifest.lot}.manifest.p7s"
-    json_path.write_bytes(manifest.json_bytes)
-    sig_path.write_bytes(manifest.signature_der)
+    # Each file whole or not at all (a full disk must not leave a truncated manifest); not secret.
+    write_private(json_path, manifest.json_bytes, mode=0o644)
+    write_private(sig_path, manifest.signature_der, mode=0o644)
     return json_path, sig_path
 
 

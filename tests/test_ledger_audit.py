@@ -23,7 +23,7 @@ from factoryd.ledger.tables import AuditEntryRow
 from factoryd.ledger.testing import throwaway_postgres_database
 
 ACTOR = "test"
-LEDGER_TABLES = {"lot", "device", "job", "attempt", "audit_entry", "audit_head"}
+LEDGER_TABLES = {"lot", "device", "job", "attempt", "audit_entry", "audit_head", "cloud_registration"}
 CERT_DER = b"\x30\x00"
 
 

@@ -23,7 +23,6 @@ from factoryd.api.page.feed import LotUnavailable, LotView, SlotView, StationFee
 from factoryd.api.page.labels import (
     REASON_TEXT,
     STEP_DETOURS,
-    STEP_SEQUENCES,
     STEP_TEXT,
     UNKNOWN_STEP_TEXT,
     grid_shape,
@@ -35,7 +34,7 @@ from factoryd.api.page.labels import (
 from factoryd.api.page.sessions import CSRF_HEADER, PAGE_KEY_FILE, SESSION_COOKIE, load_page_key
 from factoryd.config import PageConfig, load_settings
 from factoryd.errors import ConfigError, FactorydError
-from factoryd.jobs.profiles import profile_names
+from factoryd.jobs.profiles import PROFILES, profile_names
 from factoryd.jobs.scheduler import PortControl, Station
 from factoryd.jobs.steps import Step
 from factoryd.ledger import LotProfile, LotState
@@ -425,14 +424,15 @@ def test_every_step_has_a_label_and_a_place() -> None:
     for step in Step:
         assert STEP_TEXT.get(step), f"Step.{step.name} has no label on the station page"
         assert step_text(step.value) == STEP_TEXT[step]
-        placed = [name for name, steps in STEP_SEQUENCES.items() if step in steps]
+        placed = [name for name, profile in PROFILES.items() if step in profile.steps]
         assert placed or step in STEP_DETOURS, f"Step.{step.name} is in no profile's step sequence"
     assert set(STEP_TEXT) == set(Step)
-    for name, steps in STEP_SEQUENCES.items():
+    # Every board profile a lot can name has a sequence (so its slots get a progress bar).
+    for name in profile_names():
+        steps = PROFILES[name].steps
+        assert steps, f"{name} has no step sequence"
         assert len(set(steps)) == len(steps), f"{name} lists a step twice"
         assert not STEP_DETOURS & set(steps)
-    # Every board profile a lot can name has a sequence (so its slots get a progress bar).
-    assert set(profile_names()) == set(STEP_SEQUENCES)
 
 
 def test_unknown_steps_get_a_safe_label() -> None:

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 
 from factoryd.demo import DemoOptions, run_demo
 from factoryd.jobs.pipeline import Pipeline
+from factoryd.ledger import LotProfile, LotState
 from factoryd.ledger.model import DeviceState
+from factoryd.pki.store import BundleStore
 from factoryd.protocol.messages import ObjectId
+from factoryd.service import StationPaths
 from factoryd.sim.arduino import SimArduinoBoard
 from factoryd.sim.board import Fault, FaultPlan
 from factoryd.telemetry.events import PortState, RecordingSink
@@ -265,3 +270,41 @@ async def test_link_statistics_reach_telemetry_for_every_profile(tmp_path: Path,
         assert stats.frames_sent > 0
         assert stats.frames_received > 0
         assert stats.crc_errors >= 0
+
+
+async def test_a_subject_template_shapes_every_certificate_the_line_issues(tmp_path: Path) -> None:
+    """O from the lot, serialNumber from the ID list's extra column, a URI SAN: through the real pipeline."""
+    line = await make_line(tmp_path)
+    paths = StationPaths(line.settings.station.state_dir)
+    store = BundleStore(paths.bundles, line.passphrase)
+    profile = LotProfile(
+        subject="O={org}, serialNumber={meta.sn}, CN={id}",
+        subject_fields={"org": "Acme Devices"},
+        san_uris=["https://devices.acme.example/{id}"],
+    )
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    id_list = "id,sn\n" + "".join(f"{device_id},SN-{n:04d}\n" for n, device_id in enumerate(ids))
+    with line.ledger() as ledger:
+        ledger.create_lot("tmpl-lot", customer="acme", profile=profile, target_quantity=3, actor="test")
+        store.save("tmpl-lot", store.load(LOT))
+        ledger.import_ids("tmpl-lot", id_list.encode(), filename="ids.csv", actor="test")
+        ledger.set_lot_state(LOT, LotState.PAUSED, actor="test")
+        ledger.set_lot_state("tmpl-lot", LotState.ACTIVE, actor="test")
+    jobs = line.settings.jobs.model_copy(update={"lot": "tmpl-lot"})
+    station = await line.run(
+        line.hub(ports=2, supply=3), settings=line.settings.model_copy(update={"jobs": jobs})
+    )
+    assert station.outcomes == Counter({"provisioned": 3})
+    with line.ledger() as ledger:
+        devices = ledger.provisioned_devices("tmpl-lot")
+    assert sorted(d.device_id for d in devices) == sorted(ids)
+    for device in devices:
+        cert = x509.load_der_x509_certificate(device.cert_der)
+        serial_number = f"SN-{ids.index(device.device_id):04d}"
+        assert cert.subject.rfc4514_string() == (
+            f"CN={device.device_id},2.5.4.5={serial_number},O=Acme Devices"
+        )
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert san.get_values_for_type(x509.UniformResourceIdentifier) == [
+            f"https://devices.acme.example/{device.device_id}"
+        ]

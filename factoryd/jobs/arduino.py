@@ -28,6 +28,20 @@ if TYPE_CHECKING:
     from factoryd.jobs.pipeline import PipelineSettings
 
 
+# The job's steps in order (the station page's progress scale; BoardProfile.steps): the USB serial
+# identifies the board at enumeration, so there is no HELLO, and no firmware or lock step.
+ARDUINO_STEPS = (
+    Step.POWER,
+    Step.ENUMERATE,
+    Step.RESERVE,
+    Step.CSR,
+    Step.ISSUE,
+    Step.STORE,
+    Step.RECONSTRUCT,
+    Step.RECORD,
+)
+
+
 class CertificateNotStoredError(VerificationError):
     """The board ACKed every storage command but cannot rebuild the certificate (ReconstructCert ERROR).
 

@@ -18,7 +18,8 @@ opened, which the pipeline emits when the session closes (every profile reports 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import functools
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
@@ -70,6 +71,11 @@ class JobHost(Protocol):
     @property
     def job_id(self) -> int:
         """The ledger's job id."""
+        ...
+
+    @property
+    def device_fields(self) -> Mapping[str, str]:
+        """The reserved device's metadata (its ID-list columns) for the lot's subject template."""
         ...
 
     @property
@@ -157,10 +163,13 @@ class SessionFactory(Protocol):
 
 
 async def issue_certificate(
-    issuer: Issuer, csr: x509.CertificateSigningRequest, device_id: str
+    issuer: Issuer,
+    csr: x509.CertificateSigningRequest,
+    device_id: str,
+    fields: Mapping[str, str] | None = None,
 ) -> IssuedCertificate:
     """Issue a device certificate; a signer that blocks (a PKCS#11 token) signs off the event loop."""
     if issuer.signer.blocking:
         # A token signs in ms to 100s of ms: never on the event loop.
-        return await asyncio.to_thread(issuer.issue, csr, device_id)
-    return issuer.issue(csr, device_id)  # well under a millisecond: not worth a thread hop
+        return await asyncio.to_thread(functools.partial(issuer.issue, csr, device_id, fields=fields))
+    return issuer.issue(csr, device_id, fields=fields)  # well under a millisecond: no thread hop

@@ -38,7 +38,9 @@ class LotContext:
 def cert_profile(profile: LotProfile) -> CertProfile:
     """The certificate profile a lot profile asks for."""
     return CertProfile(
-        kind=board_profile(profile.protocol).cert_kind, cert_validity_days=profile.cert_validity_days
+        kind=board_profile(profile.protocol).cert_kind,
+        cert_validity_days=profile.cert_validity_days,
+        subject=profile.subject_template(),
     )
 
 

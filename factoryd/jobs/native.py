@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+from collections.abc import Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
@@ -43,6 +44,23 @@ if TYPE_CHECKING:
     from factoryd.jobs.pipeline import PipelineSettings
 
 CHALLENGE_BYTES = 32
+
+
+# The job's steps in order (the station page's progress scale; BoardProfile.steps).
+NATIVE_STEPS = (
+    Step.POWER,
+    Step.ENUMERATE,
+    Step.HELLO,
+    Step.FIRMWARE,
+    Step.RESERVE,
+    Step.KEYGEN,
+    Step.CSR,
+    Step.ISSUE,
+    Step.WRITE,
+    Step.CHALLENGE,
+    Step.LOCK,
+    Step.RECORD,
+)
 
 
 class NativeSession:
@@ -101,7 +119,9 @@ class NativeSession:
         """GENKEY, CSR, issue, write + read back, challenge, (lock)."""
         client, lot = self.client, host.lot
         point = await host.step(Step.KEYGEN, client.genkey)
-        csr_der = await host.step(Step.CSR, lambda: client.get_csr(device_id))
+        # The board names itself in its CSR with the CN of the lot's subject template.
+        common_name = lot.issuer.common_name(device_id, host.device_fields)
+        csr_der = await host.step(Step.CSR, lambda: client.get_csr(common_name))
         issued = await host.step(Step.ISSUE, lambda: self._issue(host, device_id, csr_der, point))
 
         for obj, data in board_objects(lot, device_id, issued.der):
@@ -147,7 +167,7 @@ class NativeSession:
                 return None  # an interrupted job on this very board: resume with its reservation
             # Interrupted between LOCK and the ledger record: the board can no longer be written, so
             # finish the job from what it holds, after proving it is exactly what we issued.
-            return await self._complete_locked(host, reserved.device_id)
+            return await self._complete_locked(host, reserved.device_id, reserved.metadata)
         raw_id = await client.read(ObjectId.DEVICE_ID)
         stored_id = raw_id.decode("utf-8", errors="replace").rstrip("\x00")
         record: DeviceRecord | None = await host.ledger.find_device(stored_id) if stored_id else None
@@ -178,7 +198,7 @@ class NativeSession:
             f"board {serial} is {state}already provisioned with {where}; lot does not allow rework"
         )
 
-    async def _complete_locked(self, host: JobHost, device_id: str) -> Finished:
+    async def _complete_locked(self, host: JobHost, device_id: str, fields: Mapping[str, str]) -> Finished:
         client = self.client
         cert_der = await client.read(ObjectId.DEVICE_CERT)
         try:
@@ -187,7 +207,7 @@ class NativeSession:
         except (ValueError, TypeError, InvalidSignature) as exc:
             raise VerificationError(f"{device_id}: certificate on the locked board is not ours") from exc
         names = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-        if not names or names[0].value != device_id:
+        if not names or names[0].value != host.lot.issuer.common_name(device_id, fields):
             raise VerificationError(f"{device_id}: certificate on the locked board names another ID")
         for obj, data in board_objects(host.lot, device_id, cert_der):
             if await client.read(obj) != data:
@@ -199,14 +219,14 @@ class NativeSession:
 
     @staticmethod
     async def _issue(host: JobHost, device_id: str, csr_der: bytes, point: bytes) -> IssuedCertificate:
-        issuer = host.lot.issuer
-        csr = issuer.verify_csr(csr_der, device_id)
+        issuer, fields = host.lot.issuer, host.device_fields
+        csr = issuer.verify_csr(csr_der, device_id, fields=fields)
         public = csr.public_key()
         if not isinstance(public, ec.EllipticCurvePublicKey) or (
             public.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint) != point
         ):
             raise CsrRejectedError("CSR key is not the key the secure element just generated (replayed CSR?)")
-        issued = await issue_certificate(issuer, csr, device_id)
+        issued = await issue_certificate(issuer, csr, device_id, fields)
         await host.audit_issued(device_id, issued)
         return issued
 

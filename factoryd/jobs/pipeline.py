@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -121,6 +121,8 @@ class _Job:
     hw_serial: str
     attempt: int = 0
     device_id: str | None = None
+    # The reserved device's metadata (ID-list columns), for the lot's subject template.
+    device_fields: dict[str, str] = field(default_factory=dict)
     step: Step | None = None
     # Seconds spent per step over all attempts (logged at debug level when the job ends).
     step_s: dict[str, float] = field(default_factory=dict)
@@ -255,6 +257,7 @@ class Pipeline:
                 "but it holds no certificate; void the ID or allow rework before re-provisioning"
             )
         device_id = job.device_id = reservation.device_id
+        job.device_fields = reservation.metadata
         structlog.contextvars.bind_contextvars(device_id=device_id)
         issued = await session.provision(host, device_id)
         await self._record(job, device_id, issued)
@@ -506,6 +509,11 @@ class _Host:
     def ledger(self) -> AsyncLedger:
         """The ledger."""
         return self.pipeline.ledger
+
+    @property
+    def device_fields(self) -> Mapping[str, str]:
+        """The reserved device's metadata (empty until an ID is reserved)."""
+        return self.job.device_fields
 
     async def step(self, step: Step, action: Callable[[], Awaitable[T]]) -> T:
         """Run one step of the job (retries, telemetry)."""

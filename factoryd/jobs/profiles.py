@@ -21,9 +21,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from factoryd.jobs.arduino import ArduinoSession
+from factoryd.jobs.arduino import ARDUINO_STEPS, ArduinoSession
 from factoryd.jobs.board import SessionFactory
-from factoryd.jobs.native import NativeSession
+from factoryd.jobs.native import NATIVE_STEPS, NativeSession
+from factoryd.jobs.steps import Step
 from factoryd.pki.profile import ProfileKind
 from factoryd.protocol.arduino import ArduinoClient
 from factoryd.protocol.native import BoardClient
@@ -43,16 +44,31 @@ class BoardProfile:
     # The certificate profile its boards get (pki/profile.py): the device certificate layout.
     cert_kind: ProfileKind
     summary: str
+    # Its job's steps in the order they run: the scale of a slot's progress bar on the station page.
+    # Power and USB count too, so a bar never starts at zero; the re-check detour is in none.
+    steps: tuple[Step, ...]
 
 
 PROFILES: dict[str, BoardProfile] = {
     profile.name: profile
     for profile in (
         BoardProfile(
-            "factoryd-v1", FrameDecoder, BoardClient, NativeSession, "factoryd-v1", "factoryd firmware"
+            "factoryd-v1",
+            FrameDecoder,
+            BoardClient,
+            NativeSession,
+            "factoryd-v1",
+            "factoryd firmware",
+            steps=NATIVE_STEPS,
         ),
         BoardProfile(
-            "arduino-v1", ArduinoDecoder, ArduinoClient, ArduinoSession, "arduino-v1", "Arduino sketch"
+            "arduino-v1",
+            ArduinoDecoder,
+            ArduinoClient,
+            ArduinoSession,
+            "arduino-v1",
+            "Arduino sketch",
+            steps=ARDUINO_STEPS,
         ),
     )
 }

@@ -75,7 +75,17 @@ def sign_image(
     protected_tlvs = _tlv(TlvType.SEC_CNT, struct.pack("<I", counter))
     protected = struct.pack("<HH", TLV_PROT_INFO_MAGIC, 4 + len(protected_tlvs)) + protected_tlvs
     header = _HEADER.pack(
-        IMAGE_MAGIC, load_addr, header_bytes, len(protected), len(payload), 0, major, minor, revision, build, 0
+        IMAGE_MAGIC,
+        load_addr,
+        header_bytes,
+        len(protected),
+        len(payload),
+        0,
+        major,
+        minor,
+        revision,
+        build,
+        0,
     )
     signed = header + bytes([ERASED_BYTE]) * (header_bytes - HEADER_BYTES) + payload + protected
     digest = hashlib.sha256(signed).digest()

@@ -2,9 +2,9 @@
 
 Step labels are keyed by :class:`~factoryd.jobs.steps.Step`, so a new step without a label fails
 ``tests/test_page.py``. A slot's progress bar ("Step 4 of 8") counts its step's place in the step
-sequence of its lot's board profile (:data:`STEP_SEQUENCES`); a step outside that sequence (the
-re-check detour, a step string this page does not know) or a lot whose profile is not known yet
-shows its label without a count.
+sequence of its lot's board profile (``BoardProfile.steps``, ``factoryd.jobs.profiles``); a step
+outside that sequence (the re-check detour, a step string this page does not know) or a lot whose
+profile is not known yet shows its label without a count.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import math
 from collections.abc import Iterable
 
 from factoryd.config import PageConfig
+from factoryd.jobs.profiles import PROFILES
 from factoryd.jobs.steps import Step
 
 # Reason codes (FactorydError.reason) as sentences an operator at the fixture can act on.
@@ -68,35 +69,6 @@ STEP_TEXT: dict[Step, str] = {
 UNKNOWN_STEP_TEXT = "Working on the board"
 UNKNOWN_STEP_SHOWN_CHARS = 40
 
-# Each board profile (factoryd.jobs.profiles, LotProfile.protocol) with its steps in the order its
-# job runs them: the scale of the slot's progress bar. Power and USB count too, so a bar never
-# starts at zero. tests/test_page.py fails when a registered profile has no sequence here.
-STEP_SEQUENCES: dict[str, tuple[Step, ...]] = {
-    "factoryd-v1": (
-        Step.POWER,
-        Step.ENUMERATE,
-        Step.HELLO,
-        Step.FIRMWARE,
-        Step.RESERVE,
-        Step.KEYGEN,
-        Step.CSR,
-        Step.ISSUE,
-        Step.WRITE,
-        Step.CHALLENGE,
-        Step.LOCK,
-        Step.RECORD,
-    ),
-    "arduino-v1": (
-        Step.POWER,
-        Step.ENUMERATE,
-        Step.RESERVE,
-        Step.CSR,
-        Step.ISSUE,
-        Step.STORE,
-        Step.RECONSTRUCT,
-        Step.RECORD,
-    ),
-}
 # Steps in no sequence on purpose: a board already provisioned is re-checked instead of provisioned
 # (hello, then recheck, then done), so it has no place on the provisioning bar.
 STEP_DETOURS = frozenset({Step.RECHECK})
@@ -138,7 +110,7 @@ def step_text(code: str | None) -> str:
 def step_progress(code: str | None, protocol: str | None) -> tuple[int, int] | None:
     """(1-based place, number of steps) of a step in its profile's sequence; None when it has none."""
     step = parse_step(code)
-    sequence = STEP_SEQUENCES.get(protocol) if protocol is not None else None
+    sequence = PROFILES[protocol].steps if protocol in PROFILES else None
     if step is None or sequence is None or step not in sequence:
         return None
     return sequence.index(step) + 1, len(sequence)
