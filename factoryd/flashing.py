@@ -1,9 +1,10 @@
 """Flashing the provisioning firmware with an external tool (arduino-cli, bossac, esptool, dfu-util).
 
 Used when a board does not speak the provisioning protocol yet (fresh from the board maker).
-The image is the lot's signed firmware: its signature is checked before the tool ever sees it
-(FirmwareStore.load verifies it, and it is checked again here against the digest the lot names).
-The tool runs as an async subprocess in its own process group, killed whole on timeout.
+The tool is given the lot's MCUboot image file, as uploaded (`factoryd lots firmware`): it was
+verified before it was stored, again when the lot was opened (FirmwareStore.load_current), and
+its MCUboot hash is checked here against the one the lot names. The tool runs as an async
+subprocess in its own process group, killed whole on timeout.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import structlog
 
 from factoryd.errors import FirmwareRejectedError, HubCommandError
 from factoryd.files import write_new
-from factoryd.firmware import SignedFirmware
+from factoryd.firmware import LotFirmware
 
 log = structlog.get_logger(__name__)
 # Output kept from a failing tool for the error message.
@@ -39,17 +40,17 @@ class ExternalFlasher:
         """The command line for one board."""
         return [part.replace("{tty}", tty).replace("{image}", str(image)) for part in self.command]
 
-    async def flash(self, tty: str, firmware: SignedFirmware, expected_sha256: str | None) -> None:
-        """Write the image to a private temp file and run the tool; raise on any failure."""
+    async def flash(self, tty: str, firmware: LotFirmware, expected_sha256: str | None) -> None:
+        """Write the MCUboot image to a private temp file and run the tool; raise on any failure."""
         if expected_sha256 is not None and firmware.sha256.hex() != expected_sha256:
             raise FirmwareRejectedError(
-                f"firmware {firmware.version} has digest {firmware.sha256.hex()[:12]}…, "
+                f"firmware {firmware.version} has MCUboot hash {firmware.sha256.hex()[:12]}…, "
                 f"the lot asks for {expected_sha256[:12]}…",
                 0,
             )
         with tempfile.TemporaryDirectory(prefix="factoryd-flash-") as tmp:
-            image = Path(tmp) / "firmware.bin"
-            write_new(image, firmware.image)
+            image = Path(tmp) / "firmware.signed.bin"
+            write_new(image, firmware.data)
             argv = self.argv(tty, image)
             log.info("flashing", tool=argv[0], tty=tty, version=firmware.version)
             try:

@@ -282,6 +282,7 @@ class FakeStation:
     ports: dict[str, PortControl]
     outcomes: Counter[str] = field(default_factory=Counter)
     stopping: bool = False
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
 class FakeLedger:

@@ -179,7 +179,8 @@ class StatusOut(BaseModel):
     ports_busy: int
     ports_attention: int
     outcomes: dict[str, int]
-    units_per_hour: float
+    units_per_hour: float = Field(description="devices provisioned per hour over rate_window_s")
+    rate_window_s: float = Field(description="the rate's window: since start, at most 10 minutes")
     lots: list[ProgressOut]
 
 

@@ -635,6 +635,7 @@ async def status(ctx: Ctx, who: Who) -> StatusOut:
         for info in await ctx.ledger.list_lots()
         if info.state != "closed"
     ]
+    rate = ctx.live.rate(datetime.now(UTC), station.started_at if station else None)
     return StatusOut(
         station=ctx.settings.station.name,
         line=ctx.settings.station.line,
@@ -646,7 +647,8 @@ async def status(ctx: Ctx, who: Who) -> StatusOut:
         ports_busy=sum(c.busy for c in ports),
         ports_attention=sum(c.attention is not None for c in ports),
         outcomes=dict(station.outcomes) if station else {},
-        units_per_hour=ctx.live.rate(datetime.now(UTC), station.started_at if station else None).per_hour,
+        units_per_hour=rate.per_hour,
+        rate_window_s=rate.window_s,
         lots=lots,
     )
 

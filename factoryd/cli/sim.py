@@ -62,19 +62,27 @@ def sim_hub(
     from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
     from cryptography.hazmat.primitives.serialization import load_pem_public_key  # noqa: PLC0415
 
-    from factoryd.sim.board import FaultPlan, SimBoard, Timing  # noqa: PLC0415
+    from factoryd.backends import sim_board_factory  # noqa: PLC0415
+    from factoryd.config import SimHubSettings  # noqa: PLC0415
     from factoryd.sim.hub import SimHub  # noqa: PLC0415
     from factoryd.sim.remote import SimHubServer  # noqa: PLC0415
 
     key = load_pem_public_key(read_input(firmware_key)) if firmware_key else None
     if key is not None and not isinstance(key, ec.EllipticCurvePublicKey):
         fail(f"{firmware_key}: the firmware-signing key must be an EC key")
-    base = (Timing.realistic() if timing == "realistic" else Timing()).scaled(timing_scale)
-    counter = iter(range(1, 1 << 62))
-
-    def make_board() -> SimBoard:
-        plan = FaultPlan.uniform(fault_rate, seed=seed * 1_000_003 + next(counter), per_power_on=True)
-        return SimBoard(faults=plan, timing=base, firmware_key=key)
+    if timing not in ("zero", "realistic"):
+        fail(f"--timing must be zero or realistic, not {timing!r}")
+    # The same boards the daemon's own "sim" backend makes from these settings.
+    make_board = sim_board_factory(
+        SimHubSettings(
+            ports=ports,
+            fault_rate=fault_rate,
+            fault_seed=seed,
+            timing="realistic" if timing == "realistic" else "zero",
+            timing_scale=timing_scale,
+        ),
+        firmware_key=key,
+    )
 
     async def serve() -> None:
         async with SimHub(ports, make_board, supply=boards) as hub:

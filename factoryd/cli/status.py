@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -42,12 +41,7 @@ def status(
 
 
 def _rate(data: dict[str, Any]) -> Rate:
-    """The API's rate with its window: since the station started, at most RATE_WINDOW_S."""
-    from factoryd.telemetry.figures import RATE_WINDOW_S, Rate  # noqa: PLC0415 - keep `factoryd --help` fast
+    """The API's rate with the window it was measured over."""
+    from factoryd.telemetry.figures import Rate  # noqa: PLC0415 - keep `factoryd --help` fast
 
-    started = data.get("started_at")
-    window_s = RATE_WINDOW_S
-    if started:
-        elapsed_s = (datetime.now(UTC) - datetime.fromisoformat(started)).total_seconds()
-        window_s = max(0.0, min(RATE_WINDOW_S, elapsed_s))
-    return Rate(per_hour=float(data["units_per_hour"]), window_s=window_s)
+    return Rate(per_hour=float(data["units_per_hour"]), window_s=float(data["rate_window_s"]))

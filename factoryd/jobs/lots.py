@@ -8,7 +8,7 @@ from pathlib import Path
 from cryptography import x509
 
 from factoryd.errors import FactorydError, LotStateError
-from factoryd.firmware import FirmwareStore, LotFirmware, RawFirmwareStore, SignedFirmware
+from factoryd.firmware import FirmwareStore, LotFirmware
 from factoryd.jobs.profiles import board_profile
 from factoryd.ledger import AsyncLedger
 from factoryd.ledger.model import LOT_TRANSITIONS, LotInfo, LotProgress, LotState
@@ -29,7 +29,7 @@ class LotContext:
     profile: LotProfile
     issuer: Issuer
     chain_pem: bytes
-    firmware: SignedFirmware | None
+    firmware: LotFirmware | None  # the MCUboot image the profile names, verified
 
     def __repr__(self) -> str:
         return f"LotContext({self.name!r}, protocol={self.profile.protocol!r})"
@@ -70,8 +70,7 @@ def load_lot_context(info: LotInfo, bundles: BundleStore, firmware_dir: Path) ->
         profile=info.profile,
         issuer=Issuer(ca.signer, ca.chain, cert_profile(info.profile)),
         chain_pem=ca.chain_pem,
-        # Interim: the native protocol still flashes the raw-signed image (issue 16, second part).
-        firmware=RawFirmwareStore(firmware_dir).load(info.name),
+        firmware=FirmwareStore(firmware_dir).load_current(info.name, info.profile),
     )
 
 
@@ -91,7 +90,7 @@ def activation_gaps(info: LotInfo, progress: LotProgress, bundles_dir: Path, fir
     """Everything the station still lacks to provision the lot's boards; empty when it can start.
 
     Reads only what is on disk (no passphrase, no token): the lot's IDs, its CA bundle directory
-    and, when the profile names a firmware digest, the station's signed image of that digest.
+    and, when the profile names a firmware hash, the station's verified MCUboot image of that hash.
     """
     name = info.name
     gaps = []
@@ -113,24 +112,17 @@ def activation_gaps(info: LotInfo, progress: LotProgress, bundles_dir: Path, fir
     wanted = info.profile.firmware_sha256
     if wanted is not None:
         where = firmware_dir / name
-        firmware: LotFirmware | SignedFirmware | None
         try:
             firmware = FirmwareStore(firmware_dir).load_current(name, info.profile)
-            if firmware is None:  # interim: the demo's raw-signed image (issue 16, second part)
-                firmware = RawFirmwareStore(firmware_dir).load(name)
         except (OSError, FactorydError) as exc:
             gaps.append(f"the firmware image in {where} cannot be used: {exc}")
         else:
+            # The store finds an image by its MCUboot hash and verifies it: found is the right one.
             if firmware is None:
                 gaps.append(
                     f"no firmware image in {where}, and the profile asks for firmware_sha256 {wanted} "
                     f"(store it: factoryd lots firmware {name} IMAGE --signing-key PUB.pem, "
                     f"or POST /lots/{name}/firmware)"
-                )
-            elif firmware.sha256.hex() != wanted:
-                gaps.append(
-                    f"the firmware image in {where} has sha256 {firmware.sha256.hex()}, "
-                    f"the profile asks for {wanted}"
                 )
     return gaps
 

@@ -148,9 +148,11 @@ class NativeSession:
                 f"lot {lot.name} asks for firmware {wanted[:12]}… but the station has no signed image for it",
                 0,
             )
+        # The board's bootloader verifies the MCUboot image again; the hash it reports is the image's
+        # SHA256 TLV, which must be the lot's firmware_sha256.
         await host.step(
             Step.FIRMWARE,
-            lambda: client.update_firmware(firmware.image, firmware.version, firmware.signature),
+            lambda: client.update_firmware(firmware.data, firmware.version, firmware.sha256),
         )
         info = await client.hello()
         if info.fw_sha256.hex() != wanted:

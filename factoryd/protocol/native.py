@@ -61,6 +61,8 @@ TRANSIENT_STATUSES = frozenset({Status.BUSY, Status.STORAGE, Status.INTERNAL})
 # Requests that change nothing on the board: after a BOOT they are simply asked again; any other
 # pending request fails with BoardResetError, since the reset may have undone it.
 RESEND_AFTER_BOOT = frozenset({Command.HELLO, Command.READ})
+# FW_END's 64-byte field, reserved since images are MCUboot images with the signature inside.
+FW_END_RESERVED = bytes(64)
 
 
 @dataclass(frozen=True)
@@ -221,14 +223,21 @@ class BoardClient(EngineClient[Frame, Command]):
         self.booted.clear()
         await self.request(Reboot())
 
-    async def update_firmware(self, image: bytes, version: str, signature: bytes) -> bytes:
-        """Send a signed image to the bootloader; return the installed image's SHA-256."""
+    async def update_firmware(self, image: bytes, version: str, image_hash: bytes) -> bytes:
+        """Send an MCUboot image to the bootloader; return the installed image's hash (SHA256 TLV).
+
+        The signature is inside the image; the bootloader verifies it at FW_END. ``image_hash`` is
+        the MCUboot hash the station verified (not the file's SHA-256): the board must report it.
+        """
         await self.request(FwBegin(len(image), version))
         for offset in range(0, len(image), MAX_FW_CHUNK):
             await self.request(FwChunk(offset, image[offset : offset + MAX_FW_CHUNK]))
-        digest = (await self.request(FwEnd(signature))).sha256
-        if digest != hashlib.sha256(image).digest():
-            raise FirmwareRejectedError("bootloader installed an image with another digest", Status.FW_STATE)
+        digest = (await self.request(FwEnd(FW_END_RESERVED))).sha256
+        if digest != image_hash:
+            raise FirmwareRejectedError(
+                f"bootloader installed an image with hash {digest.hex()[:12]}…, not {image_hash.hex()[:12]}…",
+                Status.FW_STATE,
+            )
         return digest
 
     # Events -------------------------------------------------------------------------------

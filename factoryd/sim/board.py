@@ -1,6 +1,6 @@
 """The simulated board: provisioning firmware + bootloader + secure element, on the production codec.
 
-``SimBoard`` holds what survives a power cycle (secure element, installed firmware) and turns
+``SimBoard`` holds what survives a power cycle (secure element, bootloader slots) and turns
 request frames into reply frames. It does no I/O: ``factoryd.sim.pty`` puts it behind a real
 pseudo-terminal. Faults are drawn from a seeded RNG so a failing run can be replayed.
 """
@@ -17,7 +17,6 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from factoryd.errors import ProtocolViolationError
-from factoryd.firmware import verify_firmware
 from factoryd.protocol.messages import (
     HOST_PROTOCOL_VERSION,
     MAX_FW_CHUNK,
@@ -45,6 +44,7 @@ from factoryd.protocol.messages import (
     Status,
     Write,
 )
+from factoryd.sim.bootloader import BootRefusal, SimBootloader
 from factoryd.sim.secure_element import SeRefusal, SimSecureElement, make_csr
 from factoryd.transport.framing import Frame, FrameKind
 
@@ -56,8 +56,6 @@ FACTORY_FW_IMAGE = b"factoryd-sim provisioning firmware " + FACTORY_FW_VERSION.e
 TIMER_SLACK_S = 0.002
 # A fault armed for a power-on period fires at one of this many first opportunities.
 FAULT_WINDOW = 4
-# Largest firmware image the simulated flash takes.
-MAX_FW_IMAGE = 1 << 20
 
 
 class Fault(StrEnum):
@@ -184,7 +182,6 @@ ZERO_TIMING = Timing()
 @dataclass
 class _FwUpdate:
     size: int
-    version: str
     image: bytearray = field(default_factory=bytearray)
 
 
@@ -210,7 +207,8 @@ class SimBoard:
     ) -> None:
         self.se = se or SimSecureElement()
         self.model = model
-        self.firmware_key = firmware_key
+        # MCUboot, built with the lot's firmware-signing key; it validates images at FW_END.
+        self.bootloader = SimBootloader(firmware_key)
         self.fw_version = FACTORY_FW_VERSION
         self.fw_sha256 = hashlib.sha256(FACTORY_FW_IMAGE).digest()
         self.faults = faults
@@ -238,6 +236,12 @@ class SimBoard:
         self._fw: _FwUpdate | None = None
         self._armed: dict[Fault, int] = {}
         self._last_reply: tuple[int, int, Frame] | None = None
+
+    @property
+    def firmware_key(self) -> ec.EllipticCurvePublicKey | None:
+        """The image-signing key the board's bootloader was built with."""
+        key = self.bootloader.key
+        return key if isinstance(key, ec.EllipticCurvePublicKey) else None
 
     async def spend(self, seconds: float) -> None:
         """Take a modelled amount of physical time (and count it: the benchmarks' limit model).
@@ -414,9 +418,9 @@ class SimBoard:
 
     async def _firmware(self, request: FwBegin | FwChunk | FwEnd) -> tuple[Status, bytes]:
         if isinstance(request, FwBegin):
-            if request.size > MAX_FW_IMAGE or request.size == 0:
+            if request.size + self.bootloader.trailer_bytes > self.bootloader.slot_bytes or request.size == 0:
                 return Status.TOO_LARGE, b""
-            self._fw = _FwUpdate(request.size, request.version)
+            self._fw = _FwUpdate(request.size)  # the version is in the image header
             return Status.OK, b""
         fw = self._fw
         if fw is None:
@@ -432,9 +436,11 @@ class SimBoard:
         self._fw = None
         if len(fw.image) != fw.size:
             return Status.FW_STATE, b""
-        image = bytes(fw.image)
-        if self.firmware_key is None or not verify_firmware(image, request.signature, self.firmware_key):
+        # FW_END's 64-byte field is reserved: the signature is inside the MCUboot image.
+        try:
+            image = self.bootloader.install(bytes(fw.image))
+        except BootRefusal:
             return Status.FW_SIGNATURE, b""
-        self.fw_version = fw.version
-        self.fw_sha256 = hashlib.sha256(image).digest()
+        self.fw_version = image.version
+        self.fw_sha256 = bytes.fromhex(image.hash)  # the SHA256 TLV, as MCUboot and SMP report it
         return Status.OK, DigestReply(self.fw_sha256).encode()

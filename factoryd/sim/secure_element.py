@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from factoryd.firmware import raw_signature
+from factoryd.pki.challenge import der_to_raw_signature
 from factoryd.protocol.messages import ObjectId
 
 # ATECC508/608 serial numbers are 9 bytes and start with 0x01 0x23.
@@ -76,7 +76,7 @@ class SimSecureElement:
 
     def sign(self, slot: int, message: bytes) -> bytes:
         """Raw r||s ECDSA-SHA256 signature by the slot key."""
-        return raw_signature(self._key(slot).sign(message, ec.ECDSA(hashes.SHA256())))
+        return der_to_raw_signature(self._key(slot).sign(message, ec.ECDSA(hashes.SHA256())))
 
     def store(self, obj: ObjectId, data: bytes) -> bytes:
         """Store an object; return the digest of what was stored."""

@@ -84,10 +84,6 @@ class LiveState(TelemetrySink):
         """The provisioning rate (factoryd.telemetry.figures) of a station started at ``since``."""
         return provisioned_rate(self.provisioned_at, now=now, since=since or self.started_at)
 
-    def units_per_hour(self, now: datetime) -> float:
-        """``rate(now).per_hour``, for callers that want the number alone."""
-        return self.rate(now).per_hour
-
     def snapshot(self) -> LiveSnapshot:
         """Everything a fresh subscriber needs (copies: later updates do not change it)."""
         return LiveSnapshot(dict(sorted(self.ports.items())), dict(self.lots), tuple(self.events))

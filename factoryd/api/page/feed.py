@@ -29,6 +29,7 @@ from factoryd.errors import FactorydError
 from factoryd.ledger import LotState
 from factoryd.ledger.model import LotInfo, LotProgress
 from factoryd.telemetry.events import JobEvent, JobEventKind, LotProgressUpdate, PortState, PortUpdate
+from factoryd.telemetry.figures import JobCounts
 from factoryd.telemetry.live import LiveMessage, LiveSnapshot
 
 log = structlog.get_logger(__name__)
@@ -400,7 +401,8 @@ class StationFeed:
             return LotUnavailable(None, "Lot information is unavailable (database).")
         counts = self.lots[info.name]
         station = self.ctx.station
-        failed = (station.outcomes["failed"] + station.outcomes["refused"]) if station else None
+        failed = JobCounts.from_outcomes(station.outcomes).failed if station else None
+        rate = self.ctx.live.rate(datetime.now(UTC), station.started_at if station else None)
         return LotView(
             name=info.name,
             customer=info.customer,
@@ -411,7 +413,7 @@ class StationFeed:
             remaining=counts.total - counts.provisioned - counts.void,
             void=counts.void,
             failed=failed,
-            units_per_hour=round(self.ctx.live.units_per_hour(datetime.now(UTC)), 1),
+            units_per_hour=round(rate.per_hour, 1),
         )
 
     async def snapshot(self) -> SnapshotView:
