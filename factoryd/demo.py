@@ -47,7 +47,7 @@ from factoryd.api.tokens import Role, TokenStore
 from factoryd.config import Settings, load_settings
 from factoryd.daemon import Daemon, DaemonHooks
 from factoryd.errors import ConfigError, LotNotFoundError, VerificationError
-from factoryd.firmware import RawFirmwareStore, sign_firmware
+from factoryd.firmware import FirmwareStore, store_lot_firmware
 from factoryd.jobs.scheduler import Station
 from factoryd.ledger import Ledger
 from factoryd.ledger.model import LotInfo, LotState, ProvisionedDevice
@@ -59,7 +59,9 @@ from factoryd.protocol.messages import ObjectId
 from factoryd.service import StationPaths, export_manifest, parse_bundle, store_bundle, write_manifest
 from factoryd.sim.arduino import SimArduinoBoard
 from factoryd.sim.board import FaultPlan, SimBoard, Timing
+from factoryd.sim.bootloader import DEFAULT_SLOT_BYTES
 from factoryd.sim.hub import SimHub
+from factoryd.sim.mcuboot_signer import sign_image
 from factoryd.sim.secure_element import SimSecureElement, seeded_se_serial
 from factoryd.telemetry.figures import FAILED_OUTCOMES, JobCounts, Rate
 
@@ -380,11 +382,11 @@ def _resume_lot(options: DemoOptions, settings: Settings, passphrase: bytes, inf
         )
     # Opening the bundle checks the passphrase before anything runs (a wrong one is refused here).
     BundleStore(paths.bundles, passphrase).load(info.name)
-    key_pem = paths.firmware / info.name / "signing-key.pem"
-    if key_pem.is_file():
-        key = serialization.load_pem_public_key(key_pem.read_bytes())
+    firmware = FirmwareStore(paths.firmware).load_current(info.name, info.profile)
+    if firmware is not None:
+        key = serialization.load_pem_public_key(firmware.signing_key_pem)
         if not isinstance(key, ec.EllipticCurvePublicKey):
-            raise ConfigError(f"{key_pem} is not an EC public key")
+            raise ConfigError(f"lot {info.name!r}: its firmware-signing key is not an EC public key")
         fw_public = key
     else:
         # The lot flashes no firmware: the boards' bootloader key is never used.
@@ -406,15 +408,15 @@ def _create_lot(options: DemoOptions, settings: Settings, passphrase: bytes) -> 
     upload_passphrase = secrets.token_urlsafe(16).encode()
     pki = make_test_pki(profile_kind=options.profile, passphrase=upload_passphrase)
     fw_key = ec.generate_private_key(ec.SECP256R1())
-    image = b"factoryd demo application firmware " + DEMO_FW_VERSION.encode() + bytes(range(256)) * 64
-    firmware = sign_firmware(image, DEMO_FW_VERSION, fw_key)
+    # The customer's MCUboot image, signed here by the simulator's signer (the station never signs).
+    payload = b"factoryd demo application firmware " + DEMO_FW_VERSION.encode() + bytes(range(256)) * 64
+    image = sign_image(payload, fw_key, DEMO_FW_VERSION)
     # The Arduino sketch has no firmware-update or lock command (it locks its config zone itself).
     flash = options.flash and options.profile == "factoryd-v1"
     profile = LotProfile(
         protocol=options.profile,
         lock=options.lock and options.profile == "factoryd-v1",
-        firmware_sha256=firmware.sha256.hex() if flash else None,
-        firmware_version=DEMO_FW_VERSION if flash else None,
+        slot_size=DEFAULT_SLOT_BYTES,
     )
     ids = "\n".join(str(uuid.uuid4()) for _ in range(max(1, int(options.boards * ID_MARGIN) + 1)))
     with Ledger.open(settings.ledger_url) as ledger:
@@ -424,7 +426,10 @@ def _create_lot(options: DemoOptions, settings: Settings, passphrase: bytes) -> 
         bundle = parse_bundle(pki.pkcs12, upload_passphrase, lot)
         store_bundle(paths, passphrase, lot_name, bundle)
         if flash:
-            RawFirmwareStore(paths.firmware).save(lot_name, firmware, fw_key.public_key())
+            pem = fw_key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            store_lot_firmware(ledger, FirmwareStore(paths.firmware), lot_name, image, pem, actor="demo")
         ledger.import_ids(lot_name, ids.encode(), filename="demo-ids.txt", actor="demo")
         ledger.set_lot_state(lot_name, LotState.ACTIVE, actor="demo")
     return fw_key.public_key()
