@@ -1,6 +1,6 @@
 """`factoryd demo`: a whole simulated line, end to end, with nothing to set up.
 
-It makes a customer PKI and a signed firmware image, creates a lot with an ID list in an
+It makes a customer PKI and an MCUboot firmware image, creates a lot with an ID list in an
 SQLite ledger, runs the real daemon on a simulated hub whose boards sit behind real PTYs,
 then exports the signed manifest, verifies the audit chain and every certificate, and prints
 what happened.

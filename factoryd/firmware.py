@@ -10,6 +10,8 @@ On disk, one directory per image, named by its MCUboot hash (the SHA256 TLV, not
 
     <firmware_dir>/<lot>/<sha256>/image.bin        the file as uploaded (0600)
     <firmware_dir>/<lot>/<sha256>/signing-key.pem  the public key it verifies with
+    <firmware_dir>/<lot>/signing-key.pem           a copy of the lot's current key, for tools
+                                                   (``factoryd sim hub --firmware-key``)
 
 A directory appears whole or not at all (staged, then renamed). The lot profile's
 ``firmware_sha256`` names the current one, so a crash between the store and the ledger leaves
@@ -19,7 +21,6 @@ on disk is refused, never flashed.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import secrets
 import shutil
@@ -27,10 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
+import structlog
+from cryptography.hazmat.primitives import serialization
 
 from factoryd.errors import FactorydError, FirmwareRejectedError, InputError
 from factoryd.files import DIR_MODE, fsync_dir, private_staging_dir, write_new, write_private
@@ -47,6 +46,8 @@ if TYPE_CHECKING:
     from factoryd.ledger import Ledger
     from factoryd.ledger.model import LotInfo
     from factoryd.ledger.profile import LotProfile
+
+log = structlog.get_logger(__name__)
 
 # The largest MCUboot slots on today's boards are a few MiB (Portenta H7: 0x1E0000); 16 MiB leaves
 # room for external-flash slots and still keeps an upload in memory.
@@ -189,6 +190,12 @@ class FirmwareStore:
                 shutil.rmtree(aside, ignore_errors=True)
         return firmware, True
 
+    def lot_key_path(self, lot: str) -> Path:
+        """The copy of the lot's current firmware-signing key (the ledger's key hash is what counts)."""
+        if not _LOT_NAME.fullmatch(lot):
+            raise InputError(f"lot name {lot!r} cannot name a firmware directory")
+        return self.directory / lot / KEY_FILE
+
     def discard(self, lot: str, sha256: str) -> None:
         """Remove a stored image (one the ledger did not take)."""
         target = self.image_dir(lot, sha256)
@@ -265,90 +272,10 @@ def store_lot_firmware(
         if created:
             store.discard(info.name, image.hash)
         raise
+    try:
+        write_private(store.lot_key_path(info.name), firmware.signing_key_pem)
+    except OSError as exc:
+        # The image is recorded and stored; the copy only serves tools, so say so and go on.
+        log.warning("cannot write the lot's signing key copy", lot=info.name, error=str(exc))
     replaced = info.profile.firmware_key_hash not in (None, image.key_hash)
     return FirmwareUpload(recorded, firmware, store.image_dir(info.name, image.hash), replaced)
-
-
-# --- Interim: the raw r||s firmware of the native protocol -----------------------------------------
-# The native protocol's FW_END still carries a raw signature and the simulated bootloader checks it,
-# until both move to MCUboot images (issue 16, second part); then everything below goes.
-
-RAW_SIGNATURE_BYTES = 64
-
-
-@dataclass(frozen=True)
-class SignedFirmware:
-    """An image with its raw r||s signature (the native protocol's FW_END, interim)."""
-
-    image: bytes
-    version: str
-    signature: bytes
-
-    @property
-    def sha256(self) -> bytes:
-        """Digest the board reports once installed."""
-        return hashlib.sha256(self.image).digest()
-
-
-def raw_signature(der_signature: bytes) -> bytes:
-    """Convert a DER ECDSA P-256 signature to raw r||s."""
-    r, s = decode_dss_signature(der_signature)
-    return r.to_bytes(32, "big") + s.to_bytes(32, "big")
-
-
-def sign_firmware(image: bytes, version: str, key: ec.EllipticCurvePrivateKey) -> SignedFirmware:
-    """Sign an image with the firmware-signing key (raw r||s, interim)."""
-    return SignedFirmware(image, version, raw_signature(key.sign(image, ec.ECDSA(hashes.SHA256()))))
-
-
-def verify_firmware(image: bytes, signature: bytes, key: ec.EllipticCurvePublicKey) -> bool:
-    """What the simulated bootloader does at FW_END (interim)."""
-    if len(signature) != RAW_SIGNATURE_BYTES:
-        return False
-    der = encode_dss_signature(int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big"))
-    try:
-        key.verify(der, image, ec.ECDSA(hashes.SHA256()))
-    except InvalidSignature:
-        return False
-    return True
-
-
-class RawFirmwareStore:
-    """Interim: the demo's raw-signed image in ``<lot>/image.bin`` (+ .sig, version, signing-key.pem)."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-
-    def save(self, lot: str, firmware: SignedFirmware, signing_key: ec.EllipticCurvePublicKey) -> None:
-        """Store a lot's image after checking its signature; refuse an image that does not verify."""
-        if not verify_firmware(firmware.image, firmware.signature, signing_key):
-            raise InputError(f"firmware {firmware.version} for lot {lot}: signature does not verify")
-        folder = self.directory / lot
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        pem = signing_key.public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        for name, data in (
-            ("image.bin", firmware.image),
-            ("image.sig", firmware.signature),
-            ("version", firmware.version.encode()),
-            ("signing-key.pem", pem),
-        ):
-            write_private(folder / name, data)
-
-    def load(self, lot: str) -> SignedFirmware | None:
-        """The lot's image, verified again against its signing key; None when the lot has none."""
-        folder = self.directory / lot
-        if not (folder / "image.bin").exists():
-            return None
-        firmware = SignedFirmware(
-            (folder / "image.bin").read_bytes(),
-            (folder / "version").read_text().strip(),
-            (folder / "image.sig").read_bytes(),
-        )
-        key = serialization.load_pem_public_key((folder / "signing-key.pem").read_bytes())
-        if not isinstance(key, ec.EllipticCurvePublicKey) or not verify_firmware(
-            firmware.image, firmware.signature, key
-        ):
-            raise FirmwareRejectedError(f"stored firmware for lot {lot} no longer verifies", 0)
-        return firmware

@@ -313,6 +313,7 @@ def test_cli_upload_stores_records_and_shows_the_image(tools: Tools, tmp_path: P
         f"{LOT}/{digest}": None,
         f"{LOT}/{digest}/image.bin": tools.images["good"],
         f"{LOT}/{digest}/signing-key.pem": pem(tools, "lot"),
+        f"{LOT}/signing-key.pem": pem(tools, "lot"),  # the lot's current key, for the simulator
     }
     assert (stored / "image.bin").stat().st_mode & 0o777 == 0o600
 
@@ -409,6 +410,7 @@ def test_cli_admin_replaces_the_signing_key_explicitly(tools: Tools, tmp_path: P
     assert "(signing key replaced)" in out
     _, profile, _ = station.state()
     assert profile.firmware_key_hash == key_hash(tools, "foreign")
+    assert (station.state_dir / "firmware" / LOT / "signing-key.pem").read_bytes() == pem(tools, "foreign")
     with station.ledger() as ledger:
         assert _audit_details(ledger, "lot.firmware")[-1]["signing_key_replaced"] is True
 
@@ -445,7 +447,7 @@ def test_a_tampered_stored_image_is_refused_on_load_and_at_activation(tools: Too
     # Uploading the image again repairs the store.
     assert station.upload(tools.images["good"], pem(tools, "lot"))[0] == 0
     assert image.read_bytes() == tools.images["good"]
-    assert [p.name for p in image.parents[1].iterdir()] == [good_hash(tools)]
+    assert sorted(p.name for p in image.parents[1].iterdir()) == sorted([good_hash(tools), "signing-key.pem"])
 
 
 def test_an_image_signed_by_another_key_than_the_lot_s_is_not_loaded(tools: Tools, tmp_path: Path) -> None:
