@@ -21,6 +21,7 @@ on disk is refused, never flashed.
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import shutil
@@ -32,7 +33,7 @@ import structlog
 from cryptography.hazmat.primitives import serialization
 
 from factoryd.errors import FactorydError, FirmwareRejectedError, InputError
-from factoryd.files import DIR_MODE, fsync_dir, private_staging_dir, write_new, write_private
+from factoryd.files import DIR_MODE, fsync_dir, write_new, write_private
 from factoryd.mcuboot import (
     McubootImage,
     McubootImageError,
@@ -81,6 +82,16 @@ class LotFirmware:
 
     def __repr__(self) -> str:
         return f"LotFirmware(version={self.version!r}, sha256={self.image.hash[:12]}…)"
+
+
+@dataclass(frozen=True)
+class StagedImage:
+    """A verified image written next to its place (``staging``), not yet where loads find it."""
+
+    firmware: LotFirmware
+    target: Path
+    staging: Path | None  # None: this very file and key are stored already
+    replaces: bool  # ``target`` holds another file or key under the same MCUboot hash
 
 
 @dataclass(frozen=True)
@@ -159,36 +170,72 @@ class FirmwareStore:
             raise InputError(f"image hash {sha256!r} is not 64 lowercase hex digits")
         return self.directory / lot / sha256
 
-    def save(self, lot: str, data: bytes, signing_key: SigningPublicKey) -> tuple[LotFirmware, bool]:
-        """Store an image that verifies with ``signing_key``; return it and whether it was new.
+    def stage(self, lot: str, data: bytes, signing_key: SigningPublicKey) -> StagedImage:
+        """Write an image that verifies with ``signing_key`` to a hidden directory next to its place.
 
         Callers check the lot's policy first (:func:`check_lot_image`); this checks the image again
-        as MCUboot does, so nothing unverifiable is ever written. An image already stored intact
-        under its hash is kept as it is.
+        as MCUboot does, so nothing unverifiable is ever written. Nothing is staged when the very
+        same file and key are stored already.
         """
         image = verify_image(data, signing_key)
         target = self.image_dir(lot, image.hash)
-        if target.exists():
+        firmware = LotFirmware(data, image, _pem(signing_key))
+        replaces = target.exists() or target.is_symlink()
+        if replaces:
             try:
                 existing = self.load(lot, image.hash)
             except FactorydError:
-                existing = None  # damaged on disk: replaced below
-            if existing is not None:
-                return existing, False
+                existing = None  # damaged on disk: replaced
+            if existing is not None and (existing.data, existing.signing_key_pem) == (
+                data,
+                firmware.signing_key_pem,
+            ):
+                return StagedImage(firmware, target, None, replaces=False)
         target.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-        firmware = LotFirmware(data, image, _pem(signing_key))
+        staging = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+        os.mkdir(staging, DIR_MODE)
+        try:
+            os.chmod(staging, DIR_MODE)  # mkdir honours the umask
+            write_new(staging / IMAGE_FILE, data)
+            write_new(staging / KEY_FILE, firmware.signing_key_pem)
+            fsync_dir(staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return StagedImage(firmware, target, staging, replaces=replaces)
+
+    def put(self, staged: StagedImage) -> bool:
+        """Move a staged image into its place in one rename; False when there was nothing to move.
+
+        An image that replaces another under the same hash (another key, other padding, a damaged
+        copy) takes its place; the old one is removed afterwards.
+        """
+        if staged.staging is None:
+            return False
+        target = staged.target
         aside: Path | None = None
         if target.exists() or target.is_symlink():
-            aside = target.with_name(f".{target.name}.{secrets.token_hex(6)}.damaged")
-            target.rename(aside)
-        try:
-            with private_staging_dir(target) as staging:
-                write_new(staging / IMAGE_FILE, data)
-                write_new(staging / KEY_FILE, firmware.signing_key_pem)
-        finally:
-            if aside is not None:
-                shutil.rmtree(aside, ignore_errors=True)
-        return firmware, True
+            if not staged.replaces:  # a concurrent upload of the same image was faster
+                self.drop(staged)
+                return False
+            aside = target.with_name(f".{target.name}.{secrets.token_hex(6)}.old")
+            os.rename(target, aside)
+        os.rename(staged.staging, target)
+        fsync_dir(target.parent)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+        return True
+
+    def drop(self, staged: StagedImage) -> None:
+        """Remove a staged image that is not wanted after all."""
+        if staged.staging is not None:
+            shutil.rmtree(staged.staging, ignore_errors=True)
+
+    def save(self, lot: str, data: bytes, signing_key: SigningPublicKey) -> LotFirmware:
+        """Stage and put an image at once (for callers without a ledger record to wait for)."""
+        staged = self.stage(lot, data, signing_key)
+        self.put(staged)
+        return staged.firmware
 
     def lot_key_path(self, lot: str) -> Path:
         """The copy of the lot's current firmware-signing key (the ledger's key hash is what counts)."""
@@ -257,7 +304,10 @@ def store_lot_firmware(
     info = ledger.get_lot(lot)
     key = load_signing_key(signing_key_pem)
     image = check_lot_image(info.profile, data, key, replace_signing_key=replace_signing_key)
-    firmware, created = store.save(info.name, data, key)
+    staged = store.stage(info.name, data, key)
+    # A new image is in place before the ledger names it (a crash leaves an unused directory); one
+    # replacing a stored image of the same hash takes its place only once the ledger took it.
+    placed = not staged.replaces and store.put(staged)
     try:
         recorded = ledger.record_lot_firmware(
             info.name,
@@ -269,9 +319,13 @@ def store_lot_firmware(
             replace_signing_key=replace_signing_key,
         )
     except BaseException:
-        if created:
+        if placed:
             store.discard(info.name, image.hash)
+        store.drop(staged)
         raise
+    if staged.replaces:
+        store.put(staged)
+    firmware = staged.firmware
     try:
         write_private(store.lot_key_path(info.name), firmware.signing_key_pem)
     except OSError as exc:

@@ -22,10 +22,11 @@ from factoryd.errors import (
     LinkClosedError,
     LinkOpenError,
 )
-from factoryd.firmware import sign_firmware
+from factoryd.mcuboot import verify_image
 from factoryd.protocol.messages import ObjectId, Status
 from factoryd.protocol.native import BoardClient
 from factoryd.sim.board import Fault, FaultPlan, SimBoard
+from factoryd.sim.mcuboot_signer import sign_image
 from factoryd.sim.pty import PtyBoard, serve_pty
 from tests.helpers.boards import FAST_TIMEOUTS
 
@@ -99,20 +100,30 @@ async def test_reboot_sends_boot_event(client: BoardClient, sim_board: PtyBoard)
 
 
 async def test_firmware_update_verified_by_bootloader() -> None:
+    """The native FW_BEGIN/CHUNK/END carries an MCUboot image; the board's MCUboot verifies it."""
     fw_key = ec.generate_private_key(ec.SECP256R1())
     board = SimBoard(firmware_key=fw_key.public_key())
-    image = bytes(range(256)) * 40  # 10 KiB: several chunks
-    good = sign_firmware(image, "2.0.0", fw_key)
-    forged = sign_firmware(image, "2.0.0", ec.generate_private_key(ec.SECP256R1()))
+    payload = bytes(range(256)) * 40  # 10 KiB: several chunks
+    good = sign_image(payload, fw_key, "2.0.0")
+    good_hash = bytes.fromhex(verify_image(good, fw_key.public_key()).hash)
+    forged = sign_image(payload, ec.generate_private_key(ec.SECP256R1()), "2.0.0")
+    older = sign_image(payload, fw_key, "1.9.0")
     async with serve_pty(board) as pty, await BoardClient.open(pty.path, timeouts=FAST_TIMEOUTS) as client:
+        with pytest.raises(FirmwareRejectedError) as refused:
+            await client.update_firmware(forged, "2.0.0", good_hash)
+        assert refused.value.status == Status.FW_SIGNATURE
+        info = await client.hello()
+        assert info.fw_version != "2.0.0+0"
+        digest = await client.update_firmware(good, "2.0.0", good_hash)
+        assert digest == good_hash != hashlib.sha256(good).digest()  # the SHA256 TLV, not the file's
+        info = await client.hello()
+        assert (info.fw_version, info.fw_sha256) == ("2.0.0+0", digest)
+        # Rollback protection: the board's stored security counter refuses a downgrade.
+        older_hash = bytes.fromhex(verify_image(older, fw_key.public_key()).hash)
         with pytest.raises(FirmwareRejectedError):
-            await client.update_firmware(forged.image, forged.version, forged.signature)
-        info = await client.hello()
-        assert info.fw_version != "2.0.0"
-        digest = await client.update_firmware(good.image, good.version, good.signature)
-        assert digest == hashlib.sha256(image).digest()
-        info = await client.hello()
-        assert (info.fw_version, info.fw_sha256) == ("2.0.0", digest)
+            await client.update_firmware(older, "1.9.0", older_hash)
+        assert (await client.hello()).fw_sha256 == good_hash
+    assert board.bootloader.security_counter == 0x02000000
 
 
 async def test_unplug_fails_pending_waiters_with_typed_error() -> None:

@@ -411,8 +411,27 @@ def test_cli_admin_replaces_the_signing_key_explicitly(tools: Tools, tmp_path: P
     _, profile, _ = station.state()
     assert profile.firmware_key_hash == key_hash(tools, "foreign")
     assert (station.state_dir / "firmware" / LOT / "signing-key.pem").read_bytes() == pem(tools, "foreign")
+    # The same MCUboot hash (the signature is not hashed): the stored image now carries the new key.
+    assert verify_image(tools.images["foreign"], tools.public["foreign"]).hash == good_hash(tools)
+    stored = station.state_dir / "firmware" / LOT / good_hash(tools)
+    assert (stored / "image.bin").read_bytes() == tools.images["foreign"]
+    assert (stored / "signing-key.pem").read_bytes() == pem(tools, "foreign")
     with station.ledger() as ledger:
         assert _audit_details(ledger, "lot.firmware")[-1]["signing_key_replaced"] is True
+        # A replacement the ledger refuses (the lot closed meanwhile) leaves the stored image alone.
+        ledger.set_lot_state(LOT, LotState.CLOSED, actor="t")
+        before = snapshot(station.state_dir / "firmware")
+        with pytest.raises(LotStateError):
+            store_lot_firmware(
+                ledger,
+                FirmwareStore(station.state_dir / "firmware"),
+                LOT,
+                tools.images["good"],
+                pem(tools, "lot"),
+                actor="t",
+                replace_signing_key=True,
+            )
+    assert snapshot(station.state_dir / "firmware") == before
 
 
 def test_cli_refuses_an_unknown_lot_and_an_oversize_file(

@@ -118,6 +118,20 @@ def _key_name(key: object) -> str:
     return f"{base} {size}" if size else base
 
 
+# An end entity that signs (TLS client auth, challenges, proofs of possession) and does nothing else.
+SIGNING_KEY_USAGE = x509.KeyUsage(
+    digital_signature=True,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=False,
+    crl_sign=False,
+    encipher_only=False,
+    decipher_only=False,
+)
+
+
 def random_serial() -> int:
     """A positive serial from 16 CSPRNG bytes with the top bit cleared (>= 64 bits of entropy)."""
     raw = bytearray(secrets.token_bytes(SERIAL_BYTES))
@@ -268,20 +282,7 @@ class Issuer:
                 builder.subject_name(identity.subject)
                 .serial_number(random_serial())
                 .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                .add_extension(
-                    x509.KeyUsage(
-                        digital_signature=True,
-                        content_commitment=False,
-                        key_encipherment=False,
-                        data_encipherment=False,
-                        key_agreement=False,
-                        key_cert_sign=False,
-                        crl_sign=False,
-                        encipher_only=False,
-                        decipher_only=False,
-                    ),
-                    critical=True,
-                )
+                .add_extension(SIGNING_KEY_USAGE, critical=True)
                 .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
                 .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
                 .add_extension(aki, critical=False)

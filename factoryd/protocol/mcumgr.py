@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Self, TypeVar
 
 import cbor2
 import structlog
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from smp import header as smpheader
 from smp import message as smpmsg
 from smp.error import MGMT_ERR
@@ -62,7 +62,7 @@ from factoryd.errors import (
 )
 from factoryd.protocol.engine import EngineClient, RequestEngine, Route
 from factoryd.protocol.messages import IDENTITY_SLOT, ObjectId
-from factoryd.transport.serial_link import SerialLink
+from factoryd.transport.serial_link import LinkState, SerialLink
 from factoryd.transport.smp_framing import (
     HEADER_BYTES,
     SmpDecoder,
@@ -479,6 +479,7 @@ class McumgrClient(EngineClient[SmpPacket, McumgrCommand]):
         # Until the params command answers: Zephyr's default buffer.
         self.params = McumgrParams(DEFAULT_BUF_SIZE, 1)
         self._seq = 0
+        self._in_flight: set[int] = set()
         super().__init__(RequestEngine(link, _REPLIES, resends=resends))
 
     @classmethod
@@ -496,27 +497,17 @@ class McumgrClient(EngineClient[SmpPacket, McumgrCommand]):
 
     @property
     def closed(self) -> bool:
-        """Whether the link is gone (a USB CDC board that reset takes its tty with it)."""
-        try:
-            self._engine.check_open()
-        except ProtocolViolationError:
-            return True
-        except Exception:  # noqa: BLE001 - check_open raises the link's typed error; any means closed
-            return True
-        return False
+        """Whether the link is gone (a USB CDC board that resets takes its tty with it)."""
+        return self.link.state is LinkState.CLOSED
 
     # Requests ------------------------------------------------------------------------------
 
     def _next_seq(self) -> int:
-        in_flight = {w for w in range(MAX_SEQ + 1) if False}
         for _ in range(MAX_SEQ + 1):
             self._seq = (self._seq + 1) & MAX_SEQ
-            if self._seq not in in_flight and not self._engine_has(self._seq):
+            if self._seq not in self._in_flight:
                 return self._seq
         raise ProtocolViolationError(f"all {MAX_SEQ + 1} SMP sequence numbers are in flight")
-
-    def _engine_has(self, seq: int) -> bool:
-        return seq in self._engine._waiters  # noqa: SLF001 - the engine's keyed waiters, by SMP seq
 
     async def request(
         self,
@@ -538,7 +529,11 @@ class McumgrClient(EngineClient[SmpPacket, McumgrCommand]):
         if command is McumgrCommand.READ_OBJECT or command is McumgrCommand.CSR:
             wire += console_bytes(self.params.max_packet)  # the reply carries the data
         timeout_s = self.timeouts.for_command(command, first_chunk=first_chunk) + self.link.wire_time_s(wire)
-        answer = await self._engine.call(seq, command, packet.lines(), timeout_s)
+        self._in_flight.add(seq)
+        try:
+            answer = await self._engine.call(seq, command, packet.lines(), timeout_s)
+        finally:
+            self._in_flight.discard(seq)
         body = decode_body(answer)
         _raise_error(command, body)
         return load_model(reply, answer, body)
@@ -625,7 +620,13 @@ class McumgrClient(EngineClient[SmpPacket, McumgrCommand]):
             def build(s: int, off: int = offset, d: bytes = data, first_: bool = first) -> smpmsg.Request:
                 if first_:
                     return ImageUploadWriteRequest(
-                        off=off, data=d, image=image_number, len=len(image), sha=sha, upgrade=False, sequence=s
+                        off=off,
+                        data=d,
+                        image=image_number,
+                        len=len(image),
+                        sha=sha,
+                        upgrade=False,
+                        sequence=s,
                     )
                 return ImageUploadWriteRequest(off=off, data=d, sequence=s)
 
@@ -654,7 +655,11 @@ class McumgrClient(EngineClient[SmpPacket, McumgrCommand]):
             off=0xFFFF_FFFF,
             data=b"",
             sequence=0,
-            **({"image": 0, "len": 0xFFFF_FFFF, "sha": bytes(SHA256_BYTES), "upgrade": False} if first else {}),
+            **(
+                {"image": 0, "len": 0xFFFF_FFFF, "sha": bytes(SHA256_BYTES), "upgrade": False}
+                if first
+                else {}
+            ),
         )
         room = self.params.max_packet - len(bytes(probe)) - BSTR_HEADER_GROWTH_BYTES
         if room <= 0:
@@ -678,13 +683,17 @@ class McumgrClient(EngineClient[SmpPacket, McumgrCommand]):
             McumgrCommand.KEYGEN, lambda s: KeygenWriteRequest(slot=slot, sequence=s), KeygenWriteResponse
         )
         if len(rsp.pub) != P256_POINT_BYTES or rsp.pub[0] != 0x04:
-            raise ProtocolViolationError(f"keygen: {len(rsp.pub)}-byte public key is not an uncompressed P-256 point")
+            raise ProtocolViolationError(
+                f"keygen: {len(rsp.pub)}-byte public key is not an uncompressed P-256 point"
+            )
         return rsp.pub
 
     async def get_csr(self, common_name: str, slot: int = IDENTITY_SLOT) -> bytes:
         """A DER CSR for the slot key with subject CN=common_name."""
         rsp = await self.request(
-            McumgrCommand.CSR, lambda s: CsrReadRequest(slot=slot, cn=common_name, sequence=s), CsrReadResponse
+            McumgrCommand.CSR,
+            lambda s: CsrReadRequest(slot=slot, cn=common_name, sequence=s),
+            CsrReadResponse,
         )
         return rsp.csr
 
@@ -695,20 +704,28 @@ class McumgrClient(EngineClient[SmpPacket, McumgrCommand]):
         offset = 0
         while True:
             first = offset == 0
-            probe = ObjectWriteRequest(obj=int(obj), off=offset, data=b"", len=len(data) if first else None, sequence=0)
+            probe = ObjectWriteRequest(
+                obj=int(obj), off=offset, data=b"", len=len(data) if first else None, sequence=0
+            )
             room = self.params.max_packet - len(bytes(probe)) - BSTR_HEADER_GROWTH_BYTES
             piece = data[offset : offset + room]
 
             def build(s: int, off: int = offset, d: bytes = piece, first_: bool = first) -> smpmsg.Request:
-                return ObjectWriteRequest(obj=int(obj), off=off, data=d, len=len(data) if first_ else None, sequence=s)
+                return ObjectWriteRequest(
+                    obj=int(obj), off=off, data=d, len=len(data) if first_ else None, sequence=s
+                )
 
             rsp = await self.request(McumgrCommand.WRITE_OBJECT, build, ObjectWriteResponse)
             if not 0 <= rsp.off <= len(data) or (rsp.off <= offset and rsp.off != 0):
-                raise ProtocolViolationError(f"write {obj.name}: board reported offset {rsp.off} after {offset}")
+                raise ProtocolViolationError(
+                    f"write {obj.name}: board reported offset {rsp.off} after {offset}"
+                )
             offset = rsp.off
             if offset == len(data) and (rsp.sha is not None or not data):
                 if rsp.sha != hashlib.sha256(data).digest():
-                    raise ReadbackMismatchError(f"board stored a different {obj.name} than was sent (digest differs)")
+                    raise ReadbackMismatchError(
+                        f"board stored a different {obj.name} than was sent (digest differs)"
+                    )
                 return
 
     async def read(self, obj: ObjectId) -> bytes:
@@ -726,7 +743,9 @@ class McumgrClient(EngineClient[SmpPacket, McumgrCommand]):
                 raise ProtocolViolationError(f"read {obj.name}: asked offset {off}, got {rsp.off}")
             if total is None:
                 if rsp.len is None or not 0 <= rsp.len <= MAX_OBJECT_BYTES:
-                    raise ProtocolViolationError(f"read {obj.name}: first chunk carries no valid len ({rsp.len})")
+                    raise ProtocolViolationError(
+                        f"read {obj.name}: first chunk carries no valid len ({rsp.len})"
+                    )
                 total = rsp.len
             out += rsp.data
             if len(out) > total or (not rsp.data and len(out) < total):
@@ -777,7 +796,11 @@ def _raise_error(command: McumgrCommand, body: dict[str, Any]) -> None:
     """Raise the typed error an SMP v2 ``err`` or v1 ``rc`` names; nothing on success."""
     err = body.get("err")
     if err is not None:
-        if not isinstance(err, dict) or not isinstance(err.get("rc"), int) or not isinstance(err.get("group"), int):
+        if (
+            not isinstance(err, dict)
+            or not isinstance(err.get("rc"), int)
+            or not isinstance(err.get("group"), int)
+        ):
             raise ProtocolViolationError(f"{command.name}: malformed SMP v2 err {err!r}")
         group, rc = err["group"], err["rc"]
         if rc == 0:
@@ -796,11 +819,17 @@ def _raise_error(command: McumgrCommand, body: dict[str, Any]) -> None:
     try:
         mgmt = MGMT_ERR(rc)
     except ValueError:
-        raise BoardStatusError(f"{command.name} refused by the board: rc {rc} {body.get('rsn', '')}", rc) from None
-    message = f"{command.name} refused by the board: {mgmt.name}" + (f" ({body['rsn']})" if "rsn" in body else "")
+        raise BoardStatusError(
+            f"{command.name} refused by the board: rc {rc} {body.get('rsn', '')}", rc
+        ) from None
+    message = f"{command.name} refused by the board: {mgmt.name}" + (
+        f" ({body['rsn']})" if "rsn" in body else ""
+    )
     if mgmt is MGMT_ERR.EBUSY:
         raise BoardBusyError(message, rc)
-    if command is McumgrCommand.IMAGE_UPLOAD or (command is McumgrCommand.IMAGE_STATE and mgmt is not MGMT_ERR.ENOTSUP):
+    if command is McumgrCommand.IMAGE_UPLOAD or (
+        command is McumgrCommand.IMAGE_STATE and mgmt is not MGMT_ERR.ENOTSUP
+    ):
         raise FirmwareRejectedError(message, rc)
     raise BoardStatusError(message, rc, transient=mgmt in TRANSIENT_MGMT_ERRORS)
 
@@ -817,13 +846,3 @@ def _raise_prov(command: McumgrCommand, error: ProvError, rc: int) -> None:
 def prov_error_body(error: ProvError) -> dict[str, Any]:
     """The SMP v2 error body of a provisioning-group error (what the board sends)."""
     return {"err": {"group": PROVISIONING_GROUP, "rc": int(error)}}
-
-
-def model_body(message: BaseModel) -> dict[str, Any]:
-    """The CBOR map of an smp model, as its ``bytes()`` would carry it."""
-    return decode_body(SmpPacket.decode(bytes(message)))  # type: ignore[call-overload]
-
-
-def reply_op(op: SmpOp) -> SmpOp:
-    """The op of the reply to a request op."""
-    return op.response()
