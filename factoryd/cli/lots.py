@@ -20,6 +20,7 @@ from factoryd.cli.opts import (
     open_ledger,
     read_input,
     state_dir_settings,
+    write_public,
 )
 from factoryd.errors import FactorydError, InputError
 
@@ -264,7 +265,6 @@ def lots_ca_verification(
     config: ConfigOption = None,
 ) -> None:
     """Print a verification certificate (CN=CODE) signed by the lot's CA key: proof of possession."""
-    from factoryd.cli.manifest import write_public  # noqa: PLC0415
     from factoryd.service import StationPaths, ca_verification, station_passphrase  # noqa: PLC0415
 
     settings = state_dir_settings(config)

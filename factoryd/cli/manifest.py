@@ -15,21 +15,8 @@ from factoryd.cli.opts import (
     open_ledger,
     read_input,
     state_dir_settings,
+    write_public,
 )
-
-# Public documents (a CRL, a certificate): readable by everyone, written atomically.
-PUBLIC_FILE_MODE = 0o644
-
-
-def write_public(path: Path, data: bytes) -> None:
-    """Write a public document atomically; a one-line error when the path cannot be written."""
-    from factoryd.files import write_private  # noqa: PLC0415
-
-    try:
-        write_private(path, data, mode=PUBLIC_FILE_MODE)
-    except OSError as exc:
-        fail(f"cannot write {path}: {exc.strerror or exc}")
-
 
 app = command_group("Signed manifests of provisioned devices, the lot's CRL, customer-side checks.")
 

@@ -166,3 +166,17 @@ def _listening(url: str) -> bool:
         return False
     except OSError:
         return True  # unreachable or slow, not absent: the API call itself reports it
+
+
+# Certificates, CRLs and manifests are public documents: readable by everyone, written whole.
+PUBLIC_FILE_MODE = 0o644
+
+
+def write_public(path: Path, data: bytes) -> None:
+    """Write a public document atomically; a one-line error when the path cannot be written."""
+    from factoryd.files import write_private  # noqa: PLC0415
+
+    try:
+        write_private(path, data, mode=PUBLIC_FILE_MODE)
+    except OSError as exc:
+        fail(f"cannot write {path}: {exc.strerror or exc}")
