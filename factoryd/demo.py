@@ -47,6 +47,7 @@ from factoryd.api.tokens import Role, TokenStore
 from factoryd.config import Settings, load_settings
 from factoryd.daemon import Daemon, DaemonHooks
 from factoryd.errors import ConfigError, LotNotFoundError, VerificationError
+from factoryd.files import write_private
 from factoryd.firmware import FirmwareStore, store_lot_firmware
 from factoryd.jobs.scheduler import Station
 from factoryd.ledger import Ledger
@@ -250,14 +251,6 @@ def demo_settings(options: DemoOptions, state_dir: Path) -> Settings:
     )
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Write a 0600 file (created so from the start: never readable by others, even briefly)."""
-    path.unlink(missing_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-
-
 def demo_passphrase(state_dir: Path) -> tuple[bytes, Path | None]:
     """The CA passphrase: $FACTORYD_CA_PASSPHRASE, else the state dir's file (made on first use)."""
     from_env = os.environ.get(DEFAULT_PASSPHRASE_ENV)
@@ -270,7 +263,7 @@ def demo_passphrase(state_dir: Path) -> tuple[bytes, Path | None]:
             raise ConfigError(f"{path} is empty: remove it, or set {DEFAULT_PASSPHRASE_ENV}")
         return value, path
     value = secrets.token_urlsafe(24).encode()
-    _write_private(path, value + b"\n")
+    write_private(path, value + b"\n")
     return value, path
 
 
@@ -442,9 +435,9 @@ def make_access_tokens(settings: Settings) -> tuple[str, Path]:
     with Ledger.open(settings.ledger_url), TokenStore.open(settings.ledger_url) as store:
         _, operator = store.create(f"demo-operator-{run}", Role.OPERATOR)
         _, supervisor = store.create(f"demo-supervisor-{run}", Role.SUPERVISOR)
-    _write_private(state_dir / OPERATOR_TOKEN_FILE, operator.encode() + b"\n")
+    write_private(state_dir / OPERATOR_TOKEN_FILE, operator.encode() + b"\n")
     supervisor_file = state_dir / SUPERVISOR_TOKEN_FILE
-    _write_private(supervisor_file, supervisor.encode() + b"\n")
+    write_private(supervisor_file, supervisor.encode() + b"\n")
     return operator, supervisor_file
 
 
