@@ -150,6 +150,14 @@ def test_lot_creation_refuses_bad_templates(fields: dict[str, object], problem: 
         LotProfile.model_validate(fields)
 
 
+def test_literal_text_around_a_placeholder_may_hold_spaces() -> None:
+    """Only the ends of the rendered value matter: "dev {id}" is a fine CN."""
+    profile = LotProfile.model_validate(
+        {"subject": "CN=dev {id}, O={org} GmbH", "subject_fields": {"org": "Acme"}}
+    )
+    assert profile.subject == "CN=dev {id}, O={org} GmbH"
+
+
 def test_arduino_profile_refuses_a_template_directly() -> None:
     with pytest.raises(ConfigError, match="fixed subject"):
         CertProfile(kind="arduino-v1", subject=SubjectTemplate.parse("O=x, CN={id}"))

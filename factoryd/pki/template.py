@@ -252,7 +252,12 @@ class SubjectTemplate:
             known = "".join(
                 p.text if p.field is None else constants.get(p.field, "") for p in attribute.value.pieces
             )
-            problem = _value_problem(known, printable_string=kind.asn1_type is _PRINTABLE) if known else None
+            # Per-device values stand in as one harmless letter, so "dev {id}" is not taken for a value
+            # that ends in a space; they are checked themselves when a certificate is issued.
+            probe = "".join(
+                p.text if p.field is None else constants.get(p.field, "x") for p in attribute.value.pieces
+            )
+            problem = _value_problem(probe, printable_string=kind.asn1_type is _PRINTABLE) if known else None
             if problem:
                 raise ConfigError(f"subject {kind.name} ({known!r}) {problem}")
             minimum = len(known) + (id_chars or 0) * sum(
