@@ -124,6 +124,25 @@ def test_regex_id_format(ledger: Ledger) -> None:
     assert ledger.import_ids(lot, f"ACME-{tag:06d}\n".encode(), actor=ACTOR) == 1
 
 
+def test_ids_the_subject_template_cannot_hold_are_refused_at_import(ledger: Ledger) -> None:
+    """Found when the list comes in, not when an ID is already reserved to a board."""
+    lot = fresh_lot(ledger, LotProfile(subject="serialNumber={meta.sn}, CN={id}"))
+    good, other = str(uuid.uuid4()), str(uuid.uuid4())
+    with pytest.raises(IdListError, match=r"line 3: .*serialNumber '' is empty .*subject template\); nothing was imported"):
+        ledger.import_ids(lot, f"id,sn\n{good},SN-1\n{other},\n".encode(), filename="a.csv", actor=ACTOR)
+    with pytest.raises(IdListError, match=r"line 2: .*subject template"):
+        ledger.import_ids(lot, f'id,sn\n{good},"SN,1"\n'.encode(), filename="b.csv", actor=ACTOR)
+    with pytest.raises(IdListError, match=r"line 2: .*subject template"):
+        ledger.import_ids(lot, f"id\n{good}\n".encode(), filename="c.csv", actor=ACTOR)
+    assert ledger.progress(lot).total == 0
+    assert ledger.import_ids(lot, f"id,sn\n{good},SN-1\n".encode(), filename="d.csv", actor=ACTOR) == 1
+    # An ID longer than a CN may be (RFC 5280: 64) cannot be CN={id}.
+    long_lot = fresh_lot(ledger, LotProfile(id_format="regex:D-[0-9]+"))
+    with pytest.raises(IdListError, match=r"line 1: .*64"):
+        ledger.import_ids(long_lot, ("D-" + "7" * 70 + "\n").encode(), actor=ACTOR)
+    assert ledger.progress(long_lot).total == 0
+
+
 def test_closed_lot_takes_no_ids(ledger: Ledger) -> None:
     lot = fresh_lot(ledger)
     ledger.set_lot_state(lot, LotState.CLOSED, actor=ACTOR)

@@ -49,7 +49,7 @@ class ParsedList:
     ids: tuple[ParsedId, ...]
 
 
-class _Problems:
+class LineProblems:
     """Collects per-line problems so the error can name the first and count the rest."""
 
     def __init__(self, source: str) -> None:
@@ -165,7 +165,7 @@ def _csv_delimiter(header_line: str) -> str:
     return ","
 
 
-def _parse_csv(text: str, problems: _Problems, source: str) -> Iterator[ParsedId]:
+def _parse_csv(text: str, problems: LineProblems, source: str) -> Iterator[ParsedId]:
     first = next((line for line in text.split("\n") if line.strip()), "")
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=_csv_delimiter(first), strict=True)
     header: list[str] | None = None
@@ -239,7 +239,7 @@ def _json_metadata_value(value: object) -> str | None:
     return None
 
 
-def _parse_json(text: str, problems: _Problems, source: str) -> Iterator[ParsedId]:
+def _parse_json(text: str, problems: LineProblems, source: str) -> Iterator[ParsedId]:
     try:
         document = json.loads(text, parse_constant=_refuse_constant)
     except json.JSONDecodeError as exc:
@@ -326,7 +326,7 @@ def parse_id_list(
     text = _decode(data, source)
     resolved = _resolve_format(text, filename, fmt, source)
     validate = make_id_validator(id_format)
-    problems = _Problems(source)
+    problems = LineProblems(source)
     if resolved == "csv":
         parsed = list(_parse_csv(text, problems, source))
     elif resolved == "json":

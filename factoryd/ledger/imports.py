@@ -11,12 +11,19 @@ from sqlalchemy import ARRAY, String, any_, literal
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from factoryd.errors import IdListError, LedgerError, LotStateError
+from factoryd.errors import IdListError, IssuanceError, LedgerError, LotStateError
 from factoryd.ledger.engine import utc_now
 from factoryd.ledger.errors import LedgerUnavailableError
-from factoryd.ledger.idlist import DEFAULT_MAX_BYTES, ParsedList, check_size, list_source, parse_id_list
+from factoryd.ledger.idlist import (
+    DEFAULT_MAX_BYTES,
+    LineProblems,
+    ParsedList,
+    check_size,
+    list_source,
+    parse_id_list,
+)
 from factoryd.ledger.lots import LotBook
-from factoryd.ledger.model import DeviceState, LotState
+from factoryd.ledger.model import DeviceState, LotInfo, LotState
 from factoryd.ledger.signature import verify_list_signature
 from factoryd.ledger.tables import DeviceRow, LotRow
 
@@ -24,6 +31,23 @@ from factoryd.ledger.tables import DeviceRow, LotRow
 ID_QUERY_CHUNK = 500
 # PostgreSQL takes a chunk as one array parameter, so its chunks can be far larger.
 PG_ID_QUERY_CHUNK = 10_000
+
+
+def _refuse_unissuable(info: LotInfo, parsed: ParsedList, source: str) -> None:
+    """Refuse a list with an ID the lot's subject template cannot put into a certificate.
+
+    A missing ``{meta.COLUMN}``, a column value with a comma, an ID longer than a CN may be: found
+    here, whole list refused, instead of at issue time after the ID was reserved to a board.
+    """
+    template = info.profile.subject_template()
+    problems = LineProblems(source)
+    for item in parsed.ids:
+        try:
+            template.render(item.device_id, item.metadata)
+        except IssuanceError as exc:
+            problems.add(item.line, f"{exc} (the lot's subject template)")
+    if problems:
+        raise problems.error()
 
 
 class IdImport(LotBook):
@@ -55,6 +79,7 @@ class IdImport(LotBook):
         parsed = parse_id_list(
             data, id_format=info.profile.id_format, filename=filename, fmt=fmt, max_bytes=max_bytes
         )
+        _refuse_unissuable(info, parsed, source)
 
         def clash(exc: Exception) -> Exception:
             orig = exc.orig if isinstance(exc, IntegrityError) else exc

@@ -18,6 +18,7 @@ from factoryd.mcuboot import (
 )
 
 if TYPE_CHECKING:
+    from factoryd.jobs.profiles import BoardProfile
     from factoryd.pki.template import SubjectTemplate
 
 ID_FORMAT_UUID = "uuid"
@@ -61,6 +62,9 @@ class LotProfile(BaseModel):
     endpoint: str = Field(default="mqtts://iot.example.com:8883", min_length=1)
     lock: bool = False
     allow_rework: bool = False
+    # Genuine parts only (pki/attestation.py): "required" makes every board attest its new key to
+    # one of the lot's attestation roots before it gets an ID; needs a profile that can attest.
+    attestation: Literal["none", "required"] = "none"
     max_attempts: int = Field(default=3, ge=1)
     # Device certificate subject, most significant first: "O={org}, CN={id}" (docs/clouds.md).
     subject: str = "CN={id}"
@@ -68,6 +72,12 @@ class LotProfile(BaseModel):
     subject_fields: dict[str, str] = Field(default_factory=dict)
     san_uris: tuple[str, ...] = ()
     san_dns: tuple[str, ...] = ()
+    # nrf91-at (docs/nrf91.md): the modem security tag the credentials go to (nRF Cloud's by default),
+    # the lowest modem firmware accepted (x.y.z; the job's own floor is 1.3.2, the first to list
+    # SHA-256 values), and the longest AT command line every hop buffers (modem AT host: 4096).
+    sec_tag: int = Field(default=16_842_753, ge=0, le=2_147_483_647)
+    modem_fw_min: str | None = Field(default=None, pattern=r"^\d+\.\d+\.\d+$")
+    at_line_max_bytes: int = Field(default=4096, ge=256, le=4096)
 
     def subject_template(self) -> SubjectTemplate:
         """The parsed subject/SAN template of the lot's device certificates."""
@@ -93,6 +103,18 @@ class LotProfile(BaseModel):
 
             if board_profile(self.protocol).cert_kind == "arduino-v1":
                 raise ValueError(f"protocol {self.protocol}: {ARDUINO_TEMPLATE_REFUSAL}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_attestation(self) -> Self:
+        if self.attestation == "required":
+            from factoryd.jobs.profiles import board_profile  # noqa: PLC0415 - see _check_protocol
+
+            if not board_profile(self.protocol).attests:
+                raise ValueError(
+                    f"attestation = required: board profile {self.protocol} cannot attest its keys "
+                    "(profiles that can: " + ", ".join(p.name for p in _attesting_profiles()) + ")"
+                )
         return self
 
     @field_validator("protocol")
@@ -152,3 +174,9 @@ class LotProfile(BaseModel):
         return swap_trailer_bytes(
             align=self.trailer_align, max_align=self.trailer_max_align, max_sectors=self.trailer_max_sectors
         )
+
+
+def _attesting_profiles() -> list[BoardProfile]:
+    from factoryd.jobs.profiles import PROFILES  # noqa: PLC0415 - see LotProfile._check_protocol
+
+    return [p for p in PROFILES.values() if p.attests]
