@@ -24,6 +24,7 @@ import asyncio
 import hashlib
 import json
 import os
+import random
 import secrets
 import shutil
 import tempfile
@@ -49,6 +50,7 @@ from factoryd.daemon import Daemon, DaemonHooks
 from factoryd.errors import ConfigError, LotNotFoundError, VerificationError
 from factoryd.files import write_private
 from factoryd.firmware import FirmwareStore, store_lot_firmware
+from factoryd.jobs.profiles import board_profile
 from factoryd.jobs.scheduler import Station
 from factoryd.ledger import Ledger
 from factoryd.ledger.model import LotInfo, LotState, ProvisionedDevice
@@ -57,18 +59,28 @@ from factoryd.pki.passphrase import DEFAULT_PASSPHRASE_ENV
 from factoryd.pki.store import BundleStore
 from factoryd.pki.testca import make_test_pki
 from factoryd.protocol.messages import ObjectId
-from factoryd.service import StationPaths, export_manifest, parse_bundle, store_bundle, write_manifest
+from factoryd.service import (
+    StationPaths,
+    export_manifest,
+    parse_bundle,
+    store_attestation_roots,
+    store_bundle,
+    write_manifest,
+)
 from factoryd.sim.arduino import SimArduinoBoard
-from factoryd.sim.board import FaultPlan, SimBoard, Timing
+from factoryd.sim.board import FaultPlan, Impostor, SimBoard, Timing, equip_attestation
 from factoryd.sim.bootloader import DEFAULT_SLOT_BYTES
 from factoryd.sim.hub import SimHub
 from factoryd.sim.mcuboot_signer import sign_image
-from factoryd.sim.secure_element import SimSecureElement, seeded_se_serial
+from factoryd.sim.mcumgr import McumgrTiming, SimMcumgrBoard
+from factoryd.sim.secure_element import SimSecureElement, SimVendorCa, seeded_se_serial
 from factoryd.telemetry.figures import FAILED_OUTCOMES, JobCounts, Rate
 
 log = structlog.get_logger(__name__)
 
 DEMO_LOT = "demo-lot"
+# Profiles whose firmware updates its image and locks its secure element (the Arduino sketch does neither).
+SECURE_ELEMENT_PROFILES = ("factoryd-v1", "mcumgr")
 # Arduino's provisioning sketch talks at 57600 baud (ARDUINO_V1.md).
 ARDUINO_BAUDRATE = 57600
 DEMO_FW_VERSION = "2.0.0"
@@ -112,9 +124,13 @@ class DemoOptions:
     seed: int = 1
     timing: Literal["zero", "realistic"] = "zero"
     timing_scale: float = 1.0
-    profile: Literal["factoryd-v1", "arduino-v1"] = "factoryd-v1"
+    profile: Literal["factoryd-v1", "arduino-v1", "mcumgr"] = "factoryd-v1"
     lock: bool = True
     flash: bool = True
+    # Genuine parts only: the lot requires key attestation to the demo's test SE vendor, and this
+    # share of the supply are impostors (clones, forgeries, replays; sim.board.Impostor).
+    attestation: bool = False
+    impostor_rate: float = 0.0
     state_dir: Path | None = None
     ledger_url: str | None = None
     lot: str = DEMO_LOT
@@ -399,17 +415,18 @@ def _create_lot(options: DemoOptions, settings: Settings, passphrase: bytes) -> 
     paths = StationPaths(settings.station.state_dir)
     lot_name = options.lot
     upload_passphrase = secrets.token_urlsafe(16).encode()
-    pki = make_test_pki(profile_kind=options.profile, passphrase=upload_passphrase)
+    pki = make_test_pki(profile_kind=board_profile(options.profile).cert_kind, passphrase=upload_passphrase)
     fw_key = ec.generate_private_key(ec.SECP256R1())
     # The customer's MCUboot image, signed here by the simulator's signer (the station never signs).
     payload = b"factoryd demo application firmware " + DEMO_FW_VERSION.encode() + bytes(range(256)) * 64
     image = sign_image(payload, fw_key, DEMO_FW_VERSION)
     # The Arduino sketch has no firmware-update or lock command (it locks its config zone itself).
-    flash = options.flash and options.profile == "factoryd-v1"
+    flash = options.flash and options.profile in SECURE_ELEMENT_PROFILES
     profile = LotProfile(
         protocol=options.profile,
-        lock=options.lock and options.profile == "factoryd-v1",
+        lock=options.lock and options.profile in SECURE_ELEMENT_PROFILES,
         slot_size=DEFAULT_SLOT_BYTES,
+        attestation="required" if options.attestation else "none",
     )
     ids = "\n".join(str(uuid.uuid4()) for _ in range(max(1, int(options.boards * ID_MARGIN) + 1)))
     with Ledger.open(settings.ledger_url) as ledger:
@@ -424,6 +441,9 @@ def _create_lot(options: DemoOptions, settings: Settings, passphrase: bytes) -> 
             )
             store_lot_firmware(ledger, FirmwareStore(paths.firmware), lot_name, image, pem, actor="demo")
         ledger.import_ids(lot_name, ids.encode(), filename="demo-ids.txt", actor="demo")
+        if options.attestation:
+            roots = SimVendorCa.make(seed=options.seed).root_pem
+            store_attestation_roots(paths, ledger, lot_name, roots, actor="demo")
         ledger.set_lot_state(lot_name, LotState.ACTIVE, actor="demo")
     return fw_key.public_key()
 
@@ -464,6 +484,12 @@ class DemoSupply:
         )
         self._next = first_position
         self.positions: dict[str, int] = {}
+        self._vendor = SimVendorCa.make(seed=options.seed) if options.attestation else None
+        self._foreign = SimVendorCa.make("factoryd Other SE Vendor", seed=options.seed)
+        # The serial of the last genuine board: what the next clone copies.
+        self._genuine_serial: bytes | None = None
+        # The impostor kind of each board the supply made, by station serial (None: genuine).
+        self.impostors: dict[str, Impostor] = {}
 
     def __call__(self) -> SimBoard:
         """The next board of the supply."""
@@ -478,10 +504,27 @@ class DemoSupply:
             arduino_timing = replace(timing, baudrate=ARDUINO_BAUDRATE) if timing.baudrate else timing
             usb_serial = hashlib.sha256(f"usb/{seed}".encode()).hexdigest()[: 2 * USB_SERIAL_BYTES].upper()
             board = SimArduinoBoard(se=se, faults=faults, timing=arduino_timing, usb_serial=usb_serial)
+        elif options.profile == "mcumgr":
+            # A Zephyr/MCUboot board over SMP: the same line timing plus flash, swap and watchdog.
+            board = SimMcumgrBoard(
+                se=se, faults=faults, timing=McumgrTiming.for_timing(timing), firmware_key=self._fw_public
+            )
         else:
             board = SimBoard(se=se, faults=faults, timing=timing, firmware_key=self._fw_public)
+            if self._vendor is not None:
+                self._equip(board, self._vendor, seed)
         self.positions[board_identity(board)] = position
         return board
+
+    def _equip(self, board: SimBoard, vendor: SimVendorCa, seed: int) -> None:
+        # Reproducible per position, apart from the fault draws: not cryptography.
+        rng = random.Random(seed ^ 0xA77E57)  # noqa: S311
+        impostor = rng.choice(list(Impostor)) if rng.random() < self._options.impostor_rate else None
+        equip_attestation(board, vendor, impostor, foreign=self._foreign, copied_serial=self._genuine_serial)
+        if impostor is None:
+            self._genuine_serial = board.se.serial
+        else:
+            self.impostors[board_identity(board)] = impostor
 
 
 async def run_demo(options: DemoOptions) -> DemoResult:

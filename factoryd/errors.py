@@ -62,6 +62,7 @@ inherit :class:`TimeoutError` so ``except TimeoutError`` keeps working.
     └── JobError                          a provisioning job ended without success
         ├── JobAbortedError               stopped by the operator or shutdown
         └── RefusedBoardError             the board may not be provisioned (already done, rework off)
+            └── AttestationError          pki/attestation.py: not a genuine part (reason names the check)
 """
 
 from __future__ import annotations

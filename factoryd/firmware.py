@@ -15,8 +15,10 @@ On disk, one directory per image, named by its MCUboot hash (the SHA256 TLV, not
 
 A directory appears whole or not at all (staged, then renamed). The lot profile's
 ``firmware_sha256`` names the current one, so a crash between the store and the ledger leaves
-an unused directory, never a half-updated lot. Loading verifies the image again: a file changed
-on disk is refused, never flashed.
+an unused directory, never a half-updated lot. (The MCUboot hash does not cover the signature:
+an image re-signed by a new key has the same hash, and replaces the stored one only once the
+ledger recorded it.) Loading verifies the image again: a file changed on disk is refused, never
+flashed.
 """
 
 from __future__ import annotations
@@ -223,7 +225,10 @@ class FirmwareStore:
         os.rename(staged.staging, target)
         fsync_dir(target.parent)
         if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
+            if aside.is_symlink():  # rmtree never follows one; nor should the store
+                aside.unlink()
+            else:
+                shutil.rmtree(aside, ignore_errors=True)
         return True
 
     def drop(self, staged: StagedImage) -> None:

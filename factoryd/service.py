@@ -22,6 +22,7 @@ from factoryd.firmware import FirmwareStore
 from factoryd.jobs.lots import cert_profile, lot_signer
 from factoryd.ledger import Ledger
 from factoryd.ledger.model import LotInfo
+from factoryd.pki.attestation import ATTESTATION_DIRNAME, AttestationRootStore, load_attestation_roots
 from factoryd.pki.bundle import CaBundle, load_pem_bundle, load_pkcs12_bundle
 from factoryd.pki.crl import DEFAULT_NEXT_UPDATE_DAYS, MAX_NEXT_UPDATE_DAYS, CrlEntry, SignedCrl, build_crl
 from factoryd.pki.manifest import SignedManifest, build_manifest
@@ -64,6 +65,11 @@ class StationPaths:
     def manifests(self) -> Path:
         """Exported manifests."""
         return self.state_dir / "manifests"
+
+    @property
+    def attestation(self) -> Path:
+        """Trusted attestation roots per lot (pki/attestation.py)."""
+        return self.state_dir / ATTESTATION_DIRNAME
 
 
 def prepare_state_dir(paths: StationPaths) -> Path:
@@ -214,6 +220,20 @@ def write_manifest(manifest: SignedManifest, directory: Path) -> tuple[Path, Pat
     write_private(json_path, manifest.json_bytes, mode=0o644)
     write_private(sig_path, manifest.signature_der, mode=0o644)
     return json_path, sig_path
+
+
+def store_attestation_roots(paths: StationPaths, ledger: Ledger, lot: str, data: bytes, *, actor: str) -> int:
+    """Validate a PEM file of attestation roots (refused whole) and store it as the lot's; the count."""
+    info = ledger.get_lot(lot)
+    roots = load_attestation_roots(data)
+    AttestationRootStore(paths.attestation).save(info.name, roots)
+    ledger.audit(
+        actor=actor,
+        action="lot.attestation_roots",
+        subject=info.name,
+        details={"roots": [r.subject.rfc4514_string() for r in roots]},
+    )
+    return len(roots)
 
 
 def firmware_store(paths: StationPaths) -> FirmwareStore:

@@ -51,8 +51,15 @@ async def test_every_board_gets_a_distinct_id_and_ledger_agrees(tmp_path: Path) 
         for board in hub.finished:
             record = records[board.se.objects[ObjectId.DEVICE_ID].decode()]
             assert record.hw_serial == board.serial_hex
-        # The lot profile asks for signed firmware and a lock: both happened on every board.
-        assert all(b.fw_version == "2.0.0" and b.se.locked for b in hub.finished)
+        # The lot profile asks for its MCUboot image and a lock: both happened on every board, which
+        # reports the image's hash (SHA256 TLV) and version as the lot recorded them.
+        profile = ledger.get_lot(LOT).profile
+        assert profile.firmware_version == "2.0.0+0"
+        assert all(
+            (b.fw_version, b.fw_sha256.hex()) == (profile.firmware_version, profile.firmware_sha256)
+            and b.se.locked
+            for b in hub.finished
+        )
         progress = ledger.progress(LOT)
         assert progress.provisioned == 12
         assert progress.reserved == 0

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from pydantic import BaseModel
 
 from factoryd import __version__
 from factoryd.api.auth import (
@@ -49,6 +50,7 @@ from factoryd.firmware import SIGNING_KEY_MAX_BYTES, FirmwareStore, store_lot_fi
 from factoryd.jobs.lots import check_activation
 from factoryd.jobs.scheduler import Station
 from factoryd.ledger import LotInfo, LotState
+from factoryd.pki.attestation import AttestationRootStore, load_attestation_roots
 from factoryd.pki.manifest import SignedManifest
 from factoryd.pki.store import BundleStore
 from factoryd.service import ca_verification, export_manifest, parse_bundle, store_bundle
@@ -349,6 +351,54 @@ async def upload_bundle(ctx: Ctx, who: Who, lot: str, request: Request) -> Bundl
         chain_length=len(bundle.chain),
         trust_anchors=len(bundle.trust_anchors),
     )
+
+
+class AttestationRootsOut(BaseModel):
+    """Result of an attestation-roots upload: the roots the lot now trusts."""
+
+    lot: str
+    roots: list[str]
+
+
+@router.post(
+    "/lots/{lot}/attestation-roots",
+    tags=["lots"],
+    responses=_errors(400, 404, 413, 415, 422),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["roots"],
+                        "properties": {
+                            "roots": {
+                                "type": "string",
+                                "format": "binary",
+                                "description": "PEM file of the secure-element vendor's attestation CA(s)",
+                            }
+                        },
+                    }
+                }
+            },
+        }
+    },
+)
+@guarded(LOT_UPLOAD_ROLES, body="bundle")
+async def upload_attestation_roots(ctx: Ctx, who: Who, lot: str, request: Request) -> AttestationRootsOut:
+    """Validate the lot's attestation roots (CA flags, validity, key types) and store them; refused whole."""
+    info = await visible_lot(ctx, who, lot)
+    limit = ctx.limits.bundle_file_bytes
+    wanted = frozenset({"roots"})
+    upload = await read_upload(request, files={"roots": limit}, fields=frozenset(), required=wanted)
+    roots = await asyncio.to_thread(load_attestation_roots, upload.files["roots"].data)
+    await asyncio.to_thread(AttestationRootStore(ctx.paths.attestation).save, info.name, roots)
+    subjects = [r.subject.rfc4514_string() for r in roots]
+    await ctx.ledger.audit(
+        actor=who.name, action="lot.attestation_roots", subject=info.name, details={"roots": subjects}
+    )
+    return AttestationRootsOut(lot=info.name, roots=subjects)
 
 
 # The lot's owner gives its firmware, the station's admin may too; operators flash what they are given.

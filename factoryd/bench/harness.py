@@ -74,10 +74,11 @@ async def run_remote_line(
     timing: Literal["zero", "realistic"],
     flash: bool = False,
     lock: bool = True,
+    profile: Literal["factoryd-v1", "mcumgr"] = "factoryd-v1",
 ) -> RemoteRun:
     """Prepare a lot, start a sim hub process, run the daemon until the supply is used up."""
     options = DemoOptions(
-        ports=ports, boards=devices, timing=timing, flash=flash, lock=lock, log_level="error"
+        ports=ports, boards=devices, timing=timing, flash=flash, lock=lock, log_level="error", profile=profile
     )
     options = replace(options, state_dir=workdir)
     settings = demo_settings(options, workdir)
@@ -95,7 +96,7 @@ async def run_remote_line(
     socket = workdir / "hub.sock"
     args = [
         sys.executable, "-m", "factoryd", "sim", "hub", "--socket", str(socket), "--ports", str(ports),
-        "--boards", str(devices), "--timing", timing,
+        "--boards", str(devices), "--timing", timing, "--profile", profile,
         "--firmware-key", str(workdir / "firmware" / DEMO_LOT / "signing-key.pem"),
     ]  # fmt: skip
     if not flash:

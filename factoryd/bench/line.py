@@ -18,6 +18,8 @@ import heapq
 import os
 import platform
 import tempfile
+import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +27,8 @@ from factoryd.bench.harness import RemoteRun, run_remote_line
 
 # Boards for the one-at-a-time baseline: enough for a stable mean, short enough to be cheap.
 BASELINE_BOARDS = 6
+# The SMP upload figure's image: the demo lot's size (16 KiB of payload).
+SMP_PROBE_IMAGE_BYTES = 16 * 1024
 
 
 def ideal_makespan_s(physical_s: list[float], ports: int) -> float:
@@ -64,6 +68,7 @@ async def run_line_bench(
     timing: Literal["zero", "realistic"] = "realistic",
     flash: bool = False,
     lock: bool = True,
+    profile: Literal["factoryd-v1", "mcumgr"] = "factoryd-v1",
 ) -> dict[str, Any]:
     """Run the baseline and the line; return both with efficiency and speed-up."""
     with tempfile.TemporaryDirectory(prefix="factoryd-bench-") as tmp:
@@ -71,19 +76,22 @@ async def run_line_bench(
         one_dir.mkdir()
         line_dir.mkdir()
         baseline = await run_remote_line(
-            one_dir, ports=1, devices=BASELINE_BOARDS, timing=timing, flash=flash, lock=lock
+            one_dir, ports=1, devices=BASELINE_BOARDS, timing=timing, flash=flash, lock=lock, profile=profile
         )
         line = await run_remote_line(
-            line_dir, ports=ports, devices=devices, timing=timing, flash=flash, lock=lock
+            line_dir, ports=ports, devices=devices, timing=timing, flash=flash, lock=lock, profile=profile
         )
     one = _summary(baseline)
     many = _summary(line)
+    if profile == "mcumgr" and flash and timing == "realistic":
+        many["smp_upload"] = await smp_upload_figures()
     one_rate = one["achieved_devices_per_hour"]
     speedup = many["achieved_devices_per_hour"] / one_rate if one_rate else None
     return {
         "bench": "line",
         "timing": timing,
         "firmware_update": flash,
+        "profile": profile,
         "boards": "separate process (factoryd sim hub), real PTYs",
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
@@ -91,4 +99,41 @@ async def run_line_bench(
         "line": many,
         "efficiency": many["efficiency"],
         "speedup_vs_one_at_a_time": round(speedup, 2) if speedup else None,
+    }
+
+
+async def smp_upload_figures(image_bytes: int = SMP_PROBE_IMAGE_BYTES) -> dict[str, Any]:
+    """One SMP image upload to a realistic simulated board over a PTY: bytes/s against the link's limit.
+
+    The link's byte limit is baud / 10 (8N1); SMP over a console spends base64 (4/3), line markers,
+    the length and CRC, the CBOR keys and the board's replies on top, and the board writes flash.
+    """
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415 - only this figure needs them
+
+    from factoryd.protocol.mcumgr import McumgrClient  # noqa: PLC0415
+    from factoryd.sim.mcuboot_signer import sign_image  # noqa: PLC0415
+    from factoryd.sim.mcumgr import McumgrTiming, SimMcumgrBoard  # noqa: PLC0415
+    from factoryd.sim.pty import serve_pty  # noqa: PLC0415
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    image = sign_image(bytes(range(256)) * (image_bytes // 256), key, "2.0.0")
+    timing = replace(McumgrTiming.realistic(), jitter=0.0)
+    board = SimMcumgrBoard(firmware_key=key.public_key(), timing=timing)
+    async with serve_pty(board) as pty, await McumgrClient.open(pty.path) as client:
+        params = await client.read_params()
+        sent_before = client.link.stats.bytes_sent
+        started = time.perf_counter()
+        await client.upload(image)
+        upload_s = time.perf_counter() - started
+        wire = client.link.stats.bytes_sent - sent_before
+    limit = (timing.baudrate or 0) / 10
+    achieved = len(image) / upload_s
+    return {
+        "image_bytes": len(image),
+        "buf_size": params.buf_size,
+        "upload_s": round(upload_s, 3),
+        "achieved_bytes_per_s": round(achieved),
+        "link_byte_limit_per_s": round(limit),
+        "fraction_of_link_limit": round(achieved / limit, 3) if limit else None,
+        "host_wire_bytes_per_image_byte": round(wire / len(image), 3),
     }

@@ -41,6 +41,7 @@ def bench_line(
     devices: Annotated[int, typer.Option(min=1, help="Boards to provision.")] = 256,
     timing: Annotated[str, typer.Option(help="realistic or zero.")] = "realistic",
     flash: Annotated[bool, typer.Option(help="Include the signed firmware update.")] = False,
+    profile: Annotated[str, typer.Option(help="Board profile: factoryd-v1 or mcumgr.")] = "factoryd-v1",
     as_json: Annotated[
         bool, typer.Option("--json", help="JSON only (the default output is JSON too).")
     ] = True,
@@ -51,8 +52,12 @@ def bench_line(
 
     if timing not in ("zero", "realistic"):
         fail(f"--timing must be 'zero' or 'realistic', not {timing!r}")
+    if profile not in ("factoryd-v1", "mcumgr"):
+        fail(f"--profile must be 'factoryd-v1' or 'mcumgr', not {profile!r}")
     configure_logging("error", "console")
-    result = run_async(run_line_bench(ports, devices, timing=timing, flash=flash))  # type: ignore[arg-type]
+    result = run_async(
+        run_line_bench(ports, devices, timing=timing, flash=flash, profile=profile)  # type: ignore[arg-type]
+    )
     _write_json(result, out)
 
 

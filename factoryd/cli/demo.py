@@ -85,6 +85,9 @@ def _echo_summary(result: DemoResult, boards: int, ports: int, profile: str, tim
         typer.echo(
             "  failure reasons     " + ", ".join(f"{k} {v}" for k, v in sorted(result.failures.items()))
         )
+    not_genuine = sum(n for reason, n in result.failures.items() if reason.startswith("attestation_"))
+    if not_genuine:
+        typer.echo(f"  not genuine         {not_genuine} boards refused before an ID was reserved")
     typer.echo(
         f"  faults injected     {result.faults_injected}: {result.faults_recovered} recovered by retries, "
         f"{result.boards_failed} boards failed"
@@ -127,7 +130,7 @@ def demo(
     seed: Annotated[int, typer.Option(help="Fault seed: same seed, same boards, faults and outcomes.")] = 1,
     timing: Annotated[str, typer.Option(help="zero or realistic.")] = "zero",
     timing_scale: Annotated[float, typer.Option(min=0.0, help="Multiply every simulated delay.")] = 1.0,
-    profile: Annotated[str, typer.Option(help="factoryd-v1 or arduino-v1.")] = "factoryd-v1",
+    profile: Annotated[str, typer.Option(help="factoryd-v1, arduino-v1 or mcumgr.")] = "factoryd-v1",
     state_dir: Annotated[
         Path | None, typer.Option(help="Keep ledger, bundles, manifest and a config here (default: temp).")
     ] = None,
@@ -140,6 +143,13 @@ def demo(
     ledger_url: Annotated[str | None, typer.Option(help="Ledger URL (default SQLite in state dir).")] = None,
     no_lock: Annotated[bool, typer.Option("--no-lock", help="Do not lock secure elements.")] = False,
     no_flash: Annotated[bool, typer.Option("--no-flash", help="Skip the signed firmware update.")] = False,
+    attestation: Annotated[
+        bool, typer.Option("--attestation", help="Genuine parts only: boards attest keys (factoryd-v1).")
+    ] = False,
+    impostor_rate: Annotated[
+        float,
+        typer.Option(min=0.0, max=1.0, help="With --attestation: share of impostor boards (default 0.1)."),
+    ] = 0.1,
     metrics: Annotated[bool, typer.Option(help="Serve /metrics on 127.0.0.1:9464.")] = False,
     metrics_port: Annotated[int | None, typer.Option(help="Serve /metrics on 127.0.0.1:PORT.")] = None,
     api_port: Annotated[
@@ -161,8 +171,8 @@ def demo(
 
     if timing not in ("zero", "realistic"):
         fail(f"--timing must be 'zero' or 'realistic', not {timing!r}")
-    if profile not in ("factoryd-v1", "arduino-v1"):
-        fail(f"--profile must be 'factoryd-v1' or 'arduino-v1', not {profile!r}")
+    if profile not in ("factoryd-v1", "arduino-v1", "mcumgr"):
+        fail(f"--profile must be 'factoryd-v1', 'arduino-v1' or 'mcumgr', not {profile!r}")
     configure_logging(log_level, "console")
     # Warnings and logs go to stderr: stdout carries the summary or the JSON alone. The logger is
     # made per call, so a replaced stderr (CLI runners) is never written to after it was closed.
@@ -177,6 +187,8 @@ def demo(
         profile=profile,  # type: ignore[arg-type]
         lock=not no_lock,
         flash=not no_flash,
+        attestation=attestation,
+        impostor_rate=impostor_rate if attestation else 0.0,
         state_dir=state_dir,
         ledger_url=ledger_url,
         lot=lot,

@@ -126,6 +126,27 @@ def lots_bundle(
     typer.echo(f"stored CA bundle for {name} in {path}")
 
 
+@app.command("attestation-roots")
+def lots_attestation_roots(
+    name: str,
+    roots_file: Annotated[Path, typer.Argument(help="PEM file of the SE vendor's attestation CA(s).")],
+    config: ConfigOption = None,
+) -> None:
+    """Trust these attestation roots for the lot's boards (CA flags, validity, key types; refused whole)."""
+    from factoryd.service import StationPaths, store_attestation_roots  # noqa: PLC0415
+
+    paths = StationPaths(state_dir_settings(config).station.state_dir)
+    data = read_input(roots_file)
+    with open_ledger(config) as ledger:
+        try:
+            count = store_attestation_roots(paths, ledger, name, data, actor="cli")
+        except InputError as exc:
+            fail(f"{roots_file}: refused, nothing stored: {exc}")
+        except FactorydError as exc:
+            fail(str(exc))
+    typer.echo(f"lot {name} trusts {count} attestation root(s) from {roots_file}")
+
+
 @app.command("firmware")
 def lots_firmware(
     name: str,

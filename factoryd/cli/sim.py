@@ -21,13 +21,21 @@ def sim_board(
     fault_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Per-opportunity fault chance.")] = 0.0,
     seed: Annotated[int, typer.Option(help="Fault seed.")] = 0,
     timing: Annotated[str, typer.Option(help="zero or realistic.")] = "zero",
+    profile: Annotated[
+        str, typer.Option(help="Board profile: factoryd-v1, arduino-v1 or mcumgr.")
+    ] = "factoryd-v1",
 ) -> None:
     """Run one simulated board behind a PTY and print its tty path (Ctrl-C to stop)."""
-    from factoryd.sim.board import FaultPlan, SimBoard, Timing  # noqa: PLC0415 - keep `factoryd --help` fast
+    from factoryd.sim.board import FaultPlan, Timing  # noqa: PLC0415 - keep `factoryd --help` fast
+    from factoryd.sim.profiles import SIM_BOARDS  # noqa: PLC0415
     from factoryd.sim.pty import serve_pty  # noqa: PLC0415
 
+    board_type = SIM_BOARDS.get(profile)
+    if board_type is None:
+        fail(f"--profile must be one of {', '.join(SIM_BOARDS)}, not {profile!r}")
+
     async def serve() -> None:
-        board = SimBoard(
+        board = board_type(
             faults=FaultPlan.uniform(fault_rate, seed=seed),
             timing=Timing.realistic() if timing == "realistic" else Timing(),
         )
@@ -57,6 +65,7 @@ def sim_hub(
     timing: Annotated[str, typer.Option(help="zero or realistic.")] = "zero",
     timing_scale: Annotated[float, typer.Option(min=0.0, help="Multiply every simulated delay.")] = 1.0,
     firmware_key: Annotated[Path | None, typer.Option(help="PEM public key the bootloaders trust.")] = None,
+    profile: Annotated[str, typer.Option(help="Board profile: factoryd-v1 or mcumgr.")] = "factoryd-v1",
 ) -> None:
     """Run a simulated hub with boards in this process, controlled over a Unix socket."""
     from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
@@ -83,6 +92,18 @@ def sim_hub(
         ),
         firmware_key=key,
     )
+    if profile == "mcumgr":
+        from factoryd.sim.mcumgr import SimMcumgrBoard  # noqa: PLC0415
+
+        native_board = make_board
+
+        def make_board() -> SimMcumgrBoard:
+            # The same seeds, faults and timing, on a Zephyr/MCUboot board speaking SMP.
+            board = native_board()
+            return SimMcumgrBoard(se=board.se, faults=board.faults, timing=board.timing, firmware_key=key)
+
+    elif profile != "factoryd-v1":
+        fail(f"--profile must be factoryd-v1 or mcumgr, not {profile!r}")
 
     async def serve() -> None:
         async with SimHub(ports, make_board, supply=boards) as hub:

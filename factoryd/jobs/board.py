@@ -11,6 +11,11 @@ ledger binding (start job, set serial, claim, reserve) and recording. A profile'
 3. ``provision(host, device_id)`` runs the board steps and returns the certificate the board
    now holds, which the pipeline records.
 
+A session that can attest its new key (``AttestingSession``, optional) is asked to, between
+``existing()`` and the reservation, when the lot's profile says ``attestation = required``: the
+pipeline verifies the evidence (``pki/attestation.py``) and the session's ``provision`` then uses
+the attested key instead of generating another.
+
 ``link_stats()`` hands the pipeline the ``LinkStats`` telemetry event of the link the session
 opened, which the pipeline emits when the session closes (every profile reports its link).
 """
@@ -19,23 +24,34 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
+import json
+import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, Protocol, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Self, TypeVar, runtime_checkable
 
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from factoryd.errors import CsrRejectedError, ReadbackMismatchError, RefusedBoardError, VerificationError
 from factoryd.jobs.steps import Step
+from factoryd.ledger.model import DeviceState
+from factoryd.pki.challenge import verify_challenge
 from factoryd.pki.issuer import IssuedCertificate, Issuer
+from factoryd.protocol.messages import ObjectId
 from factoryd.telemetry.events import LinkStats
 
 if TYPE_CHECKING:
-    from cryptography import x509
-
     from factoryd.hub.base import Hub
     from factoryd.jobs.lots import LotContext
     from factoryd.jobs.pipeline import PipelineSettings
     from factoryd.ledger import AsyncLedger
+    from factoryd.pki.attestation import AttestationEvidence, AttestationResult
     from factoryd.protocol.engine import RequestStats
     from factoryd.transport.serial_link import SerialLink
 
@@ -154,6 +170,19 @@ class BoardSession(Protocol):
         ...
 
 
+@runtime_checkable
+class AttestingSession(Protocol):
+    """A session whose board can generate a key and attest it (``BoardProfile.attests``)."""
+
+    async def attest(self, host: JobHost, nonce: bytes) -> AttestationEvidence:
+        """Generate the identity key with an attestation over ``nonce``; prove possession of it."""
+        ...
+
+    def attested(self, result: AttestationResult) -> None:
+        """The pipeline verified the evidence: provision with this key, do not generate another."""
+        ...
+
+
 class SessionFactory(Protocol):
     """Opens a profile's session for one attempt."""
 
@@ -173,3 +202,145 @@ async def issue_certificate(
         # A token signs in ms to 100s of ms: never on the event loop.
         return await asyncio.to_thread(functools.partial(issuer.issue, csr, device_id, fields=fields))
     return issuer.issue(csr, device_id, fields=fields)  # well under a millisecond: no thread hop
+
+
+# Board steps shared by the profiles whose firmware exposes the secure element object by object
+# (factoryd-v1 and mcumgr): the same verification rules, written once. ---------------------------
+
+CHALLENGE_BYTES = 32
+
+
+class SecureElementClient(Protocol):
+    """What a profile's client offers for the shared board steps (BoardClient, McumgrClient)."""
+
+    async def genkey(self) -> bytes:
+        """Make a new key in the identity slot; return its uncompressed public point."""
+        ...
+
+    async def get_csr(self, common_name: str) -> bytes:
+        """A DER CSR of the identity key with subject CN=common_name."""
+        ...
+
+    async def write(self, obj: ObjectId, data: bytes) -> None:
+        """Store an object (the board's digest of it checked)."""
+        ...
+
+    async def read(self, obj: ObjectId) -> bytes:
+        """Read an object back (empty when absent)."""
+        ...
+
+    async def sign(self, challenge: bytes) -> bytes:
+        """The raw r||s signature of SHA-256(challenge) by the identity key."""
+        ...
+
+
+def board_objects(lot: LotContext, device_id: str, cert_der: bytes) -> list[tuple[ObjectId, bytes]]:
+    """What a provisioned board holds, object by object."""
+    endpoint = json.dumps({"endpoint": lot.profile.endpoint, "device_id": device_id}, sort_keys=True)
+    return [
+        (ObjectId.DEVICE_ID, device_id.encode()),
+        (ObjectId.DEVICE_CERT, cert_der),
+        (ObjectId.CA_CHAIN, lot.chain_pem),
+        (ObjectId.ENDPOINT, endpoint.encode()),
+    ]
+
+
+async def issue_for_key(host: JobHost, device_id: str, csr_der: bytes, point: bytes) -> IssuedCertificate:
+    """Verify the CSR (subject, signature, and its key is the one just generated), issue, audit."""
+    issuer, fields = host.lot.issuer, host.device_fields
+    csr = issuer.verify_csr(csr_der, device_id, fields=fields)
+    public = csr.public_key()
+    if not isinstance(public, ec.EllipticCurvePublicKey) or (
+        public.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint) != point
+    ):
+        raise CsrRejectedError("CSR key is not the key the secure element just generated (replayed CSR?)")
+    issued = await issue_certificate(issuer, csr, device_id, fields)
+    await host.audit_issued(device_id, issued)
+    return issued
+
+
+async def write_verified(client: SecureElementClient, obj: ObjectId, data: bytes) -> None:
+    """Write an object and read it back; ReadbackMismatchError when the board keeps something else."""
+    await client.write(obj, data)
+    if await client.read(obj) != data:
+        raise ReadbackMismatchError(f"{obj.name} read back from the board differs from what was written")
+
+
+async def provision_secure_element(
+    host: JobHost, client: SecureElementClient, device_id: str
+) -> IssuedCertificate:
+    """KEYGEN, CSR (CN of the lot's template), issue, write + read back each object, challenge."""
+    lot = host.lot
+    point = await host.step(Step.KEYGEN, client.genkey)
+    common_name = lot.issuer.common_name(device_id, host.device_fields)
+    csr_der = await host.step(Step.CSR, lambda: client.get_csr(common_name))
+    issued = await host.step(Step.ISSUE, lambda: issue_for_key(host, device_id, csr_der, point))
+    for obj, data in board_objects(lot, device_id, issued.der):
+        await host.step(Step.WRITE, functools.partial(write_verified, client, obj, data))
+    challenge = secrets.token_bytes(CHALLENGE_BYTES)
+    signature = await host.step(Step.CHALLENGE, lambda: client.sign(challenge))
+    verify_challenge(issued.cert, challenge, signature)
+    return issued
+
+
+async def recheck_board(
+    host: JobHost, client: SecureElementClient, serial: str, *, locked: bool
+) -> Finished | None:
+    """A board that already holds an identity: re-check it, resume it, rework it, or refuse it."""
+    lot = host.lot
+    reserved = await host.ledger.find_by_serial(lot.name, serial)
+    if reserved is not None and reserved.state is DeviceState.RESERVED:
+        if not locked:
+            return None  # an interrupted job on this very board: resume with its reservation
+        # Interrupted between LOCK and the ledger record: the board can no longer be written, so
+        # finish the job from what it holds, after proving it is exactly what we issued.
+        return await complete_locked_board(host, client, reserved.device_id, reserved.metadata)
+    raw_id = await client.read(ObjectId.DEVICE_ID)
+    stored_id = raw_id.decode("utf-8", errors="replace").rstrip("\x00")
+    record = await host.ledger.find_device(stored_id) if stored_id else None
+    ours = record is not None and record.lot == lot.name and record.hw_serial == serial
+    if ours and record is not None and record.state is DeviceState.PROVISIONED:
+        cert_der = await client.read(ObjectId.DEVICE_CERT)
+        if hashlib.sha256(cert_der).hexdigest() != record.fingerprint_sha256:
+            raise ReadbackMismatchError(f"{stored_id}: certificate on the board differs from the ledger's")
+        challenge = secrets.token_bytes(CHALLENGE_BYTES)
+        signature = await host.step(Step.RECHECK, lambda: client.sign(challenge))
+        verify_challenge(x509.load_der_x509_certificate(cert_der), challenge, signature)
+        await host.audit(
+            "device.rechecked", stored_id, {"hw_serial": serial, "port": host.port, "job_id": host.job_id}
+        )
+        return Finished("rechecked", stored_id)
+    if lot.profile.allow_rework and not locked:
+        await host.audit(
+            "device.rework",
+            stored_id or serial,
+            {"hw_serial": serial, "port": host.port, "previous_lot": record.lot if record else None},
+        )
+        return None
+    where = f"ID {stored_id!r}" if stored_id else "a certificate"
+    state = "locked, " if locked else ""
+    raise RefusedBoardError(
+        f"board {serial} is {state}already provisioned with {where}; lot does not allow rework"
+    )
+
+
+async def complete_locked_board(
+    host: JobHost, client: SecureElementClient, device_id: str, fields: Mapping[str, str]
+) -> Finished:
+    """Finish a job interrupted after LOCK from what the board holds, once it proves to be ours."""
+    cert_der = await client.read(ObjectId.DEVICE_CERT)
+    try:
+        cert = x509.load_der_x509_certificate(cert_der)
+        cert.verify_directly_issued_by(host.lot.issuer.chain[0])
+    except (ValueError, TypeError, InvalidSignature) as exc:
+        raise VerificationError(f"{device_id}: certificate on the locked board is not ours") from exc
+    names = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    if not names or names[0].value != host.lot.issuer.common_name(device_id, fields):
+        raise VerificationError(f"{device_id}: certificate on the locked board names another ID")
+    for obj, data in board_objects(host.lot, device_id, cert_der):
+        if await client.read(obj) != data:
+            raise ReadbackMismatchError(f"{device_id}: {obj.name} on the locked board differs")
+    challenge = secrets.token_bytes(CHALLENGE_BYTES)
+    signature = await host.step(Step.CHALLENGE, lambda: client.sign(challenge))
+    verify_challenge(cert, challenge, signature)
+    return Finished("provisioned", device_id, IssuedCertificate.from_certificate(cert))

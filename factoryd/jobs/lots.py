@@ -13,6 +13,7 @@ from factoryd.jobs.profiles import board_profile
 from factoryd.ledger import AsyncLedger
 from factoryd.ledger.model import LOT_TRANSITIONS, LotInfo, LotProgress, LotState
 from factoryd.ledger.profile import LotProfile
+from factoryd.pki.attestation import ATTESTATION_DIRNAME, AttestationRootStore
 from factoryd.pki.bundle import chain_pem
 from factoryd.pki.issuer import Issuer
 from factoryd.pki.pkcs11 import open_token_lot
@@ -30,6 +31,8 @@ class LotContext:
     issuer: Issuer
     chain_pem: bytes
     firmware: LotFirmware | None  # the MCUboot image the profile names, verified
+    # Trusted roots for key attestation (pki/attestation.py); empty unless the lot requires it.
+    attestation_roots: tuple[x509.Certificate, ...] = ()
 
     def __repr__(self) -> str:
         return f"LotContext({self.name!r}, protocol={self.profile.protocol!r})"
@@ -62,15 +65,27 @@ def lot_signer(bundles: BundleStore, lot: str) -> LotSigner:
     return LotSigner(bundle.signer(), bundle.chain, chain_pem(bundle))
 
 
-def load_lot_context(info: LotInfo, bundles: BundleStore, firmware_dir: Path) -> LotContext:
-    """Open a lot's CA and firmware (blocking: run off the event loop)."""
+def load_lot_context(
+    info: LotInfo, bundles: BundleStore, firmware_dir: Path, attestation_dir: Path | None = None
+) -> LotContext:
+    """Open a lot's CA, firmware and attestation roots (blocking: run off the event loop).
+
+    ``attestation_dir`` defaults to ``attestation/`` beside ``firmware_dir`` (``StationPaths``).
+    """
     ca = lot_signer(bundles, info.name)
+    roots: tuple[x509.Certificate, ...] = ()
+    if info.profile.attestation == "required":
+        store = AttestationRootStore(attestation_dir or firmware_dir.parent / ATTESTATION_DIRNAME)
+        roots = store.load(info.name)
+        if not roots:
+            raise LotStateError(f"lot {info.name!r} requires attestation but has no attestation roots")
     return LotContext(
         name=info.name,
         profile=info.profile,
         issuer=Issuer(ca.signer, ca.chain, cert_profile(info.profile)),
         chain_pem=ca.chain_pem,
         firmware=FirmwareStore(firmware_dir).load_current(info.name, info.profile),
+        attestation_roots=roots,
     )
 
 
@@ -109,6 +124,13 @@ def activation_gaps(info: LotInfo, progress: LotProgress, bundles_dir: Path, fir
             f"no CA bundle (store the customer's: factoryd lots bundle {name} FILE, "
             f"or POST /lots/{name}/bundle)"
         )
+    if info.profile.attestation == "required":
+        roots = AttestationRootStore(bundles_dir.parent / ATTESTATION_DIRNAME)
+        if not roots.has(name):
+            gaps.append(
+                f"no attestation roots, and the profile requires attestation (store the SE vendor's CA: "
+                f"factoryd lots attestation-roots {name} ROOTS.pem, or POST /lots/{name}/attestation-roots)"
+            )
     wanted = info.profile.firmware_sha256
     if wanted is not None:
         where = firmware_dir / name

@@ -6,6 +6,11 @@ the board already holds: an interrupted job resumes, a locked board interrupted 
 is completed from what it holds, a board of ours is re-checked by challenge, a foreign one is
 reworked (when the lot allows it) or refused. Provisioning is GENKEY → GET_CSR → verify CSR →
 issue → WRITE + READ back each object → SIGN challenge → (LOCK).
+
+A lot with ``attestation = required`` has the pipeline call ``attest`` before the reservation:
+GENKEY_ATTESTED (the key and the secure element's statement over the station's nonce) then SIGN of
+a second fresh challenge with the new key (possession). Provisioning then skips GENKEY and checks
+that the CSR carries the attested key.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from factoryd.errors import (
+    BoardStatusError,
     CsrRejectedError,
     FirmwareRejectedError,
     ReadbackMismatchError,
@@ -32,9 +38,10 @@ from factoryd.errors import (
 from factoryd.jobs.board import Finished, JobHost, closed_link_stats, issue_certificate
 from factoryd.jobs.steps import Step
 from factoryd.ledger.model import DeviceRecord, DeviceState
+from factoryd.pki.attestation import AttestationError, AttestationEvidence, AttestationResult, check_csr_key
 from factoryd.pki.challenge import verify_challenge
 from factoryd.pki.issuer import IssuedCertificate
-from factoryd.protocol.messages import BoardInfo, ObjectId
+from factoryd.protocol.messages import IDENTITY_SLOT, BoardInfo, ObjectId, Status
 from factoryd.protocol.native import BoardClient
 from factoryd.telemetry.events import LinkStats
 
@@ -52,6 +59,7 @@ NATIVE_STEPS = (
     Step.ENUMERATE,
     Step.HELLO,
     Step.FIRMWARE,
+    Step.ATTEST,
     Step.RESERVE,
     Step.KEYGEN,
     Step.CSR,
@@ -74,6 +82,8 @@ class NativeSession:
         self._settings = settings
         self._client: BoardClient | None = None
         self._info: BoardInfo | None = None
+        # The attested identity key (set once the pipeline verified the attestation): no new GENKEY.
+        self._attested_point: bytes | None = None
 
     async def __aenter__(self) -> Self:
         settings = self._settings
@@ -115,14 +125,44 @@ class NativeSession:
             return await self._recheck(host, info)
         return None
 
+    async def attest(self, host: JobHost, nonce: bytes) -> AttestationEvidence:
+        """GENKEY_ATTESTED over the station's nonce, then the new key signs a second fresh challenge."""
+        client = self.client
+        try:
+            reply = await client.genkey_attested(nonce)
+        except BoardStatusError as exc:
+            if exc.status in (Status.NO_KEY, Status.UNKNOWN_COMMAND):
+                raise AttestationError(
+                    "attestation_missing", f"board answered GENKEY_ATTESTED with {Status(exc.status).name}"
+                ) from exc
+            raise
+        challenge = secrets.token_bytes(CHALLENGE_BYTES)
+        possession = await client.sign(challenge)
+        return AttestationEvidence(
+            slot=IDENTITY_SLOT,
+            nonce=reply.nonce,
+            public_key=reply.public_key,
+            signature=reply.signature,
+            chain=reply.chain,
+            possession_challenge=challenge,
+            possession_signature=possession,
+        )
+
+    def attested(self, result: AttestationResult) -> None:
+        """Provision with the attested key."""
+        self._attested_point = result.public_key
+
     async def provision(self, host: JobHost, device_id: str) -> IssuedCertificate:
-        """GENKEY, CSR, issue, write + read back, challenge, (lock)."""
+        """GENKEY (unless the key was attested), CSR, issue, write + read back, challenge, (lock)."""
         client, lot = self.client, host.lot
-        point = await host.step(Step.KEYGEN, client.genkey)
+        attested = self._attested_point
+        point = attested if attested is not None else await host.step(Step.KEYGEN, client.genkey)
         # The board names itself in its CSR with the CN of the lot's subject template.
         common_name = lot.issuer.common_name(device_id, host.device_fields)
         csr_der = await host.step(Step.CSR, lambda: client.get_csr(common_name))
-        issued = await host.step(Step.ISSUE, lambda: self._issue(host, device_id, csr_der, point))
+        issued = await host.step(
+            Step.ISSUE, lambda: self._issue(host, device_id, csr_der, point, attested=attested is not None)
+        )
 
         for obj, data in board_objects(lot, device_id, issued.der):
             await host.step(Step.WRITE, lambda o=obj, d=data: self._write_verified(o, d))  # type: ignore[misc]
@@ -220,11 +260,15 @@ class NativeSession:
         return Finished("provisioned", device_id, IssuedCertificate.from_certificate(cert))
 
     @staticmethod
-    async def _issue(host: JobHost, device_id: str, csr_der: bytes, point: bytes) -> IssuedCertificate:
+    async def _issue(
+        host: JobHost, device_id: str, csr_der: bytes, point: bytes, *, attested: bool
+    ) -> IssuedCertificate:
         issuer, fields = host.lot.issuer, host.device_fields
         csr = issuer.verify_csr(csr_der, device_id, fields=fields)
         public = csr.public_key()
-        if not isinstance(public, ec.EllipticCurvePublicKey) or (
+        if attested:
+            check_csr_key(point, csr)
+        elif not isinstance(public, ec.EllipticCurvePublicKey) or (
             public.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint) != point
         ):
             raise CsrRejectedError("CSR key is not the key the secure element just generated (replayed CSR?)")

@@ -1,10 +1,11 @@
 """One provisioning job per board: the pipeline of DESIGN.md, with its three levels of retry.
 
 power on → wait for tty → identify the board (profile) → bind the job to its serial → re-check hook
-(profile) → reserve an ID for the serial → board steps (profile) → mark provisioned → power off /
-release to the operator. What is shared by every board profile lives here (power, enumeration,
-job retries, the step runner, the in-flight claim, the ledger binding, recording, telemetry);
-the board-specific part is the profile's ``BoardSession`` (``jobs/board.py``, ``jobs/profiles.py``).
+(profile) → attest the secure element (when the lot requires it) → reserve an ID for the serial →
+board steps (profile) → mark provisioned → power off / release to the operator. What is shared
+by every board profile lives here (power, enumeration, job retries, the step runner, the in-flight
+claim, the ledger binding, recording, telemetry); the board-specific part is the profile's
+``BoardSession`` (``jobs/board.py``, ``jobs/profiles.py``).
 
 Retries: the client's request engine resends frames; a step is retried (tenacity) on transient
 board errors; a job is power-cycled and restarted on link/hub/timeout errors or when step retries
@@ -16,6 +17,7 @@ Permanent errors (bad CSR, refused firmware, exhausted lot) fail at once with th
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -40,12 +42,13 @@ from factoryd.errors import (
 )
 from factoryd.flashing import ExternalFlasher
 from factoryd.hub.base import Hub
-from factoryd.jobs.board import BoardSession
+from factoryd.jobs.board import AttestingSession, BoardSession
 from factoryd.jobs.lots import LotContext
 from factoryd.jobs.profiles import board_profile
 from factoryd.jobs.steps import Step
 from factoryd.ledger import AsyncLedger
 from factoryd.ledger.model import DeviceState
+from factoryd.pki.attestation import NONCE_BYTES, AttestationError, AttestationResult, verify_attestation
 from factoryd.pki.issuer import IssuedCertificate
 from factoryd.protocol.native import Timeouts
 from factoryd.telemetry.events import JobEvent, PortState, PortUpdate, TelemetrySink
@@ -124,6 +127,8 @@ class _Job:
     # The reserved device's metadata (ID-list columns), for the lot's subject template.
     device_fields: dict[str, str] = field(default_factory=dict)
     step: Step | None = None
+    # How the board proved it is a genuine part (the customer's manifest carries it), when it had to.
+    attestation: AttestationResult | None = None
     # Seconds spent per step over all attempts (logged at debug level when the job ends).
     step_s: dict[str, float] = field(default_factory=dict)
 
@@ -243,6 +248,9 @@ class Pipeline:
             await self._record(job, finished.device_id, finished.issued)
             return await self._succeed(job, "provisioned", started, job_finished=True)
 
+        if lot.profile.attestation == "required":
+            await self._attest(job, session, host)
+
         reservation = await self._step(
             job,
             Step.RESERVE,
@@ -262,6 +270,30 @@ class Pipeline:
         issued = await session.provision(host, device_id)
         await self._record(job, device_id, issued)
         return await self._succeed(job, "provisioned", started, job_finished=True)
+
+    async def _attest(self, job: _Job, session: BoardSession, host: _Host) -> None:
+        """Genuine parts only: the board attests its new key before any ID is reserved for it."""
+        if not isinstance(session, AttestingSession):
+            raise AttestationError(
+                "attestation_missing", f"board profile {job.lot.profile.protocol} cannot attest its keys"
+            )
+        nonce = secrets.token_bytes(NONCE_BYTES)
+
+        async def attest() -> AttestationResult:
+            evidence = await session.attest(host, nonce)
+            # A few ms of signature checks: on the loop (tests/test_attestation_bench.py measures it).
+            return verify_attestation(
+                evidence, nonce=nonce, serial=job.hw_serial, roots=job.lot.attestation_roots
+            )
+
+        result = job.attestation = await self._step(job, Step.ATTEST, attest)
+        session.attested(result)
+        details: dict[str, Any] = {
+            **result.details(), "lot": job.lot.name, "port": job.port, "job_id": job.job_id
+        }  # fmt: skip
+        await self.ledger.audit(
+            actor=self.settings.station, action="board.attested", subject=job.hw_serial, details=details
+        )
 
     @asynccontextmanager
     async def _powered(self, port: str, lot: LotContext, job: _Job | None) -> AsyncIterator[None]:
@@ -322,6 +354,17 @@ class Pipeline:
                 reason=f"{reason}: {error}"[:500],
                 duration_s=time.monotonic() - started,
             )
+            if refused:
+                # Refusals are first-class: who was refused where and why, whether an ID was involved.
+                await self.ledger.audit(
+                    actor=self.settings.station,
+                    action="board.refused",
+                    subject=job.hw_serial,
+                    details={
+                        "hw_serial": job.hw_serial, "port": job.port, "reason": reason,
+                        "message": str(error)[:300], "job_id": job.job_id, "device_id": job.device_id,
+                    },
+                )  # fmt: skip
             await self.ledger.finish_job(job.job_id, outcome=outcome, reason=reason)
         except LedgerError as exc:
             log.exception("could not record job failure", error=str(exc))
@@ -380,6 +423,8 @@ class Pipeline:
                 "cert_serial": issued.serial_hex,
                 "fingerprint_sha256": issued.fingerprint_sha256,
                 "job_id": job.job_id,
+                # Evidence of genuineness for the manifest (pki/attestation.py), when the lot asked.
+                **({"genuineness": job.attestation.details()} if job.attestation is not None else {}),
             },
         )
 

@@ -23,14 +23,20 @@ from dataclasses import dataclass
 
 from factoryd.jobs.arduino import ARDUINO_STEPS, ArduinoSession
 from factoryd.jobs.board import SessionFactory
+from factoryd.jobs.mcumgr import MCUMGR_STEPS, McumgrSession
 from factoryd.jobs.native import NATIVE_STEPS, NativeSession
+from factoryd.jobs.nrf91 import NRF91_STEPS, Nrf91Session
 from factoryd.jobs.steps import Step
 from factoryd.pki.profile import ProfileKind
 from factoryd.protocol.arduino import ArduinoClient
+from factoryd.protocol.mcumgr import McumgrClient
 from factoryd.protocol.native import BoardClient
+from factoryd.protocol.nrf91 import Nrf91Client
 from factoryd.transport.arduino_framing import ArduinoDecoder
+from factoryd.transport.at_codec import AtDecoder
 from factoryd.transport.decoding import Decoder
 from factoryd.transport.framing import FrameDecoder
+from factoryd.transport.smp_framing import SmpDecoder
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,9 @@ class BoardProfile:
     # Its job's steps in the order they run: the scale of a slot's progress bar on the station page.
     # Power and USB count too, so a bar never starts at zero; the re-check detour is in none.
     steps: tuple[Step, ...]
+    # Whether its session can attest a new key (jobs.board.AttestingSession): lots with
+    # attestation = required need such a profile (checked when the lot profile is validated).
+    attests: bool = False
 
 
 PROFILES: dict[str, BoardProfile] = {
@@ -60,6 +69,7 @@ PROFILES: dict[str, BoardProfile] = {
             "factoryd-v1",
             "factoryd firmware",
             steps=NATIVE_STEPS,
+            attests=True,
         ),
         BoardProfile(
             "arduino-v1",
@@ -69,6 +79,24 @@ PROFILES: dict[str, BoardProfile] = {
             "arduino-v1",
             "Arduino sketch",
             steps=ARDUINO_STEPS,
+        ),
+        BoardProfile(
+            "mcumgr",
+            SmpDecoder,
+            McumgrClient,
+            McumgrSession,
+            "factoryd-v1",
+            "Zephyr/MCUboot over SMP",
+            steps=MCUMGR_STEPS,
+        ),
+        BoardProfile(
+            "nrf91-at",
+            AtDecoder,
+            Nrf91Client,
+            Nrf91Session,
+            "factoryd-v1",
+            "nRF91 modem, stock AT firmware",
+            steps=NRF91_STEPS,
         ),
     )
 }

@@ -23,6 +23,7 @@ from factoryd.jobs.lots import LotContext, active_lot
 from factoryd.jobs.pipeline import JobResult, Pipeline
 from factoryd.ledger import AsyncLedger
 from factoryd.ledger.model import LotInfo
+from factoryd.pki.attestation import GENUINENESS_REASONS
 from factoryd.telemetry.events import LotProgressUpdate, PortState, PortUpdate, TelemetrySink
 
 log = structlog.get_logger(__name__)
@@ -102,6 +103,7 @@ class Station:
         telemetry: TelemetrySink,
         rescan_s: float,
         attention_after: int = 3,
+        impostors_need_attention: bool = False,
     ) -> None:
         self.hub = hub
         self.pipeline = pipeline
@@ -110,6 +112,9 @@ class Station:
         self.telemetry = telemetry
         self.rescan_s = rescan_s
         self.attention_after = attention_after
+        # A board refused as not genuine (pki/attestation.py) says nothing about the fixture: a stream
+        # of fakes does not stop the port unless the operator asks for that.
+        self.impostors_need_attention = impostors_need_attention
         self.ports = {p: PortControl(p) for p in hub.ports()}
         self.outcomes: Counter[str] = Counter()
         self.results: list[JobResult] = []
@@ -235,7 +240,10 @@ class Station:
         self.last_job_at = finished
         control.last = result
         control.skip_serial = result.hw_serial
-        if result.outcome in ("failed", "refused"):
+        impostor = result.reason in GENUINENESS_REASONS and not self.impostors_need_attention
+        if result.outcome in ("failed", "refused") and impostor:
+            log.info("board refused as not genuine", port=port, reason=result.reason)
+        elif result.outcome in ("failed", "refused"):
             control.failures_in_row += 1
             if control.failures_in_row >= self.attention_after:
                 control.attention = (

@@ -16,6 +16,7 @@ class Step(StrEnum):
     ENUMERATE = "enumerate"
     HELLO = "hello"
     FIRMWARE = "firmware"
+    ATTEST = "attest"
     RECHECK = "recheck"
     RESERVE = "reserve"
     KEYGEN = "keygen"

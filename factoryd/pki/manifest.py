@@ -166,7 +166,7 @@ def _iso(moment: dt.datetime) -> str:
     return moment.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
 
 
-def _device_entry(record: ManifestRecord) -> dict[str, Any]:
+def _device_entry(record: ManifestRecord, genuineness: Mapping[str, str] | None = None) -> dict[str, Any]:
     try:
         cert = x509.load_der_x509_certificate(record.cert_der)
     except ValueError:
@@ -176,7 +176,7 @@ def _device_entry(record: ManifestRecord) -> dict[str, Any]:
         raise ManifestError(f"device {record.device_id!r}: fingerprint does not match its certificate")
     if int(record.cert_serial, 16) != cert.serial_number:
         raise ManifestError(f"device {record.device_id!r}: serial does not match its certificate")
-    return {
+    entry: dict[str, Any] = {
         "device_id": record.device_id,
         "hw_serial": record.hw_serial,
         "cert_serial": f"{cert.serial_number:x}",
@@ -187,6 +187,9 @@ def _device_entry(record: ManifestRecord) -> dict[str, Any]:
         "port": record.port,
         "metadata": dict(record.metadata),
     }
+    if genuineness is not None:
+        entry["genuineness"] = dict(genuineness)
+    return entry
 
 
 def _revoked_entry(record: RevokedRecord) -> dict[str, Any]:
@@ -207,14 +210,20 @@ def build_manifest(
     chain: Sequence[x509.Certificate],
     *,
     revoked: Sequence[RevokedRecord] = (),
+    genuineness: Mapping[str, Mapping[str, str]] | None = None,
     now: dt.datetime | None = None,
 ) -> SignedManifest:
     """Build the canonical manifest of ``records`` and sign it (detached CMS) with the lot's CA.
 
     ``revoked`` lists the certificates the CA signed for the lot that do not stand (the CRL's
-    entries), so the manifest accounts for every certificate issued.
+    entries), so the manifest accounts for every certificate issued. ``genuineness`` maps a device
+    ID to how its secure element proved genuine (``AttestationResult.details()``: attestation
+    certificate fingerprint and issuer); such a device's entry carries it as ``genuineness``.
     """
-    entries = sorted((_device_entry(r) for r in records), key=lambda e: str(e["device_id"]))
+    evidence = genuineness or {}
+    entries = sorted(
+        (_device_entry(r, evidence.get(r.device_id)) for r in records), key=lambda e: str(e["device_id"])
+    )
     for previous, current in itertools.pairwise(entries):
         if previous["device_id"] == current["device_id"]:
             raise ManifestError(f"device {current['device_id']!r} appears twice")

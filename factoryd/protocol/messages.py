@@ -22,6 +22,9 @@ MAX_OBJECT = 4000
 MAX_FW_CHUNK = 2048
 MAX_CHALLENGE = 64
 IDENTITY_SLOT = 0
+# GENKEY_ATTESTED: the station's nonce, and the most certificates an attestation chain may carry.
+ATTEST_NONCE_LEN = 32
+MAX_ATTEST_CHAIN = 4
 
 
 class Command(IntEnum):
@@ -35,6 +38,7 @@ class Command(IntEnum):
     SIGN = 0x06
     LOCK = 0x07
     REBOOT = 0x08
+    GENKEY_ATTESTED = 0x09
     FW_BEGIN = 0x10
     FW_CHUNK = 0x11
     FW_END = 0x12
@@ -307,6 +311,44 @@ class SignatureReply:
 
 
 @dataclass(frozen=True, slots=True)
+class AttestedKeyReply:
+    """GENKEY_ATTESTED reply: the new key and the secure element's statement about it (§4.10)."""
+
+    nonce: bytes
+    public_key: bytes
+    signature: bytes
+    chain: tuple[bytes, ...]  # attestation certificate chain, DER, leaf first
+
+    def encode(self) -> bytes:
+        """Return the reply payload."""
+        if not 1 <= len(self.chain) <= MAX_ATTEST_CHAIN:
+            raise ValueError(f"attestation chain of {len(self.chain)} certificates")
+        return (
+            _fixed(self.nonce, ATTEST_NONCE_LEN, "nonce")
+            + bytes16(self.public_key)
+            + bytes16(self.signature)
+            + bytes([len(self.chain)])
+            + b"".join(bytes16(c) for c in self.chain)
+        )
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Self:
+        """Parse a reply payload."""
+        r = Reader(payload, "GENKEY_ATTESTED reply")
+        nonce = r.take(ATTEST_NONCE_LEN, "nonce")
+        public_key = r.bytes16("public_key")
+        signature = r.bytes16("signature")
+        count = r.u8("chain_count")
+        if not 1 <= count <= MAX_ATTEST_CHAIN:
+            raise ProtocolViolationError(f"GENKEY_ATTESTED reply: chain of {count} certificates")
+        chain = tuple(r.bytes16(f"chain[{i}]") for i in range(count))
+        r.end()
+        if len(public_key) != P256_POINT_LEN or not signature or not all(chain):
+            raise ProtocolViolationError("GENKEY_ATTESTED reply: empty or malformed field")
+        return cls(nonce, public_key, signature, chain)
+
+
+@dataclass(frozen=True, slots=True)
 class EmptyReply:
     """The reply of LOCK, REBOOT, FW_BEGIN and FW_CHUNK: no payload."""
 
@@ -388,6 +430,28 @@ class GenKey:
         """Parse a request payload."""
         r = Reader(payload, "GENKEY request")
         msg = cls(r.u8("slot"))
+        r.end()
+        return msg
+
+
+@dataclass(frozen=True, slots=True)
+class GenKeyAttested:
+    """Generate a new key pair and have the secure element attest it, over the station's nonce."""
+
+    command: ClassVar[Command] = Command.GENKEY_ATTESTED
+    reply: ClassVar[type[AttestedKeyReply]] = AttestedKeyReply
+    slot: int
+    nonce: bytes
+
+    def encode(self) -> bytes:
+        """Return the request payload."""
+        return bytes([self.slot]) + _fixed(self.nonce, ATTEST_NONCE_LEN, "nonce")
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Self:
+        """Parse a request payload."""
+        r = Reader(payload, "GENKEY_ATTESTED request")
+        msg = cls(r.u8("slot"), r.take(ATTEST_NONCE_LEN, "nonce"))
         r.end()
         return msg
 
@@ -582,10 +646,13 @@ class FwEnd:
         return msg
 
 
-Request = Hello | GenKey | GetCsr | Write | Read | Sign | Lock | Reboot | FwBegin | FwChunk | FwEnd
+Request = (
+    Hello | GenKey | GenKeyAttested | GetCsr | Write | Read | Sign | Lock | Reboot | FwBegin | FwChunk | FwEnd
+)
 
 REQUEST_TYPES: dict[Command, type[Request]] = {
-    t.command: t for t in (Hello, GenKey, GetCsr, Write, Read, Sign, Lock, Reboot, FwBegin, FwChunk, FwEnd)
+    t.command: t
+    for t in (Hello, GenKey, GenKeyAttested, GetCsr, Write, Read, Sign, Lock, Reboot, FwBegin, FwChunk, FwEnd)
 }
 
 

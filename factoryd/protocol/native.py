@@ -30,12 +30,14 @@ from factoryd.protocol.engine import EngineClient, RequestEngine, Route
 from factoryd.protocol.messages import (
     IDENTITY_SLOT,
     MAX_FW_CHUNK,
+    AttestedKeyReply,
     BoardInfo,
     Command,
     FwBegin,
     FwChunk,
     FwEnd,
     GenKey,
+    GenKeyAttested,
     GetCsr,
     Hello,
     Lock,
@@ -95,6 +97,8 @@ class Timeouts:
 _TIMEOUT_FIELDS: dict[Command, str] = {
     Command.HELLO: "hello_s",
     Command.GENKEY: "keygen_s",
+    # Key generation plus one signature by the attestation key: the same allowance as GENKEY.
+    Command.GENKEY_ATTESTED: "keygen_s",
     Command.GET_CSR: "csr_s",
     Command.WRITE: "write_s",
     Command.READ: "read_s",
@@ -195,6 +199,10 @@ class BoardClient(EngineClient[Frame, Command]):
     async def genkey(self, slot: int = IDENTITY_SLOT) -> bytes:
         """Generate a key in the secure element; return the public key point."""
         return (await self.request(GenKey(slot))).public_key
+
+    async def genkey_attested(self, nonce: bytes, slot: int = IDENTITY_SLOT) -> AttestedKeyReply:
+        """Generate a key and return it with the secure element's attestation over ``nonce``."""
+        return await self.request(GenKeyAttested(slot, nonce))
 
     async def get_csr(self, common_name: str, slot: int = IDENTITY_SLOT) -> bytes:
         """Return a DER CSR for the slot key with subject CN=common_name."""

@@ -8,20 +8,24 @@ pseudo-terminal. Faults are drawn from a seeded RNG so a failing run can be repl
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
 import random
 from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
 from typing import Any
 
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from factoryd.errors import ProtocolViolationError
+from factoryd.pki.attestation import statement_bytes
 from factoryd.protocol.messages import (
     HOST_PROTOCOL_VERSION,
     MAX_FW_CHUNK,
     MAX_OBJECT,
     REQUEST_TYPES,
+    AttestedKeyReply,
     BoardInfo,
     Command,
     CsrReply,
@@ -31,6 +35,7 @@ from factoryd.protocol.messages import (
     FwChunk,
     FwEnd,
     GenKey,
+    GenKeyAttested,
     GetCsr,
     Hello,
     Lock,
@@ -45,7 +50,14 @@ from factoryd.protocol.messages import (
     Write,
 )
 from factoryd.sim.bootloader import BootRefusal, SimBootloader
-from factoryd.sim.secure_element import SeRefusal, SimSecureElement, make_csr
+from factoryd.sim.secure_element import (
+    SeRefusal,
+    SimSecureElement,
+    SimVendorCa,
+    attestation_certificate,
+    make_csr,
+    new_se_serial,
+)
 from factoryd.transport.framing import Frame, FrameKind
 
 DEFAULT_MODEL = "factoryd-sim-m0"
@@ -71,6 +83,20 @@ class Fault(StrEnum):
     OVERSIZE_FRAME = "oversize_frame"  # a run of bytes longer than any frame before the reply
     BOOT_GARBAGE = "boot_garbage"  # noise on the line at boot
     READBACK_DIFFERS = "readback_differs"  # the object store keeps something else than it acknowledged
+
+
+class AttestMode(StrEnum):
+    """How the board's firmware answers GENKEY_ATTESTED (hostile modes test the station's checks).
+
+    Whether the part *can* attest is its secure element's (a clone has no attestation key; an expired
+    or foreign-vendor certificate is what the SE was provisioned with, ``SimVendorCa.provision``).
+    """
+
+    GENUINE = "genuine"  # what the secure element says
+    FORGED = "forged"  # a self-signed attestation certificate over a key of the firmware's own
+    REPLAY = "replay"  # the first statement it ever made, again (an old nonce and key)
+    OTHER_KEY = "other_key"  # a genuine statement about a key other than the one in the slot
+    COPIED_CHAIN = "copied_chain"  # the SE's chain, but the statement signed by another key
 
 
 @dataclass(frozen=True)
@@ -231,6 +257,8 @@ class SimBoard:
         self.blank = False
         self.replay_csr = False
         self.flood_bytes = 0
+        self.attest_mode = AttestMode.GENUINE
+        self._first_attestation: bytes | None = None
         self._first_csr: dict[int, bytes] = {}
         self._timing_rng = random.Random(self.rng.random())  # noqa: S311 - simulation timing
         self._fw: _FwUpdate | None = None
@@ -368,6 +396,10 @@ class SimBoard:
             case GenKey(slot=slot):
                 await self.spend(self.timing.keygen_s)
                 return Status.OK, PublicKeyReply(self.se.genkey(slot)).encode()
+            case GenKeyAttested(slot=slot, nonce=nonce):
+                # Key generation, then one signature by the attestation key.
+                await self.spend(self.timing.keygen_s + self.timing.sign_s)
+                return Status.OK, self._attest(slot, nonce)
             case GetCsr(slot=slot, common_name=cn):
                 await self.spend(self.timing.csr_s)
                 return Status.OK, CsrReply(self._csr(slot, cn)).encode()
@@ -386,6 +418,49 @@ class SimBoard:
                 return Status.OK, b""
             case FwBegin() | FwChunk() | FwEnd():
                 return await self._firmware(request)
+
+    def _attest(self, slot: int, nonce: bytes) -> bytes:
+        se, mode = self.se, self.attest_mode
+        if mode is AttestMode.REPLAY:
+            if self._first_attestation is None:
+                # A statement recorded earlier (another station, another day): an old nonce.
+                old_nonce = self.rng.randbytes(len(nonce))
+                point, signature = se.attest(slot, old_nonce)
+                self._first_attestation = AttestedKeyReply(
+                    old_nonce, point, signature, se.attestation_chain
+                ).encode()
+            return self._first_attestation
+        point, signature = se.attest(slot, nonce)
+        chain = se.attestation_chain
+        if mode is AttestMode.FORGED:
+            key = ec.generate_private_key(ec.SECP256R1())
+            now = dt.datetime.now(dt.UTC)
+            cert = attestation_certificate(
+                se.serial_text,
+                key.public_key(),
+                None,
+                key,
+                not_before=now - dt.timedelta(days=1),
+                not_after=now + dt.timedelta(days=9),
+            )
+            chain = (cert.public_bytes(serialization.Encoding.DER),)
+            signature = key.sign(
+                statement_bytes(slot, nonce, se.serial_text, point), ec.ECDSA(hashes.SHA256())
+            )
+        elif mode is AttestMode.OTHER_KEY and se.attestation_key is not None:
+            point = (
+                ec.generate_private_key(ec.SECP256R1())
+                .public_key()
+                .public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+            )
+            message = statement_bytes(slot, nonce, se.serial_text, point)
+            signature = se.attestation_key.sign(message, ec.ECDSA(hashes.SHA256()))
+        elif mode is AttestMode.COPIED_CHAIN:
+            other = ec.generate_private_key(ec.SECP256R1())
+            signature = other.sign(
+                statement_bytes(slot, nonce, se.serial_text, point), ec.ECDSA(hashes.SHA256())
+            )
+        return AttestedKeyReply(nonce, point, signature, chain).encode()
 
     def _csr(self, slot: int, common_name: str) -> bytes:
         if not self.se.has_key(slot):
@@ -444,3 +519,60 @@ class SimBoard:
         self.fw_version = image.version
         self.fw_sha256 = bytes.fromhex(image.hash)  # the SHA256 TLV, as MCUboot and SMP report it
         return Status.OK, DigestReply(self.fw_sha256).encode()
+
+
+class Impostor(StrEnum):
+    """Boards that are not genuine parts, each caught by its own check of ``pki/attestation.py``."""
+
+    CLONE = "clone"  # copies a genuine board's serial, has no attestation key
+    FORGED = "forged"  # a self-signed attestation certificate
+    REPLAY = "replay"  # replays a statement made for an old nonce
+    OTHER_KEY = "other_key"  # attests a key other than the one its slot holds
+    COPIED_CHAIN = "copied_chain"  # a genuine part's chain, its own signing key
+    EXPIRED = "expired"  # a genuine part whose attestation certificate has expired
+    FOREIGN_VENDOR = "foreign_vendor"  # a genuine part of a vendor the lot does not trust
+    WRONG_SERIAL = "wrong_serial"  # a genuine part that reports another serial than its certificate's
+
+
+# The reason each impostor is refused with (tests and the demo check it).
+IMPOSTOR_REASONS: dict[Impostor, str] = {
+    Impostor.CLONE: "attestation_missing",
+    Impostor.FORGED: "attestation_chain",
+    Impostor.REPLAY: "attestation_nonce",
+    Impostor.OTHER_KEY: "attestation_key",
+    Impostor.COPIED_CHAIN: "attestation_signature",
+    Impostor.EXPIRED: "attestation_expired",
+    Impostor.FOREIGN_VENDOR: "attestation_chain",
+    Impostor.WRONG_SERIAL: "attestation_serial",
+}
+
+
+def equip_attestation(
+    board: SimBoard,
+    vendor: SimVendorCa,
+    impostor: Impostor | None = None,
+    *,
+    foreign: SimVendorCa | None = None,
+    copied_serial: bytes | None = None,
+) -> SimBoard:
+    """Give a board the attestation its kind has: a genuine part's from ``vendor``, or an impostor's."""
+    se = board.se
+    if impostor is Impostor.CLONE:
+        # No attestation key at all; it reports a genuine board's serial when given one.
+        board.claimed_serial = copied_serial
+        return board
+    if impostor is Impostor.FOREIGN_VENDOR:
+        (foreign or SimVendorCa.make("factoryd Other SE Vendor")).provision(se)
+        return board
+    vendor.provision(se, expired=impostor is Impostor.EXPIRED)
+    modes = {
+        Impostor.FORGED: AttestMode.FORGED,
+        Impostor.REPLAY: AttestMode.REPLAY,
+        Impostor.OTHER_KEY: AttestMode.OTHER_KEY,
+        Impostor.COPIED_CHAIN: AttestMode.COPIED_CHAIN,
+    }
+    if impostor in modes:
+        board.attest_mode = modes[impostor]
+    if impostor is Impostor.WRONG_SERIAL:
+        board.claimed_serial = copied_serial or new_se_serial()
+    return board

@@ -45,6 +45,19 @@ REASON_TEXT: dict[str, str] = {
     "issuance": "The station could not issue the certificate. Tell the supervisor.",
     "signer": "The lot's CA key cannot be used. Tell the supervisor.",
     "job_aborted": "Stopped by the operator or a station shutdown.",
+    # Key attestation (pki/attestation.py): the board is refused before it gets an ID.
+    **dict.fromkeys(
+        (
+            "attestation_chain",
+            "attestation_serial",
+            "attestation_signature",
+            "attestation_nonce",
+            "attestation_key",
+            "attestation_expired",
+            "attestation_missing",
+        ),
+        "Not a genuine part: put it aside.",
+    ),
 }
 
 # Every pipeline step with the words a slot shows while the board is in it.
@@ -53,6 +66,7 @@ STEP_TEXT: dict[Step, str] = {
     Step.ENUMERATE: "Waiting for USB",
     Step.HELLO: "Identifying the board",
     Step.FIRMWARE: "Flashing firmware",
+    Step.ATTEST: "Checking the secure element is genuine",
     Step.RECHECK: "Re-checking a provisioned board",
     Step.RESERVE: "Reserving a device ID",
     Step.KEYGEN: "Making the key in the secure element",
