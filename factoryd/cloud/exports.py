@@ -299,9 +299,10 @@ def lot_ca_chain(bundles_dir: Path, lot: str) -> tuple[x509.Certificate, ...]:
     try:
         chain = tuple(x509.load_pem_x509_certificates(path.read_bytes()))
     except FileNotFoundError:
-        raise ExportError(f"lot {lot!r} has no CA bundle ({path} is missing)") from None
+        raise ExportError(f"lot {lot!r} has no CA bundle yet; store one before exporting") from None
     except ValueError as exc:
-        raise ExportError(f"the CA chain of lot {lot!r} in {path} is corrupt: {exc}") from None
+        # The station's own paths stay out of what an API client is told.
+        raise ExportError(f"the stored CA chain of lot {lot!r} is corrupt: {exc}") from None
     return chain
 
 
