@@ -73,6 +73,8 @@ from factoryd.sim.bootloader import DEFAULT_SLOT_BYTES
 from factoryd.sim.hub import SimHub
 from factoryd.sim.mcuboot_signer import sign_image
 from factoryd.sim.mcumgr import McumgrTiming, SimMcumgrBoard
+from factoryd.sim.nrf91 import NRF_CLOUD_SEC_TAG as SIM_NRF_SEC_TAG
+from factoryd.sim.nrf91 import SimNrf91Modem, nrf91_timing
 from factoryd.sim.secure_element import SimSecureElement, SimVendorCa, seeded_se_serial
 from factoryd.telemetry.figures import FAILED_OUTCOMES, JobCounts, Rate
 
@@ -124,7 +126,7 @@ class DemoOptions:
     seed: int = 1
     timing: Literal["zero", "realistic"] = "zero"
     timing_scale: float = 1.0
-    profile: Literal["factoryd-v1", "arduino-v1", "mcumgr"] = "factoryd-v1"
+    profile: Literal["factoryd-v1", "arduino-v1", "mcumgr", "nrf91-at"] = "factoryd-v1"
     lock: bool = True
     flash: bool = True
     # Genuine parts only: the lot requires key attestation to the demo's test SE vendor, and this
@@ -509,6 +511,10 @@ class DemoSupply:
             board = SimMcumgrBoard(
                 se=se, faults=faults, timing=McumgrTiming.for_timing(timing), firmware_key=self._fw_public
             )
+        elif options.profile == "nrf91-at":
+            # An nRF91 modem on stock firmware: KEYGEN takes seconds; URCs now and then.
+            modem_timing = nrf91_timing().scaled(options.timing_scale) if timing.baudrate else timing
+            board = SimNrf91Modem(se=se, faults=faults, timing=modem_timing, urc_rate=0.05)
         else:
             board = SimBoard(se=se, faults=faults, timing=timing, firmware_key=self._fw_public)
             if self._vendor is not None:
@@ -625,6 +631,8 @@ def board_identity(board: SimBoard) -> str:
     """The serial the station keys a board's reservation on."""
     if isinstance(board, SimArduinoBoard):
         return f"usb:{board.usb_serial.lower()}"
+    if isinstance(board, SimNrf91Modem):
+        return board.serial_text
     return board.serial_hex
 
 
@@ -632,12 +640,14 @@ def stored_certificate(board: SimBoard) -> bytes | None:
     """The certificate a board holds (an Arduino board rebuilds it from its compressed slots)."""
     if isinstance(board, SimArduinoBoard):
         return board.rebuilt_certificate()
+    if isinstance(board, SimNrf91Modem):
+        return board.stored_certificate()
     return board.se.objects.get(ObjectId.DEVICE_CERT)
 
 
 def stored_device_id(board: SimBoard) -> str | None:
     """The device ID a board holds."""
-    if isinstance(board, SimArduinoBoard):
+    if isinstance(board, SimArduinoBoard | SimNrf91Modem):
         return board.stored_device_id()
     raw = board.se.objects.get(ObjectId.DEVICE_ID)
     return raw.decode() if raw is not None else None
@@ -684,7 +694,13 @@ def check_provisioned(
         raise VerificationError(f"{record.device_id}: board {record.hw_serial} holds another certificate")
     key = cert.public_key()
     point = key.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
-    if not isinstance(key, ec.EllipticCurvePublicKey) or point != board.se.public_point(0):
+    # An nRF91 modem keeps the key in its credential store, not in a secure-element slot.
+    held = (
+        board.key_public_point(SIM_NRF_SEC_TAG)
+        if isinstance(board, SimNrf91Modem)
+        else board.se.public_point(0)
+    )
+    if not isinstance(key, ec.EllipticCurvePublicKey) or point != held:
         raise VerificationError(f"{record.device_id}: certificate key is not the secure element's key")
 
 

@@ -7,11 +7,12 @@ from collections.abc import AsyncIterator
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from factoryd.errors import BoardLockedError, BoardStatusError, BoardTimeoutError, ProtocolViolationError
-from factoryd.pki.challenge import verify_challenge
 from factoryd.protocol.mcumgr import McumgrClient, McumgrTimeouts, ProvError
 from factoryd.protocol.messages import ObjectId
 from factoryd.sim.board import Fault, FaultPlan
@@ -51,7 +52,9 @@ async def test_identity_reports_the_secure_element(client: McumgrClient, board: 
     assert identity.model == board.model
 
 
-async def test_keygen_csr_sign_verify_against_the_generated_key(client: McumgrClient, board: SimMcumgrBoard) -> None:
+async def test_keygen_csr_sign_verify_against_the_generated_key(
+    client: McumgrClient, board: SimMcumgrBoard
+) -> None:
     point = await client.genkey()
     assert point == board.se.public_point(0)
     csr = x509.load_der_x509_csr(await client.get_csr("device-42"))
@@ -85,7 +88,9 @@ async def test_write_refuses_a_board_that_stores_something_else(board: SimMcumgr
         assert await client.read(ObjectId.DEVICE_ID) != b"id-1"
 
 
-async def test_provisioning_errors_are_typed_smp_v2_errors(client: McumgrClient, board: SimMcumgrBoard) -> None:
+async def test_provisioning_errors_are_typed_smp_v2_errors(
+    client: McumgrClient, board: SimMcumgrBoard
+) -> None:
     with pytest.raises(BoardStatusError, match="NO_KEY") as no_key:
         await client.sign(b"x" * 32)
     assert no_key.value.status == ProvError.NO_KEY
@@ -173,12 +178,10 @@ async def test_v1_rc_errors_map_to_typed_errors(client: McumgrClient) -> None:
     _raise_error(McumgrCommand.ECHO, {"rc": 0})  # success carries no error
 
 
-async def test_challenge_signature_verifies_with_a_certificate_for_the_key(client: McumgrClient) -> None:
-    from factoryd.pki.testca import make_test_pki
-
+async def test_challenge_signature_verifies_with_the_generated_key(client: McumgrClient) -> None:
     point = await client.genkey()
-    pki = make_test_pki(passphrase=b"pw")
-    issued = pki.issuer().issue(x509.load_der_x509_csr(await client.get_csr("dev-9")), "dev-9")
-    assert issued.cert.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint) == point
     challenge = b"\x5a" * 32
-    verify_challenge(issued.cert, challenge, await client.sign(challenge))
+    raw = await client.sign(challenge)
+    der = encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
+    key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
+    key.verify(der, challenge, ec.ECDSA(hashes.SHA256()))  # raises InvalidSignature otherwise

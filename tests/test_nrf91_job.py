@@ -1,4 +1,4 @@
-"""The nrf91-at job through the real pipeline: simulated nRF91 modems behind PTYs, a real daemon and ledger."""
+"""The nrf91-at job through the real pipeline: simulated nRF91 modems behind PTYs, a real daemon, a ledger."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from factoryd.config import Settings
 from factoryd.daemon import Daemon, DaemonHooks
-from factoryd.demo import DemoOptions, demo_settings, simulated_operator
-from factoryd.jobs.nrf91 import pem_text, sha256_upper
+from factoryd.demo import DemoOptions, demo_settings, run_demo, simulated_operator
+from factoryd.errors import BundleError
+from factoryd.jobs.nrf91 import check_chain_fits, pem_text, sha256_upper
 from factoryd.jobs.scheduler import Station
 from factoryd.ledger import Ledger, LotProfile, LotState
 from factoryd.ledger.model import DeviceState
@@ -118,7 +119,12 @@ async def test_sixteen_modems_with_faults_get_distinct_ids_and_verified_write_ba
     for modem in made:
         injected.update(modem.injected)
     # Every fault kind of the plan hit some modem, and the job rode each of them out.
-    assert set(injected) >= {Fault.CORRUPT_BYTE, Fault.DROP_REPLY, Fault.RESET_MID_WRITE, Fault.READBACK_DIFFERS}
+    assert set(injected) >= {
+        Fault.CORRUPT_BYTE,
+        Fault.DROP_REPLY,
+        Fault.RESET_MID_WRITE,
+        Fault.READBACK_DIFFERS,
+    }
     assert sum(m.resets for m in made) == injected[Fault.RESET_MID_WRITE]
     with line.ledger() as ledger:
         records = {r.hw_serial: r for r in ledger.provisioned_devices(LOT)}
@@ -132,7 +138,8 @@ async def test_sixteen_modems_with_faults_get_distinct_ids_and_verified_write_ba
         check_modem_holds(modem, record.cert_der)
         # The write-back: what the modem stores hashes to what the station wrote.
         chain = modem.credential(TAG, CredentialType.ROOT_CA)
-        assert chain is not None and chain.decode().startswith("-----BEGIN CERTIFICATE-----")
+        assert chain is not None
+        assert chain.decode().startswith("-----BEGIN CERTIFICATE-----")
 
 
 async def test_written_credentials_hash_as_the_modem_lists_them(tmp_path: Path) -> None:
@@ -146,7 +153,9 @@ async def test_written_credentials_hash_as_the_modem_lists_them(tmp_path: Path) 
     assert b"\r\n" in cert_pem  # CRLF line ends, as Nordic's installer writes
     assert sha256_upper(pem_text(cert_pem)) == sha256_upper(cert_pem.decode())
     cert = x509.load_pem_x509_certificate(cert_pem)
-    assert cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == station.results[0].device_id
+    assert (
+        cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == station.results[0].device_id
+    )
     assert modem.cfun == 4
 
 
@@ -170,7 +179,9 @@ async def test_old_modem_firmware_is_refused_before_an_id_is_reserved(tmp_path: 
 async def test_modem_with_credentials_in_the_tag_is_refused_without_rework(tmp_path: Path) -> None:
     line = await make_modem_line(tmp_path, ids=2, ports=1)
     modem = SimNrf91Modem()
-    modem.store[(TAG, CredentialType.CLIENT_CERT)] = b"-----BEGIN CERTIFICATE-----\r\nAAAA\r\n-----END CERTIFICATE-----"
+    modem.store[(TAG, CredentialType.CLIENT_CERT)] = (
+        b"-----BEGIN CERTIFICATE-----\r\nAAAA\r\n-----END CERTIFICATE-----"
+    )
     station = await line.run(modems(lambda: modem, ports=1, supply=1))
     assert station.outcomes == Counter({"refused": 1})
     assert modem.keygen_count == 0
@@ -188,15 +199,22 @@ async def test_rework_deletes_and_provisions_again(tmp_path: Path) -> None:
     assert modem.credential(TAG, CredentialType.CLIENT_CERT) != old
     with line.ledger() as ledger:
         record = ledger.find_by_serial(LOT, modem.serial_text)
-        assert record is not None and record.state is DeviceState.PROVISIONED
+        assert record is not None
+        assert record.state is DeviceState.PROVISIONED
         check_modem_holds(modem, record.cert_der or b"")
 
 
 @pytest.mark.parametrize(
     ("fault", "reason"),
-    [(Fault.WRONG_CN, "csr_rejected"), (Fault.BAD_CSR_SIGNATURE, "csr_rejected"), (Fault.WEAK_KEY, "csr_rejected")],
+    [
+        (Fault.WRONG_CN, "csr_rejected"),
+        (Fault.BAD_CSR_SIGNATURE, "csr_rejected"),
+        (Fault.WEAK_KEY, "csr_rejected"),
+    ],
 )
-async def test_bad_csr_fails_the_job_and_nothing_is_written(tmp_path: Path, fault: Fault, reason: str) -> None:
+async def test_bad_csr_fails_the_job_and_nothing_is_written(
+    tmp_path: Path, fault: Fault, reason: str
+) -> None:
     line = await make_modem_line(tmp_path, ids=2, ports=1)
     modem = SimNrf91Modem(faults=FaultPlan.only(fault))
     station = await line.run(modems(lambda: modem, ports=1, supply=1))
@@ -204,3 +222,52 @@ async def test_bad_csr_fails_the_job_and_nothing_is_written(tmp_path: Path, faul
     assert station.results[0].reason == reason
     assert modem.credential(TAG, CredentialType.CLIENT_CERT) is None
     assert modem.credential(TAG, CredentialType.ROOT_CA) is None
+
+
+def test_a_chain_too_long_for_the_line_is_refused_naming_the_limit() -> None:
+    chain = make_test_pki(passphrase=b"x").root_pem * 3
+    check_chain_fits(LotProfile(protocol="nrf91-at"), chain)
+    with pytest.raises(BundleError, match=r"more than the 1024-byte AT line"):
+        check_chain_fits(LotProfile(protocol="nrf91-at", at_line_max_bytes=1024), chain, lot="lot x")
+
+
+async def test_a_lot_whose_chain_cannot_fit_reserves_no_id_and_makes_no_key(tmp_path: Path) -> None:
+    line = await make_modem_line(tmp_path, ids=2, ports=1, at_line_max_bytes=1024)
+    modem = SimNrf91Modem()
+    station = await line.run(modems(lambda: modem, ports=1, supply=1))
+    assert station.outcomes == Counter({"failed": 1})
+    assert station.results[0].reason == "bundle"
+    assert modem.keygen_count == 0
+    with line.ledger() as ledger:
+        assert ledger.progress(LOT).reserved == 0
+
+
+async def test_a_reinserted_modem_is_rechecked_not_reissued(tmp_path: Path) -> None:
+    line = await make_modem_line(tmp_path, ids=3, ports=1)
+    modem = SimNrf91Modem()
+    await line.run(modems(lambda: modem, ports=1, supply=1))
+    cert_before = modem.credential(TAG, CredentialType.CLIENT_CERT)
+    station = await line.run(modems(lambda: modem, ports=1, supply=1))
+    assert station.outcomes == Counter({"rechecked": 1})
+    assert modem.keygen_count == 1
+    assert modem.credential(TAG, CredentialType.CLIENT_CERT) == cert_before
+    # A modem whose certificate is not the recorded one is refused, not re-checked.
+    modem.store[(TAG, CredentialType.CLIENT_CERT)] = (
+        b"-----BEGIN CERTIFICATE-----\r\nAAAA\r\n-----END CERTIFICATE-----"
+    )
+    station = await line.run(modems(lambda: modem, ports=1, supply=1))
+    assert station.outcomes == Counter({"refused": 1})
+    with line.ledger() as ledger:
+        assert ledger.progress(LOT).provisioned == 1
+
+
+async def test_demo_with_the_nrf91_profile(tmp_path: Path) -> None:
+    result = await run_demo(
+        DemoOptions(ports=8, boards=16, fault_rate=0.1, seed=5, profile="nrf91-at", state_dir=tmp_path)
+    )
+    assert sum(result.outcomes.values()) >= 16
+    assert result.provisioned >= 14
+    assert result.duplicate_ids == 0
+    # The demo checked every device end to end: CA signature, CN, certificate and key in the modem.
+    assert result.certificates_verified == result.lot_provisioned == result.provisioned
+    assert result.manifest_count == result.provisioned

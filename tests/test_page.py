@@ -382,7 +382,7 @@ async def test_slot_views_follow_a_board_and_keep_its_result_on_show(tmp_path: P
     view = await slot(_port("1", "provisioning", step="keygen", device_id="dev-1"))
     assert view is not None
     assert view.state == "provisioning"
-    assert view.title == "Step 6 of 12"
+    assert view.title == "Step 7 of 13"  # NATIVE_STEPS: ... firmware, attest, reserve, keygen
     assert "key" in view.detail
 
     await feed.apply(_event("1", "job_failed", reason="csr_rejected", outcome="failed"))
@@ -446,7 +446,7 @@ def test_unknown_steps_get_a_safe_label() -> None:
     assert step_progress("keygen", "no-such-profile") is None
     assert step_progress("keygen", None) is None
     assert step_progress(Step.RECHECK, "factoryd-v1") is None
-    assert step_progress(Step.POWER, "factoryd-v1") == (1, 12)
+    assert step_progress(Step.POWER, "factoryd-v1") == (1, 13)
     assert step_progress(Step.RECORD, "arduino-v1") == (8, 8)
 
 
@@ -479,7 +479,7 @@ async def test_a_typed_port_update_becomes_a_slot_view_per_profile(tmp_path: Pat
     # The same step on a native lot counts on the native scale.
     csr = await _slot(feed, _port("1", "provisioning", step="csr"))
     assert csr is not None
-    assert csr.title == "Step 7 of 12"
+    assert csr.title == "Step 8 of 13"
 
     # A step this page does not know: a plain label, no count, no crash.
     odd = await _slot(feed, _port("1", "provisioning", step="warp"))

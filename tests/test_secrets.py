@@ -76,7 +76,8 @@ async def test_no_secret_leaks_anywhere(
         "station passphrase": station_pass,
         "upload passphrase": upload_pass,
         "API token": api_token.encode(),
-        "API token secret part": api_token.rsplit("_", 1)[-1].encode(),
+        # fdt_<id>_<secret>: the secret is urlsafe base64 and may itself contain "_".
+        "API token secret part": api_token.split("_", 2)[2].encode(),
         "CA key scalar (hex)": f"{scalar:x}".encode(),
         "CA key scalar (decimal)": str(scalar).encode(),
         "CA key DER": key.private_bytes(

@@ -68,7 +68,7 @@ async def run_line_bench(
     timing: Literal["zero", "realistic"] = "realistic",
     flash: bool = False,
     lock: bool = True,
-    profile: Literal["factoryd-v1", "mcumgr"] = "factoryd-v1",
+    profile: Literal["factoryd-v1", "mcumgr", "nrf91-at"] = "factoryd-v1",
 ) -> dict[str, Any]:
     """Run the baseline and the line; return both with efficiency and speed-up."""
     with tempfile.TemporaryDirectory(prefix="factoryd-bench-") as tmp:

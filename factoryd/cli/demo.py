@@ -130,7 +130,9 @@ def demo(
     seed: Annotated[int, typer.Option(help="Fault seed: same seed, same boards, faults and outcomes.")] = 1,
     timing: Annotated[str, typer.Option(help="zero or realistic.")] = "zero",
     timing_scale: Annotated[float, typer.Option(min=0.0, help="Multiply every simulated delay.")] = 1.0,
-    profile: Annotated[str, typer.Option(help="factoryd-v1, arduino-v1 or mcumgr.")] = "factoryd-v1",
+    profile: Annotated[
+        str, typer.Option(help="factoryd-v1, arduino-v1, mcumgr or nrf91-at.")
+    ] = "factoryd-v1",
     state_dir: Annotated[
         Path | None, typer.Option(help="Keep ledger, bundles, manifest and a config here (default: temp).")
     ] = None,
@@ -171,8 +173,8 @@ def demo(
 
     if timing not in ("zero", "realistic"):
         fail(f"--timing must be 'zero' or 'realistic', not {timing!r}")
-    if profile not in ("factoryd-v1", "arduino-v1", "mcumgr"):
-        fail(f"--profile must be 'factoryd-v1', 'arduino-v1' or 'mcumgr', not {profile!r}")
+    if profile not in ("factoryd-v1", "arduino-v1", "mcumgr", "nrf91-at"):
+        fail(f"--profile must be 'factoryd-v1', 'arduino-v1', 'mcumgr' or 'nrf91-at', not {profile!r}")
     configure_logging(log_level, "console")
     # Warnings and logs go to stderr: stdout carries the summary or the JSON alone. The logger is
     # made per call, so a replaced stderr (CLI runners) is never written to after it was closed.

@@ -22,7 +22,7 @@ def sim_board(
     seed: Annotated[int, typer.Option(help="Fault seed.")] = 0,
     timing: Annotated[str, typer.Option(help="zero or realistic.")] = "zero",
     profile: Annotated[
-        str, typer.Option(help="Board profile: factoryd-v1, arduino-v1 or mcumgr.")
+        str, typer.Option(help="Board profile: factoryd-v1, arduino-v1, mcumgr or nrf91-at.")
     ] = "factoryd-v1",
 ) -> None:
     """Run one simulated board behind a PTY and print its tty path (Ctrl-C to stop)."""
@@ -35,13 +35,20 @@ def sim_board(
         fail(f"--profile must be one of {', '.join(SIM_BOARDS)}, not {profile!r}")
 
     async def serve() -> None:
+        realistic = Timing.realistic()
+        if profile == "nrf91-at":
+            from factoryd.sim.nrf91 import nrf91_timing  # noqa: PLC0415
+
+            realistic = nrf91_timing()
         board = board_type(
             faults=FaultPlan.uniform(fault_rate, seed=seed),
-            timing=Timing.realistic() if timing == "realistic" else Timing(),
+            timing=realistic if timing == "realistic" else Timing(),
         )
         async with serve_pty(board) as pty:
             typer.echo(pty.path)
-            typer.echo(f"secure-element serial {board.serial_hex}; Ctrl-C to stop", err=True)
+            imei = getattr(board, "imei", None)
+            who = f"IMEI {imei}" if imei else f"secure-element serial {board.serial_hex}"
+            typer.echo(f"{who}; Ctrl-C to stop", err=True)
             sys.stdout.flush()
             await asyncio.Event().wait()
 
@@ -65,7 +72,9 @@ def sim_hub(
     timing: Annotated[str, typer.Option(help="zero or realistic.")] = "zero",
     timing_scale: Annotated[float, typer.Option(min=0.0, help="Multiply every simulated delay.")] = 1.0,
     firmware_key: Annotated[Path | None, typer.Option(help="PEM public key the bootloaders trust.")] = None,
-    profile: Annotated[str, typer.Option(help="Board profile: factoryd-v1 or mcumgr.")] = "factoryd-v1",
+    profile: Annotated[
+        str, typer.Option(help="Board profile: factoryd-v1, mcumgr or nrf91-at.")
+    ] = "factoryd-v1",
 ) -> None:
     """Run a simulated hub with boards in this process, controlled over a Unix socket."""
     from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
@@ -102,8 +111,23 @@ def sim_hub(
             board = native_board()
             return SimMcumgrBoard(se=board.se, faults=board.faults, timing=board.timing, firmware_key=key)
 
+    elif profile == "nrf91-at":
+        from factoryd.sim.nrf91 import SimNrf91Modem, nrf91_timing  # noqa: PLC0415
+
+        seeded_board = make_board
+        modem_timing = nrf91_timing().scaled(timing_scale)
+
+        def make_board() -> SimNrf91Modem:
+            # The same seeds and faults, on an nRF91 modem answering AT commands.
+            board = seeded_board()
+            return SimNrf91Modem(
+                se=board.se,
+                faults=board.faults,
+                timing=modem_timing if timing == "realistic" else board.timing,
+            )
+
     elif profile != "factoryd-v1":
-        fail(f"--profile must be factoryd-v1 or mcumgr, not {profile!r}")
+        fail(f"--profile must be factoryd-v1, mcumgr or nrf91-at, not {profile!r}")
 
     async def serve() -> None:
         async with SimHub(ports, make_board, supply=boards) as hub:

@@ -77,9 +77,9 @@ MCUMGR_STEPS = (
 MAX_UPLOAD_RESUMES = 5
 # What the liveness probe after a reset sends.
 ECHO_TEXT = "factoryd"
-# Fields of McumgrTimeouts the pipeline's reply_timeout_scale does not shorten: the board's own
-# erase and boot times do not get faster with a faster host.
-_UNSCALED_TIMEOUTS = frozenset({"upload_first_s", "boot_s"})
+# The field of McumgrTimeouts the pipeline's reply_timeout_scale does not shorten: the bound on a
+# board's boot after a reset (an MCUboot swap of a large image) is a deadline, not a reply timeout.
+_UNSCALED_TIMEOUTS = frozenset({"boot_s"})
 
 
 class FirmwareRevertedError(FirmwareRejectedError):
@@ -149,7 +149,10 @@ class McumgrSession:
         return None if client is None else closed_link_stats(self._port, client.link, client.stats)
 
     async def identify(self) -> str:
-        """MCUmgr params (buffer size), then the provisioning group's identity: the SE serial."""
+        """Wait for the board to answer, MCUmgr params (buffer size), then identity: the SE serial."""
+        # Behind a UART bridge the tty is there before the application has booted: what is sent
+        # meanwhile is lost, so ask often rather than wait out a whole reply timeout.
+        await self._wait_back(self._timeouts.first_answer_s)
         await self.client.read_params()
         self._identity = identity = await self.client.identity()
         return identity.serial_hex
@@ -261,17 +264,15 @@ class McumgrSession:
             await self.client.reset()
         await self._wait_back()
 
-    async def _wait_back(self) -> None:
+    async def _wait_back(self, within_s: float | None = None) -> None:
         """Wait until the board answers an echo again, re-opening its tty if the reset took it away."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._timeouts.boot_s
+        within_s = self._timeouts.boot_s if within_s is None else within_s
+        deadline = loop.time() + within_s
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise BoardTimeoutError(
-                    f"board on port {self._port} did not answer within "
-                    f"{self._timeouts.boot_s:.0f} s of a reset"
-                )
+                raise BoardTimeoutError(f"board on port {self._port} did not answer within {within_s:.1f} s")
             client = self.client
             if client.closed:
                 # USB CDC: the tty vanished with the reset; the board re-enumerates (maybe elsewhere).
@@ -285,5 +286,5 @@ class McumgrSession:
                 await self.client.read_params()
                 continue
             with contextlib.suppress(BoardTimeoutError, LinkClosedError):
-                await self.client.echo(ECHO_TEXT)
+                await self.client.echo(ECHO_TEXT, timeout_s=min(self._timeouts.probe_s, remaining))
                 return

@@ -32,16 +32,15 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509.oid import ExtensionOID
 
 from factoryd.errors import (
+    BundleError,
     CsrRejectedError,
-    IssuanceError,
     ProtocolViolationError,
     ReadbackMismatchError,
     RefusedBoardError,
-    VerificationError,
 )
 from factoryd.jobs.board import Finished, JobHost, closed_link_stats, issue_certificate
 from factoryd.jobs.steps import Step
-from factoryd.ledger.model import DeviceState
+from factoryd.ledger.model import DeviceRecord, DeviceState
 from factoryd.pki import der
 from factoryd.pki.issuer import IssuedCertificate, verify_csr
 from factoryd.protocol.native import Timeouts
@@ -112,16 +111,21 @@ def sha256_upper(text: str) -> str:
     return hashlib.sha256(text.encode("ascii")).hexdigest().upper()
 
 
-def check_line_fits(lot: LotContext | None, chain_pem: bytes, sec_tag: int, max_line: int) -> None:
-    """Refuse a CA chain whose %CMNG write would not fit the modem's or the bridge's line buffer."""
-    line = cmng_write_command(sec_tag, CredentialType.ROOT_CA, pem_text(chain_pem))
+def check_chain_fits(profile: LotProfile, chain_pem: bytes, *, lot: str = "the lot") -> None:
+    """Refuse a CA chain whose ``AT%CMNG`` write cannot fit the lot's line limit (BundleError).
+
+    The limit is the smallest line buffer of every hop to the modem (``at_line_max_bytes``; the
+    modem's AT host holds 4096): a longer line makes a bridge hang or the modem answer ERROR, on
+    every board. Called when a bundle is stored for an nrf91-at lot, and again before KEYGEN.
+    """
+    line = cmng_write_command(profile.sec_tag, CredentialType.ROOT_CA, pem_text(chain_pem))
     try:
-        encode_command(line, max_line=max_line)
-    except ValueError as exc:
-        name = f"lot {lot.name}: " if lot is not None else ""
-        raise IssuanceError(
-            f"{name}the CA chain's AT%CMNG write is {len(line) + 2} bytes, more than the {max_line}-byte "
-            f"line every hop to the modem buffers ({exc})"
+        encode_command(line, max_line=profile.at_line_max_bytes)
+    except ValueError:
+        raise BundleError(
+            f"{lot}: the CA chain's AT%CMNG write is {len(line) + 2} bytes, more than the "
+            f"{profile.at_line_max_bytes}-byte AT line every hop to the modem buffers "
+            "(at_line_max_bytes); write fewer certificates into the modem's trust store"
         ) from None
 
 
@@ -315,6 +319,9 @@ class Nrf91Session:
                 f"lot {lot.name} needs "
                 f"modem firmware {'.'.join(map(str, floor))} or later: update it before provisioning"
             )
+        # Refused before an ID is reserved: a chain the line cannot carry would fail every board
+        # (a backstop: the bundle is checked when it is stored).
+        check_chain_fits(lot.profile, lot.chain_pem, lot=f"lot {lot.name}")
         tag = lot.profile.sec_tag
         held = credential_map(await self.client.list_credentials(tag), tag)
         if not held.keys() & set(OWNED_TYPES):
@@ -324,6 +331,18 @@ class Nrf91Session:
             # An interrupted attempt of this very job left them: start the board steps again.
             await self._clear_tag(tag)
             return None
+        if (
+            record is not None
+            and record.state is DeviceState.PROVISIONED
+            and self._holds_record(lot, held, record)
+        ):
+            # Reinserted: it holds exactly what the ledger recorded (as strong as the write-back check).
+            await host.audit(
+                "device.rechecked",
+                record.device_id,
+                {"hw_serial": host.hw_serial, "port": host.port, "job_id": host.job_id, "sec_tag": tag},
+            )
+            return Finished("rechecked", record.device_id)
         if not lot.profile.allow_rework:
             what = ", ".join(CredentialType(t).name for t in sorted(held) if t in OWNED_TYPES)
             state = f"provisioned as {record.device_id}" if record is not None else "holding credentials"
@@ -339,6 +358,16 @@ class Nrf91Session:
         await self._clear_tag(tag)
         return None
 
+    @staticmethod
+    def _holds_record(lot: LotContext, held: Mapping[int, str], record: DeviceRecord) -> bool:
+        """Whether the tag lists the recorded certificate, the lot's chain and a key."""
+        if record.cert_der is None or CredentialType.CLIENT_KEY not in held:
+            return False
+        cert_pem = IssuedCertificate.from_certificate(x509.load_der_x509_certificate(record.cert_der)).pem
+        return held.get(CredentialType.CLIENT_CERT) == sha256_upper(pem_text(cert_pem)) and held.get(
+            CredentialType.ROOT_CA
+        ) == sha256_upper(pem_text(lot.chain_pem))
+
     async def _clear_tag(self, tag: int) -> None:
         for kind in OWNED_TYPES:
             await self.client.delete_credential(tag, kind, missing_ok=True)
@@ -348,8 +377,6 @@ class Nrf91Session:
         lot, client = host.lot, self.client
         tag = lot.profile.sec_tag
         issuer = lot.issuer
-        # Refused before a key is made: a chain the line cannot carry would fail every board.
-        check_line_fits(lot, lot.chain_pem, tag, min(lot.profile.at_line_max_bytes, client.max_line))
         common_name = issuer.common_name(device_id, host.device_fields)
 
         async def keygen() -> KeygenReply:

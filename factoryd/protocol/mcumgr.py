@@ -55,6 +55,7 @@ from smp.os_management import (
 from factoryd.errors import (
     BoardBusyError,
     BoardLockedError,
+    BoardResetError,
     BoardStatusError,
     FirmwareRejectedError,
     ProtocolViolationError,
@@ -66,7 +67,6 @@ from factoryd.transport.serial_link import LinkState, SerialLink
 from factoryd.transport.smp_framing import (
     HEADER_BYTES,
     SmpDecoder,
-    SmpOp,
     SmpPacket,
     console_bytes,
     max_packet_for,
@@ -91,6 +91,9 @@ MAX_OBJECT_BYTES = 16 * 1024
 # Bytes of CBOR a chunk request spends on keys and integers beyond its data (upper bound for the
 # data's bstr header growing from 1 to 3 bytes as the chunk grows).
 BSTR_HEADER_GROWTH_BYTES = 2
+# Times a board may answer "offset 0" in the middle of one upload (it reset and lost its progress)
+# before the upload gives up: a board that keeps resetting will not take the image.
+MAX_UPLOAD_RESTARTS = 3
 # Wire allowance for the reply of an ordinary request (its header, a small CBOR map, framing).
 REPLY_ALLOWANCE_BYTES = 96
 
@@ -408,6 +411,10 @@ class McumgrTimeouts:
     # After a reset: how long the board may take to boot (MCUboot's swap of a large slot takes
     # seconds per 100 KiB) and answer again.
     boot_s: float = 60.0
+    # A board that is booting drops what it is sent: while waiting for it, an echo is sent this often.
+    probe_s: float = 0.2
+    # How long a board whose tty has just appeared may take to answer at all (its application's boot).
+    first_answer_s: float = 5.0
 
     def for_command(self, command: McumgrCommand, *, first_chunk: bool = False) -> float:
         """Timeout for one command."""
@@ -516,6 +523,7 @@ class McumgrClient(EngineClient[SmpPacket, McumgrCommand]):
         reply: type[Rsp],
         *,
         first_chunk: bool = False,
+        timeout_s: float | None = None,
     ) -> Rsp:
         """Send one request (built for its seq) and return its validated reply; typed errors otherwise."""
         seq = self._next_seq()
@@ -528,7 +536,9 @@ class McumgrClient(EngineClient[SmpPacket, McumgrCommand]):
         wire = console_bytes(len(packet.encode())) + REPLY_ALLOWANCE_BYTES
         if command is McumgrCommand.READ_OBJECT or command is McumgrCommand.CSR:
             wire += console_bytes(self.params.max_packet)  # the reply carries the data
-        timeout_s = self.timeouts.for_command(command, first_chunk=first_chunk) + self.link.wire_time_s(wire)
+        if timeout_s is None:
+            timeout_s = self.timeouts.for_command(command, first_chunk=first_chunk)
+        timeout_s += self.link.wire_time_s(wire)
         self._in_flight.add(seq)
         try:
             answer = await self._engine.call(seq, command, packet.lines(), timeout_s)
@@ -540,10 +550,13 @@ class McumgrClient(EngineClient[SmpPacket, McumgrCommand]):
 
     # OS group ------------------------------------------------------------------------------
 
-    async def echo(self, text: str) -> str:
-        """Echo: the board answers with the same text (a liveness probe)."""
+    async def echo(self, text: str, *, timeout_s: float | None = None) -> str:
+        """Echo: the board answers with the same text (a liveness probe; ``timeout_s`` per attempt)."""
         rsp = await self.request(
-            McumgrCommand.ECHO, lambda s: EchoWriteRequest(d=text, sequence=s), EchoWriteResponse
+            McumgrCommand.ECHO,
+            lambda s: EchoWriteRequest(d=text, sequence=s),
+            EchoWriteResponse,
+            timeout_s=timeout_s,
         )
         if rsp.r != text:
             raise ProtocolViolationError(f"echo of {text!r} answered {rsp.r!r}")
@@ -613,6 +626,7 @@ class McumgrClient(EngineClient[SmpPacket, McumgrCommand]):
         sha = hashlib.sha256(image).digest()
         offset = 0
         first = True
+        restarts = 0
         while True:
             chunk = self._upload_chunk_size(first)
             data = image[offset : offset + chunk]
@@ -638,6 +652,12 @@ class McumgrClient(EngineClient[SmpPacket, McumgrCommand]):
             if rsp.off is None or not 0 <= rsp.off <= len(image):
                 raise ProtocolViolationError(f"image upload: board reported offset {rsp.off} of {len(image)}")
             first = rsp.off == 0 and offset != 0  # the board restarted the upload: send len and sha again
+            if first:
+                restarts += 1
+                if restarts > MAX_UPLOAD_RESTARTS:
+                    raise BoardResetError(
+                        f"image upload: the board restarted the upload {restarts} times (it keeps resetting)"
+                    )
             offset = rsp.off
             if on_progress is not None:
                 on_progress(offset)

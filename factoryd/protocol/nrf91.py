@@ -241,10 +241,16 @@ class _AtReplies:
         self.engine: RequestEngine[AtFrame, AtCommand] | None = None
         self.boots = 0
         self.urcs: list[str] = []
+        # Until the modem has answered once, Ready is its boot banner (it was still starting when the
+        # tty opened): a command it missed then times out and, being a read, is asked again.
+        self.answered = False
 
     def route(self, frame: AtFrame) -> Route:
         """URCs are events, responses replies."""
-        return Route.EVENT if isinstance(frame, AtUrc) else Route.REPLY
+        if isinstance(frame, AtUrc):
+            return Route.EVENT
+        self.answered = True
+        return Route.REPLY
 
     def reply_key(self, frame: AtFrame) -> int:
         """There is one command at a time."""
@@ -273,7 +279,7 @@ class _AtReplies:
             return
         self.boots += 1
         engine = self.engine
-        if engine is None:
+        if engine is None or not self.answered:
             return
         engine.stats.boots += 1
         for waiter in engine.waiters():
@@ -458,7 +464,7 @@ class Nrf91Client(EngineClient[AtFrame, AtCommand]):
         shown = text if len(text) <= 40 else text[:40] + "..."
         if result.code is ResultCode.ERROR:
             raise AtCommandError(f"{shown} refused by the modem on {self.link.path}: ERROR", None)
-        code = CmeError(result.error)
+        code = CmeError(result.error if result.error is not None else CmeError.UNKNOWN)
         label = code.name if code is not CmeError.UNKNOWN else "unknown"
         raise AtCommandError(
             f"{shown} refused by the modem on {self.link.path}: "

@@ -18,8 +18,10 @@
 - the factoryd provisioning group (docs/protocol-smp.md) on the simulated secure element.
 
 The tty survives a reset, as with a UART bridge (a DK's interface MCU, an FTDI cable); what
-arrives while the board reboots is lost. Timing: every byte of the console framing at the baud
-rate, flash write and erase per KiB, the swap per KiB, the application's boot. Faults are the
+arrives while the board reboots is lost. With ``usb_cdc`` the tty is the application's USB CDC ACM
+device instead, and a reset closes it: the board comes back on whatever PTY serves it next.
+Timing: every byte of the console framing at the baud rate, flash write and erase per KiB, the
+swap per KiB, the application's boot. Faults are the
 ``FaultPlan`` kinds: corrupt byte, dropped reply, hang, reset mid-upload (``reset_mid_write``),
 boot log noise, a long log line (``oversize_frame``), and the CSR / read-back faults.
 """
@@ -273,6 +275,9 @@ class SimMcumgrBoard(SimBoard):
         self.crashing_images: set[bytes] = set()
         # Log lines in the middle of a multi-line reply (a console shared with the logger).
         self.chatty = False
+        # The tty is the application's own USB CDC ACM: a reset takes it away (the PTY closes) and
+        # the board comes back on a new one (whoever serves it next: a hub, a test).
+        self.usb_cdc = False
         # What happened at boots (tests read it): "swapped", "refused: ...", "reverted".
         self.boot_log: list[str] = []
         self.resets = 0
@@ -295,8 +300,12 @@ class SimMcumgrBoard(SimBoard):
         return McumgrPtyBoard(self)
 
     def power_on(self) -> None:
-        """RAM is lost (staged objects, and the upload state unless it survives resets)."""
+        """Power applied: RAM is lost, this period's faults are armed."""
         super().power_on()
+        self.soft_reset()
+
+    def soft_reset(self) -> None:
+        """A reset without a power cycle: RAM is lost (staged objects; the upload state unless kept)."""
         self._staged.clear()
         if not self.resume_after_reset:
             self._upload = None
@@ -524,8 +533,8 @@ class SimMcumgrBoard(SimBoard):
             return _img_error(IMG_DATA_OVERRUN, v2=v2)
         kib = len(data) / 1024
         await self.spend(kib * (timing.flash_write_s_per_kib + timing.flash_erase_s_per_kib))
-        if self.fault(Fault.RESET_MID_WRITE):
-            # Power dips mid-write: this chunk is lost, what was written before stays in flash.
+        if off > 0 and self.fault(Fault.RESET_MID_WRITE):
+            # A reset mid-upload: this chunk is lost, what was written before stays in flash.
             raise BoardReset(None)
         self.secondary += data
         upload.received += len(data)
@@ -624,11 +633,14 @@ class McumgrPtyBoard(PtyEndpoint):
         self._decoder = SmpDecoder()
         self._booting = False
 
-    async def _boot(self) -> None:
+    async def _boot(self, *, power_on: bool = True) -> None:
         board = self.board
         self._booting = True
         try:
-            board.power_on()
+            if power_on:
+                board.power_on()
+            else:
+                board.soft_reset()
             await board.boot_slots()
             await board.spend(board.jittered(board.timing.boot_s))
             if board.fault(Fault.BOOT_GARBAGE):
@@ -656,7 +668,10 @@ class McumgrPtyBoard(PtyEndpoint):
             if isinstance(ack, SmpPacket):
                 await self._send(ack.lines())
             board.resets += 1
-            await self._boot()
+            if board.usb_cdc:
+                self.close()  # the USB device goes away with the reset; it re-enumerates elsewhere
+                return
+            await self._boot(power_on=False)
             return
         if reply is None or board.fault(Fault.DROP_REPLY):
             return

@@ -25,6 +25,7 @@ line), ``boot_garbage``, ``readback_differs`` (stores one byte other than writte
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import random
@@ -61,6 +62,9 @@ CFUN_MODES = frozenset({0, 1, 2, 4, 20, 21, 30, 31, 40, 41, 44})
 CFUN_ACTIVE = frozenset({1, 2, 21})
 MAX_APP_SEC_TAG = 2_147_483_647
 KEY_TYPE = 2
+CLIENT_CERT_TYPE = 1
+# nRF Cloud's security tag, the lot profile's default (LotProfile.sec_tag).
+NRF_CLOUD_SEC_TAG = 16_842_753
 # COSE: ES256 in the protected header, kid -2 (the device identity key) unprotected.
 COSE_SIGN1_TAG = 18
 CBOR_SELF_DESCRIBE_TAG = 55799
@@ -105,8 +109,6 @@ def imei_for(serial: bytes) -> str:
 
 def b64url(data: bytes) -> str:
     """Unpadded base64url, as the modem sends it."""
-    import base64  # noqa: PLC0415 - only here
-
     return base64.urlsafe_b64encode(data).decode("ascii").rstrip("=")
 
 
@@ -257,6 +259,24 @@ class SimNrf91Modem(SimBoard):
             serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
         )
 
+    def stored_certificate(self, sec_tag: int = NRF_CLOUD_SEC_TAG) -> bytes | None:
+        """The DER of the client certificate in a tag (the demo's end-to-end check), or None."""
+        pem = self.store.get((sec_tag, CLIENT_CERT_TYPE))
+        if pem is None:
+            return None
+        try:
+            return x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+        except ValueError:
+            return None
+
+    def stored_device_id(self, sec_tag: int = NRF_CLOUD_SEC_TAG) -> str | None:
+        """The CN of the client certificate in a tag: the device ID the modem was given, or None."""
+        cert_der = self.stored_certificate(sec_tag)
+        if cert_der is None:
+            return None
+        names = x509.load_der_x509_certificate(cert_der).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        return str(names[0].value) if names else None
+
     def urc(self) -> str | None:
         """A URC now, or None (drawn at ``urc_rate``)."""
         if self.urc_rate > 0 and self._urc_rng.random() < self.urc_rate:
@@ -265,8 +285,8 @@ class SimNrf91Modem(SimBoard):
 
     # Commands ------------------------------------------------------------------------------
 
-    async def execute(self, line: str) -> ModemAnswer | None:
-        """Answer one command line; None for no answer. Raises BoardHang / ModemReset."""
+    async def execute(self, line: str) -> ModemAnswer:
+        """Answer one command line. Raises BoardHang / ModemReset."""
         self.commands_handled += 1
         if self.fault(Fault.HANG):
             raise BoardHang
@@ -400,7 +420,7 @@ class SimNrf91Modem(SimBoard):
             serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
         self.keygen_count += 1
-        csr_der = self._csr(key, subject)
+        csr_der = self._modem_csr(key, subject)
         nonce = secrets.token_bytes(16)
         payload = cbor2.dumps(
             cbor2.CBORTag(
@@ -416,7 +436,7 @@ class SimNrf91Modem(SimBoard):
         )
         return [f'%KEYGEN: "{b64url(csr_der)}.{b64url(cose_sign1(self.identity_key, payload))}"']
 
-    def _csr(self, key: ec.EllipticCurvePrivateKey, subject: x509.Name) -> bytes:
+    def _modem_csr(self, key: ec.EllipticCurvePrivateKey, subject: x509.Name) -> bytes:
         if self.fault(Fault.WRONG_CN):
             cn = subject.get_attributes_for_oid(NameOID.COMMON_NAME)
             subject = x509.Name(
@@ -497,8 +517,6 @@ class Nrf91PtyModem(PtyEndpoint):
             board.resets += 1
             self._drain()
             await self._boot()
-            return
-        if answer is None:
             return
         lines = [*answer.lines, answer.final]
         if board.fault(Fault.OVERSIZE_FRAME):

@@ -11,7 +11,8 @@ line longer than the modem's (or the serial bridge's) line buffer. Modem to host
 - intermediate lines are collected until the final result code (``OK``, ``ERROR``,
   ``+CME ERROR: <n>``, ``+CMS ERROR: <n>``) and handed up as one ``AtResponse``;
 - unsolicited result codes (``+CEREG:``, ``%XSIM:``, ``Ready`` at boot, ...) are handed up as
-  ``AtUrc`` the moment they arrive, never mixed into a response;
+  ``AtUrc`` the moment they arrive, never mixed into a response; ``Ready`` also drops the lines
+  collected before it (a rebooted modem finishes no answer);
 - the echo of our own command (a line starting with ``AT``) is dropped and counted;
 - a line with bytes outside printable ASCII is garbage (counted in ``take_errors``); a line
   longer than ``max_line`` is dropped whole (the buffer never grows beyond it).
@@ -255,6 +256,10 @@ class AtDecoder:
             out.append(AtResponse(tuple(self._lines), result))
             self._lines = []
         elif is_urc(line):
+            if line == READY_URC and self._lines:
+                # The modem rebooted: the lines before answer nothing any more.
+                self._malformed(sum(len(x) for x in self._lines))
+                self._lines = []
             self.urcs += 1
             self.stats.frames += 1
             out.append(AtUrc(line))

@@ -16,6 +16,7 @@ with atheris.instrument_imports():
     from factoryd.errors import ProtocolViolationError
     from factoryd.protocol.messages import (
         REQUEST_TYPES,
+        AttestedKeyReply,
         BoardInfo,
         CsrReply,
         DataReply,
@@ -27,6 +28,7 @@ with atheris.instrument_imports():
 
 PARSERS = [
     *REQUEST_TYPES.values(),
+    AttestedKeyReply,
     BoardInfo,
     CsrReply,
     DataReply,

@@ -29,6 +29,7 @@ REASON_TEXT: dict[str, str] = {
     "challenge_failed": "The board could not prove it holds its new key. Put it aside.",
     "verification": "The board's answer failed a check. Put it aside.",
     "firmware_rejected": "The board refused the firmware image. Tell the supervisor.",
+    "firmware_reverted": "The board did not keep the new firmware (refused, reverted). Tell the supervisor.",
     "board_locked": "The board's secure element is already locked. Put it aside.",
     "board_busy": "The board stayed busy. Reseat it and retry.",
     "board_status": "The board reported an error. Reseat it and retry.",
