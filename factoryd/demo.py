@@ -59,6 +59,7 @@ from factoryd.pki.passphrase import DEFAULT_PASSPHRASE_ENV
 from factoryd.pki.store import BundleStore
 from factoryd.pki.testca import make_test_pki
 from factoryd.protocol.messages import ObjectId
+from factoryd.protocol.nrf91 import NRF_CLOUD_SEC_TAG
 from factoryd.service import (
     StationPaths,
     export_manifest,
@@ -73,7 +74,6 @@ from factoryd.sim.bootloader import DEFAULT_SLOT_BYTES
 from factoryd.sim.hub import SimHub
 from factoryd.sim.mcuboot_signer import sign_image
 from factoryd.sim.mcumgr import McumgrTiming, SimMcumgrBoard
-from factoryd.sim.nrf91 import NRF_CLOUD_SEC_TAG as SIM_NRF_SEC_TAG
 from factoryd.sim.nrf91 import SimNrf91Modem, nrf91_timing
 from factoryd.sim.secure_element import SimSecureElement, SimVendorCa, seeded_se_serial
 from factoryd.telemetry.figures import FAILED_OUTCOMES, JobCounts, Rate
@@ -696,7 +696,7 @@ def check_provisioned(
     point = key.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
     # An nRF91 modem keeps the key in its credential store, not in a secure-element slot.
     held = (
-        board.key_public_point(SIM_NRF_SEC_TAG)
+        board.key_public_point(NRF_CLOUD_SEC_TAG)
         if isinstance(board, SimNrf91Modem)
         else board.se.public_point(0)
     )

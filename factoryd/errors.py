@@ -20,7 +20,8 @@ inherit :class:`TimeoutError` so ``except TimeoutError`` keeps working.
     │   ├── LinkClosedError               the tty vanished or was closed
     │   ├── LinkOpenError                 the tty could not be opened
     │   └── FrameError                    a frame failed to decode (COBS, size, header)
-    │       └── CrcError                  the frame's CRC does not match
+    │       ├── CrcError                  the frame's CRC does not match
+    │       └── SmpFramingError           transport/smp_framing.py: an SMP console frame or packet
     ├── BoardError                        the board protocol layer
     │   ├── BoardTimeoutError             no reply after every resend  (+ TimeoutError, transient)
     │   ├── ProtocolViolationError        a malformed or unexpected reply (transient)
@@ -29,7 +30,9 @@ inherit :class:`TimeoutError` so ``except TimeoutError`` keeps working.
     │   ├── BoardStatusError              the board answered with an error status
     │   │   ├── BoardBusyError            (transient)
     │   │   ├── BoardLockedError          the secure element is locked
+    │   │   ├── AtCommandError            protocol/nrf91.py: ERROR / +CME ERROR from the modem
     │   │   └── FirmwareRejectedError     the bootloader refused the image
+    │   │       └── FirmwareRevertedError jobs/mcumgr.py: the board reverted to its old image
     │   └── VerificationError             a reply that decodes but must not be trusted:
     │       ├── CsrRejectedError          bad CSR signature, wrong CN, not P-256, extensions
     │       ├── ReadbackMismatchError     an object read back differs from what was written
@@ -59,6 +62,7 @@ inherit :class:`TimeoutError` so ``except TimeoutError`` keeps working.
     ├── TokenRejectedError                api/errors.py: an API token is unknown, expired or revoked
     ├── ApiCallError                      api/client.py: the CLI's call to the local API failed
     ├── CloudError                        cloud/errors.py: a cloud refused or failed a call (resumable)
+    │   └── ThrottledError                cloud/aws.py: AWS kept throttling past the backoff budget
     └── JobError                          a provisioning job ended without success
         ├── JobAbortedError               stopped by the operator or shutdown
         └── RefusedBoardError             the board may not be provisioned (already done, rework off)

@@ -15,17 +15,21 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography import x509
+
 from factoryd.config import Settings
 from factoryd.errors import BundleError, ConfigError, InputError
 from factoryd.files import write_private
 from factoryd.firmware import FirmwareStore
 from factoryd.jobs.lots import cert_profile, lot_signer
+from factoryd.jobs.profiles import board_profile
 from factoryd.ledger import Ledger
 from factoryd.ledger.model import LotInfo
 from factoryd.pki.attestation import ATTESTATION_DIRNAME, AttestationRootStore, load_attestation_roots
-from factoryd.pki.bundle import CaBundle, load_pem_bundle, load_pkcs12_bundle
+from factoryd.pki.bundle import CaBundle, chain_pem, load_pem_bundle, load_pkcs12_bundle
 from factoryd.pki.crl import DEFAULT_NEXT_UPDATE_DAYS, MAX_NEXT_UPDATE_DAYS, CrlEntry, SignedCrl, build_crl
 from factoryd.pki.manifest import SignedManifest, build_manifest
+from factoryd.pki.parts import PartsManifestError, PartsStore, verify_parts_manifest
 from factoryd.pki.passphrase import load_passphrase
 from factoryd.pki.pkcs11 import Pkcs11Signer
 from factoryd.pki.signer import Signer
@@ -132,8 +136,17 @@ def parse_bundle(
     if data.lstrip().startswith(b"-----BEGIN"):
         if key_pem is None:
             raise BundleError("a PEM bundle needs the encrypted private key (PKCS#8 PEM) as well")
-        return load_pem_bundle(key_pem, data, upload_passphrase, trust_anchors=trust_anchors, profile=profile)
-    return load_pkcs12_bundle(data, upload_passphrase, profile=profile)
+        bundle = load_pem_bundle(
+            key_pem, data, upload_passphrase, trust_anchors=trust_anchors, profile=profile
+        )
+    else:
+        bundle = load_pkcs12_bundle(data, upload_passphrase, profile=profile)
+    # What the lot's boards cannot take (e.g. a chain longer than an nRF91 AT line) is refused here,
+    # at lot set-up, not on the line.
+    check_chain = board_profile(lot.profile.protocol).check_chain
+    if check_chain is not None:
+        check_chain(lot.profile, chain_pem(bundle), f"lot {lot.name}")
+    return bundle
 
 
 def store_bundle(paths: StationPaths, passphrase: bytes, lot: str, bundle: CaBundle) -> Path:
@@ -234,6 +247,28 @@ def store_attestation_roots(paths: StationPaths, ledger: Ledger, lot: str, data:
         details={"roots": [r.subject.rfc4514_string() for r in roots]},
     )
     return len(roots)
+
+
+def store_parts_manifest(
+    paths: StationPaths, ledger: Ledger, lot: str, data: bytes, signers_pem: list[bytes], *, actor: str
+) -> int:
+    """Verify a vendor parts manifest against pinned signers (refused whole) and store serial → key."""
+    info = ledger.get_lot(lot)
+    signers = []
+    for pem in signers_pem:
+        try:
+            signers += x509.load_pem_x509_certificates(pem)
+        except ValueError:
+            raise PartsManifestError("a --signer file is not a PEM certificate") from None
+    parts = verify_parts_manifest(data, signers)
+    PartsStore(paths.attestation).save(info.name, parts)
+    ledger.audit(
+        actor=actor,
+        action="lot.parts_manifest",
+        subject=info.name,
+        details={"parts": len(parts), "signers": [s.subject.rfc4514_string() for s in signers]},
+    )
+    return len(parts)
 
 
 def firmware_store(paths: StationPaths) -> FirmwareStore:

@@ -119,6 +119,13 @@ def test_an_oversize_line_is_dropped_and_the_buffer_stays_capped() -> None:
     assert decoder.stats.oversize == 1
 
 
+def test_an_oversize_line_arriving_at_once_is_dropped_too() -> None:
+    decoder = AtDecoder(max_line=64)
+    assert decoder.feed(b"~" * 100 + b"\r\n12345\r\nOK\r\n") == [AtResponse(("12345",), OK)]
+    assert decoder.stats.oversize == 1
+    assert decoder.take_errors() == 1
+
+
 def test_flush_drops_half_lines_and_collected_lines() -> None:
     decoder = AtDecoder()
     decoder.feed(b"line one\r\nhalf a li")
@@ -150,7 +157,9 @@ def test_command_decoder_reports_a_line_too_long_for_the_modem() -> None:
 
 
 # Lines a modem sends, and what the decoder must make of them.
-_urcs = st.sampled_from(['+CEREG: 2,"76C1","0102DA04",7', "%XSIM: 1", "+CSCON: 0", "%MDMEV: PRACH CE-LEVEL 0"])
+_urcs = st.sampled_from(
+    ['+CEREG: 2,"76C1","0102DA04",7', "%XSIM: 1", "+CSCON: 0", "%MDMEV: PRACH CE-LEVEL 0"]
+)
 _text = st.text(st.sampled_from("ABCDEFabcdef0123456789+/=_-: ,"), min_size=1, max_size=60).filter(
     lambda t: t.strip() != "" and parse_result(t.strip()) is None and t.strip()[:2].upper() != "AT"
 )

@@ -7,18 +7,25 @@ ATTENTION; genuine boards provision with the attested key, and the evidence reac
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from sqlmodel import Session, col, select
 
 from factoryd.jobs.scheduler import Station
 from factoryd.ledger import Ledger
 from factoryd.ledger.tables import AuditEntryRow
+from factoryd.pki.parts import PartsStore, sign_parts_entry, verify_parts_manifest
+from factoryd.pki.testca import make_ca_cert
 from factoryd.protocol.messages import ObjectId
+from factoryd.service import StationPaths
 from factoryd.sim.board import IMPOSTOR_REASONS, Impostor, SimBoard, equip_attestation
 from factoryd.sim.secure_element import SimVendorCa
 from tests.helpers.station import LOT, Line, make_line
@@ -137,3 +144,73 @@ async def test_a_lot_without_attestation_still_uses_genkey(tmp_path: Path) -> No
     assert station.outcomes == Counter({"provisioned": 1})
     with line.ledger() as ledger:
         assert _audit(ledger, "board.attested") == []
+
+
+# Pre-registered parts (a vendor's parts manifest) ---------------------------------------------------
+
+
+def _registered_board(line: Line) -> SimBoard:
+    """A Trust&GO-style part: its identity key made at the vendor, before it reaches the line."""
+    board = line.board()
+    board.se.genkey(0)
+    return board
+
+
+def _register(line: Line, boards: list[SimBoard]) -> None:
+    """Store the lot's parts manifest, as `factoryd lots parts` does after verifying it."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "Test Manifest Signer")])
+    now = dt.datetime.now(dt.UTC)
+    signer = make_ca_cert(
+        name, key, serial=5, not_before=now - dt.timedelta(days=1), not_after=now + dt.timedelta(days=9)
+    )
+    entries = [sign_parts_entry(b.serial_hex, b.se.public_point(0), key, signer) for b in boards]
+    parts = verify_parts_manifest(json.dumps(entries).encode(), [signer])
+    PartsStore(StationPaths(line.settings.station.state_dir).attestation).save(LOT, parts)
+
+
+async def test_registered_parts_provision_with_their_own_key(tmp_path: Path) -> None:
+    line = await make_line(tmp_path, attestation=True)
+    boards = [_registered_board(line) for _ in range(3)]
+    keys = {b.serial_hex: b.se.public_point(0) for b in boards}
+    _register(line, boards)
+    supply = iter(boards)
+    hub = line.hub(ports=2, supply=3, factory=lambda: next(supply))
+    station = await line.run(hub)
+    assert station.outcomes == Counter({"provisioned": 3})
+    for board in hub.finished:
+        # No GENKEY: the certificate carries the key the vendor registered.
+        cert = x509.load_der_x509_certificate(board.se.objects[ObjectId.DEVICE_CERT])
+        point = cert.public_key().public_bytes(
+            serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+        )
+        assert point == keys[board.serial_hex]
+    with line.ledger() as ledger:
+        attested = _audit(ledger, "board.attested")
+    assert {d["method"] for _, d in attested} == {"parts_manifest"}
+    assert all(len(str(d["parts_entry_id"])) == 64 for _, d in attested)
+
+
+@pytest.mark.parametrize("kind", ["unregistered", "wrong_key"])
+async def test_unregistered_or_rekeyed_parts_are_refused(tmp_path: Path, kind: str) -> None:
+    line = await make_line(tmp_path, attestation=True)
+    registered = _registered_board(line)
+    _register(line, [registered])
+    board = _registered_board(line)
+    if kind == "wrong_key":
+        board.claimed_serial = registered.se.serial  # a registered serial, but its own key
+    with line.ledger() as ledger:
+        before = ledger.progress(LOT)
+    hub = line.hub(ports=1, supply=0)
+    hub.insert("1", board)
+
+    def finished(station: Station) -> bool:
+        return bool(station.results)
+
+    station = await line.run(hub, finished)
+    [result] = station.results
+    expected = "attestation_unregistered" if kind == "unregistered" else "attestation_key"
+    assert (result.outcome, result.reason) == ("refused", expected)
+    with line.ledger() as ledger:
+        after = ledger.progress(LOT)
+    assert (after.available, after.reserved) == (before.available, 0)

@@ -128,7 +128,8 @@ def test_ids_the_subject_template_cannot_hold_are_refused_at_import(ledger: Ledg
     """Found when the list comes in, not when an ID is already reserved to a board."""
     lot = fresh_lot(ledger, LotProfile(subject="serialNumber={meta.sn}, CN={id}"))
     good, other = str(uuid.uuid4()), str(uuid.uuid4())
-    with pytest.raises(IdListError, match=r"line 3: .*serialNumber '' is empty .*subject template\); nothing was imported"):
+    empty_column = r"line 3: .*serialNumber '' is empty .*subject template\); nothing was imported"
+    with pytest.raises(IdListError, match=empty_column):
         ledger.import_ids(lot, f"id,sn\n{good},SN-1\n{other},\n".encode(), filename="a.csv", actor=ACTOR)
     with pytest.raises(IdListError, match=r"line 2: .*subject template"):
         ledger.import_ids(lot, f'id,sn\n{good},"SN,1"\n'.encode(), filename="b.csv", actor=ACTOR)

@@ -185,3 +185,23 @@ async def test_challenge_signature_verifies_with_the_generated_key(client: Mcumg
     der = encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
     key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
     key.verify(der, challenge, ec.ECDSA(hashes.SHA256()))  # raises InvalidSignature otherwise
+
+
+async def test_factoryd_sim_board_profile_mcumgr_prints_a_tty_that_speaks_smp() -> None:
+    import asyncio
+    import sys
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "factoryd", "sim", "board", "--profile", "mcumgr",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        path = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode().strip()
+        assert path.startswith("/dev/pts/")
+        async with await McumgrClient.open(path, timeouts=FAST) as client:
+            assert await client.echo("over the CLI") == "over the CLI"
+            assert len((await client.identity()).serial) == 9
+    finally:
+        proc.terminate()
+        await proc.wait()

@@ -182,9 +182,12 @@ async def test_a_reinserted_board_is_rechecked_without_a_second_upload(tmp_path:
 
 
 @pytest.mark.parametrize(
-    ("fault", "reason"), [(Fault.WRONG_CN, "csr_rejected"), (Fault.WEAK_KEY, "csr_rejected")]
+    ("fault", "reason"),
+    [(Fault.WRONG_CN, "csr_rejected"), (Fault.WEAK_KEY, "csr_rejected"), (Fault.HANG, "board_timeout")],
 )
-async def test_bad_csrs_fail_for_good(tmp_path: Path, fault: Fault, reason: str) -> None:
+async def test_permanent_board_faults_fail_with_their_reason(
+    tmp_path: Path, fault: Fault, reason: str
+) -> None:
     line = await mcumgr_line(tmp_path)
     board = mcumgr_board(line, FaultPlan.only(fault))
     hub = line.hub(ports=1, supply=0)
@@ -192,6 +195,13 @@ async def test_bad_csrs_fail_for_good(tmp_path: Path, fault: Fault, reason: str)
     station = await line.run(hub)
     assert station.outcomes == Counter({"failed": 1})
     assert station.results[0].reason == reason
+    with line.ledger() as ledger:
+        record = ledger.find_by_serial(LOT, board.serial_hex)
+    if fault is Fault.HANG:
+        assert record is None  # it never answered: no ID was touched
+    else:
+        assert record is not None  # the ID stays bound to this board (rule 1)
+        assert record.state is DeviceState.RESERVED
 
 
 async def test_transient_faults_on_the_line_recover(tmp_path: Path) -> None:
@@ -269,5 +279,40 @@ async def test_a_usb_cdc_board_whose_tty_vanishes_at_reset_is_found_again(tmp_pa
             assert session.client.link.path == hub.paths[-1]
     assert len(hub.paths) == 1
     assert board.primary_image() is not None
+    assert board.fw_sha256 == firmware.sha256
+    assert board.primary_confirmed
+
+
+async def test_an_upload_cut_by_a_slow_reboot_resumes_from_the_boards_offset(tmp_path: Path) -> None:
+    import asyncio
+
+    from factoryd.firmware import LotFirmware
+    from factoryd.jobs.pipeline import PipelineSettings
+    from factoryd.mcuboot import verify_image
+    from factoryd.protocol.native import Timeouts
+    from factoryd.sim.mcuboot_signer import sign_image
+    from factoryd.sim.mcumgr import McumgrTiming
+    from factoryd.sim.pty import serve_pty
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    data = sign_image(b"\x29" * 12000, key, "2.0.0")
+    firmware = LotFirmware(data, verify_image(data, key.public_key()), b"")
+    # The reboot outlasts every resend of the chunk the reset cut (4 x 0.3 s): the upload call fails,
+    # the job waits for the board and starts the upload again; the board answers with its offset.
+    board = SimMcumgrBoard(
+        firmware_key=key.public_key(),
+        timing=McumgrTiming(boot_s=1.5),
+        faults=FaultPlan(reset_mid_write=1.0, per_power_on=True, seed=4),
+    )
+    fast = Timeouts(hello_s=0.1)  # scales the SMP timeouts by 0.1: upload chunks 0.3 s
+    settings = PipelineSettings(station="test", timeouts=fast)
+    async with serve_pty(board) as pty:
+        session = McumgrSession(None, "1", pty.path, settings)  # type: ignore[arg-type]
+        async with session:
+            await session.identify()
+            await asyncio.wait_for(session._update(firmware, await session.client.image_state()), 30)
+    assert board.injected[Fault.RESET_MID_WRITE] == 1
+    assert board.upload_resumes == 1
+    assert board.upload_bytes_received == len(data)  # nothing sent twice
     assert board.fw_sha256 == firmware.sha256
     assert board.primary_confirmed

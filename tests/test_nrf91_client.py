@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import io
+import sys
 import types
 from collections.abc import AsyncIterator
 
@@ -19,12 +20,14 @@ from factoryd.errors import BoardResetError, BoardTimeoutError, ProtocolViolatio
 from factoryd.jobs.nrf91 import (
     check_keygen,
     csr_without_null_parameter,
+    parse_attestation_token,
     parse_keygen_cose,
     pem_text,
     sha256_upper,
 )
 from factoryd.jobs.pipeline import restart_job, retry_in_step
 from factoryd.protocol.nrf91 import (
+    AtCommand,
     AtCommandError,
     CmeError,
     CredentialType,
@@ -144,6 +147,44 @@ async def test_keygen_failure_523_is_transient() -> None:
     assert failed.value.transient
 
 
+@pytest.mark.parametrize(
+    ("cme", "transient", "reason"),
+    [
+        (513, False, "cme_not_found"),
+        (514, False, "cme_no_access"),
+        (515, False, "cme_memory_full"),
+        (518, True, "cme_active"),
+        (519, False, "cme_exists"),
+        (523, True, "cme_keygen_failed"),
+        (528, True, "cme_power_off_warning"),
+        (999, False, "cme_unknown"),
+        (None, True, "at_error"),
+    ],
+)
+def test_cme_codes_map_to_transient_or_permanent(cme: int | None, transient: bool, reason: str) -> None:
+    error = AtCommandError("x", cme)
+    assert error.transient is transient
+    assert error.reason == reason
+    assert retry_in_step(error) is transient
+
+
+async def test_a_security_tag_of_the_modem_is_refused_with_514() -> None:
+    async with modem_client(SimNrf91Modem()) as client:
+        with pytest.raises(AtCommandError) as refused:
+            await client.command(AtCommand.CMNG_DELETE, "AT%CMNG=3,2147483650,0")
+    assert refused.value.cme is CmeError.NO_ACCESS
+
+
+async def test_boot_noise_and_an_oversize_junk_line_do_not_hide_the_answer() -> None:
+    modem = SimNrf91Modem(faults=FaultPlan(boot_garbage=1.0, oversize_frame=1.0))
+    async with modem_client(modem) as client:
+        assert await client.imei() == modem.imei
+        decoder = client.link.decoder
+    assert decoder.stats.oversize >= 1
+    assert decoder.stats.garbage_bytes > 9000
+    assert modem.injected[Fault.BOOT_GARBAGE] == 1
+
+
 async def test_a_hung_modem_times_out_with_nothing_left_behind() -> None:
     modem = SimNrf91Modem(faults=FaultPlan.only(Fault.HANG))
     async with serve_nrf91_pty(modem) as pty, await Nrf91Client.open(pty.path, timeouts=FAST) as client:
@@ -226,11 +267,15 @@ async def test_csr_with_a_null_parameter_is_re_encoded_and_still_verifies() -> N
     assert x509.load_der_x509_csr(fixed).is_signature_valid
 
 
-async def test_attestation_token() -> None:
-    async with modem_client(SimNrf91Modem()) as client:
-        body, cose = await client.attestation_token()
-    assert body
-    assert cose[:1] == b"\xd2"  # CBOR tag 18
+async def test_attestation_token_verifies_with_the_identity_key_only() -> None:
+    modem = SimNrf91Modem()
+    async with modem_client(modem) as client:
+        token = parse_attestation_token(*await client.attestation_token())
+    assert token.device_uuid == modem.device_uuid
+    assert token.verify(modem.identity_key.public_key())
+    assert not token.verify(SimNrf91Modem().identity_key.public_key())
+    with pytest.raises(ProtocolViolationError, match="identity message"):
+        parse_attestation_token(b"\x01", b"\x01")
 
 
 def test_cose_that_is_not_cbor_is_a_protocol_violation() -> None:
@@ -324,3 +369,21 @@ async def test_nrfcredstore_writes_lists_and_deletes_and_agrees_with_our_client(
     # The delete went through: only the key nrfcredstore's KEYGEN made is left in the tag.
     assert [(t, k) for t, k, _ in after_delete] == [(TAG, 2)]
     assert pem_text(written) == PEM
+
+
+async def test_sim_board_cli_serves_a_modem_on_a_tty() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "factoryd", "sim", "board", "--profile", "nrf91-at",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        path = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode().strip()
+        async with await Nrf91Client.open(path, timeouts=FAST) as client:
+            imei = await client.imei()
+            firmware = await client.modem_firmware()
+        assert luhn_ok(imei)
+        assert firmware.version >= (1, 3, 2)
+    finally:
+        proc.terminate()
+        await proc.wait()

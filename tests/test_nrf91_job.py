@@ -15,21 +15,24 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from pydantic import ValidationError
 
 from factoryd.config import Settings
 from factoryd.daemon import Daemon, DaemonHooks
 from factoryd.demo import DemoOptions, demo_settings, run_demo, simulated_operator
-from factoryd.errors import BundleError
-from factoryd.jobs.nrf91 import check_chain_fits, pem_text, sha256_upper
+from factoryd.errors import BundleError, IssuanceError
+from factoryd.jobs.nrf91 import Nrf91Session, check_chain_fits, pem_text, sha256_upper
+from factoryd.jobs.pipeline import PipelineSettings
 from factoryd.jobs.scheduler import Station
 from factoryd.ledger import Ledger, LotProfile, LotState
 from factoryd.ledger.model import DeviceState
+from factoryd.pki.bundle import load_pkcs12_bundle
 from factoryd.pki.testca import make_test_pki
 from factoryd.protocol.nrf91 import CredentialType
 from factoryd.service import StationPaths, parse_bundle, store_bundle
 from factoryd.sim.board import Fault, FaultPlan
 from factoryd.sim.hub import SimHub
-from factoryd.sim.nrf91 import SimNrf91Modem
+from factoryd.sim.nrf91 import SimNrf91Modem, serve_nrf91_pty
 from factoryd.sim.secure_element import SimSecureElement, seeded_se_serial
 
 LOT = "nrf-lot"
@@ -58,26 +61,38 @@ class ModemLine:
             return await Daemon(self.settings, hooks).run()
 
 
-def _prepare(settings: Settings, passphrase: bytes, profile: LotProfile, ids: int, chain_extra: int) -> None:
+def _prepare(
+    settings: Settings,
+    passphrase: bytes,
+    profile: LotProfile,
+    ids: int,
+    chain_extra: int,
+    *,
+    check: bool = True,
+) -> None:
     upload = secrets.token_urlsafe(12).encode()
     pki = make_test_pki(passphrase=upload)
     paths = StationPaths(settings.station.state_dir)
     paths.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     with Ledger.open(settings.ledger_url) as ledger:
         lot = ledger.create_lot(LOT, customer="acme", profile=profile, target_quantity=ids, actor="test")
-        store_bundle(paths, passphrase, LOT, parse_bundle(pki.pkcs12, upload, lot))
+        # check=False stores the bundle past the set-up checks (as a station of an older version did).
+        bundle = parse_bundle(pki.pkcs12, upload, lot) if check else load_pkcs12_bundle(pki.pkcs12, upload)
+        store_bundle(paths, passphrase, LOT, bundle)
         listing = "\n".join(str(uuid.uuid4()) for _ in range(ids))
         ledger.import_ids(LOT, listing.encode(), filename="ids.txt", actor="test")
         ledger.set_lot_state(LOT, LotState.ACTIVE, actor="test")
 
 
-async def make_modem_line(tmp_path: Path, *, ids: int = 24, ports: int = 4, **profile: Any) -> ModemLine:
+async def make_modem_line(
+    tmp_path: Path, *, ids: int = 24, ports: int = 4, check: bool = True, **profile: Any
+) -> ModemLine:
     """An SQLite ledger with an active nrf91-at lot (test CA, UUID list) under tmp_path."""
     options = DemoOptions(state_dir=tmp_path, boards=ids, ports=ports, lot=LOT)
     settings = demo_settings(options, tmp_path)
     passphrase = secrets.token_urlsafe(16).encode()
     lot_profile = LotProfile(protocol="nrf91-at", **profile)
-    await asyncio.to_thread(_prepare, settings, passphrase, lot_profile, ids, 0)
+    await asyncio.to_thread(_prepare, settings, passphrase, lot_profile, ids, 0, check=check)
     return ModemLine(settings, passphrase)
 
 
@@ -231,8 +246,22 @@ def test_a_chain_too_long_for_the_line_is_refused_naming_the_limit() -> None:
         check_chain_fits(LotProfile(protocol="nrf91-at", at_line_max_bytes=1024), chain, lot="lot x")
 
 
+def test_a_bundle_whose_chain_cannot_fit_is_refused_at_lot_set_up(tmp_path: Path) -> None:
+    """The chain is checked when the bundle is stored, not on the line (CLI and API both parse here)."""
+    upload = b"upload-passphrase"
+    pki = make_test_pki(passphrase=upload)
+    with Ledger.open(f"sqlite:///{tmp_path / 'ledger.db'}") as ledger:
+        profile = LotProfile(protocol="nrf91-at", at_line_max_bytes=1024)
+        lot = ledger.create_lot(LOT, customer="acme", profile=profile, target_quantity=1, actor="test")
+        with pytest.raises(BundleError, match=rf"lot {LOT}: .*more than the 1024-byte AT line"):
+            parse_bundle(pki.pkcs12, upload, lot)
+        roomy = ledger.create_lot("roomy", customer="acme", profile=LotProfile(protocol="nrf91-at"),
+                                  target_quantity=1, actor="test")  # fmt: skip
+        assert parse_bundle(pki.pkcs12, upload, roomy).chain
+
+
 async def test_a_lot_whose_chain_cannot_fit_reserves_no_id_and_makes_no_key(tmp_path: Path) -> None:
-    line = await make_modem_line(tmp_path, ids=2, ports=1, at_line_max_bytes=1024)
+    line = await make_modem_line(tmp_path, ids=2, ports=1, check=False, at_line_max_bytes=1024)
     modem = SimNrf91Modem()
     station = await line.run(modems(lambda: modem, ports=1, supply=1))
     assert station.outcomes == Counter({"failed": 1})
@@ -271,3 +300,53 @@ async def test_demo_with_the_nrf91_profile(tmp_path: Path) -> None:
     # The demo checked every device end to end: CA signature, CN, certificate and key in the modem.
     assert result.certificates_verified == result.lot_provisioned == result.provisioned
     assert result.manifest_count == result.provisioned
+
+
+def _identity_pem(modem: SimNrf91Modem) -> str:
+    return (
+        modem.identity_key.public_key()
+        .public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+        .decode("ascii")
+    )
+
+
+async def test_a_lot_with_identity_keys_checks_each_modems_attestation(tmp_path: Path) -> None:
+    genuine, impostor, unlisted = SimNrf91Modem(), SimNrf91Modem(), SimNrf91Modem()
+    keys = {
+        genuine.device_uuid.hex(): _identity_pem(genuine),
+        # The impostor claims a listed UUID but signs with another key.
+        impostor.device_uuid.hex(): _identity_pem(unlisted),
+    }
+    line = await make_modem_line(tmp_path, ids=4, ports=1, nrf91_identity_keys=keys)
+    supply = iter([genuine, impostor, unlisted])
+    station = await line.run(modems(lambda: next(supply), ports=1, supply=3))
+    by_serial = {r.hw_serial: r for r in station.results}
+    assert by_serial[genuine.serial_text].outcome == "provisioned"
+    # Both are refused on their attestation token, before an ID is reserved and a key is made.
+    assert by_serial[impostor.serial_text].outcome == "refused"
+    assert by_serial[unlisted.serial_text].outcome == "refused"
+    assert impostor.keygen_count == unlisted.keygen_count == 0
+    with line.ledger() as ledger:
+        progress = ledger.progress(LOT)
+    assert (progress.provisioned, progress.reserved) == (1, 0)
+
+
+def test_identity_keys_must_be_p256_keys_by_device_uuid() -> None:
+    with pytest.raises(ValidationError, match="not a device UUID"):
+        LotProfile(protocol="nrf91-at", nrf91_identity_keys={"xyz": "-----BEGIN PUBLIC KEY-----"})
+    with pytest.raises(ValidationError, match="not a PEM public key"):
+        LotProfile(protocol="nrf91-at", nrf91_identity_keys={"00" * 16: "nope"})
+
+
+async def test_a_write_longer_than_the_line_limit_writes_nothing() -> None:
+    modem = SimNrf91Modem()
+    async with (
+        serve_nrf91_pty(modem) as pty,
+        Nrf91Session(SimHub(1, SimNrf91Modem), "1", pty.path, PipelineSettings(station="t")) as session,
+    ):
+        await session.identify()
+        session.client.max_line = 300
+        contents = {CredentialType.ROOT_CA: "A" * 100, CredentialType.CLIENT_CERT: "B" * 400}
+        with pytest.raises(IssuanceError, match="more than the 300-byte line limit"):
+            await session._write_verified(TAG, contents)
+    assert modem.credential(TAG, CredentialType.ROOT_CA) is None

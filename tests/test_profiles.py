@@ -18,8 +18,8 @@ from factoryd.sim.board import SimBoard
 from factoryd.sim.profiles import SIM_BOARDS
 
 
-def test_the_two_profiles_are_registered() -> None:
-    assert profile_names() == ("factoryd-v1", "arduino-v1")
+def test_the_four_profiles_are_registered() -> None:
+    assert profile_names() == ("factoryd-v1", "arduino-v1", "mcumgr", "nrf91-at")
 
 
 @pytest.mark.parametrize("name", list(PROFILES))
@@ -49,15 +49,17 @@ def test_session_protocol_names_what_the_pipeline_calls() -> None:
 
 
 def test_unknown_profile_is_refused_with_the_known_names() -> None:
-    with pytest.raises(ValueError, match=r"unknown board profile 'mcumgr'; known: factoryd-v1, arduino-v1"):
-        board_profile("mcumgr")
+    with pytest.raises(
+        ValueError, match=r"unknown board profile 'esp-idf'; known: factoryd-v1, arduino-v1, mcumgr, nrf91-at"
+    ):
+        board_profile("esp-idf")
 
 
 def test_lot_profile_refuses_an_unknown_protocol_naming_the_known_ones() -> None:
     with pytest.raises(
-        ValidationError, match=r"unknown board protocol 'nrf91-at'; known: factoryd-v1, arduino-v1"
+        ValidationError, match=r"unknown board protocol 'esp-idf'; known: factoryd-v1, arduino-v1, mcumgr"
     ):
-        LotProfile(protocol="nrf91-at")
+        LotProfile(protocol="esp-idf")
     assert LotProfile(protocol="arduino-v1").protocol == "arduino-v1"
     assert LotProfile().protocol == "factoryd-v1"
 

@@ -216,3 +216,13 @@ def test_round_trip_with_noise_in_any_chunking(
     for i in range(0, len(stream), chunk):
         out += decoder.feed(stream[i : i + chunk])
     assert out == frames
+
+
+@given(st.binary(max_size=3000), st.integers(1, 200))
+def test_random_bytes_never_raise_and_the_buffer_stays_capped(data: bytes, chunk: int) -> None:
+    decoder = SmpDecoder()
+    for i in range(0, len(data), chunk):
+        decoder.feed(data[i : i + chunk])
+    assert len(decoder._line) <= MAX_PENDING_LINE_BYTES
+    # Whatever came before, a complete frame on a fresh line still decodes.
+    assert decoder.feed(b"\n" + ECHO_HI)[-1:] == [decode_console(ECHO_HI)]

@@ -147,6 +147,31 @@ def lots_attestation_roots(
     typer.echo(f"lot {name} trusts {count} attestation root(s) from {roots_file}")
 
 
+@app.command("parts")
+def lots_parts(
+    name: str,
+    manifest_file: Annotated[Path, typer.Argument(help="The chip vendor's parts manifest (JWS entries).")],
+    signer: Annotated[
+        list[Path], typer.Option("--signer", help="A pinned manifest-signer certificate (PEM); repeatable.")
+    ],
+    config: ConfigOption = None,
+) -> None:
+    """Verify a vendor's parts manifest (every entry's signature), store serial → key; refused whole."""
+    from factoryd.service import StationPaths, store_parts_manifest  # noqa: PLC0415
+
+    paths = StationPaths(state_dir_settings(config).station.state_dir)
+    data = read_input(manifest_file)
+    signers = [read_input(path) for path in signer]
+    with open_ledger(config) as ledger:
+        try:
+            count = store_parts_manifest(paths, ledger, name, data, signers, actor="cli")
+        except InputError as exc:
+            fail(f"{manifest_file}: refused, nothing stored: {exc}")
+        except FactorydError as exc:
+            fail(str(exc))
+    typer.echo(f"lot {name} has {count} pre-registered parts from {manifest_file}")
+
+
 @app.command("firmware")
 def lots_firmware(
     name: str,

@@ -234,7 +234,7 @@ class _StoppedError(Exception):
     """A task not started because another one crashed the run."""
 
 
-class _ThrottledError(CloudError):
+class ThrottledError(CloudError):
     """AWS kept throttling (or failing) one call past the backoff budget: stop the run, rerun later."""
 
 
@@ -297,7 +297,7 @@ class AwsRegistrar:
     # -- calls ---------------------------------------------------------------------------
 
     def _call(self, operation: str, fn: Callable[[], T]) -> T:
-        """One AWS call, backing off on throttling and 5xx; _ThrottledError once the budget is spent."""
+        """One AWS call, backing off on throttling and 5xx; ThrottledError once the budget is spent."""
         retrying = Retrying(
             stop=stop_after_attempt(self._backoff.attempts),
             wait=wait_exponential_jitter(
@@ -311,7 +311,7 @@ class AwsRegistrar:
             return retrying(fn)
         except self._client_errors as exc:
             if _is_retryable(exc):
-                raise _ThrottledError(
+                raise ThrottledError(
                     f"AWS IoT kept answering {_error_code(exc)} to {operation} after "
                     f"{self._backoff.attempts} attempts; what was done is recorded, rerun later"
                 ) from exc
@@ -509,7 +509,7 @@ class AwsRegistrar:
             )
         try:
             self._device_steps(device, record)
-        except _ThrottledError:
+        except ThrottledError:
             raise
         except CloudError as exc:
             return self._report(DeviceOutcome(device.device_id, Outcome.FAILED, str(exc)))
@@ -624,7 +624,7 @@ class AwsRegistrar:
             arn = described.get("certificateArn")
             if arn:
                 self._detach_from_thing(cert.device_id, arn)
-        except _ThrottledError:
+        except ThrottledError:
             raise
         except self._client_errors as exc:
             return self._report(DeviceOutcome(cert.device_id, Outcome.FAILED, f"revoking: {exc}"))

@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from factoryd.errors import CsrRejectedError, ReadbackMismatchError, RefusedBoardError, VerificationError
 from factoryd.jobs.steps import Step
 from factoryd.ledger.model import DeviceState
+from factoryd.pki.attestation import check_csr_key
 from factoryd.pki.challenge import verify_challenge
 from factoryd.pki.issuer import IssuedCertificate, Issuer
 from factoryd.protocol.messages import ObjectId
@@ -183,6 +184,19 @@ class AttestingSession(Protocol):
         ...
 
 
+@runtime_checkable
+class RegisteredKeySession(Protocol):
+    """A session whose board keeps a vendor-registered identity key (a parts-manifest lot)."""
+
+    async def prove_key(self, host: JobHost, challenge: bytes) -> bytes:
+        """The raw r||s signature of ``challenge`` by the identity slot's existing key (no new key)."""
+        ...
+
+    def use_key(self, public_key: bytes) -> None:
+        """Provision with this (registered) key: no GENKEY."""
+        ...
+
+
 class SessionFactory(Protocol):
     """Opens a profile's session for one attempt."""
 
@@ -245,12 +259,16 @@ def board_objects(lot: LotContext, device_id: str, cert_der: bytes) -> list[tupl
     ]
 
 
-async def issue_for_key(host: JobHost, device_id: str, csr_der: bytes, point: bytes) -> IssuedCertificate:
-    """Verify the CSR (subject, signature, and its key is the one just generated), issue, audit."""
+async def issue_for_key(
+    host: JobHost, device_id: str, csr_der: bytes, point: bytes, *, attested: bool = False
+) -> IssuedCertificate:
+    """Verify the CSR (subject, signature, its key the one just generated or attested); issue; audit."""
     issuer, fields = host.lot.issuer, host.device_fields
     csr = issuer.verify_csr(csr_der, device_id, fields=fields)
     public = csr.public_key()
-    if not isinstance(public, ec.EllipticCurvePublicKey) or (
+    if attested:
+        check_csr_key(point, csr)
+    elif not isinstance(public, ec.EllipticCurvePublicKey) or (
         public.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint) != point
     ):
         raise CsrRejectedError("CSR key is not the key the secure element just generated (replayed CSR?)")
@@ -267,14 +285,17 @@ async def write_verified(client: SecureElementClient, obj: ObjectId, data: bytes
 
 
 async def provision_secure_element(
-    host: JobHost, client: SecureElementClient, device_id: str
+    host: JobHost, client: SecureElementClient, device_id: str, *, attested_point: bytes | None = None
 ) -> IssuedCertificate:
-    """KEYGEN, CSR (CN of the lot's template), issue, write + read back each object, challenge."""
+    """KEYGEN (unless the key was attested), CSR (the lot's CN), issue, write + read back, challenge."""
     lot = host.lot
-    point = await host.step(Step.KEYGEN, client.genkey)
+    attested = attested_point is not None
+    point = attested_point if attested_point is not None else await host.step(Step.KEYGEN, client.genkey)
     common_name = lot.issuer.common_name(device_id, host.device_fields)
     csr_der = await host.step(Step.CSR, lambda: client.get_csr(common_name))
-    issued = await host.step(Step.ISSUE, lambda: issue_for_key(host, device_id, csr_der, point))
+    issued = await host.step(
+        Step.ISSUE, lambda: issue_for_key(host, device_id, csr_der, point, attested=attested)
+    )
     for obj, data in board_objects(lot, device_id, issued.der):
         await host.step(Step.WRITE, functools.partial(write_verified, client, obj, data))
     challenge = secrets.token_bytes(CHALLENGE_BYTES)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
@@ -16,6 +17,7 @@ from factoryd.ledger.profile import LotProfile
 from factoryd.pki.attestation import ATTESTATION_DIRNAME, AttestationRootStore
 from factoryd.pki.bundle import chain_pem
 from factoryd.pki.issuer import Issuer
+from factoryd.pki.parts import PartsStore, RegisteredPart
 from factoryd.pki.pkcs11 import open_token_lot
 from factoryd.pki.profile import CertProfile
 from factoryd.pki.signer import Signer
@@ -33,6 +35,8 @@ class LotContext:
     firmware: LotFirmware | None  # the MCUboot image the profile names, verified
     # Trusted roots for key attestation (pki/attestation.py); empty unless the lot requires it.
     attestation_roots: tuple[x509.Certificate, ...] = ()
+    # A vendor's pre-registered parts (pki/parts.py), serial → key: when set, boards prove that key.
+    registered_parts: Mapping[str, RegisteredPart] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         return f"LotContext({self.name!r}, protocol={self.profile.protocol!r})"
@@ -74,11 +78,15 @@ def load_lot_context(
     """
     ca = lot_signer(bundles, info.name)
     roots: tuple[x509.Certificate, ...] = ()
+    parts: dict[str, RegisteredPart] = {}
     if info.profile.attestation == "required":
-        store = AttestationRootStore(attestation_dir or firmware_dir.parent / ATTESTATION_DIRNAME)
-        roots = store.load(info.name)
-        if not roots:
-            raise LotStateError(f"lot {info.name!r} requires attestation but has no attestation roots")
+        directory = attestation_dir or firmware_dir.parent / ATTESTATION_DIRNAME
+        roots = AttestationRootStore(directory).load(info.name)
+        parts = PartsStore(directory).load(info.name)
+        if not roots and not parts:
+            raise LotStateError(
+                f"lot {info.name!r} requires attestation but has no attestation roots or parts manifest"
+            )
     return LotContext(
         name=info.name,
         profile=info.profile,
@@ -86,6 +94,7 @@ def load_lot_context(
         chain_pem=ca.chain_pem,
         firmware=FirmwareStore(firmware_dir).load_current(info.name, info.profile),
         attestation_roots=roots,
+        registered_parts=parts,
     )
 
 
@@ -125,11 +134,12 @@ def activation_gaps(info: LotInfo, progress: LotProgress, bundles_dir: Path, fir
             f"or POST /lots/{name}/bundle)"
         )
     if info.profile.attestation == "required":
-        roots = AttestationRootStore(bundles_dir.parent / ATTESTATION_DIRNAME)
-        if not roots.has(name):
+        directory = bundles_dir.parent / ATTESTATION_DIRNAME
+        if not AttestationRootStore(directory).has(name) and not PartsStore(directory).path(name).is_file():
             gaps.append(
                 f"no attestation roots, and the profile requires attestation (store the SE vendor's CA: "
-                f"factoryd lots attestation-roots {name} ROOTS.pem, or POST /lots/{name}/attestation-roots)"
+                f"factoryd lots attestation-roots {name} ROOTS.pem, or POST /lots/{name}/attestation-roots; "
+                f"or a parts manifest: factoryd lots parts {name} MANIFEST.json --signer CERT.pem)"
             )
     wanted = info.profile.firmware_sha256
     if wanted is not None:

@@ -77,9 +77,9 @@ MCUMGR_STEPS = (
 MAX_UPLOAD_RESUMES = 5
 # What the liveness probe after a reset sends.
 ECHO_TEXT = "factoryd"
-# The field of McumgrTimeouts the pipeline's reply_timeout_scale does not shorten: the bound on a
-# board's boot after a reset (an MCUboot swap of a large image) is a deadline, not a reply timeout.
-_UNSCALED_TIMEOUTS = frozenset({"boot_s"})
+# Fields of McumgrTimeouts the pipeline's reply_timeout_scale does not shorten: they bound how long
+# a board takes to boot (after power-on, after a reset with an MCUboot swap), not a reply.
+_UNSCALED_TIMEOUTS = frozenset({"boot_s", "first_answer_s"})
 
 
 class FirmwareRevertedError(FirmwareRejectedError):

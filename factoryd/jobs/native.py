@@ -150,7 +150,15 @@ class NativeSession:
 
     def attested(self, result: AttestationResult) -> None:
         """Provision with the attested key."""
-        self._attested_point = result.public_key
+        self.use_key(result.public_key)
+
+    async def prove_key(self, host: JobHost, challenge: bytes) -> bytes:
+        """SIGN with the identity slot's key as it is (a pre-registered part keeps its key)."""
+        return await self.client.sign(challenge)
+
+    def use_key(self, public_key: bytes) -> None:
+        """Provision with this key instead of generating one."""
+        self._attested_point = public_key
 
     async def provision(self, host: JobHost, device_id: str) -> IssuedCertificate:
         """GENKEY (unless the key was attested), CSR, issue, write + read back, challenge, (lock)."""

@@ -4,12 +4,16 @@ identify: ``AT+CMEE=1``, ``AT+CFUN=4`` (offline: %CMNG and %KEYGEN refuse while 
 (``AT+CGSN``; the job is bound to ``imei:<IMEI>``) and the modem firmware (``AT+CGMR``).
 existing (before an ID is reserved): the firmware must be at least the lot's ``modem_fw_min`` and
 this job's floor; credentials already in the lot's security tag are this job's own from an
-interrupted attempt (deleted, resumed), or the board is refused, or — when the lot allows rework —
-deleted and provisioned again. provision: ``AT%KEYGEN`` in the tag with the templated CN → the
-COSE attestation's CSR digest checked against the CSR bytes (a mismatch is line corruption: the
-step makes a new key) → the CSR verified as in every profile → issue → ``AT%CMNG=0`` the lot's CA
-chain (type 0) and the certificate (type 1) → ``AT%CMNG=1`` list and the SHA-256 of each compared
-with what was written, and the key (type 2) present.
+interrupted attempt (deleted, resumed), or exactly what the ledger recorded for this IMEI
+(re-checked), or the board is refused, or — when the lot allows rework — deleted and provisioned
+again.
+
+provision: ``AT%KEYGEN`` in the tag with the templated CN, and the COSE attestation's CSR digest
+checked against the CSR bytes (a mismatch is line corruption: the step makes a new key) → the CSR
+verified as in every profile, and the attestation's signature when the lot has
+``nrf91_identity_keys`` → issue → ``AT%CMNG=0`` the lot's CA chain (type 0) and the certificate
+(type 1) → ``AT%CMNG=1`` list, the SHA-256 of each compared with what was written, the key
+(type 2) present.
 
 The modem cannot sign a challenge: the write-back check proves what the modem stored, not that
 the key is the one certified (docs/nrf91.md says what each check proves).
@@ -29,11 +33,13 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from cryptography.x509.oid import ExtensionOID
 
 from factoryd.errors import (
     BundleError,
     CsrRejectedError,
+    IssuanceError,
     ProtocolViolationError,
     ReadbackMismatchError,
     RefusedBoardError,
@@ -57,7 +63,7 @@ from factoryd.protocol.nrf91 import (
     parse_version,
 )
 from factoryd.telemetry.events import LinkStats
-from factoryd.transport.at_codec import encode_command
+from factoryd.transport.at_codec import COMMAND_TERMINATOR, encode_command
 
 if TYPE_CHECKING:
     from factoryd.hub.base import Hub
@@ -81,13 +87,13 @@ NRF91_STEPS = (
 # %KEYGEN needs mfw 1.3.0; %CMNG lists SHA-256 values from 1.3.2, which the write-back check needs.
 JOB_FW_FLOOR = (1, 3, 2)
 OFFLINE_MODE = 4
-# What the job writes into the tag and expects back.
-WRITTEN_TYPES = (CredentialType.ROOT_CA, CredentialType.CLIENT_CERT)
+# The credentials a provisioned tag holds: the CA chain, the certificate, the modem's key.
 OWNED_TYPES = (CredentialType.ROOT_CA, CredentialType.CLIENT_CERT, CredentialType.CLIENT_KEY)
 # COSE_Sign1 and the %KEYGEN payload (NRF91_AT.md).
 COSE_SIGN1_TAG = 18
 CBOR_SELF_DESCRIBE_TAG = 55799
 CSR_MESSAGE_V1 = 9
+IDENTITY_MESSAGE_V1 = 1
 ES256 = -7
 UUID_BYTES = 16
 SHA256_BYTES = 32
@@ -111,7 +117,7 @@ def sha256_upper(text: str) -> str:
     return hashlib.sha256(text.encode("ascii")).hexdigest().upper()
 
 
-def check_chain_fits(profile: LotProfile, chain_pem: bytes, *, lot: str = "the lot") -> None:
+def check_chain_fits(profile: LotProfile, chain_pem: bytes, lot: str = "the lot") -> None:
     """Refuse a CA chain whose ``AT%CMNG`` write cannot fit the lot's line limit (BundleError).
 
     The limit is the smallest line buffer of every hop to the modem (``at_line_max_bytes``; the
@@ -208,6 +214,51 @@ def parse_keygen_cose(cose: bytes) -> KeygenAttestation:
     )
 
 
+def parse_attestation_token(body: bytes, cose: bytes) -> KeygenAttestation:
+    """Decode ``AT%ATTESTTOKEN`` (identity message v1 and its detached-payload COSE_Sign1).
+
+    Returned in the shape of a KeygenAttestation (no CSR digest, no tag) so one ``verify`` serves both.
+    """
+    try:
+        message: Any = cbor2.loads(body)
+        outer = cbor2.loads(cose)
+    except (cbor2.CBORDecodeError, ValueError, TypeError) as exc:
+        raise ProtocolViolationError(f"the attestation token is not CBOR ({exc})") from None
+    if isinstance(message, cbor2.CBORTag) and message.tag == CBOR_SELF_DESCRIBE_TAG:
+        message = message.value
+    if not isinstance(message, list | tuple) or len(message) != 5 or message[0] != IDENTITY_MESSAGE_V1:
+        raise ProtocolViolationError("the attestation token is not an identity message v1")
+    device_uuid = message[1]
+    if not (isinstance(device_uuid, bytes) and len(device_uuid) == UUID_BYTES):
+        raise ProtocolViolationError("the attestation token has no 16-byte device UUID")
+    value = outer.value if isinstance(outer, cbor2.CBORTag) and outer.tag == COSE_SIGN1_TAG else None
+    if not isinstance(value, list | tuple) or len(value) != 4:
+        raise ProtocolViolationError("the attestation token's COSE is not a COSE_Sign1")
+    protected, _, _, signature = value
+    if not isinstance(protected, bytes) or not isinstance(signature, bytes):
+        raise ProtocolViolationError("the attestation token's COSE has fields of the wrong type")
+    if len(signature) != P256_SIGNATURE_BYTES:
+        raise ProtocolViolationError(f"the attestation token's signature is {len(signature)} bytes")
+    return KeygenAttestation(
+        device_uuid=device_uuid,
+        sec_tag=-1,
+        csr_sha256=b"",
+        nonce=b"",
+        kid=None,
+        signed=cbor2.dumps(["Signature1", protected, b"", body]),
+        signature=signature,
+    )
+
+
+def identity_key(profile: LotProfile, device_uuid: bytes) -> ec.EllipticCurvePublicKey | None:
+    """The lot's device identity key for a modem (None when the lot lists none for it)."""
+    pem = profile.nrf91_identity_keys.get(device_uuid.hex())
+    if pem is None:
+        return None
+    key = load_pem_public_key(pem.encode("ascii"))
+    return key if isinstance(key, ec.EllipticCurvePublicKey) else None
+
+
 def csr_without_null_parameter(csr_der: bytes) -> bytes:
     """The CSR re-encoded without a NULL parameter in its signature algorithm (as nrfcloud-utils does).
 
@@ -262,11 +313,7 @@ class Nrf91Session:
         self._client: Nrf91Client | None = None
         self._firmware: ModemFirmware | None = None
         self._imei: str | None = None
-        # Identity keys of the lot's modems by device UUID (from nRF Cloud's identity service),
-        # when a lot has them; without them the COSE signature is decoded but cannot be checked.
-        self.identity_keys: Mapping[bytes, ec.EllipticCurvePublicKey] = {}
         self.attestation: KeygenAttestation | None = None
-        self.attestation_verified = False
 
     async def __aenter__(self) -> Self:
         self._client = await Nrf91Client.open(
@@ -319,9 +366,13 @@ class Nrf91Session:
                 f"lot {lot.name} needs "
                 f"modem firmware {'.'.join(map(str, floor))} or later: update it before provisioning"
             )
+        if lot.profile.nrf91_identity_keys:
+            await self._check_identity(host)
         # Refused before an ID is reserved: a chain the line cannot carry would fail every board
         # (a backstop: the bundle is checked when it is stored).
         check_chain_fits(lot.profile, lot.chain_pem, lot=f"lot {lot.name}")
+        # Every line to this modem, the certificate's too, must fit the lot's smallest hop.
+        self.client.max_line = min(self.client.max_line, lot.profile.at_line_max_bytes)
         tag = lot.profile.sec_tag
         held = credential_map(await self.client.list_credentials(tag), tag)
         if not held.keys() & set(OWNED_TYPES):
@@ -357,6 +408,21 @@ class Nrf91Session:
         )
         await self._clear_tag(tag)
         return None
+
+    async def _check_identity(self, host: JobHost) -> None:
+        """The lot lists its modems' identity keys: this one must be listed and sign with its key."""
+        token = parse_attestation_token(*await self.client.attestation_token())
+        key = identity_key(host.lot.profile, token.device_uuid)
+        if key is None:
+            raise RefusedBoardError(
+                f"modem {host.hw_serial} (device UUID {token.device_uuid.hex()}) is not among the lot's "
+                f"{len(host.lot.profile.nrf91_identity_keys)} modems with a device identity key"
+            )
+        if not token.verify(key):
+            raise RefusedBoardError(
+                f"the attestation token of modem {host.hw_serial} does not verify with the identity key of "
+                f"device {token.device_uuid.hex()}: not the modem Nordic registered"
+            )
 
     @staticmethod
     def _holds_record(lot: LotContext, held: Mapping[int, str], record: DeviceRecord) -> bool:
@@ -420,20 +486,28 @@ class Nrf91Session:
             allowed_extensions=frozenset(allowed),
         )
         attestation = self.attestation
-        if attestation is not None:
-            key = self.identity_keys.get(attestation.device_uuid)
-            if key is not None:
-                if not attestation.verify(key):
-                    raise CsrRejectedError(
-                        "the %KEYGEN attestation does not verify with the modem's device identity key"
-                    )
-                self.attestation_verified = True
+        if attestation is not None and host.lot.profile.nrf91_identity_keys:
+            # The token was checked before the reservation; the CSR's attestation must come from the
+            # same identity key too.
+            key = identity_key(host.lot.profile, attestation.device_uuid)
+            if key is None or not attestation.verify(key):
+                raise CsrRejectedError(
+                    f"the %KEYGEN attestation of modem {host.hw_serial} does not verify with the identity "
+                    f"key of device {attestation.device_uuid.hex()}"
+                )
         return csr
 
     async def _write_verified(self, tag: int, contents: Mapping[CredentialType, str]) -> None:
         client = self.client
         if client.boots_seen:
             await self._offline()  # a reset put the modem back to CFUN 0 and plain ERRORs
+        for kind, text in contents.items():
+            line = cmng_write_command(tag, kind, text)
+            if len(line) + len(COMMAND_TERMINATOR) > client.max_line:
+                raise IssuanceError(
+                    f"the AT%CMNG write of {kind.name} is {len(line) + len(COMMAND_TERMINATOR)} bytes, more "
+                    f"than the {client.max_line}-byte line limit (at_line_max_bytes): nothing was written"
+                )
         for kind, text in contents.items():
             await client.delete_credential(tag, kind, missing_ok=True)
             await client.write_credential(tag, kind, text)

@@ -42,7 +42,7 @@ from factoryd.errors import (
 )
 from factoryd.flashing import ExternalFlasher
 from factoryd.hub.base import Hub
-from factoryd.jobs.board import AttestingSession, BoardSession
+from factoryd.jobs.board import AttestingSession, BoardSession, RegisteredKeySession
 from factoryd.jobs.lots import LotContext
 from factoryd.jobs.profiles import board_profile
 from factoryd.jobs.steps import Step
@@ -50,6 +50,7 @@ from factoryd.ledger import AsyncLedger
 from factoryd.ledger.model import DeviceState
 from factoryd.pki.attestation import NONCE_BYTES, AttestationError, AttestationResult, verify_attestation
 from factoryd.pki.issuer import IssuedCertificate
+from factoryd.pki.parts import verify_registered_part
 from factoryd.protocol.native import Timeouts
 from factoryd.telemetry.events import JobEvent, PortState, PortUpdate, TelemetrySink
 
@@ -128,7 +129,7 @@ class _Job:
     device_fields: dict[str, str] = field(default_factory=dict)
     step: Step | None = None
     # How the board proved it is a genuine part (the customer's manifest carries it), when it had to.
-    attestation: AttestationResult | None = None
+    genuineness: dict[str, str] | None = None
     # Seconds spent per step over all attempts (logged at debug level when the job ends).
     step_s: dict[str, float] = field(default_factory=dict)
 
@@ -272,7 +273,37 @@ class Pipeline:
         return await self._succeed(job, "provisioned", started, job_finished=True)
 
     async def _attest(self, job: _Job, session: BoardSession, host: _Host) -> None:
-        """Genuine parts only: the board attests its new key before any ID is reserved for it."""
+        """Genuine parts only: the board attests its new key (or proves its registered one) before an ID."""
+        if job.lot.registered_parts:
+            await self._prove_registered(job, session, host)
+        else:
+            await self._attest_new_key(job, session, host)
+        details: dict[str, Any] = {
+            **(job.genuineness or {}), "lot": job.lot.name, "port": job.port, "job_id": job.job_id
+        }  # fmt: skip
+        await self.ledger.audit(
+            actor=self.settings.station, action="board.attested", subject=job.hw_serial, details=details
+        )
+
+    async def _prove_registered(self, job: _Job, session: BoardSession, host: _Host) -> None:
+        if not isinstance(session, RegisteredKeySession):
+            raise AttestationError(
+                "attestation_missing",
+                f"board profile {job.lot.profile.protocol} cannot prove a registered key",
+            )
+        challenge = secrets.token_bytes(NONCE_BYTES)
+
+        async def prove() -> bytes:
+            signature = await session.prove_key(host, challenge)
+            part = verify_registered_part(job.lot.registered_parts, job.hw_serial, challenge, signature)
+            return part.public_key
+
+        point = await self._step(job, Step.ATTEST, prove)
+        session.use_key(point)
+        entry = job.lot.registered_parts[job.hw_serial]
+        job.genuineness = {"method": "parts_manifest", "parts_entry_id": entry.entry_id}
+
+    async def _attest_new_key(self, job: _Job, session: BoardSession, host: _Host) -> None:
         if not isinstance(session, AttestingSession):
             raise AttestationError(
                 "attestation_missing", f"board profile {job.lot.profile.protocol} cannot attest its keys"
@@ -286,14 +317,9 @@ class Pipeline:
                 evidence, nonce=nonce, serial=job.hw_serial, roots=job.lot.attestation_roots
             )
 
-        result = job.attestation = await self._step(job, Step.ATTEST, attest)
+        result = await self._step(job, Step.ATTEST, attest)
         session.attested(result)
-        details: dict[str, Any] = {
-            **result.details(), "lot": job.lot.name, "port": job.port, "job_id": job.job_id
-        }  # fmt: skip
-        await self.ledger.audit(
-            actor=self.settings.station, action="board.attested", subject=job.hw_serial, details=details
-        )
+        job.genuineness = result.details()
 
     @asynccontextmanager
     async def _powered(self, port: str, lot: LotContext, job: _Job | None) -> AsyncIterator[None]:
@@ -424,7 +450,7 @@ class Pipeline:
                 "fingerprint_sha256": issued.fingerprint_sha256,
                 "job_id": job.job_id,
                 # Evidence of genuineness for the manifest (pki/attestation.py), when the lot asked.
-                **({"genuineness": job.attestation.details()} if job.attestation is not None else {}),
+                **({"genuineness": job.genuineness} if job.genuineness is not None else {}),
             },
         )
 

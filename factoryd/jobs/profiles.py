@@ -20,14 +20,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from factoryd.jobs.arduino import ARDUINO_STEPS, ArduinoSession
 from factoryd.jobs.board import SessionFactory
 from factoryd.jobs.mcumgr import MCUMGR_STEPS, McumgrSession
 from factoryd.jobs.native import NATIVE_STEPS, NativeSession
-from factoryd.jobs.nrf91 import NRF91_STEPS, Nrf91Session
+from factoryd.jobs.nrf91 import NRF91_STEPS, Nrf91Session, check_chain_fits
 from factoryd.jobs.steps import Step
 from factoryd.pki.profile import ProfileKind
+
+if TYPE_CHECKING:
+    from factoryd.ledger.profile import LotProfile
 from factoryd.protocol.arduino import ArduinoClient
 from factoryd.protocol.mcumgr import McumgrClient
 from factoryd.protocol.native import BoardClient
@@ -56,6 +60,9 @@ class BoardProfile:
     # Whether its session can attest a new key (jobs.board.AttestingSession): lots with
     # attestation = required need such a profile (checked when the lot profile is validated).
     attests: bool = False
+    # What this profile's boards cannot take from a lot's CA chain, checked when a bundle is
+    # stored (e.g. a chain longer than the nRF91 AT line): (lot profile, chain PEM, lot name).
+    check_chain: Callable[[LotProfile, bytes, str], None] | None = None
 
 
 PROFILES: dict[str, BoardProfile] = {
@@ -97,6 +104,7 @@ PROFILES: dict[str, BoardProfile] = {
             "factoryd-v1",
             "nRF91 modem, stock AT firmware",
             steps=NRF91_STEPS,
+            check_chain=check_chain_fits,
         ),
     )
 }

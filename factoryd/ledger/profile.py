@@ -78,6 +78,10 @@ class LotProfile(BaseModel):
     sec_tag: int = Field(default=16_842_753, ge=0, le=2_147_483_647)
     modem_fw_min: str | None = Field(default=None, pattern=r"^\d+\.\d+\.\d+$")
     at_line_max_bytes: int = Field(default=4096, ge=256, le=4096)
+    # nrf91-at: device identity public keys (PEM) by device UUID (32 hex digits), from nRF Cloud's
+    # identity service. When set, a modem whose UUID is not listed, or whose attestation token or
+    # %KEYGEN attestation does not verify with its key, is refused.
+    nrf91_identity_keys: dict[str, str] = Field(default_factory=dict)
 
     def subject_template(self) -> SubjectTemplate:
         """The parsed subject/SAN template of the lot's device certificates."""
@@ -149,6 +153,27 @@ class LotProfile(BaseModel):
     def _check_sha256(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is not None and not _SHA256_HEX.fullmatch(value):
             raise ValueError(f"{info.field_name} must be 64 lowercase hex digits")
+        return value
+
+    @field_validator("nrf91_identity_keys")
+    @classmethod
+    def _check_identity_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415 - only nrf91-at lots
+        from cryptography.hazmat.primitives.serialization import load_pem_public_key  # noqa: PLC0415
+
+        for device_uuid, pem in value.items():
+            if not re.fullmatch(r"[0-9a-f]{32}", device_uuid):
+                raise ValueError(
+                    f"nrf91_identity_keys: {device_uuid!r} is not a device UUID (32 lowercase hex)"
+                )
+            try:
+                key = load_pem_public_key(pem.encode("ascii"))
+            except (ValueError, UnicodeEncodeError) as exc:
+                raise ValueError(
+                    f"nrf91_identity_keys[{device_uuid}] is not a PEM public key: {exc}"
+                ) from None
+            if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
+                raise ValueError(f"nrf91_identity_keys[{device_uuid}] is not an EC P-256 key")
         return value
 
     @field_validator("firmware_format", mode="before")

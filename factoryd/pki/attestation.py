@@ -41,11 +41,11 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509.oid import NameOID
 
 from factoryd.errors import BundleError, RefusedBoardError
 from factoryd.files import write_private
+from factoryd.pki.challenge import raw_to_der_signature
 from factoryd.pki.profile import utc_now
 from factoryd.pki.signer import key_problem
 
@@ -69,6 +69,7 @@ AttestationReason = Literal[
     "attestation_key",
     "attestation_expired",
     "attestation_missing",
+    "attestation_unregistered",
 ]
 # Reasons that say "not a genuine part" (the scheduler does not count them towards ATTENTION).
 GENUINENESS_REASONS: frozenset[str] = frozenset(get_args(AttestationReason))
@@ -172,7 +173,7 @@ def verify_attestation(
     attested = _p256_key(evidence.public_key)
     try:
         attested.verify(
-            _raw_to_der(evidence.possession_signature),
+            raw_to_der_signature(evidence.possession_signature),
             evidence.possession_challenge,
             ec.ECDSA(hashes.SHA256()),
         )
@@ -371,9 +372,3 @@ def _p256_key(point: bytes) -> ec.EllipticCurvePublicKey:
         return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
     except ValueError as exc:
         raise AttestationError("attestation_key", "the attested key is not a point on P-256") from exc
-
-
-def _raw_to_der(raw: bytes) -> bytes:
-    if len(raw) != 64:
-        raise ValueError("not a raw r||s P-256 signature")
-    return encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))

@@ -29,7 +29,6 @@ from enum import IntEnum
 from typing import Any, ClassVar, Self, TypeVar
 
 import cbor2
-import structlog
 from pydantic import ValidationError
 from smp import header as smpheader
 from smp import message as smpmsg
@@ -71,8 +70,6 @@ from factoryd.transport.smp_framing import (
     console_bytes,
     max_packet_for,
 )
-
-log = structlog.get_logger(__name__)
 
 # The factoryd provisioning group: a user-defined SMP group (>= 64; 64 itself is Intercreate's).
 # 0x4644 is "FD" in ASCII.
@@ -861,8 +858,3 @@ def _raise_prov(command: McumgrCommand, error: ProvError, rc: int) -> None:
     if error is ProvError.LOCKED:
         raise BoardLockedError(message, rc)
     raise BoardStatusError(message, rc, transient=error in TRANSIENT_PROV_ERRORS)
-
-
-def prov_error_body(error: ProvError) -> dict[str, Any]:
-    """The SMP v2 error body of a provisioning-group error (what the board sends)."""
-    return {"err": {"group": PROVISIONING_GROUP, "rc": int(error)}}

@@ -42,9 +42,8 @@ NRF91_BAUDRATE = 115200
 IMEI_DIGITS = 15
 # sec_tag 0..2147483647 is the application's; higher ones belong to the modem (NRF91_AT.md).
 MAX_SEC_TAG = 2_147_483_647
-# nRF Cloud's security tag (0x01010001).
+# nRF Cloud's security tag (0x01010001), the lot profile's default (LotProfile.sec_tag).
 NRF_CLOUD_SEC_TAG = 16_842_753
-SHA256_HEX_DIGITS = 64
 _MFW_VERSION = re.compile(r"(?:^|[_-])(\d+)\.(\d+)\.(\d+)(?=$|[_-])")
 _HEX64 = re.compile(r"[0-9A-Fa-f]{64}")
 

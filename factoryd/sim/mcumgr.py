@@ -91,7 +91,6 @@ KEY_SLOTS = 2
 READ_REPLY_OVERHEAD_BYTES = 40
 # SMP v1 rc values (MGMT_ERR) the board sends.
 RC_EINVAL = 3
-RC_ENOENT = 5
 RC_EBADSTATE = 6
 RC_ENOTSUP = 8
 # img_mgmt's v2 error codes (IMG_MGMT_ERR) the board sends.
@@ -283,6 +282,8 @@ class SimMcumgrBoard(SimBoard):
         self.resets = 0
         # Image bytes the board accepted over all uploads (a resumed upload sends each byte once).
         self.upload_bytes_received = 0
+        # First chunks answered with the offset of the same image's earlier, unfinished upload.
+        self.upload_resumes = 0
         self._upload: _Upload | None = None
         self._staged: dict[int, _Staged] = {}
         image = read_image(self.primary)
@@ -520,6 +521,7 @@ class SimMcumgrBoard(SimBoard):
                 return _img_error(IMG_IMAGE_ALREADY_PENDING, v2=v2)
             same = upload is not None and sha is not None and upload.sha == sha and upload.length == length
             if same and upload is not None and upload.received > 0:
+                self.upload_resumes += 1
                 return {"off": upload.received}  # the same image again: go on where it stopped
             if len(data) >= 4 and struct.unpack_from("<I", data)[0] != IMAGE_MAGIC:
                 return _img_error(IMG_INVALID_HEADER_MAGIC, v2=v2)

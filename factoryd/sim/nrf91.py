@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
 from factoryd.pki import der
+from factoryd.protocol.nrf91 import NRF_CLOUD_SEC_TAG
 from factoryd.sim.board import NO_FAULTS, ZERO_TIMING, BoardHang, Fault, FaultPlan, SimBoard, Timing
 from factoryd.sim.pty import PtyEndpoint, serve_pty
 from factoryd.sim.secure_element import SimSecureElement
@@ -63,8 +64,6 @@ CFUN_ACTIVE = frozenset({1, 2, 21})
 MAX_APP_SEC_TAG = 2_147_483_647
 KEY_TYPE = 2
 CLIENT_CERT_TYPE = 1
-# nRF Cloud's security tag, the lot profile's default (LotProfile.sec_tag).
-NRF_CLOUD_SEC_TAG = 16_842_753
 # COSE: ES256 in the protected header, kid -2 (the device identity key) unprotected.
 COSE_SIGN1_TAG = 18
 CBOR_SELF_DESCRIBE_TAG = 55799
@@ -72,7 +71,6 @@ CSR_MESSAGE_V1 = 9
 IDENTITY_MESSAGE_V1 = 1
 NRF9160_SIAA = 1
 KID_DEVICE_IDENTITY = b"\x21"  # CBOR for -2
-ECDSA_SHA256_OID = "1.2.840.10045.4.3.2"
 # URCs a registered modem sends now and then.
 SAMPLE_URCS = (
     '+CEREG: 2,"76C1","0102DA04",7',

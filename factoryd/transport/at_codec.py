@@ -208,6 +208,13 @@ class AtDecoder:
                 self._skipping = False  # the rest of an oversize line
                 self.stats.garbage_bytes += len(physical)
                 continue
+            if len(physical) + len(self._open or b"") > self.max_line:
+                # A whole line longer than the cap arrived at once: dropped like one arriving slowly.
+                self.stats.oversize += 1
+                self._errors_seen += 1
+                self.stats.garbage_bytes += len(physical) + len(self._open or b"")
+                self._open = None
+                continue
             self._physical(physical, out)
         return out
 

@@ -42,7 +42,6 @@ LF = b"\n"
 # Zephyr's console line buffers are 128 bytes (MCUMGR_TRANSPORT_UART line bufs); a line is at most
 # 127 bytes with its marker and LF, so 124 base64 characters (a multiple of 4) per line.
 MAX_LINE_BYTES = 127
-LINE_CHARS = (MAX_LINE_BYTES - MARKER_BYTES - len(LF)) // 4 * 4
 LENGTH = struct.Struct(">H")
 CRC = struct.Struct(">H")
 # The largest SMP packet this host takes from a board. Zephyr's default netbuf is 384 bytes and

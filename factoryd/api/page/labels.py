@@ -56,6 +56,7 @@ REASON_TEXT: dict[str, str] = {
             "attestation_key",
             "attestation_expired",
             "attestation_missing",
+            "attestation_unregistered",
         ),
         "Not a genuine part: put it aside.",
     ),
