@@ -35,7 +35,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import structlog
 from cryptography import x509
@@ -116,6 +116,11 @@ class DemoStarted:
     metrics_url: str | None = None
 
 
+# The board profiles the demo (and the line benchmarks) can simulate: every registered one.
+DemoProfile = Literal["factoryd-v1", "arduino-v1", "mcumgr", "nrf91-at"]
+DEMO_PROFILES: tuple[DemoProfile, ...] = get_args(DemoProfile)
+
+
 @dataclass(frozen=True)
 class DemoOptions:
     """What the demo runs."""
@@ -126,7 +131,7 @@ class DemoOptions:
     seed: int = 1
     timing: Literal["zero", "realistic"] = "zero"
     timing_scale: float = 1.0
-    profile: Literal["factoryd-v1", "arduino-v1", "mcumgr", "nrf91-at"] = "factoryd-v1"
+    profile: DemoProfile = "factoryd-v1"
     lock: bool = True
     flash: bool = True
     # Genuine parts only: the lot requires key attestation to the demo's test SE vendor, and this

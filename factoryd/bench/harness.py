@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from factoryd.daemon import Daemon, DaemonHooks
-from factoryd.demo import DEMO_LOT, DemoOptions, demo_settings, prepare_lot
+from factoryd.demo import DEMO_LOT, DemoOptions, DemoProfile, demo_settings, prepare_lot
 from factoryd.jobs.scheduler import Station
 from factoryd.sim.remote import CONNECTION_POOL, RemoteSimHub
 
@@ -74,7 +74,7 @@ async def run_remote_line(
     timing: Literal["zero", "realistic"],
     flash: bool = False,
     lock: bool = True,
-    profile: Literal["factoryd-v1", "mcumgr"] = "factoryd-v1",
+    profile: DemoProfile = "factoryd-v1",
 ) -> RemoteRun:
     """Prepare a lot, start a sim hub process, run the daemon until the supply is used up."""
     options = DemoOptions(

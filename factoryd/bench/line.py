@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from factoryd.bench.harness import RemoteRun, run_remote_line
+from factoryd.demo import DemoProfile
 
 # Boards for the one-at-a-time baseline: enough for a stable mean, short enough to be cheap.
 BASELINE_BOARDS = 6
@@ -68,7 +69,7 @@ async def run_line_bench(
     timing: Literal["zero", "realistic"] = "realistic",
     flash: bool = False,
     lock: bool = True,
-    profile: Literal["factoryd-v1", "mcumgr"] = "factoryd-v1",
+    profile: DemoProfile = "factoryd-v1",
 ) -> dict[str, Any]:
     """Run the baseline and the line; return both with efficiency and speed-up."""
     with tempfile.TemporaryDirectory(prefix="factoryd-bench-") as tmp:

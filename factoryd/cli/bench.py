@@ -41,7 +41,9 @@ def bench_line(
     devices: Annotated[int, typer.Option(min=1, help="Boards to provision.")] = 256,
     timing: Annotated[str, typer.Option(help="realistic or zero.")] = "realistic",
     flash: Annotated[bool, typer.Option(help="Include the signed firmware update.")] = False,
-    profile: Annotated[str, typer.Option(help="Board profile: factoryd-v1 or mcumgr.")] = "factoryd-v1",
+    profile: Annotated[
+        str, typer.Option(help="Board profile: factoryd-v1, arduino-v1, mcumgr or nrf91-at.")
+    ] = "factoryd-v1",
     as_json: Annotated[
         bool, typer.Option("--json", help="JSON only (the default output is JSON too).")
     ] = True,
@@ -49,11 +51,12 @@ def bench_line(
 ) -> None:
     """Line throughput against the physical limit and against one board at a time."""
     from factoryd.bench.line import run_line_bench  # noqa: PLC0415
+    from factoryd.demo import DEMO_PROFILES  # noqa: PLC0415
 
     if timing not in ("zero", "realistic"):
         fail(f"--timing must be 'zero' or 'realistic', not {timing!r}")
-    if profile not in ("factoryd-v1", "mcumgr"):
-        fail(f"--profile must be 'factoryd-v1' or 'mcumgr', not {profile!r}")
+    if profile not in DEMO_PROFILES:
+        fail(f"--profile must be one of {', '.join(DEMO_PROFILES)}, not {profile!r}")
     configure_logging("error", "console")
     result = run_async(
         run_line_bench(ports, devices, timing=timing, flash=flash, profile=profile)  # type: ignore[arg-type]

@@ -169,12 +169,12 @@ def demo(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Provision a simulated line end to end (no hardware, no broker, SQLite)."""
-    from factoryd.demo import DemoOptions, run_demo  # noqa: PLC0415 - keep `factoryd --help` fast
+    from factoryd.demo import DEMO_PROFILES, DemoOptions, run_demo  # noqa: PLC0415 - keep --help fast
 
     if timing not in ("zero", "realistic"):
         fail(f"--timing must be 'zero' or 'realistic', not {timing!r}")
-    if profile not in ("factoryd-v1", "arduino-v1", "mcumgr", "nrf91-at"):
-        fail(f"--profile must be 'factoryd-v1', 'arduino-v1', 'mcumgr' or 'nrf91-at', not {profile!r}")
+    if profile not in DEMO_PROFILES:
+        fail(f"--profile must be one of {', '.join(DEMO_PROFILES)}, not {profile!r}")
     configure_logging(log_level, "console")
     # Warnings and logs go to stderr: stdout carries the summary or the JSON alone. The logger is
     # made per call, so a replaced stderr (CLI runners) is never written to after it was closed.
@@ -186,7 +186,7 @@ def demo(
         seed=seed,
         timing=timing,  # type: ignore[arg-type]
         timing_scale=timing_scale,
-        profile=profile,  # type: ignore[arg-type]
+        profile=profile,
         lock=not no_lock,
         flash=not no_flash,
         attestation=attestation,
