@@ -12,6 +12,7 @@ inherit :class:`TimeoutError` so ``except TimeoutError`` keeps working.
     ├── InputError                        bad input from a user/customer; nothing was changed
     │   ├── IdListError                   an ID list refused whole (line and problem named)
     │   ├── BundleError                   a certificate bundle refused (reason named)
+    │   │   └── PartsManifestError        pki/parts.py: a vendor parts manifest refused (entry named)
     │   ├── McubootImageError             mcuboot.py: an MCUboot image refused (the problem named)
     │   ├── ExportError                   cloud/errors.py: devices cannot be written in that format
     │   ├── TokenExistsError              api/errors.py: an API token name is taken

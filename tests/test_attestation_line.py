@@ -19,10 +19,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlmodel import Session, col, select
 
+from factoryd.demo import DemoOptions, run_demo
 from factoryd.jobs.scheduler import Station
 from factoryd.ledger import Ledger
 from factoryd.ledger.tables import AuditEntryRow
+from factoryd.pki.attestation import GENUINENESS_REASONS
+from factoryd.pki.manifest import build_manifest, verify_manifest
 from factoryd.pki.parts import PartsStore, sign_parts_entry, verify_parts_manifest
+from factoryd.pki.store import BundleStore
 from factoryd.pki.testca import make_ca_cert
 from factoryd.protocol.messages import ObjectId
 from factoryd.service import StationPaths
@@ -62,8 +66,16 @@ async def test_genuine_boards_provision_with_the_attested_key(tmp_path: Path) ->
         details = next(d for s, d in attested if s == board.serial_hex)
         assert details["attestation_cert_sha256"] == hashlib.sha256(leaf).hexdigest()
         assert "Attestation Signer" in str(details["attestation_issuer"])
-    # The evidence also rides on each cert.issued entry, for the customer's manifest.
-    assert all(isinstance(d.get("genuineness"), dict) for _, d in issued)
+    # The evidence also rides on each cert.issued entry, and from there into the customer's manifest.
+    evidence = {subject: d["genuineness"] for subject, d in issued}
+    assert all(isinstance(e, dict) and e["method"] == "attestation" for e in evidence.values())
+    bundle = BundleStore(StationPaths(line.settings.station.state_dir).bundles, line.passphrase).load(LOT)
+    with line.ledger() as ledger:
+        records = ledger.provisioned_devices(LOT)
+    manifest = build_manifest(LOT, records, bundle.signer(), bundle.chain, genuineness=evidence)  # type: ignore[arg-type]
+    document = verify_manifest(manifest.json_bytes, manifest.signature_der, [bundle.root])
+    for device in document["devices"]:
+        assert device["genuineness"] == evidence[device["device_id"]]
 
 
 @pytest.mark.parametrize("impostor", list(Impostor))
@@ -214,3 +226,18 @@ async def test_unregistered_or_rekeyed_parts_are_refused(tmp_path: Path, kind: s
     with line.ledger() as ledger:
         after = ledger.progress(LOT)
     assert (after.available, after.reserved) == (before.available, 0)
+
+
+async def test_demo_with_attestation_refuses_its_impostors(tmp_path: Path) -> None:
+    result = await run_demo(
+        DemoOptions(ports=4, boards=24, attestation=True, impostor_rate=0.3, seed=3, state_dir=tmp_path)
+    )
+    refused = {b.serial: b for b in result.boards if b.outcome == "refused"}
+    assert refused, "the demo's supply had no impostor"
+    assert all(b.reason is not None and b.reason.startswith("attestation_") for b in refused.values())
+    # Impostors took no ID: every ID the lot consumed is on a genuine, provisioned board.
+    assert result.lot_provisioned == result.provisioned == result.manifest_count
+    # Failed counts the refused too (a clone on a serial in flight fails as a lying board).
+    assert result.provisioned + result.jobs.failed == 24
+    assert set(result.failures) <= {*GENUINENESS_REASONS, "identity_mismatch"}
+    assert result.duplicate_ids == 0

@@ -13,9 +13,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from typer.testing import CliRunner
 
 from factoryd.cli.main import app
+from factoryd.ledger import LotProfile
 from factoryd.pki.parts import PartsManifestError, PartsStore, sign_parts_entry, verify_parts_manifest
 from factoryd.pki.testca import make_ca_cert
 from factoryd.sim.secure_element import SimSecureElement, SimVendorCa, new_se_serial
+from tests.helpers.api import running_api
 
 LOT = "parts-lot"
 NOW = dt.datetime.now(dt.UTC)
@@ -167,3 +169,32 @@ def test_cli_attestation_roots_are_validated_and_activation_asks_for_them(
     code, out = _cli(station, "lots", "attestation-roots", LOT, str(roots))
     assert code == 0, out
     assert (tmp_path / "state" / "attestation" / LOT / "roots.pem").read_bytes() == vendor.root_pem
+
+
+# The API (customer role) ---------------------------------------------------------------------------
+
+
+async def test_customer_uploads_attestation_roots_refused_whole_when_bad(tmp_path: Path) -> None:
+    async with running_api(tmp_path) as api:
+        await api.make_lot("acme-att", "acme", profile=LotProfile(attestation="required"))
+        await api.make_lot("globex-att", "globex", profile=LotProfile(attestation="required"))
+        vendor = SimVendorCa.make()
+        leaf = x509.load_der_x509_certificate(vendor.provision(SimSecureElement()).attestation_chain[0])
+        where = api.ctx.paths.attestation / "acme-att" / "roots.pem"
+        async with api.client("acme") as acme:
+            leaf_pem = leaf.public_bytes(serialization.Encoding.PEM)
+            bad = await acme.post("/lots/acme-att/attestation-roots", files={"roots": ("r.pem", leaf_pem)})
+            assert bad.status_code == 422
+            assert "not a CA certificate" in bad.json()["detail"]
+            assert not where.exists()
+            good = await acme.post(
+                "/lots/acme-att/attestation-roots", files={"roots": ("r.pem", vendor.root_pem)}
+            )
+            assert good.status_code == 200, good.text
+            assert good.json() == {"lot": "acme-att", "roots": [vendor.root_cert.subject.rfc4514_string()]}
+            # Another customer's lot is not visible to this token.
+            other = await acme.post(
+                "/lots/globex-att/attestation-roots", files={"roots": ("r.pem", vendor.root_pem)}
+            )
+            assert other.status_code == 404
+        assert where.read_bytes() == vendor.root_pem

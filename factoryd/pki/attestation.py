@@ -24,7 +24,9 @@ with the public key an uncompressed P-256 point (65 bytes) and u16 lengths big-e
 is DER ECDSA with SHA-256 (P-256 or P-384 attestation keys) or RSA PKCS#1 v1.5 with SHA-256.
 
 The lot's trusted roots (the SE vendor's CA, or the device maker's own chip-programming CA) are
-stored per lot on the station (``AttestationRootStore``), validated like CA bundles.
+stored per lot on the station (``AttestationRootStore``), validated like CA bundles. A lot may
+instead (or as well) hold a vendor's parts manifest (``pki/parts.py``): then a board proves the key
+registered for its serial (``attestation_unregistered`` when the serial is not listed).
 """
 
 from __future__ import annotations
@@ -78,6 +80,9 @@ E = TypeVar("E", bound=x509.ExtensionType)
 
 class AttestationError(RefusedBoardError):
     """The board's secure element did not prove it is genuine; ``reason`` names the failed check."""
+
+    # Only an instance made without __init__ (the error-tree test) lacks its own.
+    _reason: str = "attestation"
 
     def __init__(self, reason: AttestationReason, message: str) -> None:
         super().__init__(message)
