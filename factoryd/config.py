@@ -189,6 +189,9 @@ class JobSettings(_Section):
     rescan_s: float = Field(2.0, gt=0)
     # Boards failed in a row before a port stops in ATTENTION (a broken pogo pin fails every board).
     attention_after_failures: int = Field(3, ge=1)
+    # Whether boards refused as not genuine (attestation) count towards attention_after_failures:
+    # a stream of fakes is the parts' fault, not the fixture's, so by default they do not.
+    impostors_need_attention: bool = False
     # On SIGTERM running jobs get this long to finish before they are cancelled (safe: rule 1).
     shutdown_grace_s: float = Field(30.0, ge=0)
     # External tool that flashes the lot's signed firmware onto a board that does not answer

@@ -114,7 +114,7 @@ class Daemon:
         hub = self.hooks.hub or build_hub(settings)
 
         def open_lot(info: LotInfo) -> LotContext:
-            return load_lot_context(info, bundles, self.paths.firmware)
+            return load_lot_context(info, bundles, self.paths.firmware, self.paths.attestation)
 
         async with contextlib.AsyncExitStack() as stack:
             ledger = await stack.enter_async_context(AsyncLedger.open(settings.ledger_url))
@@ -150,6 +150,7 @@ class Daemon:
                 telemetry=telemetry,
                 rescan_s=settings.jobs.rescan_s,
                 attention_after=settings.jobs.attention_after_failures,
+                impostors_need_attention=settings.jobs.impostors_need_attention,
             )
             if settings.api.enabled:
                 api_ctx = ApiContext(

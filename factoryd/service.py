@@ -158,13 +158,22 @@ def export_manifest(ledger: Ledger, paths: StationPaths, passphrase: bytes, lot:
     """Build and sign the manifest of every provisioned device of a lot, and its revoked certificates."""
     info = ledger.get_lot(lot)
     ca = lot_signer(BundleStore(paths.bundles, passphrase), info.name)
+    devices = ledger.provisioned_devices(lot)
+    # Per device, how its secure element was shown genuine: the evidence of the certificate it holds.
+    holds = {d.device_id: d.fingerprint_sha256 for d in devices}
+    genuineness = {
+        entry.device_id: entry.genuineness
+        for entry in ledger.issued_certificates(lot)
+        if entry.genuineness and holds.get(entry.device_id) == entry.fingerprint_sha256
+    }
     with _closing(ca.signer):
         return build_manifest(
             info.name,
-            ledger.provisioned_devices(lot),
+            devices,
             ca.signer,
             ca.chain,
             revoked=ledger.revoked_certificates(lot),
+            genuineness=genuineness,
         )
 
 

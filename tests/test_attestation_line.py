@@ -24,12 +24,12 @@ from factoryd.jobs.scheduler import Station
 from factoryd.ledger import Ledger
 from factoryd.ledger.tables import AuditEntryRow
 from factoryd.pki.attestation import GENUINENESS_REASONS
-from factoryd.pki.manifest import build_manifest, verify_manifest
+from factoryd.pki.manifest import verify_manifest
 from factoryd.pki.parts import PartsStore, sign_parts_entry, verify_parts_manifest
 from factoryd.pki.store import BundleStore
 from factoryd.pki.testca import make_ca_cert
 from factoryd.protocol.messages import ObjectId
-from factoryd.service import StationPaths
+from factoryd.service import StationPaths, export_manifest
 from factoryd.sim.board import IMPOSTOR_REASONS, Impostor, SimBoard, equip_attestation
 from factoryd.sim.secure_element import SimVendorCa
 from tests.helpers.station import LOT, Line, make_line
@@ -69,11 +69,12 @@ async def test_genuine_boards_provision_with_the_attested_key(tmp_path: Path) ->
     # The evidence also rides on each cert.issued entry, and from there into the customer's manifest.
     evidence = {subject: d["genuineness"] for subject, d in issued}
     assert all(isinstance(e, dict) and e["method"] == "attestation" for e in evidence.values())
-    bundle = BundleStore(StationPaths(line.settings.station.state_dir).bundles, line.passphrase).load(LOT)
+    paths = StationPaths(line.settings.station.state_dir)
+    bundle = BundleStore(paths.bundles, line.passphrase).load(LOT)
     with line.ledger() as ledger:
-        records = ledger.provisioned_devices(LOT)
-    manifest = build_manifest(LOT, records, bundle.signer(), bundle.chain, genuineness=evidence)  # type: ignore[arg-type]
+        manifest = export_manifest(ledger, paths, line.passphrase, LOT)  # what `manifest export` writes
     document = verify_manifest(manifest.json_bytes, manifest.signature_der, [bundle.root])
+    assert len(document["devices"]) == 4
     for device in document["devices"]:
         assert device["genuineness"] == evidence[device["device_id"]]
 

@@ -55,6 +55,8 @@ class IssuedCertificateEntry:
     hw_serial: str | None
     job_id: int | None
     issued_at: datetime
+    # How the board's secure element was shown genuine (attestation or parts-manifest evidence).
+    genuineness: dict[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +86,7 @@ def _entry(row: AuditEntryRow) -> IssuedCertificateEntry:
     except (ValueError, KeyError, TypeError) as exc:
         raise LedgerError(f"audit entry {row.seq} ({row.action}) lacks the certificate's serial") from exc
     job_id = details.get("job_id")
+    evidence = details.get("genuineness")
     return IssuedCertificateEntry(
         seq=row.seq,
         device_id=row.subject,
@@ -92,6 +95,7 @@ def _entry(row: AuditEntryRow) -> IssuedCertificateEntry:
         hw_serial=details.get("hw_serial"),
         job_id=job_id if isinstance(job_id, int) else None,
         issued_at=as_utc(row.at),
+        genuineness={str(k): str(v) for k, v in evidence.items()} if isinstance(evidence, dict) else None,
     )
 
 

@@ -101,6 +101,8 @@ TRANSIENT_CME = frozenset({CmeError.ACTIVE, CmeError.KEYGEN_FAILED, CmeError.POW
 class AtCommandError(BoardStatusError):
     """The modem answered ERROR or +CME/+CMS ERROR; ``cme`` is the code (None for plain ERROR)."""
 
+    cme: CmeError | None = None
+
     def __init__(self, message: str, cme: int | None) -> None:
         code = CmeError(cme) if cme is not None else None
         super().__init__(message, cme or 0, transient=code is None or code in TRANSIENT_CME)
