@@ -1,4 +1,4 @@
-"""`factoryd bench`: link, line, overhead, ledger and PKI benchmarks (results as JSON)."""
+"""`factoryd bench`: link, line, overhead, ledger, PKI and attestation benchmarks (results as JSON)."""
 
 from __future__ import annotations
 
@@ -106,3 +106,14 @@ def bench_pki(
     from factoryd.pki.bench import run_pki_bench  # noqa: PLC0415
 
     _write_json(guard(lambda: run_pki_bench(n)), out)
+
+
+@app.command("attestation")
+def bench_attestation(
+    rounds: Annotated[int, typer.Option(min=1, help="Attestations to verify.")] = 200,
+    out: OutOption = None,
+) -> None:
+    """What key attestation costs per board: station CPU and extra bytes on the wire."""
+    from factoryd.bench.attestation import run_attestation_bench  # noqa: PLC0415
+
+    _write_json(run_attestation_bench(rounds), out)
