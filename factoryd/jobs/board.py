@@ -16,6 +16,10 @@ A session that can attest its new key (``AttestingSession``, optional) is asked 
 pipeline verifies the evidence (``pki/attestation.py``) and the session's ``provision`` then uses
 the attested key instead of generating another.
 
+A session whose board names its own ID (``ChosenIdSession``, optional; the IMEI of an nRF91) is
+asked for it when the lot's profile says ``device_id_from = imei``: the pipeline reserves exactly
+that ID, and refuses the board when the customer's list does not hold it (or another board does).
+
 ``link_stats()`` hands the pipeline the ``LinkStats`` telemetry event of the link the session
 opened, which the pipeline emits when the session closes (every profile reports its link).
 """
@@ -181,6 +185,15 @@ class AttestingSession(Protocol):
 
     def attested(self, result: AttestationResult) -> None:
         """The pipeline verified the evidence: provision with this key, do not generate another."""
+        ...
+
+
+@runtime_checkable
+class ChosenIdSession(Protocol):
+    """A session whose board names its own device ID (a lot with ``device_id_from = imei``)."""
+
+    def wanted_device_id(self, host: JobHost) -> str | None:
+        """The ID this board must get (from its IMEI and the lot's template), or None for the next one."""
         ...
 
 

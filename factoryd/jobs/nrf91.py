@@ -354,6 +354,14 @@ class Nrf91Session:
         self._firmware = await self.client.modem_firmware()
         return f"imei:{self._imei}"
 
+    def wanted_device_id(self, host: JobHost) -> str | None:
+        """With ``device_id_from = imei``: the lot's template applied to this modem's IMEI."""
+        if host.lot.profile.device_id_from != "imei":
+            return None
+        if self._imei is None:
+            raise RuntimeError("Nrf91Session.wanted_device_id() before identify()")
+        return host.lot.profile.derived_device_id(self._imei)
+
     async def existing(self, host: JobHost) -> Finished | None:
         """Refuse old modem firmware; handle credentials already in the lot's tag (see the module doc)."""
         firmware, lot = self._firmware, host.lot

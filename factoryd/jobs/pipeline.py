@@ -39,10 +39,11 @@ from factoryd.errors import (
     ProtocolViolationError,
     ReadbackMismatchError,
     RefusedBoardError,
+    ReservationConflictError,
 )
 from factoryd.flashing import ExternalFlasher
 from factoryd.hub.base import Hub
-from factoryd.jobs.board import AttestingSession, BoardSession, RegisteredKeySession
+from factoryd.jobs.board import AttestingSession, BoardSession, ChosenIdSession, RegisteredKeySession
 from factoryd.jobs.lots import LotContext
 from factoryd.jobs.profiles import board_profile
 from factoryd.jobs.steps import Step
@@ -252,14 +253,21 @@ class Pipeline:
         if lot.profile.attestation == "required":
             await self._attest(job, session, host)
 
-        reservation = await self._step(
-            job,
-            Step.RESERVE,
-            lambda: self.ledger.reserve(
-                lot.name, serial, station=self.settings.station, port=port, job_id=job.job_id,
-                actor=self.settings.station,
-            ),
-        )  # fmt: skip
+        wanted = self._wanted_device_id(job, session, host)
+        try:
+            reservation = await self._step(
+                job,
+                Step.RESERVE,
+                lambda: self.ledger.reserve(
+                    lot.name, serial, station=self.settings.station, port=port, job_id=job.job_id,
+                    actor=self.settings.station, device_id=wanted,
+                ),
+            )  # fmt: skip
+        except ReservationConflictError as exc:
+            if wanted is None:
+                raise
+            # The board's own ID is not on the customer's list, or not free: refused, nothing consumed.
+            raise RefusedBoardError(f"this board's device ID {wanted!r} cannot be reserved: {exc}") from exc
         if reservation.state is DeviceState.PROVISIONED:
             raise RefusedBoardError(
                 f"the ledger records this board ({serial}) as provisioned with {reservation.device_id}, "
@@ -271,6 +279,19 @@ class Pipeline:
         issued = await session.provision(host, device_id)
         await self._record(job, device_id, issued)
         return await self._succeed(job, "provisioned", started, job_finished=True)
+
+    def _wanted_device_id(self, job: _Job, session: BoardSession, host: _Host) -> str | None:
+        """The exact ID to reserve when the lot derives IDs from the board (None: the next one)."""
+        if job.lot.profile.device_id_from != "imei":
+            return None
+        if not isinstance(session, ChosenIdSession):
+            raise RefusedBoardError(
+                f"board profile {job.lot.profile.protocol} cannot name its device ID (device_id_from = imei)"
+            )
+        wanted = session.wanted_device_id(host)
+        if wanted is None:
+            raise RefusedBoardError("the board named no device ID, and the lot derives them from the board")
+        return wanted
 
     async def _attest(self, job: _Job, session: BoardSession, host: _Host) -> None:
         """Genuine parts only: the board attests its new key (or proves its registered one) before an ID."""

@@ -63,6 +63,9 @@ class BoardProfile:
     # What this profile's boards cannot take from a lot's CA chain, checked when a bundle is
     # stored (e.g. a chain longer than the nRF91 AT line): (lot profile, chain PEM, lot name).
     check_chain: Callable[[LotProfile, bytes, str], None] | None = None
+    # Whether its boards are identified by an IMEI (jobs.board.ChosenIdSession): lots with
+    # device_id_from = imei need such a profile (checked when the lot profile is validated).
+    imei_identity: bool = False
 
 
 PROFILES: dict[str, BoardProfile] = {
@@ -95,6 +98,7 @@ PROFILES: dict[str, BoardProfile] = {
             "factoryd-v1",
             "Zephyr/MCUboot over SMP",
             steps=MCUMGR_STEPS,
+            attests=True,
         ),
         BoardProfile(
             "nrf91-at",
@@ -105,6 +109,7 @@ PROFILES: dict[str, BoardProfile] = {
             "nRF91 modem, stock AT firmware",
             steps=NRF91_STEPS,
             check_chain=check_chain_fits,
+            imei_identity=True,
         ),
     )
 }

@@ -151,11 +151,26 @@ class AsyncLedger:
         )
 
     async def reserve(
-        self, lot: str, hw_serial: str, *, station: str, port: str, job_id: int | None, actor: str
+        self,
+        lot: str,
+        hw_serial: str,
+        *,
+        station: str,
+        port: str,
+        job_id: int | None,
+        actor: str,
+        device_id: str | None = None,
     ) -> Reservation:
         """See :meth:`Ledger.reserve`."""
         return await self._run(
-            self._ledger.reserve, lot, hw_serial, station=station, port=port, job_id=job_id, actor=actor
+            self._ledger.reserve,
+            lot,
+            hw_serial,
+            station=station,
+            port=port,
+            job_id=job_id,
+            actor=actor,
+            device_id=device_id,
         )
 
     async def mark_provisioned(

@@ -29,6 +29,10 @@ DEFAULT_CERT_VALIDITY_DAYS = 3650
 MAX_CERT_VALIDITY_DAYS = 36_500
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+IMEI_FIELD = "{imei}"
+DEFAULT_DEVICE_ID_TEMPLATE = "nrf-{imei}"
+# A well-formed 15-digit IMEI: what a template's result is checked against the id_format with.
+_SAMPLE_IMEI = "352656100123456"
 
 
 class LotProfile(BaseModel):
@@ -82,6 +86,14 @@ class LotProfile(BaseModel):
     # identity service. When set, a modem whose UUID is not listed, or whose attestation token or
     # %KEYGEN attestation does not verify with its key, is refused.
     nrf91_identity_keys: dict[str, str] = Field(default_factory=dict)
+    # Where a board's device ID comes from (docs/nrf91.md): the next one of the customer's list, or
+    # derived from the modem's IMEI with this template, the customer's list being the allowed IDs.
+    device_id_from: Literal["list", "imei"] = "list"
+    device_id_template: str = DEFAULT_DEVICE_ID_TEMPLATE
+
+    def derived_device_id(self, imei: str) -> str:
+        """The device ID the lot's template makes of an IMEI."""
+        return self.device_id_template.replace(IMEI_FIELD, imei)
 
     def subject_template(self) -> SubjectTemplate:
         """The parsed subject/SAN template of the lot's device certificates."""
@@ -119,6 +131,36 @@ class LotProfile(BaseModel):
                     f"attestation = required: board profile {self.protocol} cannot attest its keys "
                     "(profiles that can: " + ", ".join(p.name for p in _attesting_profiles()) + ")"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _check_device_id_from(self) -> Self:
+        template = self.device_id_template
+        rest = template.replace(IMEI_FIELD, "")
+        if template.count(IMEI_FIELD) != 1 or "{" in rest or "}" in rest:
+            raise ValueError(
+                f"device_id_template {template!r} must hold {IMEI_FIELD} exactly once and no other field"
+            )
+        if self.device_id_from != "imei":
+            return self
+        from factoryd.jobs.profiles import board_profile  # noqa: PLC0415 - see _check_protocol
+
+        if not board_profile(self.protocol).imei_identity:
+            raise ValueError(
+                f"device_id_from = imei: board profile {self.protocol} does not identify its boards by "
+                "an IMEI (profiles that do: " + ", ".join(p.name for p in _imei_profiles()) + ")"
+            )
+        sample = self.derived_device_id(_SAMPLE_IMEI)
+        example = re.escape(template).replace(re.escape(IMEI_FIELD), "[0-9]{15}")
+        hint = f'use e.g. id_format = "regex:{example}"'
+        if self.id_format == ID_FORMAT_UUID:
+            raise ValueError(f"device_id_from = imei makes IDs like {sample!r}, which are not UUIDs; {hint}")
+        pattern = self.id_format.removeprefix(ID_FORMAT_REGEX_PREFIX)
+        if re.fullmatch(pattern, sample) is None:
+            raise ValueError(
+                f"device_id_from = imei makes IDs like {sample!r}, which the lot's id_format "
+                f"{self.id_format!r} does not match; {hint}"
+            )
         return self
 
     @field_validator("protocol")
@@ -199,6 +241,12 @@ class LotProfile(BaseModel):
         return swap_trailer_bytes(
             align=self.trailer_align, max_align=self.trailer_max_align, max_sectors=self.trailer_max_sectors
         )
+
+
+def _imei_profiles() -> list[BoardProfile]:
+    from factoryd.jobs.profiles import PROFILES  # noqa: PLC0415 - see LotProfile._check_protocol
+
+    return [p for p in PROFILES.values() if p.imei_identity]
 
 
 def _attesting_profiles() -> list[BoardProfile]:

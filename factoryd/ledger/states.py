@@ -106,16 +106,34 @@ class DeviceBook(JobBook):
     """Reservations, provisioning and voids of device IDs, and what the ledger knows of each."""
 
     def reserve(
-        self, lot: str, hw_serial: str, *, station: str, port: str, job_id: int | None, actor: str
+        self,
+        lot: str,
+        hw_serial: str,
+        *,
+        station: str,
+        port: str,
+        job_id: int | None,
+        actor: str,
+        device_id: str | None = None,
     ) -> Reservation:
-        """Bind an ID to a board's serial, or return the ID that serial already holds (``resumed``)."""
+        """Bind an ID (the next available, or exactly ``device_id``) to a board's serial, or return its own.
+
+        A serial that already holds an ID gets it back (``resumed``); with ``device_id`` set, an ID
+        absent from the lot, reserved or provisioned to another serial, or void is a ReservationConflictError.
+        """
         require_serial(hw_serial)
         require_label(station, "station")
         require_label(port, "port")
         for _ in range(RESERVE_RACE_RETRIES):
             try:
                 return self._reserve_once(
-                    lot, hw_serial, station=station, port=port, job_id=job_id, actor=actor
+                    lot,
+                    hw_serial,
+                    station=station,
+                    port=port,
+                    job_id=job_id,
+                    actor=actor,
+                    device_id=device_id,
                 )
             except _SerialRaceError:
                 continue
@@ -124,7 +142,15 @@ class DeviceBook(JobBook):
         )
 
     def _reserve_once(
-        self, lot: str, hw_serial: str, *, station: str, port: str, job_id: int | None, actor: str
+        self,
+        lot: str,
+        hw_serial: str,
+        *,
+        station: str,
+        port: str,
+        job_id: int | None,
+        actor: str,
+        device_id: str | None,
     ) -> Reservation:
         def race(_exc: Exception) -> Exception:
             return _SerialRaceError()
@@ -136,12 +162,20 @@ class DeviceBook(JobBook):
                 raise LotStateError(f"lot {lot!r} is {lot_state}; reservations need an active lot")
             existing = tx.first(self._sql.device_by_serial_locked, {"lot_id": lot_id, "hw_serial": hw_serial})
             if existing is not None:
+                if device_id is not None and existing.device_id != device_id:
+                    raise ReservationConflictError(
+                        f"serial {hw_serial!r} already holds ID {existing.device_id!r} in lot {lot!r}, "
+                        f"not {device_id!r}"
+                    )
                 return self._resume(
                     tx, existing, lot, hw_serial, station=station, port=port, job_id=job_id, actor=actor
                 )
-            row = tx.first(self._sql.claim, {"lot_id": lot_id})
-            if row is None:
-                raise IdsExhaustedError(f"lot {lot!r} has no available IDs left")
+            if device_id is None:
+                row = tx.first(self._sql.claim, {"lot_id": lot_id})
+                if row is None:
+                    raise IdsExhaustedError(f"lot {lot!r} has no available IDs left")
+            else:
+                row = self._chosen_row(tx, lot_id, lot, device_id)
             # A concurrent reservation of the same serial fails here (unique index), before auditing.
             tx.execute(
                 self._sql.reserve,
@@ -175,6 +209,17 @@ class DeviceBook(JobBook):
                 state=DeviceState.RESERVED,
                 metadata=dict(row.metadata),
             )
+
+    def _chosen_row(self, tx: Tx, lot_id: int, lot: str, device_id: str) -> DeviceRowView:
+        """The available row of exactly ``device_id``, locked; ReservationConflictError otherwise."""
+        # Locked FOR UPDATE: a second serial wanting the same ID waits here, then sees it reserved.
+        row = tx.first(self._sql.device_by_id_locked, {"lot_id": lot_id, "device_id": device_id})
+        if row is None:
+            raise ReservationConflictError(f"ID {device_id!r} is not on the list of lot {lot!r}")
+        if row.state != DeviceState.AVAILABLE:
+            holder = f" for serial {row.hw_serial!r}" if row.hw_serial else ""
+            raise ReservationConflictError(f"ID {device_id!r} in lot {lot!r} is {row.state}{holder}")
+        return row
 
     def _resume(
         self,
