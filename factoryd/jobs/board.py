@@ -26,6 +26,7 @@ opened, which the pipeline emits when the session closes (every profile reports 
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import functools
 import hashlib
@@ -35,7 +36,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, Protocol, Self, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, Self, TypeVar, runtime_checkable
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -138,6 +139,65 @@ def closed_link_stats(port: str, link: SerialLink[Any], stats: RequestStats) -> 
         crc_errors=decoder.crc_errors,
         at=datetime.now(UTC),
     )
+
+
+class SessionClient(Protocol):
+    """What a profile's client gives the session around it: its link, its engine's counters, close."""
+
+    link: SerialLink[Any]
+
+    @property
+    def stats(self) -> RequestStats:
+        """The request engine's counters."""
+        ...
+
+    async def close(self) -> None:
+        """Close the link."""
+        ...
+
+
+ClientT = TypeVar("ClientT", bound=SessionClient)
+
+
+class ClientSession(abc.ABC, Generic[ClientT]):
+    """A session that opens one client on the tty for the attempt: open, close, the link's statistics.
+
+    A profile's session subclasses it and says how its client is opened (``_open``); the rest of the
+    ``BoardSession`` contract (identify, existing, provision) is the profile's own.
+    """
+
+    def __init__(self, hub: Hub, port: str, path: str, settings: PipelineSettings) -> None:
+        self._hub = hub
+        self._port = port
+        self._path = path
+        self._settings = settings
+        self._client: ClientT | None = None
+
+    @abc.abstractmethod
+    async def _open(self) -> ClientT:
+        """Open the profile's client on ``self._path``."""
+
+    async def __aenter__(self) -> Self:
+        self._client = await self._open()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+    @property
+    def client(self) -> ClientT:
+        """The open client."""
+        if self._client is None:
+            raise RuntimeError(f"{type(self).__name__} used outside its async with block")
+        return self._client
+
+    def link_stats(self) -> LinkStats | None:
+        """Traffic of the session's link (None when it never opened)."""
+        client = self._client
+        return None if client is None else closed_link_stats(self._port, client.link, client.stats)
 
 
 class BoardSession(Protocol):

@@ -16,8 +16,7 @@ that the CSR carries the attested key.
 from __future__ import annotations
 
 import secrets
-from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING
 
 from factoryd.errors import (
     BoardStatusError,
@@ -26,9 +25,9 @@ from factoryd.errors import (
 )
 from factoryd.jobs.board import (
     CHALLENGE_BYTES,
+    ClientSession,
     Finished,
     JobHost,
-    closed_link_stats,
     provision_secure_element,
     recheck_board,
 )
@@ -37,7 +36,6 @@ from factoryd.pki.attestation import AttestationError, AttestationEvidence, Atte
 from factoryd.pki.issuer import IssuedCertificate
 from factoryd.protocol.messages import IDENTITY_SLOT, BoardInfo, ObjectId, Status
 from factoryd.protocol.native import BoardClient
-from factoryd.telemetry.events import LinkStats
 
 if TYPE_CHECKING:
     from factoryd.hub.base import Hub
@@ -61,44 +59,22 @@ NATIVE_STEPS = (
 )
 
 
-class NativeSession:
+class NativeSession(ClientSession[BoardClient]):
     """One attempt of the factoryd-v1 job on one tty."""
 
     identify_step = Step.HELLO
 
     def __init__(self, hub: Hub, port: str, path: str, settings: PipelineSettings) -> None:
-        self._port = port
-        self._path = path
-        self._settings = settings
-        self._client: BoardClient | None = None
+        super().__init__(hub, port, path, settings)
         self._info: BoardInfo | None = None
         # The attested identity key (set once the pipeline verified the attestation): no new GENKEY.
         self._attested_point: bytes | None = None
 
-    async def __aenter__(self) -> Self:
+    async def _open(self) -> BoardClient:
         settings = self._settings
-        self._client = await BoardClient.open(
+        return await BoardClient.open(
             self._path, baudrate=settings.baudrate, timeouts=settings.timeouts, resends=settings.resends
         )
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._client is not None:
-            await self._client.close()
-
-    @property
-    def client(self) -> BoardClient:
-        """The open client."""
-        if self._client is None:
-            raise RuntimeError("NativeSession used outside its async with block")
-        return self._client
-
-    def link_stats(self) -> LinkStats | None:
-        """Traffic of the session's link."""
-        client = self._client
-        return None if client is None else closed_link_stats(self._port, client.link, client.stats)
 
     async def identify(self) -> str:
         """HELLO: the secure-element serial."""

@@ -24,8 +24,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any
 
 import cbor2
 from cryptography import x509
@@ -44,7 +43,7 @@ from factoryd.errors import (
     ReadbackMismatchError,
     RefusedBoardError,
 )
-from factoryd.jobs.board import Finished, JobHost, closed_link_stats, issue_certificate
+from factoryd.jobs.board import ClientSession, Finished, JobHost, issue_certificate
 from factoryd.jobs.steps import Step
 from factoryd.ledger.model import DeviceRecord, DeviceState
 from factoryd.pki import der
@@ -62,7 +61,6 @@ from factoryd.protocol.nrf91 import (
     credential_map,
     parse_version,
 )
-from factoryd.telemetry.events import LinkStats
 from factoryd.transport.at_codec import COMMAND_TERMINATOR, encode_command
 
 if TYPE_CHECKING:
@@ -301,43 +299,21 @@ def _timeouts(settings: PipelineSettings) -> Nrf91Timeouts:
     return replace(base, **{f.name: getattr(base, f.name) * scale for f in fields(base)})
 
 
-class Nrf91Session:
+class Nrf91Session(ClientSession[Nrf91Client]):
     """One attempt of the nrf91-at job on one tty."""
 
     identify_step = Step.HELLO
 
     def __init__(self, hub: Hub, port: str, path: str, settings: PipelineSettings) -> None:
-        self._port = port
-        self._path = path
-        self._settings = settings
-        self._client: Nrf91Client | None = None
+        super().__init__(hub, port, path, settings)
         self._firmware: ModemFirmware | None = None
         self._imei: str | None = None
         self.attestation: KeygenAttestation | None = None
 
-    async def __aenter__(self) -> Self:
-        self._client = await Nrf91Client.open(
+    async def _open(self) -> Nrf91Client:
+        return await Nrf91Client.open(
             self._path, baudrate=self._settings.baudrate, timeouts=_timeouts(self._settings)
         )
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._client is not None:
-            await self._client.close()
-
-    @property
-    def client(self) -> Nrf91Client:
-        """The open client."""
-        if self._client is None:
-            raise RuntimeError("Nrf91Session used outside its async with block")
-        return self._client
-
-    def link_stats(self) -> LinkStats | None:
-        """Traffic of the session's link."""
-        client = self._client
-        return None if client is None else closed_link_stats(self._port, client.link, client.stats)
 
     async def _offline(self) -> None:
         client = self.client
