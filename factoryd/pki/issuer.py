@@ -88,7 +88,8 @@ def verify_csr(
         )
     if attributes[0].value != expected_cn:
         raise CsrRejectedError(
-            f"CSR common name {attributes[0].value!r} is not the allocated ID {expected_cn!r}"
+            f"CSR common name {attributes[0].value!r} is not the expected {expected_cn!r} "
+            "(the allocated ID in the lot's subject template)"
         )
     public_key = csr.public_key()
     if not isinstance(public_key, ec.EllipticCurvePublicKey) or public_key.curve.name != "secp256r1":
