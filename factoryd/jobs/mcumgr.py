@@ -17,12 +17,17 @@ Then what the board already holds is looked at and provisioning runs as for fact
 shared steps of ``jobs/board.py``): KEYGEN → CSR (CN of the lot's template) → verify CSR (its key
 is the generated one) → issue → WRITE + read back each object → challenge → (LOCK, then identity
 must report the board locked).
+
+A lot with ``attestation = required`` has the pipeline call ``attest`` before the reservation: the
+provisioning group's attest command (key + statement over the station's nonce, then the chain) and
+a sign of a second fresh challenge with the new key; provisioning then skips KEYGEN.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 from dataclasses import fields, replace
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
@@ -38,6 +43,7 @@ from factoryd.errors import (
     VerificationError,
 )
 from factoryd.jobs.board import (
+    CHALLENGE_BYTES,
     Finished,
     JobHost,
     closed_link_stats,
@@ -45,9 +51,17 @@ from factoryd.jobs.board import (
     recheck_board,
 )
 from factoryd.jobs.steps import Step
+from factoryd.pki.attestation import AttestationError, AttestationEvidence, AttestationResult
 from factoryd.pki.issuer import IssuedCertificate
-from factoryd.protocol.mcumgr import ImageSlot, McumgrClient, McumgrTimeouts, SmpIdentity
-from factoryd.protocol.messages import ObjectId
+from factoryd.protocol.mcumgr import (
+    ImageSlot,
+    McumgrClient,
+    McumgrTimeouts,
+    SmpIdentity,
+    SmpNoKeyError,
+    SmpNotSupportedError,
+)
+from factoryd.protocol.messages import IDENTITY_SLOT, ObjectId
 from factoryd.protocol.native import Timeouts
 from factoryd.telemetry.events import LinkStats
 
@@ -64,6 +78,7 @@ MCUMGR_STEPS = (
     Step.ENUMERATE,
     Step.HELLO,
     Step.FIRMWARE,
+    Step.ATTEST,
     Step.RESERVE,
     Step.KEYGEN,
     Step.CSR,
@@ -119,6 +134,8 @@ class McumgrSession:
         self._timeouts = _timeouts(settings)
         self._client: McumgrClient | None = None
         self._identity: SmpIdentity | None = None
+        # The attested identity key (set once the pipeline verified the attestation): no KEYGEN.
+        self._attested_point: bytes | None = None
 
     async def __aenter__(self) -> Self:
         self._client = await self._open(self._path)
@@ -168,9 +185,34 @@ class McumgrSession:
             return await recheck_board(host, self.client, identity.serial_hex, locked=identity.locked)
         return None
 
+    async def attest(self, host: JobHost, nonce: bytes) -> AttestationEvidence:
+        """The attest command over the station's nonce, then the new key signs a second fresh challenge."""
+        client = self.client
+        try:
+            reply = await client.attest(nonce)
+        except (SmpNoKeyError, SmpNotSupportedError) as exc:
+            raise AttestationError("attestation_missing", f"board cannot attest its key: {exc}") from exc
+        challenge = secrets.token_bytes(CHALLENGE_BYTES)
+        possession = await client.sign(challenge)
+        return AttestationEvidence(
+            slot=IDENTITY_SLOT,
+            nonce=reply.nonce,
+            public_key=reply.public_key,
+            signature=reply.signature,
+            chain=reply.chain,
+            possession_challenge=challenge,
+            possession_signature=possession,
+        )
+
+    def attested(self, result: AttestationResult) -> None:
+        """Provision with the attested key."""
+        self._attested_point = result.public_key
+
     async def provision(self, host: JobHost, device_id: str) -> IssuedCertificate:
-        """KEYGEN, CSR, issue, write + read back, challenge (jobs/board.py), then (LOCK)."""
-        issued = await provision_secure_element(host, self.client, device_id)
+        """KEYGEN (unless attested), CSR, issue, write + read back, challenge (jobs/board.py), then (LOCK)."""
+        issued = await provision_secure_element(
+            host, self.client, device_id, attested_point=self._attested_point
+        )
         if host.lot.profile.lock:
             serial = self._identity.serial if self._identity is not None else b""
             await host.step(Step.LOCK, lambda: self.client.lock(serial))

@@ -93,6 +93,12 @@ BSTR_HEADER_GROWTH_BYTES = 2
 MAX_UPLOAD_RESTARTS = 3
 # Wire allowance for the reply of an ordinary request (its header, a small CBOR map, framing).
 REPLY_ALLOWANCE_BYTES = 96
+# The station's nonce an attest request carries.
+ATTEST_NONCE_BYTES = 32
+# Certificates an attestation chain may hold (pki.attestation.MAX_ATTESTATION_CHAIN) and the size
+# of one (a vendor's P-256/P-384/RSA-2048 certificate is 0.4-1.5 KiB): larger ones are not read.
+MAX_ATTESTATION_CERTS = 4
+MAX_ATTESTATION_CERT_BYTES = 4096
 
 
 class McumgrCommand(IntEnum):
@@ -110,6 +116,8 @@ class McumgrCommand(IntEnum):
     READ_OBJECT = PROVISIONING_GROUP << 8 | 4
     SIGN = PROVISIONING_GROUP << 8 | 5
     LOCK = PROVISIONING_GROUP << 8 | 6
+    ATTEST = PROVISIONING_GROUP << 8 | 7
+    ATTESTATION_CERT = PROVISIONING_GROUP << 8 | 8
 
     @property
     def group(self) -> int:
@@ -122,6 +130,12 @@ class McumgrCommand(IntEnum):
         return int(self) & 0xFF
 
 
+# Replies that carry up to a whole buffer of data (the wire time of a full packet is allowed for).
+_DATA_REPLIES = frozenset(
+    {McumgrCommand.READ_OBJECT, McumgrCommand.CSR, McumgrCommand.ATTEST, McumgrCommand.ATTESTATION_CERT}
+)
+
+
 class ProvCommand(IntEnum):
     """Command ids of the provisioning group (docs/protocol-smp.md)."""
 
@@ -132,6 +146,8 @@ class ProvCommand(IntEnum):
     READ_OBJECT = 4
     SIGN = 5
     LOCK = 6
+    ATTEST = 7
+    ATTESTATION_CERT = 8
 
 
 class ProvError(IntEnum):
@@ -277,6 +293,42 @@ class LockWriteResponse(_Prov, smpmsg.WriteResponse):
     _COMMAND_ID = ProvCommand.LOCK
 
 
+class AttestWriteRequest(_Prov, smpmsg.WriteRequest):
+    """Make a new key in a slot and attest it over the station's 32-byte nonce."""
+
+    _COMMAND_ID = ProvCommand.ATTEST
+    slot: int
+    nonce: bytes
+
+
+class AttestWriteResponse(_Prov, smpmsg.WriteResponse):
+    """The echoed nonce, the new key's point, the statement's DER signature, the chain's length."""
+
+    _COMMAND_ID = ProvCommand.ATTEST
+    nonce: bytes
+    pub: bytes
+    sig: bytes
+    certs: int
+
+
+class AttestationCertReadRequest(_Prov, smpmsg.ReadRequest):
+    """Read certificate ``cert`` (0 = leaf) of the attestation chain from an offset."""
+
+    _COMMAND_ID = ProvCommand.ATTESTATION_CERT
+    cert: int
+    off: int
+
+
+class AttestationCertReadResponse(_Prov, smpmsg.ReadResponse):
+    """A chunk of the certificate; ``len`` (its total bytes) on the chunk at offset 0."""
+
+    _COMMAND_ID = ProvCommand.ATTESTATION_CERT
+    cert: int
+    off: int
+    data: bytes
+    len: int | None = None
+
+
 # Each command's request and reply models (the simulated board reads this table too).
 MESSAGES: dict[McumgrCommand, tuple[type[smpmsg.Request], type[smpmsg.Response]]] = {
     McumgrCommand.ECHO: (EchoWriteRequest, EchoWriteResponse),
@@ -291,6 +343,8 @@ MESSAGES: dict[McumgrCommand, tuple[type[smpmsg.Request], type[smpmsg.Response]]
     McumgrCommand.READ_OBJECT: (ObjectReadRequest, ObjectReadResponse),
     McumgrCommand.SIGN: (SignWriteRequest, SignWriteResponse),
     McumgrCommand.LOCK: (LockWriteRequest, LockWriteResponse),
+    McumgrCommand.ATTEST: (AttestWriteRequest, AttestWriteResponse),
+    McumgrCommand.ATTESTATION_CERT: (AttestationCertReadRequest, AttestationCertReadResponse),
 }
 # The image-state write shares IMAGE_STATE's key (same group and id; op WRITE).
 IMAGE_STATE_WRITE = (ImageStatesWriteRequest, ImageStatesWriteResponse)
@@ -382,6 +436,24 @@ class SmpIdentity:
 
 
 @dataclass(frozen=True)
+class SmpAttestation:
+    """What the attest command returned: the statement's fields and the whole chain, leaf first."""
+
+    nonce: bytes
+    public_key: bytes
+    signature: bytes
+    chain: tuple[bytes, ...]
+
+
+class SmpNoKeyError(BoardStatusError):
+    """The provisioning group's ``NO_KEY``: for attest, the part has no attestation key."""
+
+
+class SmpNotSupportedError(BoardStatusError):
+    """``MGMT_ERR_ENOTSUP``: the board's firmware does not implement the command."""
+
+
+@dataclass(frozen=True)
 class McumgrTimeouts:
     """Per-command reply timeouts in seconds (wire time both ways is added on top)."""
 
@@ -405,6 +477,8 @@ class McumgrTimeouts:
     read_s: float = 2.0
     sign_s: float = 3.0
     lock_s: float = 3.0
+    # Key generation plus one signature by the attestation key (~115 ms + ~60 ms on an ATECC608).
+    attest_s: float = 5.0
     # After a reset: how long the board may take to boot (MCUboot's swap of a large slot takes
     # seconds per 100 KiB) and answer again.
     boot_s: float = 60.0
@@ -433,6 +507,8 @@ _TIMEOUT_FIELDS: dict[McumgrCommand, str] = {
     McumgrCommand.READ_OBJECT: "read_s",
     McumgrCommand.SIGN: "sign_s",
     McumgrCommand.LOCK: "lock_s",
+    McumgrCommand.ATTEST: "attest_s",
+    McumgrCommand.ATTESTATION_CERT: "read_s",
 }
 
 
@@ -457,8 +533,8 @@ class _SmpReplies:
         """SMP has no NACK."""
 
     def resend_on_timeout(self, command: McumgrCommand) -> bool:
-        """Not KEYGEN (a late first reply would carry a replaced key), not RESET (it may be rebooting)."""
-        return command not in (McumgrCommand.KEYGEN, McumgrCommand.RESET)
+        """Not KEYGEN/ATTEST (a late first reply would carry a replaced key), not RESET (it may reboot)."""
+        return command not in (McumgrCommand.KEYGEN, McumgrCommand.ATTEST, McumgrCommand.RESET)
 
     def event(self, packet: SmpPacket) -> None:
         """SMP sends no events."""
@@ -531,7 +607,7 @@ class McumgrClient(EngineClient[SmpPacket, McumgrCommand]):
                 f"{self.params.max_packet}-byte limit"
             )
         wire = console_bytes(len(packet.encode())) + REPLY_ALLOWANCE_BYTES
-        if command is McumgrCommand.READ_OBJECT or command is McumgrCommand.CSR:
+        if command in _DATA_REPLIES:
             wire += console_bytes(self.params.max_packet)  # the reply carries the data
         if timeout_s is None:
             timeout_s = self.timeouts.for_command(command, first_chunk=first_chunk)
@@ -781,6 +857,55 @@ class McumgrClient(EngineClient[SmpPacket, McumgrCommand]):
             raise ProtocolViolationError(f"sign: {len(rsp.sig)}-byte signature, expected raw r||s of 64")
         return rsp.sig
 
+    async def attest(self, nonce: bytes, slot: int = IDENTITY_SLOT) -> SmpAttestation:
+        """Attest: a new key in the slot and the statement over ``nonce``; then the chain, cert by cert."""
+        if len(nonce) != ATTEST_NONCE_BYTES:
+            raise ValueError(f"attest nonce of {len(nonce)} bytes, expected {ATTEST_NONCE_BYTES}")
+        rsp = await self.request(
+            McumgrCommand.ATTEST,
+            lambda s: AttestWriteRequest(slot=slot, nonce=nonce, sequence=s),
+            AttestWriteResponse,
+        )
+        if len(rsp.pub) != P256_POINT_BYTES or rsp.pub[0] != 0x04:
+            raise ProtocolViolationError(
+                f"attest: {len(rsp.pub)}-byte public key is not an uncompressed P-256 point"
+            )
+        if not 0 <= rsp.certs <= MAX_ATTESTATION_CERTS:
+            raise ProtocolViolationError(
+                f"attest: a chain of {rsp.certs} certificates (limit {MAX_ATTESTATION_CERTS})"
+            )
+        chain = tuple([await self.attestation_cert(i) for i in range(rsp.certs)])
+        return SmpAttestation(rsp.nonce, rsp.pub, rsp.sig, chain)
+
+    async def attestation_cert(self, index: int) -> bytes:
+        """Certificate ``index`` (0 = leaf) of the attestation chain, DER, read chunk by chunk."""
+        out = bytearray()
+        total: int | None = None
+        while True:
+            off = len(out)
+            rsp = await self.request(
+                McumgrCommand.ATTESTATION_CERT,
+                lambda s, o=off: AttestationCertReadRequest(cert=index, off=o, sequence=s),  # type: ignore[misc]
+                AttestationCertReadResponse,
+            )
+            if rsp.cert != index or rsp.off != off:
+                raise ProtocolViolationError(
+                    f"attestation cert: asked cert {index} offset {off}, got cert {rsp.cert} offset {rsp.off}"
+                )
+            if total is None:
+                if rsp.len is None or not 0 < rsp.len <= MAX_ATTESTATION_CERT_BYTES:
+                    raise ProtocolViolationError(
+                        f"attestation cert {index}: first chunk carries no valid len ({rsp.len})"
+                    )
+                total = rsp.len
+            out += rsp.data
+            if len(out) > total or (not rsp.data and len(out) < total):
+                raise ProtocolViolationError(
+                    f"attestation cert {index}: {len(out)} bytes of a {total}-byte certificate"
+                )
+            if len(out) == total:
+                return bytes(out)
+
     async def lock(self, serial: bytes) -> None:
         """Lock the secure element of the board with this serial, irreversibly."""
         await self.request(
@@ -839,6 +964,8 @@ def _raise_error(command: McumgrCommand, body: dict[str, Any]) -> None:
         raise BoardStatusError(
             f"{command.name} refused by the board: rc {rc} {body.get('rsn', '')}", rc
         ) from None
+    if mgmt is MGMT_ERR.ENOTSUP and command.group == PROVISIONING_GROUP:
+        raise SmpNotSupportedError(f"{command.name}: the board's firmware does not implement it", rc)
     message = f"{command.name} refused by the board: {mgmt.name}" + (
         f" ({body['rsn']})" if "rsn" in body else ""
     )
@@ -857,4 +984,6 @@ def _raise_prov(command: McumgrCommand, error: ProvError, rc: int) -> None:
         raise BoardBusyError(message, rc)
     if error is ProvError.LOCKED:
         raise BoardLockedError(message, rc)
+    if error is ProvError.NO_KEY:
+        raise SmpNoKeyError(message, rc)
     raise BoardStatusError(message, rc, transient=error in TRANSIENT_PROV_ERRORS)

@@ -52,7 +52,7 @@ from factoryd.protocol.mcumgr import (
     command_of,
     decode_body,
 )
-from factoryd.protocol.messages import ObjectId
+from factoryd.protocol.messages import AttestedKeyReply, ObjectId
 from factoryd.sim.board import (
     NO_FAULTS,
     ZERO_TIMING,
@@ -286,6 +286,8 @@ class SimMcumgrBoard(SimBoard):
         self.upload_resumes = 0
         self._upload: _Upload | None = None
         self._staged: dict[int, _Staged] = {}
+        # The chain the last attest answered with (the SE's own unless the firmware forges one).
+        self._attested_chain: tuple[bytes, ...] | None = None
         image = read_image(self.primary)
         self.fw_sha256 = image.hash if image else b""
         self.fw_version = image.version if image else "none"
@@ -467,6 +469,15 @@ class SimMcumgrBoard(SimBoard):
             case McumgrCommand.SIGN:
                 await self.spend(self.timing.sign_s)
                 return {"sig": self.se.sign(req["slot"], req["challenge"])}
+            case McumgrCommand.ATTEST:
+                # The native profile's GENKEY_ATTESTED, impostor modes included: the same statement.
+                await self.spend(self.timing.keygen_s + self.timing.sign_s)
+                reply = AttestedKeyReply.decode(self._attest(req["slot"], req["nonce"]))
+                self._attested_chain = reply.chain
+                return {"nonce": reply.nonce, "pub": reply.public_key, "sig": reply.signature,
+                        "certs": len(reply.chain)}  # fmt: skip
+            case McumgrCommand.ATTESTATION_CERT:
+                return self._attestation_cert(req)
             case McumgrCommand.LOCK:
                 if req["serial"] != self.se.serial:
                     return _prov_error(ProvError.SERIAL_MISMATCH)
@@ -611,6 +622,22 @@ class SimMcumgrBoard(SimBoard):
         reply: dict[str, Any] = {"off": off, "data": value[off : off + room]}
         if off == 0:
             reply["len"] = len(value)
+        return reply
+
+    def _attestation_cert(self, req: dict[str, Any]) -> dict[str, Any]:
+        chain = self._attested_chain if self._attested_chain is not None else self.se.attestation_chain
+        if not chain:
+            return _prov_error(ProvError.NO_KEY)
+        index, off = req["cert"], req["off"]
+        if not 0 <= index < len(chain):
+            return _prov_error(ProvError.BAD_OBJECT)
+        cert = chain[index]
+        if not 0 <= off <= len(cert):
+            return _prov_error(ProvError.BAD_OFFSET)
+        room = max_packet_for(self.buf_size) - READ_REPLY_OVERHEAD_BYTES
+        reply: dict[str, Any] = {"cert": index, "off": off, "data": cert[off : off + room]}
+        if off == 0:
+            reply["len"] = len(cert)
         return reply
 
 
