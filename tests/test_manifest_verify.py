@@ -134,7 +134,7 @@ def test_a_duplicate_serial_is_refused(pki: TestPki, signed: tuple[bytes, bytes]
         {
             "device_id": first["device_id"],
             "cert_serial": first["cert_serial"],
-            "fingerprint": "00" * 32,
+            "cert_sha256": "00" * 32,
             "reason": "superseded",
             "issued_at": first["provisioned_at"],
             "revoked_at": first["provisioned_at"],

@@ -227,8 +227,8 @@ def test_manifest_lists_revoked_certificates_separately(line: Line) -> None:
     assert set(revoked) == {line.certs[k].serial_hex for k in ("retried-first", "failed", "voided")}
     entry = revoked[line.certs["voided"].serial_hex]
     assert entry["reason"] == "voided"
-    assert entry["fingerprint"] == line.certs["voided"].fingerprint_sha256
-    assert set(entry) == {"device_id", "cert_serial", "fingerprint", "reason", "issued_at", "revoked_at"}
+    assert entry["cert_sha256"] == line.certs["voided"].fingerprint_sha256
+    assert set(entry) == {"device_id", "cert_serial", "cert_sha256", "reason", "issued_at", "revoked_at"}
     report = check_manifest(manifest.json_bytes, manifest.signature_der, [line.pki.root_cert])
     assert report.ok, report.lines()
     assert (report.devices, report.revoked) == (2, 3)

@@ -196,7 +196,7 @@ def _revoked_entry(record: RevokedRecord) -> dict[str, Any]:
     return {
         "device_id": record.device_id,
         "cert_serial": record.cert_serial.lower(),
-        "fingerprint": record.fingerprint_sha256.lower(),
+        "cert_sha256": record.fingerprint_sha256.lower(),
         "reason": str(record.cause),
         "issued_at": _iso(record.issued_at),
         "revoked_at": _iso(record.revoked_at),

@@ -180,7 +180,7 @@ def check_manifest(
         if serials:
             problems.append(f"certificate serials listed twice: {_names(serials)}")
         fingerprints = _duplicates(
-            [str(d.get("cert_sha256")) for d in devices] + [str(r.get("fingerprint")) for r in revoked]
+            [str(d.get("cert_sha256")) for d in devices] + [str(r.get("cert_sha256")) for r in revoked]
         )
         if fingerprints:
             problems.append(f"fingerprints listed twice: {_names(fingerprints)}")
@@ -208,7 +208,7 @@ def check_manifest(
         both = [
             str(r.get("cert_serial"))
             for r in revoked
-            if str(r.get("cert_serial")) in provisioned or str(r.get("fingerprint")) in provisioned
+            if str(r.get("cert_serial")) in provisioned or str(r.get("cert_sha256")) in provisioned
         ]
         if both:
             raise ManifestError(f"revoked certificates also listed as provisioned: {_names(both)}")
