@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
 from pathlib import Path
@@ -198,3 +199,38 @@ async def test_customer_uploads_attestation_roots_refused_whole_when_bad(tmp_pat
             )
             assert other.status_code == 404
         assert where.read_bytes() == vendor.root_pem
+
+
+# A real Microchip Trust&GO manifest entry (ATECC608C-TNGTLSU-B) and Microchip's published manifest signer
+# certificates, as aws-iot-builder-tools/thingpress ships them in its test artifacts.
+REAL = Path(__file__).parent / "data" / "parts"
+
+
+def test_a_real_microchip_manifest_entry_verifies_against_microchips_signer() -> None:
+    signers = [
+        x509.load_pem_x509_certificate((REAL / name).read_bytes())
+        for name in ("mchp-manifest-signer-4.crt", "mchp-manifest-signer-5.crt")
+    ]
+    data = (REAL / "mchp-ecc608c-tngtlsu-one-entry.json").read_bytes()
+    parts = verify_parts_manifest(data, signers)
+    assert set(parts) == {"0123f2408ea1fcf201"}
+    part = parts["0123f2408ea1fcf201"]
+    # The registered slot-0 key is the key of the chip's device certificate in the entry's x5c.
+    payload = json.loads(_b64url(json.loads(data)[0]["payload"]))
+    leaf = x509.load_der_x509_certificate(_b64(payload["publicKeySet"]["keys"][0]["x5c"][0]))
+    leaf_key = leaf.public_key()
+    assert isinstance(leaf_key, ec.EllipticCurvePublicKey)
+    assert part.public_key == leaf_key.public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+    # Signed by Manifest Signer 005 only: with the older Log Signer 004 alone it is refused.
+    with pytest.raises(PartsManifestError):
+        verify_parts_manifest(data, signers[:1])
+
+
+def _b64url(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _b64(text: str) -> bytes:
+    return base64.b64decode(text)
