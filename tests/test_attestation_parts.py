@@ -234,3 +234,29 @@ def _b64url(text: str) -> bytes:
 
 def _b64(text: str) -> bytes:
     return base64.b64decode(text)
+
+
+def test_the_device_certificate_in_an_entry_must_carry_its_key_and_chain_to_its_signer_ca(
+    signer: tuple[ec.EllipticCurvePrivateKey, x509.Certificate],
+) -> None:
+    """The x5c check, with the real entry's device certificate and Microchip signer CA."""
+    real = json.loads((REAL / "mchp-ecc608c-tngtlsu-one-entry.json").read_bytes())[0]
+    x5c = json.loads(_b64url(real["payload"]))["publicKeySet"]["keys"][0]["x5c"]
+    leaf_key = x509.load_der_x509_certificate(_b64(x5c[0])).public_key()
+    assert isinstance(leaf_key, ec.EllipticCurvePublicKey)
+    point = leaf_key.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+    key, cert = signer
+    serial = "0123f2408ea1fcf201"
+
+    def manifest(entry_point: bytes, chain: list[str]) -> bytes:
+        return json.dumps([sign_parts_entry(serial, entry_point, key, cert, x5c=chain)]).encode()
+
+    assert verify_parts_manifest(manifest(point, x5c), [cert])[serial].public_key == point
+    other = SimSecureElement()
+    other.genkey(0)
+    with pytest.raises(PartsManifestError, match="device certificate in x5c is not for the slot-0 key"):
+        verify_parts_manifest(manifest(other.public_point(0), x5c), [cert])
+    with pytest.raises(PartsManifestError, match=r"x5c: .* is not signed by"):
+        verify_parts_manifest(manifest(point, [x5c[0], x5c[0]]), [cert])
+    with pytest.raises(PartsManifestError, match="does not parse"):
+        verify_parts_manifest(manifest(point, ["bm90IGEgY2VydA=="]), [cert])

@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import itertools
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -155,7 +156,36 @@ def _verify_entry(entry: Any, keys: Mapping[str, ec.EllipticCurvePublicKey]) -> 
         raise ValueError("slot-0 key coordinates are not 32 bytes")
     point = b"\x04" + x + y
     ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)  # raises ValueError off the curve
+    if "x5c" in jwk:
+        _check_device_chain(jwk["x5c"], point)
     return RegisteredPart(serial, point, hashlib.sha256(payload_raw).hexdigest())
+
+
+def _check_device_chain(x5c: object, point: bytes) -> None:
+    """The entry's device certificate carries the slot-0 key and is signed by the signer CA after it.
+
+    Trust&GO entries carry the chip's device certificate and its signer CA (``x5c``). The chain above
+    the signer CA (Microchip's root) is not in the entry; the JWS signature by the pinned manifest
+    signer is what vouches for the entry as a whole.
+    """
+    if not isinstance(x5c, list) or not x5c or not all(isinstance(c, str) for c in x5c):
+        raise ValueError("slot-0 x5c is not a list of base64 certificates")
+    try:
+        chain = [x509.load_der_x509_certificate(base64.b64decode(c, validate=True)) for c in x5c]
+    except (ValueError, binascii.Error):
+        raise ValueError("slot-0 x5c holds a certificate that does not parse") from None
+    leaf_key = chain[0].public_key()
+    if not isinstance(leaf_key, ec.EllipticCurvePublicKey) or (
+        leaf_key.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+        != point
+    ):
+        raise ValueError("the device certificate in x5c is not for the slot-0 key")
+    for child, parent in itertools.pairwise(chain):
+        try:
+            child.verify_directly_issued_by(parent)
+        except (ValueError, TypeError, InvalidSignature):
+            issuer = parent.subject.rfc4514_string()
+            raise ValueError(f"x5c: {child.subject.rfc4514_string()!r} is not signed by {issuer!r}") from None
 
 
 def verify_registered_part(
@@ -178,7 +208,12 @@ def verify_registered_part(
 
 
 def sign_parts_entry(
-    serial: str, point: bytes, signer_key: ec.EllipticCurvePrivateKey, signer_cert: x509.Certificate
+    serial: str,
+    point: bytes,
+    signer_key: ec.EllipticCurvePrivateKey,
+    signer_cert: x509.Certificate,
+    *,
+    x5c: Sequence[str] = (),
 ) -> dict[str, Any]:
     """One manifest entry in the vendor's format (test manifests; the station never signs one)."""
     der = signer_cert.public_bytes(serialization.Encoding.DER)
@@ -188,16 +223,21 @@ def sign_parts_entry(
         "kid": _b64url(x509.SubjectKeyIdentifier.from_public_key(signer_cert.public_key()).digest),
         "x5t#S256": _b64url(hashlib.sha256(der).digest()),
     }
+    slot0: dict[str, Any] = {
+        "kid": "0",
+        "kty": "EC",
+        "crv": "P-256",
+        "x": _b64url(point[1:33]),
+        "y": _b64url(point[33:]),
+    }
+    if x5c:
+        slot0["x5c"] = list(x5c)
     payload = {
         "version": 1,
         "model": "ATECC608B",
         "partNumber": "ATECC608B-TNGTLS",
         "uniqueId": serial,
-        "publicKeySet": {
-            "keys": [
-                {"kid": "0", "kty": "EC", "crv": "P-256", "x": _b64url(point[1:33]), "y": _b64url(point[33:])}
-            ]
-        },
+        "publicKeySet": {"keys": [slot0]},
     }
     protected = _b64url(json.dumps(header, separators=(",", ":")).encode())
     body = _b64url(json.dumps(payload, separators=(",", ":")).encode())
