@@ -14,7 +14,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pydantic import ValidationError
 
-from factoryd.api.page.labels import reason_text
 from factoryd.errors import BundleError, ProtocolViolationError, RefusedBoardError
 from factoryd.jobs.lots import activation_gaps
 from factoryd.ledger import LotProfile
@@ -33,6 +32,7 @@ from factoryd.pki.challenge import der_to_raw_signature
 from factoryd.pki.testca import make_ca_cert
 from factoryd.protocol.messages import AttestedKeyReply, GenKeyAttested
 from factoryd.sim.secure_element import SimSecureElement, SimVendorCa, attestation_certificate, make_csr
+from factoryd.telemetry.reasons import reason_text
 
 NOW = dt.datetime.now(dt.UTC)
 

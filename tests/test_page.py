@@ -21,12 +21,10 @@ from sqlmodel import Session, col, select
 from factoryd.api.page import feed as feed_module
 from factoryd.api.page.feed import LotUnavailable, LotView, SlotView, StationFeed, view_json
 from factoryd.api.page.labels import (
-    REASON_TEXT,
     STEP_DETOURS,
     STEP_TEXT,
     UNKNOWN_STEP_TEXT,
     grid_shape,
-    reason_text,
     slot_order,
     step_progress,
     step_text,
@@ -43,6 +41,7 @@ from factoryd.ledger.model import LotInfo, LotProgress
 from factoryd.ledger.tables import AuditEntryRow
 from factoryd.telemetry.events import JobEvent, JobEventKind, LotProgressUpdate, PortState, PortUpdate
 from factoryd.telemetry.live import LiveSnapshot, LiveState
+from factoryd.telemetry.reasons import REASON_TEXT, reason_text
 from tests.helpers.api import Api, running_api
 
 CODES = (

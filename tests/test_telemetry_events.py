@@ -192,3 +192,12 @@ def test_sinks_satisfy_the_protocol() -> None:
     assert [s.value for s in PortState] == [
         "empty", "disabled", "powering", "enumerating", "provisioning", "done", "failed", "attention", "idle",
     ]  # fmt: skip
+
+
+def test_payloads_carry_the_operator_sentence_the_page_shows() -> None:
+    refused = PortUpdate("3", PortState.ATTENTION, None, None, None, 0, T0, reason="attestation_chain")
+    payload = port_state_payload(refused)
+    validate("port_state", payload)
+    assert payload["operator_text"] == "Not a genuine part: put it aside."
+    idle = port_state_payload(PortUpdate("3", PortState.EMPTY, None, None, None, 0, T0))
+    assert idle["operator_text"] is None

@@ -161,6 +161,7 @@ async def test_publishes_every_topic_with_valid_payloads(mqtt_broker: MosquittoB
         "attempt": 1,
         "since": "2025-03-01T08:00:00Z",
         "reason": None,
+        "operator_text": None,
     }
     assert [e["kind"] for e in rec.on("/events")] == ["job_started", "step"]
     assert rec.latest("/progress") == {
@@ -287,6 +288,7 @@ async def test_broker_restart_reconnects_and_republishes(mqtt_broker_factory: Br
     assert rec.latest("/status")["state"] == "online"  # type: ignore[index]
     assert rec.latest("/ports/1/state")["state"] == "failed"  # type: ignore[index]
     assert rec.latest("/ports/1/state")["reason"] == "csr_rejected"  # type: ignore[index]
+    assert "certificate request was wrong" in rec.latest("/ports/1/state")["operator_text"]  # type: ignore[index]
     assert rec.latest("/ports/2/state")["state"] == "done"  # type: ignore[index]
     assert_valid(rec)
 

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from factoryd.errors import ConfigError
 from factoryd.telemetry.events import JobEvent, LotProgressUpdate, PortUpdate
+from factoryd.telemetry.reasons import reason_text
 
 __all__ = [
     "PAYLOAD_SCHEMA_VERSION",
@@ -100,6 +101,8 @@ def port_state_payload(update: PortUpdate) -> dict[str, Any]:
         "attempt": update.attempt,
         "since": _ts(update.since),
         "reason": update.reason,
+        # The same sentence the station page shows (a line display fed from MQTT needs no table).
+        "operator_text": reason_text(update.reason) if update.reason else None,
     }
 
 
@@ -114,6 +117,7 @@ def job_event_payload(event: JobEvent) -> dict[str, Any]:
         "step": event.step,
         "outcome": event.outcome,
         "reason": event.reason,
+        "operator_text": reason_text(event.reason) if event.reason else None,
         "device_id": event.device_id,
         "attempt": event.attempt,
         "duration_s": event.duration_s,

@@ -23,7 +23,7 @@ import structlog
 from fastapi import Request
 
 from factoryd.api.context import ApiContext
-from factoryd.api.page.labels import grid_shape, reason_text, slot_order, step_progress, step_text
+from factoryd.api.page.labels import grid_shape, slot_order, step_progress, step_text
 from factoryd.api.page.sessions import cookie_session
 from factoryd.errors import FactorydError
 from factoryd.ledger import LotState
@@ -31,6 +31,7 @@ from factoryd.ledger.model import LotInfo, LotProgress
 from factoryd.telemetry.events import JobEvent, JobEventKind, LotProgressUpdate, PortState, PortUpdate
 from factoryd.telemetry.figures import JobCounts
 from factoryd.telemetry.live import LiveMessage, LiveSnapshot
+from factoryd.telemetry.reasons import reason_text
 
 log = structlog.get_logger(__name__)
 

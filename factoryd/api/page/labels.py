@@ -1,4 +1,6 @@
-"""What the station page says and where: reason and step texts, each profile's step order, the grid.
+"""What the station page says and where: step texts, each profile's step order, the grid.
+
+Reason sentences live in ``factoryd.telemetry.reasons``: the page and MQTT say the same words.
 
 Step labels are keyed by :class:`~factoryd.jobs.steps.Step`, so a new step without a label fails
 ``tests/test_page.py``. A slot's progress bar ("Step 4 of 8") counts its step's place in the step
@@ -15,52 +17,6 @@ from collections.abc import Iterable
 from factoryd.config import PageConfig
 from factoryd.jobs.profiles import PROFILES
 from factoryd.jobs.steps import Step
-
-# Reason codes (FactorydError.reason) as sentences an operator at the fixture can act on.
-REASON_TEXT: dict[str, str] = {
-    "csr_rejected": "The board's certificate request was wrong (name, key or signature). Put it aside.",
-    "board_timeout": "The board stopped answering. Reseat it and retry.",
-    "readback_mismatch": "The board did not store its certificate correctly. Retry once, then put it aside.",
-    "board_flood": "The board sends garbage on its serial line. Put it aside.",
-    "identity_mismatch": "The board claims another board's identity (a clone?). Put it aside.",
-    "refused_board": "This board may not be provisioned in this lot (done before?). Tell the supervisor.",
-    "hub_command": "The USB hub did not switch this port. Check the hub and its cable.",
-    "enumeration_timeout": "The board did not show up on USB. Reseat it or check the cable.",
-    "challenge_failed": "The board could not prove it holds its new key. Put it aside.",
-    "verification": "The board's answer failed a check. Put it aside.",
-    "firmware_rejected": "The board refused the firmware image. Tell the supervisor.",
-    "firmware_reverted": "The board did not keep the new firmware (refused, reverted). Tell the supervisor.",
-    "board_locked": "The board's secure element is already locked. Put it aside.",
-    "board_busy": "The board stayed busy. Reseat it and retry.",
-    "board_status": "The board reported an error. Reseat it and retry.",
-    "board_reset": "The board rebooted during provisioning. Reseat it and retry.",
-    "protocol_violation": "The board answered nonsense. Reseat it and retry.",
-    "link_closed": "The USB serial link dropped. Reseat the board and retry.",
-    "link_open": "The board's serial port could not be opened. Reseat the board and retry.",
-    "frame": "The serial link garbles data. Reseat the board and retry.",
-    "crc": "The serial link garbles data. Reseat the board and retry.",
-    "ids_exhausted": "The lot has no device IDs left. Tell the supervisor.",
-    "reservation_conflict": "The ledger refused a device ID for this board. Tell the supervisor.",
-    "lot_state": "The lot is paused or closed.",
-    "ledger_unavailable": "The station's database cannot be reached. Tell the supervisor.",
-    "issuance": "The station could not issue the certificate. Tell the supervisor.",
-    "signer": "The lot's CA key cannot be used. Tell the supervisor.",
-    "job_aborted": "Stopped by the operator or a station shutdown.",
-    # Key attestation (pki/attestation.py): the board is refused before it gets an ID.
-    **dict.fromkeys(
-        (
-            "attestation_chain",
-            "attestation_serial",
-            "attestation_signature",
-            "attestation_nonce",
-            "attestation_key",
-            "attestation_expired",
-            "attestation_missing",
-            "attestation_unregistered",
-        ),
-        "Not a genuine part: put it aside.",
-    ),
-}
 
 # Every pipeline step with the words a slot shows while the board is in it.
 STEP_TEXT: dict[Step, str] = {
@@ -88,18 +44,6 @@ UNKNOWN_STEP_SHOWN_CHARS = 40
 # Steps in no sequence on purpose: a board already provisioned is re-checked instead of provisioned
 # (hello, then recheck, then done), so it has no place on the provisioning bar.
 STEP_DETOURS = frozenset({Step.RECHECK})
-
-
-def reason_text(reason: str | None) -> str:
-    """A failure reason (code or message) as one operator sentence."""
-    if not reason:
-        return "Failed for an unknown reason. Retry, or put the board aside."
-    sentence = REASON_TEXT.get(reason)
-    if sentence is not None:
-        return sentence
-    if reason.replace("_", "").isalnum() and reason.islower():
-        return f"Failed ({reason.replace('_', ' ')}). Retry, or put the board aside."
-    return reason[:200]
 
 
 def parse_step(code: str | None) -> Step | None:

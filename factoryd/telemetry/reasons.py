@@ -1,0 +1,65 @@
+"""Failure reasons as sentences an operator at the fixture can act on: one table for every view.
+
+The station page shows them on a slot, and the MQTT port-state and event payloads carry them as
+``operator_text``, so a line display fed from MQTT says the same words as the page.
+"""
+
+from __future__ import annotations
+
+# Reason codes (FactorydError.reason) as sentences an operator at the fixture can act on.
+REASON_TEXT: dict[str, str] = {
+    "csr_rejected": "The board's certificate request was wrong (name, key or signature). Put it aside.",
+    "board_timeout": "The board stopped answering. Reseat it and retry.",
+    "readback_mismatch": "The board did not store its certificate correctly. Retry once, then put it aside.",
+    "board_flood": "The board sends garbage on its serial line. Put it aside.",
+    "identity_mismatch": "The board claims another board's identity (a clone?). Put it aside.",
+    "refused_board": "This board may not be provisioned in this lot (done before?). Tell the supervisor.",
+    "hub_command": "The USB hub did not switch this port. Check the hub and its cable.",
+    "enumeration_timeout": "The board did not show up on USB. Reseat it or check the cable.",
+    "challenge_failed": "The board could not prove it holds its new key. Put it aside.",
+    "verification": "The board's answer failed a check. Put it aside.",
+    "firmware_rejected": "The board refused the firmware image. Tell the supervisor.",
+    "firmware_reverted": "The board did not keep the new firmware (refused, reverted). Tell the supervisor.",
+    "board_locked": "The board's secure element is already locked. Put it aside.",
+    "board_busy": "The board stayed busy. Reseat it and retry.",
+    "board_status": "The board reported an error. Reseat it and retry.",
+    "board_reset": "The board rebooted during provisioning. Reseat it and retry.",
+    "protocol_violation": "The board answered nonsense. Reseat it and retry.",
+    "link_closed": "The USB serial link dropped. Reseat the board and retry.",
+    "link_open": "The board's serial port could not be opened. Reseat the board and retry.",
+    "frame": "The serial link garbles data. Reseat the board and retry.",
+    "crc": "The serial link garbles data. Reseat the board and retry.",
+    "ids_exhausted": "The lot has no device IDs left. Tell the supervisor.",
+    "reservation_conflict": "The ledger refused a device ID for this board. Tell the supervisor.",
+    "lot_state": "The lot is paused or closed.",
+    "ledger_unavailable": "The station's database cannot be reached. Tell the supervisor.",
+    "issuance": "The station could not issue the certificate. Tell the supervisor.",
+    "signer": "The lot's CA key cannot be used. Tell the supervisor.",
+    "job_aborted": "Stopped by the operator or a station shutdown.",
+    # Key attestation (pki/attestation.py): the board is refused before it gets an ID.
+    **dict.fromkeys(
+        (
+            "attestation_chain",
+            "attestation_serial",
+            "attestation_signature",
+            "attestation_nonce",
+            "attestation_key",
+            "attestation_expired",
+            "attestation_missing",
+            "attestation_unregistered",
+        ),
+        "Not a genuine part: put it aside.",
+    ),
+}
+
+
+def reason_text(reason: str | None) -> str:
+    """A failure reason (code or message) as one operator sentence."""
+    if not reason:
+        return "Failed for an unknown reason. Retry, or put the board aside."
+    sentence = REASON_TEXT.get(reason)
+    if sentence is not None:
+        return sentence
+    if reason.replace("_", "").isalnum() and reason.islower():
+        return f"Failed ({reason.replace('_', ' ')}). Retry, or put the board aside."
+    return reason[:200]
