@@ -32,6 +32,8 @@ inherit :class:`TimeoutError` so ``except TimeoutError`` keeps working.
     │   │   ├── BoardBusyError            (transient)
     │   │   ├── BoardLockedError          the secure element is locked
     │   │   ├── AtCommandError            protocol/nrf91.py: ERROR / +CME ERROR from the modem
+    │   │   ├── SmpNoKeyError             protocol/mcumgr.py: NO_KEY (e.g. no attestation key)
+    │   │   ├── SmpNotSupportedError      protocol/mcumgr.py: the firmware lacks the SMP command
     │   │   └── FirmwareRejectedError     the bootloader refused the image
     │   │       └── FirmwareRevertedError jobs/mcumgr.py: the board reverted to its old image
     │   └── VerificationError             a reply that decodes but must not be trusted:
