@@ -381,7 +381,7 @@ async def test_slot_views_follow_a_board_and_keep_its_result_on_show(tmp_path: P
     view = await slot(_port("1", "provisioning", step="keygen", device_id="dev-1"))
     assert view is not None
     assert view.state == "provisioning"
-    assert view.title == "Step 7 of 13"  # NATIVE_STEPS: ... firmware, attest, reserve, keygen
+    assert view.title == "Step 7 of 13"  # SECURE_ELEMENT_STEPS: ... firmware, attest, reserve, keygen
     assert "key" in view.detail
 
     await feed.apply(_event("1", "job_failed", reason="csr_rejected", outcome="failed"))

@@ -296,6 +296,25 @@ async def issue_certificate(
 
 CHALLENGE_BYTES = 32
 
+# Their job's steps in order (the station page's progress scale; BoardProfile.steps): identified by
+# the secure element, the image brought up to the lot's, attested when the lot asks, then bound to
+# an ID and provisioned object by object.
+SECURE_ELEMENT_STEPS = (
+    Step.POWER,
+    Step.ENUMERATE,
+    Step.HELLO,
+    Step.FIRMWARE,
+    Step.ATTEST,
+    Step.RESERVE,
+    Step.KEYGEN,
+    Step.CSR,
+    Step.ISSUE,
+    Step.WRITE,
+    Step.CHALLENGE,
+    Step.LOCK,
+    Step.RECORD,
+)
+
 
 class SecureElementClient(Protocol):
     """What a profile's client offers for the shared board steps (BoardClient, McumgrClient)."""

@@ -72,22 +72,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-# The job's steps in order (the station page's progress scale; BoardProfile.steps).
-MCUMGR_STEPS = (
-    Step.POWER,
-    Step.ENUMERATE,
-    Step.HELLO,
-    Step.FIRMWARE,
-    Step.ATTEST,
-    Step.RESERVE,
-    Step.KEYGEN,
-    Step.CSR,
-    Step.ISSUE,
-    Step.WRITE,
-    Step.CHALLENGE,
-    Step.LOCK,
-    Step.RECORD,
-)
 # Resets mid-upload one firmware step rides out (the board reports its offset after each).
 MAX_UPLOAD_RESUMES = 5
 # What the liveness probe after a reset sends.

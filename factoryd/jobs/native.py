@@ -41,23 +41,6 @@ if TYPE_CHECKING:
     from factoryd.hub.base import Hub
     from factoryd.jobs.pipeline import PipelineSettings
 
-# The job's steps in order (the station page's progress scale; BoardProfile.steps).
-NATIVE_STEPS = (
-    Step.POWER,
-    Step.ENUMERATE,
-    Step.HELLO,
-    Step.FIRMWARE,
-    Step.ATTEST,
-    Step.RESERVE,
-    Step.KEYGEN,
-    Step.CSR,
-    Step.ISSUE,
-    Step.WRITE,
-    Step.CHALLENGE,
-    Step.LOCK,
-    Step.RECORD,
-)
-
 
 class NativeSession(ClientSession[BoardClient]):
     """One attempt of the factoryd-v1 job on one tty."""

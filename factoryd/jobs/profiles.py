@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from factoryd.jobs.arduino import ARDUINO_STEPS, ArduinoSession
-from factoryd.jobs.board import SessionFactory
-from factoryd.jobs.mcumgr import MCUMGR_STEPS, McumgrSession
-from factoryd.jobs.native import NATIVE_STEPS, NativeSession
+from factoryd.jobs.board import SECURE_ELEMENT_STEPS, SessionFactory
+from factoryd.jobs.mcumgr import McumgrSession
+from factoryd.jobs.native import NativeSession
 from factoryd.jobs.nrf91 import NRF91_STEPS, Nrf91Session, check_chain_fits
 from factoryd.jobs.steps import Step
 from factoryd.pki.profile import ProfileKind
@@ -78,7 +78,7 @@ PROFILES: dict[str, BoardProfile] = {
             NativeSession,
             "factoryd-v1",
             "factoryd firmware",
-            steps=NATIVE_STEPS,
+            steps=SECURE_ELEMENT_STEPS,
             attests=True,
         ),
         BoardProfile(
@@ -97,7 +97,7 @@ PROFILES: dict[str, BoardProfile] = {
             McumgrSession,
             "factoryd-v1",
             "Zephyr/MCUboot over SMP",
-            steps=MCUMGR_STEPS,
+            steps=SECURE_ELEMENT_STEPS,
             attests=True,
         ),
         BoardProfile(
