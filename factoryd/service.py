@@ -227,9 +227,13 @@ def export_crl(
     with _closing(ca.signer):
         revoked = ledger.revoked_certificates(lot)
         entries = [CrlEntry(r.cert_serial, r.revoked_at, r.cause.value) for r in revoked]
-        number = ledger.record_crl(
-            lot, actor=actor, details={"revoked": len(entries), "next_update_days": next_update_days}
-        )
+        # The serials go into the audit trail: once published, a revocation is never taken back.
+        details: dict[str, object] = {
+            "revoked": len(entries),
+            "serials": [e.cert_serial.lower() for e in entries],
+            "next_update_days": next_update_days,
+        }
+        number = ledger.record_crl(lot, actor=actor, details=details)
         return build_crl(ca.signer, entries, number=number, next_update_days=next_update_days)
 
 

@@ -7,12 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 
 from factoryd.errors import BoardFloodError, ReservationConflictError
 from factoryd.ledger import AsyncLedger, LedgerUnavailableError
 from factoryd.ledger.model import DeviceState
 from factoryd.protocol.messages import ObjectId
 from factoryd.protocol.native import BoardClient
+from factoryd.service import StationPaths, export_crl
 from factoryd.sim.board import Fault, FaultPlan, SimBoard
 from factoryd.sim.pty import serve_pty
 from factoryd.transport.framing import MAX_ENCODED_FRAME
@@ -183,3 +185,36 @@ async def test_a_serial_in_flight_on_another_station_gets_no_id(tmp_path: Path) 
         assert moved.device_id == held.device_id
         assert moved.resumed
         assert ledger.progress(LOT).reserved == 1
+
+
+async def test_a_locked_board_whose_certificate_a_published_crl_revoked_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its job failed after LOCK and a CRL said so: coming back, it must not make that certificate stand."""
+    line = await make_line(tmp_path)
+    original = AsyncLedger.mark_provisioned
+
+    async def always_lost(self: AsyncLedger, *args: Any, **kwargs: Any) -> None:
+        raise LedgerUnavailableError("database went away after LOCK")
+
+    monkeypatch.setattr(AsyncLedger, "mark_provisioned", always_lost)
+    hub = line.hub(ports=1, supply=1)
+    station = await line.run(hub)
+    assert station.outcomes == Counter({"failed": 1})
+    board = hub.finished[0]
+    assert board.se.locked
+    cert_serial = f"{x509.load_der_x509_certificate(board.se.objects[ObjectId.DEVICE_CERT]).serial_number:x}"
+    paths = StationPaths(line.settings.station.state_dir)
+    with line.ledger() as ledger:
+        assert cert_serial in {r.cert_serial for r in ledger.revoked_certificates(LOT)}
+        export_crl(ledger, paths, line.passphrase, LOT, actor="test")  # published: the revocation stands
+        assert ledger.published_revoked_serials(LOT) == {cert_serial}
+    monkeypatch.setattr(AsyncLedger, "mark_provisioned", original)
+    again = line.hub(ports=1, supply=0)
+    again.insert("1", board)
+    station = await line.run(again)
+    assert station.outcomes == Counter({"refused": 1})
+    assert station.results[0].reason == "refused_board"
+    with line.ledger() as ledger:
+        assert ledger.progress(LOT).provisioned == 0
+        assert cert_serial in {r.cert_serial for r in ledger.revoked_certificates(LOT)}

@@ -456,4 +456,12 @@ async def complete_locked_board(
     challenge = secrets.token_bytes(CHALLENGE_BYTES)
     signature = await host.step(Step.CHALLENGE, lambda: client.sign(challenge))
     verify_challenge(cert, challenge, signature)
-    return Finished("provisioned", device_id, IssuedCertificate.from_certificate(cert))
+    issued = IssuedCertificate.from_certificate(cert)
+    if issued.serial_hex.lower() in await host.ledger.published_revoked_serials(host.lot.name):
+        # Its job failed and a CRL has since said so: a published revocation is never taken back.
+        raise RefusedBoardError(
+            f"{device_id}: the certificate on this locked board (serial {issued.serial_hex}) was revoked "
+            "in a CRL already published for the lot; it cannot stand again and the board cannot be "
+            "re-written: put it aside and void the ID"
+        )
+    return Finished("provisioned", device_id, issued)

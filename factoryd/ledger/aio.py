@@ -265,6 +265,10 @@ class AsyncLedger:
         """See :meth:`Ledger.crl_numbers`."""
         return await self._run(self._ledger.crl_numbers, lot)
 
+    async def published_revoked_serials(self, lot: str) -> set[str]:
+        """See :meth:`Ledger.published_revoked_serials`."""
+        return await self._run(self._ledger.published_revoked_serials, lot)
+
     async def record_crl(self, lot: str, *, actor: str, details: dict[str, object]) -> int:
         """See :meth:`Ledger.record_crl`."""
         return await self._run(self._ledger.record_crl, lot, actor=actor, details=details)

@@ -202,6 +202,24 @@ class CertificateBook(LotBook):
             ).all()
         return [_crl_number(details) for details in rows]
 
+    def published_revoked_serials(self, lot: str) -> set[str]:
+        """Certificate serials (lowercase hex) some CRL of the lot has already listed as revoked.
+
+        A published revocation cannot be taken back (a relying party may have acted on it), so a
+        certificate in this set must never be recorded as standing again.
+        """
+        with self._transaction(write=False) as session:
+            rows = session.exec(
+                select(AuditEntryRow.details).where(
+                    AuditEntryRow.action == CRL_ISSUED_ACTION, AuditEntryRow.subject == lot
+                )
+            ).all()
+        serials: set[str] = set()
+        for details in rows:
+            listed = json.loads(details).get("serials", [])
+            serials.update(str(s).lower() for s in listed if isinstance(s, str))
+        return serials
+
     def record_crl(self, lot: str, *, actor: str, details: dict[str, object]) -> int:
         """Take the lot's next CRL number and record a ``crl.issued`` entry naming it, atomically.
 
