@@ -38,6 +38,7 @@ from factoryd.protocol.nrf91 import (
 )
 from factoryd.sim.board import Fault, FaultPlan
 from factoryd.sim.nrf91 import SimNrf91Modem, serve_nrf91_pty
+from factoryd.sim.secure_element import SimSecureElement, seeded_se_serial
 
 TAG = 16_842_753
 FAST = Nrf91Timeouts(default_s=0.3, cfun_s=0.3, keygen_s=0.5, cmng_write_s=0.3, late_reply_s=0.05)
@@ -227,7 +228,9 @@ async def test_a_reset_during_a_write_fails_it_with_a_reset_error() -> None:
 
 @pytest.mark.parametrize("seed", range(6))
 async def test_a_changed_keygen_answer_is_caught_or_harmless(seed: int) -> None:
-    modem = SimNrf91Modem(faults=FaultPlan(corrupt_byte=1.0, seed=seed))
+    # The fault draws mix in the SE serial: pin it, so each seed replays the same corruption.
+    se = SimSecureElement(serial=seeded_se_serial(seed))
+    modem = SimNrf91Modem(se=se, faults=FaultPlan(corrupt_byte=1.0, seed=seed))
     async with modem_client(modem) as client:
         try:
             reply = await client.keygen(TAG, "CN=x")

@@ -286,8 +286,11 @@ def check_keygen(reply: KeygenReply, sec_tag: int) -> KeygenAttestation:
             "the CSR's SHA-256 is not the one the modem's attestation names: changed on the line"
         )
     if attestation.sec_tag != sec_tag:
-        raise CsrRejectedError(
-            f"the modem made the key in security tag {attestation.sec_tag}, not the lot's {sec_tag}"
+        # KEYGEN named the lot's tag; an attestation naming another was most likely changed on the
+        # line (the CSR digest covers the CSR, not this field): the step makes a new key. A modem
+        # that keeps doing it runs out of step attempts and fails with this reason.
+        raise ProtocolViolationError(
+            f"the modem's attestation names security tag {attestation.sec_tag}, not the lot's {sec_tag}"
         )
     return attestation
 
