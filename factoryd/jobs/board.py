@@ -46,10 +46,10 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from factoryd.errors import CsrRejectedError, ReadbackMismatchError, RefusedBoardError, VerificationError
 from factoryd.jobs.steps import Step
 from factoryd.ledger.model import DeviceState
-from factoryd.pki.attestation import check_csr_key
+from factoryd.pki.attestation import AttestationEvidence, check_csr_key
 from factoryd.pki.challenge import verify_challenge
 from factoryd.pki.issuer import IssuedCertificate, Issuer
-from factoryd.protocol.messages import ObjectId
+from factoryd.protocol.messages import IDENTITY_SLOT, ObjectId
 from factoryd.telemetry.events import LinkStats
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ if TYPE_CHECKING:
     from factoryd.jobs.lots import LotContext
     from factoryd.jobs.pipeline import PipelineSettings
     from factoryd.ledger import AsyncLedger
-    from factoryd.pki.attestation import AttestationEvidence, AttestationResult
+    from factoryd.pki.attestation import AttestationResult
     from factoryd.protocol.engine import RequestStats
     from factoryd.transport.serial_link import SerialLink
 
@@ -394,6 +394,45 @@ async def provision_secure_element(
     signature = await host.step(Step.CHALLENGE, lambda: client.sign(challenge))
     verify_challenge(issued.cert, challenge, signature)
     return issued
+
+
+class AttestedKey(Protocol):
+    """What a profile's attest command answers (native ``AttestedKeyReply``, mcumgr ``SmpAttestation``)."""
+
+    @property
+    def nonce(self) -> bytes:
+        """The nonce the statement covers."""
+        ...
+
+    @property
+    def public_key(self) -> bytes:
+        """The new key's uncompressed point."""
+        ...
+
+    @property
+    def signature(self) -> bytes:
+        """The statement signature (DER) by the attestation key."""
+        ...
+
+    @property
+    def chain(self) -> tuple[bytes, ...]:
+        """The attestation certificate chain, DER, leaf first."""
+        ...
+
+
+async def attestation_evidence(client: SecureElementClient, reply: AttestedKey) -> AttestationEvidence:
+    """The attest reply as evidence, plus a fresh challenge the new key signs (it is in the slot)."""
+    challenge = secrets.token_bytes(CHALLENGE_BYTES)
+    possession = await client.sign(challenge)
+    return AttestationEvidence(
+        slot=IDENTITY_SLOT,
+        nonce=reply.nonce,
+        public_key=reply.public_key,
+        signature=reply.signature,
+        chain=reply.chain,
+        possession_challenge=challenge,
+        possession_signature=possession,
+    )
 
 
 async def recheck_board(

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import secrets
 from dataclasses import fields, replace
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
@@ -43,9 +42,9 @@ from factoryd.errors import (
     VerificationError,
 )
 from factoryd.jobs.board import (
-    CHALLENGE_BYTES,
     Finished,
     JobHost,
+    attestation_evidence,
     closed_link_stats,
     provision_secure_element,
     recheck_board,
@@ -61,7 +60,7 @@ from factoryd.protocol.mcumgr import (
     SmpNoKeyError,
     SmpNotSupportedError,
 )
-from factoryd.protocol.messages import IDENTITY_SLOT, ObjectId
+from factoryd.protocol.messages import ObjectId
 from factoryd.protocol.native import Timeouts
 from factoryd.telemetry.events import LinkStats
 
@@ -176,17 +175,7 @@ class McumgrSession:
             reply = await client.attest(nonce)
         except (SmpNoKeyError, SmpNotSupportedError) as exc:
             raise AttestationError("attestation_missing", f"board cannot attest its key: {exc}") from exc
-        challenge = secrets.token_bytes(CHALLENGE_BYTES)
-        possession = await client.sign(challenge)
-        return AttestationEvidence(
-            slot=IDENTITY_SLOT,
-            nonce=reply.nonce,
-            public_key=reply.public_key,
-            signature=reply.signature,
-            chain=reply.chain,
-            possession_challenge=challenge,
-            possession_signature=possession,
-        )
+        return await attestation_evidence(client, reply)
 
     def attested(self, result: AttestationResult) -> None:
         """Provision with the attested key."""

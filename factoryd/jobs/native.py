@@ -15,7 +15,6 @@ that the CSR carries the attested key.
 
 from __future__ import annotations
 
-import secrets
 from typing import TYPE_CHECKING
 
 from factoryd.errors import (
@@ -24,17 +23,17 @@ from factoryd.errors import (
     VerificationError,
 )
 from factoryd.jobs.board import (
-    CHALLENGE_BYTES,
     ClientSession,
     Finished,
     JobHost,
+    attestation_evidence,
     provision_secure_element,
     recheck_board,
 )
 from factoryd.jobs.steps import Step
 from factoryd.pki.attestation import AttestationError, AttestationEvidence, AttestationResult
 from factoryd.pki.issuer import IssuedCertificate
-from factoryd.protocol.messages import IDENTITY_SLOT, BoardInfo, ObjectId, Status
+from factoryd.protocol.messages import BoardInfo, ObjectId, Status
 from factoryd.protocol.native import BoardClient
 
 if TYPE_CHECKING:
@@ -85,17 +84,7 @@ class NativeSession(ClientSession[BoardClient]):
                     "attestation_missing", f"board answered GENKEY_ATTESTED with {Status(exc.status).name}"
                 ) from exc
             raise
-        challenge = secrets.token_bytes(CHALLENGE_BYTES)
-        possession = await client.sign(challenge)
-        return AttestationEvidence(
-            slot=IDENTITY_SLOT,
-            nonce=reply.nonce,
-            public_key=reply.public_key,
-            signature=reply.signature,
-            chain=reply.chain,
-            possession_challenge=challenge,
-            possession_signature=possession,
-        )
+        return await attestation_evidence(client, reply)
 
     def attested(self, result: AttestationResult) -> None:
         """Provision with the attested key."""
