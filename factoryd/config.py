@@ -212,6 +212,47 @@ class PkiSettings(_Section):
     # A 0600 file holding the passphrase (a demo's state dir keeps one); read after the systemd
     # credential and before the environment variable. The path is in the config, the secret is not.
     passphrase_file: Path | None = None
+    # The line's signing service (docs/signer.md), "https://host:port": certificates are signed there
+    # and this station holds no CA key. None: this station signs with its own lots' CA keys.
+    signer: str | None = None
+    # This station's client certificate and key, and the signer's CA (the line CA): systemd
+    # credentials by name (LoadCredential=), unless the matching *_file is set.
+    signer_cert_credential: str = "factoryd-signer-cert"
+    signer_key_credential: str = "factoryd-signer-key"
+    signer_ca_credential: str = "factoryd-signer-ca"
+    signer_cert_file: Path | None = None
+    signer_key_file: Path | None = None
+    signer_ca_file: Path | None = None
+    # One request's time limit (connect + sign + reply).
+    signer_timeout_s: float = Field(10.0, gt=0)
+    # How long a board waits at the issue step for an unreachable signer (key made, nothing
+    # written, reservation kept) before its job restarts; the port shows the hold meanwhile.
+    signer_hold_s: float = Field(120.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_signer(self) -> PkiSettings:
+        if self.signer is not None and not self.signer.startswith("https://"):
+            raise ValueError(f"pki.signer must be an https:// URL, got {self.signer!r}")
+        return self
+
+
+class SignerSettings(_Section):
+    """The line's signing service (`factoryd signer run`, docs/signer.md); only that process reads it."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8443, ge=0, le=65535)
+    # Its TLS server certificate and key (`factoryd signer issue-signer-cert`), both required to run.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # The line CA (`factoryd signer init-line-ca`): its directory; client certificates must chain to
+    # its line-ca.pem and not be on its line-ca.crl. None: <state_dir>/signer/line-ca.
+    line_ca_dir: Path | None = None
+    # Refuse every lot that has no customer quota installed (factoryd signer quota install).
+    require_quota: bool = False
+    # Certificates ever signed for one device ID (the first plus re-issues after a job restart).
+    max_per_device: int = Field(3, ge=1, le=100)
+    # Concurrent connections beyond this get 503 (a line has tens of stations, not thousands).
+    max_connections: int = Field(256, ge=1)
 
 
 class MqttConfig(_Section):
@@ -277,6 +318,38 @@ class PageConfig(_Section):
         return self
 
 
+class LabelsConfig(_Section):
+    """Device labels (docs/labels.md): one ZPL printer per port, raw TCP, a durable queue."""
+
+    enabled: bool = False
+    # A TOML label template for every lot without its own (`factoryd labels template LOT FILE`);
+    # None: the built-in one (device ID as DataMatrix; QR code and manual code for Matter lots).
+    template: Path | None = None
+    # Hub port -> printer "host" or "host:port" (raw port 9100 by default); ports may share one.
+    printers: dict[str, str] = Field(default_factory=dict)
+    connect_timeout_s: float = Field(3.0, gt=0)
+    # How long a printer may take to answer ~HS (no answer = paper/ribbon out or head open).
+    status_timeout_s: float = Field(2.0, gt=0)
+    write_timeout_s: float = Field(10.0, gt=0)
+    # Capped exponential backoff while a printer is offline or not ready (labels stay queued).
+    retry_initial_s: float = Field(1.0, gt=0)
+    retry_max_s: float = Field(30.0, gt=0)
+    # How often the queue is read again for reprints queued by the CLI.
+    poll_s: float = Field(2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_printers(self) -> LabelsConfig:
+        from factoryd.labels.printer import PrinterAddress  # noqa: PLC0415 - config stays import-light
+
+        for port, address in self.printers.items():
+            if not port or len(port) > 64 or not port.isprintable():
+                raise ValueError(f"labels.printers: port {port!r} is not a port name")
+            PrinterAddress.parse(address)
+        if self.retry_max_s < self.retry_initial_s:
+            raise ValueError("labels.retry_max_s must be >= labels.retry_initial_s")
+        return self
+
+
 class LogConfig(_Section):
     """Logging."""
 
@@ -296,10 +369,12 @@ class Settings(BaseSettings):
     hub: HubSettings = HubSettings()
     jobs: JobSettings = JobSettings()
     pki: PkiSettings = PkiSettings()
+    signer: SignerSettings = SignerSettings()
     mqtt: MqttConfig = MqttConfig()
     metrics: MetricsConfig = MetricsConfig()
     api: ApiConfig = ApiConfig()
     page: PageConfig = PageConfig()
+    labels: LabelsConfig = LabelsConfig()
     log: LogConfig = LogConfig()
 
     @model_validator(mode="after")

@@ -19,18 +19,23 @@ from factoryd import __version__
 from factoryd.api import ApiContext, create_app, serve_api
 from factoryd.backends import build_hub
 from factoryd.config import Settings
+from factoryd.errors import SchemaVersionError
 from factoryd.flashing import ExternalFlasher
 from factoryd.hub.base import Hub
+from factoryd.jobs.ledger_hold import LEDGER_HOLD_S, LEDGER_PAUSE_KEY, LedgerHold
 from factoryd.jobs.lots import LotContext, load_lot_context
 from factoryd.jobs.pipeline import Pipeline, PipelineSettings
 from factoryd.jobs.scheduler import LotSource, Station
+from factoryd.labels.queue import LabelQueue, build_label_queue
 from factoryd.ledger import AsyncLedger
+from factoryd.ledger.aio import held_ledger
 from factoryd.ledger.model import LotInfo
 from factoryd.pki.passphrase import load_secret
 from factoryd.pki.store import BundleStore
 from factoryd.protocol.native import Timeouts
 from factoryd.sdnotify import Notifier
 from factoryd.service import StationPaths, prepare_state_dir, station_passphrase
+from factoryd.signer.client import SIGNER_PAUSE_KEY, SignerClient, endpoint_from_settings
 from factoryd.telemetry.events import FanOut, TelemetrySink
 from factoryd.telemetry.live import LiveState
 from factoryd.telemetry.metrics import Metrics
@@ -54,6 +59,8 @@ class DaemonHooks:
     extra_sinks: tuple[TelemetrySink, ...] = ()
     # An interactive program (the demo) ends on SIGHUP like any terminal program; the service reloads lots.
     hangup_stops: bool = False
+    # How long a job waits at its safe point for an unreachable ledger (jobs/ledger_hold.py).
+    ledger_hold_s: float = LEDGER_HOLD_S
 
 
 def pipeline_settings(settings: Settings) -> PipelineSettings:
@@ -100,6 +107,7 @@ class Daemon:
         self.api_port: int | None = None
         self.metrics_port: int | None = None
         self.station: Station | None = None
+        self.ledger_hold: LedgerHold | None = None
         self.notifier = Notifier()
         # The signal that stopped the station (None: the stop condition or no stop yet), and its event.
         self.stopped_by: signal.Signals | None = None
@@ -113,14 +121,32 @@ class Daemon:
         bundles = BundleStore(self.paths.bundles, passphrase)
         hub = self.hooks.hub or build_hub(settings)
 
+        # The line's signer (docs/signer.md): lots open with their chain only, certificates are signed there.
+        signer = (
+            SignerClient(endpoint_from_settings(settings.pki), settings.station.name)
+            if settings.pki.signer is not None
+            else None
+        )
+
         def open_lot(info: LotInfo) -> LotContext:
-            return load_lot_context(info, bundles, self.paths.firmware, self.paths.attestation)
+            return load_lot_context(info, bundles, self.paths.firmware, self.paths.attestation, remote=signer)
 
         async with contextlib.AsyncExitStack() as stack:
-            ledger = await stack.enter_async_context(AsyncLedger.open(settings.ledger_url))
+            # The CA passphrase also seals Matter onboarding codes in the ledger (ledger/matter.py).
+            try:
+                ledger = await stack.enter_async_context(
+                    AsyncLedger.open(settings.ledger_url, onboarding_secret=passphrase)
+                )
+            except SchemaVersionError as exc:
+                # Restarting cannot help (a newer factoryd wrote the ledger): say so where systemctl shows it.
+                log.error("refusing to start: the ledger has a newer schema", error=str(exc))
+                self.notifier.notify(f"STATUS=refusing to start: {exc}")
+                raise
             abandoned = await ledger.abandon_open_jobs(settings.station.name, reason="station restarted")
             if abandoned:
                 log.warning("closed jobs left open by the previous run", jobs=abandoned)
+            if signer is not None:
+                await stack.enter_async_context(signer)
             sinks: list[TelemetrySink] = [self.metrics, self.live, *self.hooks.extra_sinks]
             if settings.mqtt.enabled:
                 sinks.append(
@@ -134,10 +160,16 @@ class Daemon:
                     "metrics listening", address=f"http://{settings.metrics.host}:{self.metrics_port}/metrics"
                 )
             telemetry = FanOut(sinks)
+            # Labels (docs/labels.md): a bad default template or printer address fails before READY.
+            labels = build_label_queue(settings, ledger, telemetry, self.metrics.registry)
             await stack.enter_async_context(hub)
+            # Jobs wait out ledger outages at their safe point; the API and the lot lookup fail at once.
+            self.ledger_hold = hold = LedgerHold(
+                ledger, actor=settings.station.name, hold_s=self.hooks.ledger_hold_s, telemetry=telemetry
+            )
             pipeline = Pipeline(
                 hub=hub,
-                ledger=ledger,
+                ledger=held_ledger(ledger, hold),
                 telemetry=telemetry,
                 settings=pipeline_settings(settings),
                 power_budget=asyncio.Semaphore(settings.hub.max_powered),
@@ -151,7 +183,14 @@ class Daemon:
                 rescan_s=settings.jobs.rescan_s,
                 attention_after=settings.jobs.attention_after_failures,
                 impostors_need_attention=settings.jobs.impostors_need_attention,
+                pause_listener=self.metrics.intake_pause,
+                on_provisioned=labels.provisioned if labels is not None else None,
             )
+            station.probes[LEDGER_PAUSE_KEY] = hold.probe
+            station.labels = labels
+            if signer is not None:
+                station.probes[SIGNER_PAUSE_KEY] = signer.probe
+            hold.bind(station)
             if settings.api.enabled:
                 api_ctx = ApiContext(
                     settings=settings,
@@ -182,7 +221,9 @@ class Daemon:
             )
             self._install_signal_handlers(station)
             async with asyncio.TaskGroup() as tg:
-                running = tg.create_task(station.run(), name="station")
+                running = tg.create_task(self._run_station(station, labels), name="station")
+                if labels is not None:
+                    tg.create_task(labels.run(), name="labels")
                 tg.create_task(self._supervise(station, running), name="supervise")
                 self.notifier.notify("READY=1", f"STATUS=provisioning on {len(station.ports)} ports")
                 if self.hooks.on_ready is not None:
@@ -190,6 +231,14 @@ class Daemon:
             self.notifier.stopping()
             await station.publish_progress()
         return station
+
+    @staticmethod
+    async def _run_station(station: Station, labels: LabelQueue | None) -> None:
+        try:
+            await station.run()
+        finally:
+            if labels is not None:
+                labels.stop()  # queued labels stay in the ledger for the next start
 
     async def _supervise(self, station: Station, running: asyncio.Task[None]) -> None:
         watchdog = asyncio.ensure_future(self.notifier.watchdog())

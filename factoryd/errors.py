@@ -49,6 +49,8 @@ inherit :class:`TimeoutError` so ``except TimeoutError`` keeps working.
     │   ├── DeviceStateError              the ID's state forbids it (e.g. voiding a void ID)
     │   ├── JobNotFoundError
     │   ├── LedgerUnavailableError        database unreachable or locked (transient)
+    │   │   └── LedgerStorageFullError    the ledger's disk is full (SQLite; transient): intake pauses
+    │   ├── LedgerCommitUnknownError      a commit's outcome stayed unknown (connection lost in COMMIT)
     │   ├── LotStateError                 e.g. a closed or paused lot
     │   ├── IdsExhaustedError             no available ID left in the lot
     │   ├── ReservationConflictError      the ID/serial binding would break exactly-once
@@ -57,11 +59,14 @@ inherit :class:`TimeoutError` so ``except TimeoutError`` keeps working.
     ├── PkiError                          issuing and signing
     │   ├── SignerError                   the CA key could not be used (passphrase, token)
     │   ├── IssuanceError                 a certificate could not be issued
+    │   │   └── StationClockError         the station clock is obviously wrong (before the release
+    │   │                                 date or outside the CA's validity): intake pauses
     │   └── ManifestError                 pki/manifest.py: a manifest cannot be built or verified
     ├── HubError                          switching ports, finding ttys    (transient = True)
     │   ├── EnumerationTimeoutError       the tty did not appear in time (+ TimeoutError)
     │   ├── TtyStillPresentError          hub/ttymap.py: the tty stayed after power-off (+ TimeoutError)
     │   └── HubCommandError               the hub tool or driver failed
+    │       └── HubDisconnectedError      the whole hub is gone (cable pulled, hub unpowered)
     ├── TokenRejectedError                api/errors.py: an API token is unknown, expired or revoked
     ├── ApiCallError                      api/client.py: the CLI's call to the local API failed
     ├── CloudError                        cloud/errors.py: a cloud refused or failed a call (resumable)
@@ -217,6 +222,10 @@ class ReservationConflictError(LedgerError):
     """The operation would bind an ID to two boards or a board to two IDs."""
 
 
+class LedgerCommitUnknownError(LedgerError):
+    """The connection died in COMMIT and its outcome could not be read back in time; never retried blindly."""
+
+
 class SchemaVersionError(LedgerError):
     """The database schema is unknown to this build."""
 
@@ -237,6 +246,10 @@ class IssuanceError(PkiError):
     """A certificate could not be issued."""
 
 
+class StationClockError(IssuanceError):
+    """The station clock cannot be trusted for certificate validity (before the release date or the CA)."""
+
+
 class HubError(FactorydError):
     """Hub switching or tty resolution failure."""
 
@@ -249,6 +262,10 @@ class EnumerationTimeoutError(HubError, TimeoutError):
 
 class HubCommandError(HubError):
     """A hub command or driver call failed."""
+
+
+class HubDisconnectedError(HubCommandError):
+    """The whole hub is gone (its cable pulled or its power lost): every port at once."""
 
 
 class JobError(FactorydError):

@@ -21,9 +21,10 @@ from factoryd.errors import (
     FirmwareRejectedError,
     LinkClosedError,
     LinkOpenError,
+    ReadbackMismatchError,
 )
 from factoryd.mcuboot import verify_image
-from factoryd.protocol.messages import ObjectId, Status
+from factoryd.protocol.messages import READBACK_REVISION, ObjectId, Status
 from factoryd.protocol.native import BoardClient
 from factoryd.sim.board import Fault, FaultPlan, SimBoard
 from factoryd.sim.mcuboot_signer import sign_image
@@ -201,11 +202,25 @@ async def test_reset_mid_write_is_a_typed_transient_error() -> None:
         assert await client.read(ObjectId.DEVICE_ID) == b""  # nothing was stored
 
 
-async def test_readback_differs_is_caught_on_read() -> None:
+async def test_readback_differs_is_caught_on_read_with_revision_1_firmware() -> None:
     board = SimBoard(faults=FaultPlan.only(Fault.READBACK_DIFFERS))
+    board.revision = 1
     async with serve_pty(board) as pty, await BoardClient.open(pty.path, timeouts=FAST_TIMEOUTS) as client:
+        assert (await client.hello()).version == 1
+        assert not client.write_reply_reads_back
         await client.write(ObjectId.DEVICE_ID, CN.encode())
         # The board acknowledged the right digest but keeps something else: only a read-back shows it.
+        assert await client.read(ObjectId.DEVICE_ID) != CN.encode()
+
+
+async def test_readback_differs_is_caught_by_the_write_digest_from_revision_2() -> None:
+    board = SimBoard(faults=FaultPlan.only(Fault.READBACK_DIFFERS))
+    async with serve_pty(board) as pty, await BoardClient.open(pty.path, timeouts=FAST_TIMEOUTS) as client:
+        assert (await client.hello()).version == READBACK_REVISION
+        assert client.write_reply_reads_back
+        # The digest is over what the store gives back, so the WRITE itself shows the bad store.
+        with pytest.raises(ReadbackMismatchError, match="DEVICE_ID"):
+            await client.write(ObjectId.DEVICE_ID, CN.encode())
         assert await client.read(ObjectId.DEVICE_ID) != CN.encode()
 
 

@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from factoryd.daemon import Daemon, DaemonHooks
 from factoryd.demo import DEMO_LOT, DemoOptions, DemoProfile, demo_settings, prepare_lot
@@ -27,6 +27,16 @@ from factoryd.sim.remote import CONNECTION_POOL, RemoteSimHub
 STATUS_POLL_S = 0.1
 # The hub process may still be starting (interpreter start-up, then its boards); generous for CI.
 HUB_START_TIMEOUT_S = 30.0
+
+
+class WindowProbe(Protocol):
+    """Called on the event loop when the measured window (READY to the last board) opens and closes."""
+
+    def start(self) -> None:
+        """The daemon is READY."""
+
+    def stop(self) -> None:
+        """The last board is done."""
 
 
 @dataclass
@@ -75,6 +85,7 @@ async def run_remote_line(
     flash: bool = False,
     lock: bool = True,
     profile: DemoProfile = "factoryd-v1",
+    probe: WindowProbe | None = None,
 ) -> RemoteRun:
     """Prepare a lot, start a sim hub process, run the daemon until the supply is used up."""
     options = DemoOptions(
@@ -111,11 +122,15 @@ async def run_remote_line(
 
         async def watch(station: Station) -> None:
             # CPU from READY to the last board: the daemon at work, without start-up and shutdown.
+            if probe is not None:
+                probe.start()
             cpu["ready"] = time.process_time()
             # The supply lives in the other process: poll it (no event can cross the boundary).
             while not (await hub.status())["exhausted"]:  # noqa: ASYNC110
                 await asyncio.sleep(STATUS_POLL_S)
             cpu["done"] = time.process_time()
+            if probe is not None:
+                probe.stop()
             station.stop()
 
         rss_before = _rss_now()

@@ -68,16 +68,20 @@ def bench_line(
 def bench_overhead(
     ports: Annotated[list[int] | None, typer.Option(help="Port counts (repeatable).")] = None,
     single: Annotated[bool, typer.Option(hidden=True, help="Run one port count in this process.")] = False,
+    profile: Annotated[bool, typer.Option(help="Also profile the window by layer (cProfile, /proc).")] = False,
+    repeat: Annotated[int, typer.Option(min=1, help="Runs per port count, interleaved.")] = 1,
     out: OutOption = None,
 ) -> None:
-    """Daemon CPU per device, devices per second and RSS per port with zero-latency boards."""
+    """Daemon CPU per device against the floor (same run), devices per second, RSS per port."""
     from factoryd.bench.overhead import DEFAULT_PORTS, run_overhead_bench, single_main  # noqa: PLC0415
 
     configure_logging("error", "console")
     if single:
-        typer.echo(json.dumps(guard(lambda: single_main((ports or [8])[0]))))
+        typer.echo(json.dumps(guard(lambda: single_main((ports or [8])[0], profile=profile))))
         return
-    _write_json(guard(lambda: run_overhead_bench(tuple(ports or DEFAULT_PORTS))), out)
+    _write_json(
+        guard(lambda: run_overhead_bench(tuple(ports or DEFAULT_PORTS), profile=profile, repeat=repeat)), out
+    )
 
 
 @app.command("ledger")

@@ -12,6 +12,7 @@ from factoryd.cli import (
     demo,
     hubs,
     jobs,
+    labels,
     ledger,
     lots,
     manifest,
@@ -55,6 +56,7 @@ app.add_typer(ledger.app, name="ledger")
 app.add_typer(tokens.app, name="tokens")
 app.add_typer(ports.app, name="ports")
 app.add_typer(cloud.app, name="cloud")
+app.add_typer(labels.app, name="labels")
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Protocol, Self
+from typing import Protocol, Self, runtime_checkable
 
 
 class Hub(Protocol):
@@ -41,3 +41,17 @@ class Hub(Protocol):
 
     async def device_serial(self, port: str, tty: str) -> str | None:
         """The USB serial number the port's device enumerated with (None when it reports none)."""
+
+
+@runtime_checkable
+class CheckedHub(Protocol):
+    """A hub that can tell whether it is there at all (its cable pulled, its power lost)."""
+
+    async def check(self) -> None:
+        """Return when the hub answers; raise HubDisconnectedError (or another HubError) when not."""
+
+
+async def probe_hub(hub: Hub) -> None:
+    """Raise while the hub is gone; a backend that cannot tell passes (its next job finds out)."""
+    if isinstance(hub, CheckedHub):
+        await hub.check()

@@ -16,7 +16,7 @@ from pathlib import Path
 import structlog
 
 from factoryd.config import SysfsHubSettings
-from factoryd.errors import HubCommandError
+from factoryd.errors import HubCommandError, HubDisconnectedError
 from factoryd.hub.switched import DEFAULT_REMOVE_TIMEOUT_S, SwitchedHub
 from factoryd.hub.ttymap import TtyResolver, make_resolver
 
@@ -90,6 +90,17 @@ class SysfsHub(SwitchedHub):
         for number in ports:
             await self._set(number, disabled=not on)
 
+    async def check(self) -> None:
+        """Raise HubDisconnectedError while the hub (or its USB 3 twin) is missing from sysfs."""
+        for hub in self._hubs():
+            device = self.sysfs_root / hub_device_name(hub)
+            if not await asyncio.to_thread(device.exists):
+                self._configs.clear()
+                raise HubDisconnectedError(
+                    f"{self.name}: hub disconnected: no USB device {device.name} under {self.sysfs_root}"
+                )
+            await self._config_of(hub)
+
     async def disable_paths(self, port: str) -> list[Path]:
         """The ``disable`` files switched for a port (this hub, then its twin)."""
         number = self._number(port)
@@ -106,9 +117,9 @@ class SysfsHub(SwitchedHub):
             try:
                 text = (await asyncio.to_thread(attr.read_text)).strip()
             except FileNotFoundError:
-                raise HubCommandError(
-                    f"{self.name}: no USB device {hub_device_name(hub)} under {self.sysfs_root} "
-                    "(hub unplugged or wrong location; run 'factoryd hubs detect')"
+                raise HubDisconnectedError(
+                    f"{self.name}: hub disconnected: no USB device {hub_device_name(hub)} under "
+                    f"{self.sysfs_root} (hub unplugged or wrong location; run 'factoryd hubs detect')"
                 ) from None
             except OSError as exc:
                 raise HubCommandError(f"{self.name}: cannot read {attr}: {exc.strerror}") from exc
@@ -125,6 +136,9 @@ class SysfsHub(SwitchedHub):
                 try:
                     readback = await asyncio.to_thread(_write_and_read, path, value)
                 except FileNotFoundError:
+                    if not (self.sysfs_root / hub_device_name(hub)).exists():
+                        self._configs.clear()  # a hub that comes back is read afresh
+                        raise HubDisconnectedError(self._missing(path, hub, port)) from None
                     raise HubCommandError(self._missing(path, hub, port)) from None
                 except PermissionError:
                     raise HubCommandError(
@@ -146,8 +160,8 @@ class SysfsHub(SwitchedHub):
         port_dir, iface_dir = path.parent, path.parent.parent
         if not (self.sysfs_root / hub_device_name(hub)).exists():
             return (
-                f"{self.name}: no USB device {hub_device_name(hub)} under {self.sysfs_root} "
-                "(hub unplugged or wrong location; run 'factoryd hubs detect')"
+                f"{self.name}: hub disconnected: no USB device {hub_device_name(hub)} under "
+                f"{self.sysfs_root} (hub unplugged or wrong location; run 'factoryd hubs detect')"
             )
         if not iface_dir.exists():
             return (

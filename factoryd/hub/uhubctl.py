@@ -31,7 +31,7 @@ from typing import Literal
 import structlog
 
 from factoryd.config import UhubctlSettings
-from factoryd.errors import HubCommandError
+from factoryd.errors import HubCommandError, HubDisconnectedError
 from factoryd.hub.switched import DEFAULT_REMOVE_TIMEOUT_S, SwitchedHub
 from factoryd.hub.ttymap import TtyResolver, make_resolver
 
@@ -240,6 +240,10 @@ class UhubctlHub(SwitchedHub):
                 blocks += parse_uhubctl(result.stdout)
         return blocks
 
+    async def check(self) -> None:
+        """Raise HubDisconnectedError while uhubctl cannot see the hub (or its USB 3 twin)."""
+        await self.status()
+
     def _locations(self) -> list[str]:
         return [self.location, self.dual_location] if self.dual_location else [self.location]
 
@@ -267,8 +271,11 @@ class UhubctlHub(SwitchedHub):
                 if _PERMISSION in result.stderr
                 else ""
             )
-            raise HubCommandError(
-                f"{cmd}: uhubctl found no per-port switchable hub at location {loc} — the hub is unplugged, "
+            # After a good start this means the hub went away (a permission problem is not that).
+            error = HubCommandError if hint else HubDisconnectedError
+            raise error(
+                f"{cmd}: {'' if hint else 'hub disconnected: '}uhubctl found no per-port switchable hub at "
+                f"location {loc} — the hub is unplugged, "
                 "the location is wrong, or the hub is ganged (switches all ports together; uhubctl skips "
                 f"those). Run 'factoryd hubs detect'.{hint} uhubctl said: {_excerpt(result.stderr)}"
             )

@@ -43,13 +43,22 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from factoryd.errors import CsrRejectedError, ReadbackMismatchError, RefusedBoardError, VerificationError
+from factoryd.errors import (
+    CsrRejectedError,
+    InputError,
+    ReadbackMismatchError,
+    RefusedBoardError,
+    VerificationError,
+)
 from factoryd.jobs.steps import Step
 from factoryd.ledger.model import DeviceState
 from factoryd.pki.attestation import AttestationEvidence, check_csr_key
 from factoryd.pki.challenge import verify_challenge
 from factoryd.pki.issuer import IssuedCertificate, Issuer
+from factoryd.matter.dac import matter_ids
+from factoryd.matter.device import new_device_secrets, parse_commissioning
 from factoryd.protocol.messages import IDENTITY_SLOT, ObjectId
+from factoryd.signer.client import RemoteRequest
 from factoryd.telemetry.events import LinkStats
 
 if TYPE_CHECKING:
@@ -115,6 +124,15 @@ class JobHost(Protocol):
 
     async def audit_issued(self, device_id: str, issued: IssuedCertificate) -> None:
         """Audit a certificate before anything of it is written to the board."""
+        ...
+
+    @property
+    def attestation_evidence(self) -> AttestationEvidence | None:
+        """The evidence the board's attested key was verified with (None unless it attested)."""
+        ...
+
+    def hold(self, reason: str) -> None:
+        """Show that the job waits at a safe point (the line's signer is unreachable) and why."""
         ...
 
 
@@ -348,13 +366,47 @@ def board_objects(lot: LotContext, device_id: str, cert_der: bytes) -> list[tupl
         (ObjectId.DEVICE_CERT, cert_der),
         (ObjectId.CA_CHAIN, lot.chain_pem),
         (ObjectId.ENDPOINT, endpoint.encode()),
+        *(
+            [(ObjectId.MATTER_PAI, lot.matter.pai_der), (ObjectId.MATTER_CD, lot.matter.cd.der)]
+            if lot.matter is not None
+            else []
+        ),
     ]
+
+
+async def matter_commissioning(host: JobHost, device_id: str, issued: IssuedCertificate) -> bytes:
+    """A fresh passcode's commissioning object for the board; its onboarding codes sealed in the ledger first.
+
+    The codes are durable before the board gets the verifier (a crash after the write leaves codes
+    that match the board); a retry makes a new passcode and replaces them. The passcode itself is
+    dropped when this returns: only the verifier goes to the board.
+    """
+    lot = host.lot
+    profile = lot.profile.matter
+    if profile is None:
+        raise RuntimeError("matter_commissioning() for a lot without a matter profile")
+    product_id = matter_ids(issued.cert).product_id
+    if product_id is None:
+        raise VerificationError(f"{device_id}: the issued DAC carries no Matter PID")
+    device = new_device_secrets(profile, product_id)
+    await host.ledger.record_onboarding_codes(
+        lot.name,
+        device_id,
+        device.codes,
+        discriminator=device.commissioning.discriminator,
+        product_id=product_id,
+    )
+    return device.commissioning.encode()
 
 
 async def issue_for_key(
     host: JobHost, device_id: str, csr_der: bytes, point: bytes, *, attested: bool = False
 ) -> IssuedCertificate:
-    """Verify the CSR (subject, signature, its key the one just generated or attested); issue; audit."""
+    """Verify the CSR (subject, signature, its key the one just generated or attested); issue; audit.
+
+    With the line's signer (``host.lot.remote``) the signer checks all of it again against the
+    ledger and records and audits the certificate itself; the station only sends and checks the reply.
+    """
     issuer, fields = host.lot.issuer, host.device_fields
     csr = issuer.verify_csr(csr_der, device_id, fields=fields)
     public = csr.public_key()
@@ -364,14 +416,52 @@ async def issue_for_key(
         public.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint) != point
     ):
         raise CsrRejectedError("CSR key is not the key the secure element just generated (replayed CSR?)")
+    remote = host.lot.remote
+    if remote is not None:
+        evidence = host.attestation_evidence if attested else None
+        request = RemoteRequest(
+            lot=host.lot.name,
+            device_id=device_id,
+            hw_serial=host.hw_serial,
+            job_id=host.job_id,
+            csr_der=csr.public_bytes(Encoding.DER),
+            key=point,
+            key_origin="attested" if evidence is not None else "registered" if attested else "generated",
+            evidence=evidence,
+        )
+        return await remote.issue(request, issuer.chain[0], on_hold=host.hold)
     issued = await issue_certificate(issuer, csr, device_id, fields)
     await host.audit_issued(device_id, issued)
     return issued
 
 
-async def write_verified(client: SecureElementClient, obj: ObjectId, data: bytes) -> None:
-    """Write an object and read it back; ReadbackMismatchError when the board keeps something else."""
+@runtime_checkable
+class ReadBackWriter(Protocol):
+    """A client that knows whether its board's WRITE digest is over the object read back (native rev. 2)."""
+
+    @property
+    def write_reply_reads_back(self) -> bool:
+        """True when the digest the write checked was computed over what the board reads back."""
+        ...
+
+
+def reads_back_on_write(client: SecureElementClient) -> bool:
+    """Whether the client's WRITE digest already proves the read-back (asked once per board: slow check)."""
+    return isinstance(client, ReadBackWriter) and client.write_reply_reads_back
+
+
+async def write_verified(
+    client: SecureElementClient, obj: ObjectId, data: bytes, *, read_back: bool = True
+) -> None:
+    """Write an object and read it back; ReadbackMismatchError when the board keeps something else.
+
+    ``read_back=False`` for a board whose WRITE digest is over the object read back from its store
+    (``reads_back_on_write``, docs/protocol.md §4.2): it has done the read-back itself, and the
+    digest ``write`` checks is the proof.
+    """
     await client.write(obj, data)
+    if not read_back:
+        return
     if await client.read(obj) != data:
         raise ReadbackMismatchError(f"{obj.name} read back from the board differs from what was written")
 
@@ -388,8 +478,12 @@ async def provision_secure_element(
     issued = await host.step(
         Step.ISSUE, lambda: issue_for_key(host, device_id, csr_der, point, attested=attested)
     )
-    for obj, data in board_objects(lot, device_id, issued.der):
-        await host.step(Step.WRITE, functools.partial(write_verified, client, obj, data))
+    read_back = not reads_back_on_write(client)
+    objects = board_objects(lot, device_id, issued.der)
+    if lot.matter is not None:
+        objects.append((ObjectId.MATTER_COMMISSIONING, await matter_commissioning(host, device_id, issued)))
+    for obj, data in objects:
+        await host.step(Step.WRITE, functools.partial(write_verified, client, obj, data, read_back=read_back))
     challenge = secrets.token_bytes(CHALLENGE_BYTES)
     signature = await host.step(Step.CHALLENGE, lambda: client.sign(challenge))
     verify_challenge(issued.cert, challenge, signature)
@@ -492,6 +586,12 @@ async def complete_locked_board(
     for obj, data in board_objects(host.lot, device_id, cert_der):
         if await client.read(obj) != data:
             raise ReadbackMismatchError(f"{device_id}: {obj.name} on the locked board differs")
+    if host.lot.matter is not None:
+        # Its passcode is sealed in the ledger; the board must at least hold a well-formed verifier.
+        try:
+            parse_commissioning(await client.read(ObjectId.MATTER_COMMISSIONING))
+        except InputError as exc:
+            raise ReadbackMismatchError(f"{device_id}: Matter commissioning data on the locked board: {exc}") from exc
     challenge = secrets.token_bytes(CHALLENGE_BYTES)
     signature = await host.step(Step.CHALLENGE, lambda: client.sign(challenge))
     verify_challenge(cert, challenge, signature)

@@ -14,6 +14,7 @@ from factoryd.jobs.profiles import board_profile
 from factoryd.ledger import AsyncLedger
 from factoryd.ledger.model import LOT_TRANSITIONS, LotInfo, LotProgress, LotState
 from factoryd.ledger.profile import LotProfile
+from factoryd.matter.lot import MATTER_DIRNAME, MatterLotFiles, MatterStore, check_matter_lot
 from factoryd.pki.attestation import ATTESTATION_DIRNAME, AttestationRootStore
 from factoryd.pki.bundle import chain_pem
 from factoryd.pki.issuer import Issuer
@@ -22,6 +23,7 @@ from factoryd.pki.pkcs11 import open_token_lot
 from factoryd.pki.profile import CertProfile
 from factoryd.pki.signer import Signer
 from factoryd.pki.store import BundleStore
+from factoryd.signer.client import SignerClient
 
 
 @dataclass(frozen=True, repr=False)
@@ -37,6 +39,10 @@ class LotContext:
     attestation_roots: tuple[x509.Certificate, ...] = ()
     # A vendor's pre-registered parts (pki/parts.py), serial → key: when set, boards prove that key.
     registered_parts: Mapping[str, RegisteredPart] = field(default_factory=dict)
+    # A Matter lot's PAI, PAA and Certification Declaration (matter/lot.py); None for other lots.
+    matter: MatterLotFiles | None = None
+    # The line's signer (``[pki] signer``): it signs, and ``issuer`` holds the chain but no key.
+    remote: SignerClient | None = None
 
     def __repr__(self) -> str:
         return f"LotContext({self.name!r}, protocol={self.profile.protocol!r})"
@@ -48,6 +54,7 @@ def cert_profile(profile: LotProfile) -> CertProfile:
         kind=board_profile(profile.protocol).cert_kind,
         cert_validity_days=profile.cert_validity_days,
         subject=profile.subject_template(),
+        dac=profile.matter.dac_spec() if profile.matter is not None else None,
     )
 
 
@@ -69,14 +76,35 @@ def lot_signer(bundles: BundleStore, lot: str) -> LotSigner:
     return LotSigner(bundle.signer(), bundle.chain, chain_pem(bundle))
 
 
+# Board profiles whose job issues through ``jobs/board.py``'s ``issue_for_key`` (the signer's seam).
+SIGNER_PROFILES = frozenset({"factoryd-v1", "mcumgr"})
+
+
+def remote_lot_signer(remote: SignerClient, info: LotInfo) -> LotSigner:
+    """A lot's chain from the line's signer, no key (blocking); LotStateError for a profile it cannot use."""
+    if info.profile.protocol not in SIGNER_PROFILES:
+        raise LotStateError(
+            f"lot {info.name!r}: board profile {info.profile.protocol} does not issue through the line's "
+            f"signer yet (supported: {', '.join(sorted(SIGNER_PROFILES))}); unset pki.signer for this lot"
+        )
+    lot = remote.open_lot(info.name)
+    return LotSigner(lot.signer, lot.chain, lot.device_chain_pem)
+
+
 def load_lot_context(
-    info: LotInfo, bundles: BundleStore, firmware_dir: Path, attestation_dir: Path | None = None
+    info: LotInfo,
+    bundles: BundleStore,
+    firmware_dir: Path,
+    attestation_dir: Path | None = None,
+    *,
+    remote: SignerClient | None = None,
 ) -> LotContext:
     """Open a lot's CA, firmware and attestation roots (blocking: run off the event loop).
 
     ``attestation_dir`` defaults to ``attestation/`` beside ``firmware_dir`` (``StationPaths``).
+    With ``remote`` (the line's signer) only the lot's chain is fetched from it: no key is opened.
     """
-    ca = lot_signer(bundles, info.name)
+    ca = remote_lot_signer(remote, info) if remote is not None else lot_signer(bundles, info.name)
     roots: tuple[x509.Certificate, ...] = ()
     parts: dict[str, RegisteredPart] = {}
     if info.profile.attestation == "required":
@@ -87,6 +115,11 @@ def load_lot_context(
             raise LotStateError(
                 f"lot {info.name!r} requires attestation but has no attestation roots or parts manifest"
             )
+    matter: MatterLotFiles | None = None
+    if info.profile.matter is not None:
+        matter = MatterStore(firmware_dir.parent / MATTER_DIRNAME).load(info.name, ca.chain)
+        # Checked again at every opening: the CA bundle may have been replaced since `lots matter`.
+        check_matter_lot(info.profile.matter, ca.chain, matter.paa, matter.cd)
     return LotContext(
         name=info.name,
         profile=info.profile,
@@ -95,6 +128,7 @@ def load_lot_context(
         firmware=FirmwareStore(firmware_dir).load_current(info.name, info.profile),
         attestation_roots=roots,
         registered_parts=parts,
+        remote=remote,
     )
 
 
@@ -141,6 +175,11 @@ def activation_gaps(info: LotInfo, progress: LotProgress, bundles_dir: Path, fir
                 f"factoryd lots attestation-roots {name} ROOTS.pem, or POST /lots/{name}/attestation-roots; "
                 f"or a parts manifest: factoryd lots parts {name} MANIFEST.json --signer CERT.pem)"
             )
+    if info.profile.matter is not None and not MatterStore(bundles_dir.parent / MATTER_DIRNAME).has(name):
+        gaps.append(
+            f"no PAA and Certification Declaration for the Matter lot (store them, checked against the "
+            f"PAI: factoryd lots matter {name} --paa PAA.pem --cd CD.der)"
+        )
     wanted = info.profile.firmware_sha256
     if wanted is not None:
         where = firmware_dir / name

@@ -5,7 +5,8 @@ it, the re-check hook updates the firmware when the lot asks for another image, 
 the board already holds: an interrupted job resumes, a locked board interrupted before its record
 is completed from what it holds, a board of ours is re-checked by challenge, a foreign one is
 reworked (when the lot allows it) or refused. Provisioning is GENKEY → GET_CSR → verify CSR →
-issue → WRITE + READ back each object → SIGN challenge → (LOCK).
+issue → WRITE + READ back each object (the WRITE digest alone from revision 2 firmware, which
+computes it over what it reads back) → SIGN challenge → (LOCK).
 
 A lot with ``attestation = required`` has the pipeline call ``attest`` before the reservation:
 GENKEY_ATTESTED (the key and the secure element's statement over the station's nonce) then SIGN of
@@ -103,8 +104,10 @@ class NativeSession(ClientSession[BoardClient]):
         client = self.client
         issued = await provision_secure_element(host, client, device_id, attested_point=self._attested_point)
         if host.lot.profile.lock:
-            await host.step(Step.LOCK, client.lock)
-            if not (await client.hello()).locked:
+            locked = await host.step(Step.LOCK, client.lock)
+            if locked is None:  # revision 1 firmware: its LOCK reply is empty, ask HELLO
+                locked = (await client.hello()).locked
+            if not locked:
                 raise VerificationError("board acknowledged LOCK but reports itself unlocked")
         return issued
 

@@ -34,6 +34,7 @@ from factoryd.errors import (
     BoardTimeoutError,
     EnumerationTimeoutError,
     FactorydError,
+    HubDisconnectedError,
     IdentityMismatchError,
     LedgerError,
     ProtocolViolationError,
@@ -48,8 +49,15 @@ from factoryd.jobs.lots import LotContext
 from factoryd.jobs.profiles import board_profile
 from factoryd.jobs.steps import Step
 from factoryd.ledger import AsyncLedger
+from factoryd.ledger.errors import LedgerUnavailableError
 from factoryd.ledger.model import DeviceState
-from factoryd.pki.attestation import NONCE_BYTES, AttestationError, AttestationResult, verify_attestation
+from factoryd.pki.attestation import (
+    NONCE_BYTES,
+    AttestationError,
+    AttestationEvidence,
+    AttestationResult,
+    verify_attestation,
+)
 from factoryd.pki.issuer import IssuedCertificate
 from factoryd.pki.parts import verify_registered_part
 from factoryd.protocol.native import Timeouts
@@ -102,7 +110,9 @@ def retry_in_step(exc: BaseException) -> bool:
 
 def restart_job(exc: BaseException) -> bool:
     """Errors worth a power cycle and a fresh start (idempotent through the ledger)."""
-    return isinstance(exc, FactorydError) and exc.transient
+    # A ledger outage was already waited out at the safe point (jobs/ledger_hold.py): power-cycling
+    # the board cannot bring the database back.
+    return isinstance(exc, FactorydError) and exc.transient and not isinstance(exc, LedgerUnavailableError)
 
 
 @dataclass
@@ -131,6 +141,8 @@ class _Job:
     step: Step | None = None
     # How the board proved it is a genuine part (the customer's manifest carries it), when it had to.
     genuineness: dict[str, str] | None = None
+    # The attestation evidence verified for this attempt (the line's signer checks it again).
+    evidence: AttestationEvidence | None = None
     # Seconds spent per step over all attempts (logged at debug level when the job ends).
     step_s: dict[str, float] = field(default_factory=dict)
 
@@ -157,6 +169,9 @@ class Pipeline:
         self._in_flight: dict[str, str] = {}
         self._stagger = asyncio.Lock()
         self._last_power_on = float("-inf")
+        # Job endings the ledger could not take during an outage (job id -> outcome, reason): written
+        # before the next job starts, so no job record stays open once the ledger is back.
+        self._unrecorded: dict[int, tuple[Outcome, str]] = {}
 
     # Public -------------------------------------------------------------------------------
 
@@ -187,6 +202,8 @@ class Pipeline:
                 last_error = exc
                 if not restart_job(exc) or attempt == self.settings.job_attempts:
                     break
+                if isinstance(exc, HubDisconnectedError):
+                    break  # a power cycle needs the hub: the station pauses intake and retries later
                 log.info("job restarts after power cycle", reason=exc.reason, error=str(exc), attempt=attempt)
                 job = run.job
                 if job is not None:
@@ -332,7 +349,7 @@ class Pipeline:
         nonce = secrets.token_bytes(NONCE_BYTES)
 
         async def attest() -> AttestationResult:
-            evidence = await session.attest(host, nonce)
+            evidence = job.evidence = await session.attest(host, nonce)
             # ~0.3 ms of signature checks: on the loop (`factoryd bench attestation` measures it).
             return verify_attestation(
                 evidence, nonce=nonce, serial=job.hw_serial, roots=job.lot.attestation_roots
@@ -378,6 +395,7 @@ class Pipeline:
             return None
 
     async def _start_job(self, port: str, lot: LotContext, hw_serial: str) -> _Job:
+        await self._record_unrecorded()
         # The board has answered already: its serial goes into the job record in the same transaction.
         job_id = await self.ledger.start_job(
             lot.name, station=self.settings.station, port=port, hw_serial=hw_serial
@@ -393,8 +411,10 @@ class Pipeline:
         refused = isinstance(error, RefusedBoardError)
         outcome: Outcome = "refused" if refused else "failed"
         log.warning("job failed", reason=reason, error=str(error), step=job.step, attempt=job.attempt)
+        # After an outage outlasted the hold, the failure is recorded once the ledger is back.
+        ledger = self.ledger.direct if isinstance(error, LedgerUnavailableError) else self.ledger
         try:
-            await self.ledger.record_attempt(
+            await ledger.record_attempt(
                 job.job_id,
                 step=str(job.step or "job"),
                 outcome="error",
@@ -403,7 +423,7 @@ class Pipeline:
             )
             if refused:
                 # Refusals are first-class: who was refused where and why, whether an ID was involved.
-                await self.ledger.audit(
+                await ledger.audit(
                     actor=self.settings.station,
                     action="board.refused",
                     subject=job.hw_serial,
@@ -412,13 +432,27 @@ class Pipeline:
                         "message": str(error)[:300], "job_id": job.job_id, "device_id": job.device_id,
                     },
                 )  # fmt: skip
-            await self.ledger.finish_job(job.job_id, outcome=outcome, reason=reason)
+            await ledger.finish_job(job.job_id, outcome=outcome, reason=reason)
+        except LedgerUnavailableError as exc:
+            log.warning("job failure recorded once the ledger is back", job_id=job.job_id, error=str(exc))
+            self._unrecorded[job.job_id] = (outcome, reason)
         except LedgerError as exc:
             log.exception("could not record job failure", error=str(exc))
         duration = time.monotonic() - started
         self._event(job, "job_failed", outcome=outcome, reason=reason, duration_s=duration)
         self._port(job.port, PortState.ATTENTION, job.lot.name, step=job.step, job=job, reason=str(error))
         return JobResult(job.port, outcome, job.hw_serial, job.device_id, reason, job.attempt, duration)
+
+    async def _record_unrecorded(self) -> None:
+        """Close the jobs whose failure an outage kept out of the ledger (a retry closes them once)."""
+        for job_id, (outcome, reason) in list(self._unrecorded.items()):
+            try:
+                await self.ledger.finish_job(job_id, outcome=outcome, reason=reason)
+            except LedgerUnavailableError:
+                raise
+            except LedgerError as exc:  # closed meanwhile (e.g. the first try reached the ledger after all)
+                log.info("unrecorded job failure dropped", job_id=job_id, error=str(exc))
+            del self._unrecorded[job_id]
 
     def _claim_serial(self, job: _Job, serial: str) -> None:
         holder = self._in_flight.get(serial)
@@ -619,3 +653,14 @@ class _Host:
     async def audit_issued(self, device_id: str, issued: IssuedCertificate) -> None:
         """Audit a certificate before it is written to the board."""
         await self.pipeline._audit_issued(self.job, device_id, issued)
+
+    @property
+    def attestation_evidence(self) -> AttestationEvidence | None:
+        """The evidence verified for this attempt (None unless the board attested a new key)."""
+        return self.job.evidence
+
+    def hold(self, reason: str) -> None:
+        """The job waits at a safe point (nothing written, reservation kept): the port says why."""
+        job, pipeline = self.job, self.pipeline
+        pipeline._event(job, "retry", step=job.step, reason="signer_unavailable")
+        pipeline._port(job.port, PortState.PROVISIONING, job.lot.name, step=job.step, job=job, reason=reason)

@@ -3,6 +3,12 @@
 A port loop runs a job whenever a board is present and a lot is active. After a job it
 releases the board to the operator and remembers its serial, so a board left in the port is
 not provisioned twice; an operator's retry clears that memory.
+
+Intake can be paused for the whole station with a reason (the hub is gone, the clock is wrong,
+the ledger cannot be written): no port starts a new job, jobs in flight end, every idle port shows
+the reason, and a probe of the cause runs with bounded backoff until it passes; then intake resumes
+by itself. A job that ends for such a station-wide reason keeps its board in the port (same ID on
+resume) and does not count towards the port's ATTENTION.
 """
 
 from __future__ import annotations
@@ -11,14 +17,15 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import structlog
 
-from factoryd.errors import FactorydError
-from factoryd.hub.base import Hub
+from factoryd.errors import FactorydError, HubDisconnectedError, HubError, StationClockError
+from factoryd.hub.base import Hub, probe_hub
 from factoryd.jobs.lots import LotContext, active_lot
 from factoryd.jobs.pipeline import JobResult, Pipeline
 from factoryd.ledger import AsyncLedger
@@ -26,12 +33,44 @@ from factoryd.ledger.model import LotInfo
 from factoryd.pki.attestation import GENUINENESS_REASONS
 from factoryd.telemetry.events import LotProgressUpdate, PortState, PortUpdate, TelemetrySink
 
+if TYPE_CHECKING:
+    from factoryd.labels.queue import LabelQueue
+
 log = structlog.get_logger(__name__)
 # How long the active lot is trusted before the ledger is asked again: a pause or close reaches
 # every port within this time, and a busy line does not query the lot once per board.
 LOT_RECHECK_S = 1.0
 # How often lot counts are published (retained MQTT, Prometheus gauges).
 PROGRESS_INTERVAL_S = 2.0
+# First and longest wait between probes of a paused intake's cause: a hub plugged back in is noticed
+# within a second, a long outage costs one cheap probe every 10 s.
+INTAKE_PROBE_INITIAL_S = 0.25
+INTAKE_PROBE_MAX_S = 10.0
+# Job reasons that say the station, not the board, cannot work: intake pauses (key, probe) instead.
+PAUSING_REASONS = {
+    "hub_disconnected": "hub",
+    "station_clock": "clock",
+    # jobs/ledger_hold.py: a ledger outage that outlasted a job's hold (its probe is in Station.probes).
+    "ledger_unavailable": "ledger",
+    "ledger_storage_full": "ledger",
+    # signer/client.py: the line's signer stayed unreachable past a board's hold (probe: its /healthz).
+    "signer_unavailable": "signer",
+}
+# A probe: returns when the cause is gone, raises FactorydError while it is not.
+Probe = Callable[[], Awaitable[None]]
+PauseListener = Callable[[str, bool], None]
+# Told of every provisioned board before its port is released (the label queue: labels/queue.py).
+ProvisionedHook = Callable[[LotContext, JobResult], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class IntakePause:
+    """Why the station takes no new boards: who paused it, the reason code, the detail, since when."""
+
+    key: str
+    reason: str
+    message: str
+    since: datetime
 
 
 @dataclass
@@ -104,6 +143,8 @@ class Station:
         rescan_s: float,
         attention_after: int = 3,
         impostors_need_attention: bool = False,
+        pause_listener: PauseListener | None = None,
+        on_provisioned: ProvisionedHook | None = None,
     ) -> None:
         self.hub = hub
         self.pipeline = pipeline
@@ -123,6 +164,19 @@ class Station:
         # Monotonic start of the first and end of the last finished job (throughput window).
         self.first_job_at: float | None = None
         self.last_job_at: float | None = None
+        # Station-wide pauses of intake by key, the probes that end them, and who hears of them (metrics).
+        self.pauses: dict[str, IntakePause] = {}
+        self.pauses_total = 0
+        self._probes: dict[str, asyncio.Task[None]] = {}
+        # Monotonic start of each pause: its duration survives a wall-clock step.
+        self._paused_at: dict[str, float] = {}
+        self._pause_listener = pause_listener
+        self._on_provisioned = on_provisioned
+        # The label queue (labels/queue.py) when labels are enabled; the station page reads it.
+        self.labels: LabelQueue | None = None
+        self._tg: asyncio.TaskGroup | None = None
+        # Probes of pause keys whose cause lives outside the station (the ledger: jobs/ledger_hold.py).
+        self.probes: dict[str, Probe] = {}
 
     def stop(self) -> None:
         """Ask every port loop to finish its current job and end."""
@@ -167,6 +221,89 @@ class Station:
         control.failures_in_row = 0
         control.wake.set()
 
+    # Intake ---------------------------------------------------------------------------------
+
+    @property
+    def intake_paused(self) -> bool:
+        """True while any pause holds intake."""
+        return bool(self.pauses)
+
+    def pause(self, key: str, reason: str, message: str, *, probe: Probe | None = None) -> None:
+        """Take no new boards until resume(key), or until ``probe`` passes (bounded backoff)."""
+        if key not in self.pauses:
+            self.pauses[key] = IntakePause(key, reason, message, datetime.now(UTC))
+            self._paused_at[key] = time.monotonic()
+            self.pauses_total += 1
+            log.warning("intake paused", key=key, reason=reason, error=message)
+            if self._pause_listener is not None:
+                self._pause_listener(reason, True)
+        if probe is not None and key not in self._probes and self._tg is not None:
+            self._probes[key] = self._tg.create_task(self._probe_until_ok(key, probe), name=f"probe-{key}")
+        self._wake_all()
+
+    def resume(self, key: str) -> None:
+        """End one pause; intake runs again once no pause is left."""
+        pause = self.pauses.pop(key, None)
+        if pause is None:
+            return
+        paused_s = time.monotonic() - self._paused_at.pop(key, time.monotonic())
+        log.info("intake resumed", key=key, reason=pause.reason, paused_s=round(paused_s, 3))
+        if self._pause_listener is not None and all(p.reason != pause.reason for p in self.pauses.values()):
+            self._pause_listener(pause.reason, False)
+        self._wake_all()
+
+    async def _probe_until_ok(self, key: str, probe: Probe) -> None:
+        delay_s = INTAKE_PROBE_INITIAL_S
+        try:
+            while key in self.pauses:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay_s):
+                        await self._stop.wait()
+                if self._stop.is_set():
+                    return
+                try:
+                    await probe()
+                except FactorydError as exc:
+                    log.debug("intake probe still failing", key=key, error=str(exc))
+                    delay_s = min(delay_s * 2, INTAKE_PROBE_MAX_S)
+                    continue
+                self.resume(key)
+        finally:
+            self._probes.pop(key, None)
+
+    def _pause_for(self, reason: str, message: str, lot: LotContext | None) -> None:
+        """Pause intake for a station-wide job reason, probing its cause."""
+        key = PAUSING_REASONS[reason]
+        if key in self.probes:
+            self.pause(key, reason, message, probe=self.probes[key])
+        elif key == "hub":
+            self.pause(key, reason, message, probe=lambda: probe_hub(self.hub))
+        elif key == "clock" and lot is not None:
+            issuer = lot.issuer
+
+            async def clock_ok() -> None:
+                issuer.check_clock()
+
+            try:
+                issuer.check_clock()
+            except StationClockError as exc:
+                message = str(exc)  # what is wrong with the clock, not which job noticed
+            self.pause(key, reason, message, probe=clock_ok)
+
+    async def _hub_gone(self) -> HubDisconnectedError | None:
+        """The error of a hub that is gone, or None (present, or it cannot tell)."""
+        try:
+            await probe_hub(self.hub)
+        except HubDisconnectedError as exc:
+            return exc
+        except HubError:
+            return None
+        return None
+
+    def _wake_all(self) -> None:
+        for control in self.ports.values():
+            control.wake.set()
+
     def _control(self, port: str) -> PortControl:
         try:
             return self.ports[port]
@@ -178,9 +315,17 @@ class Station:
     async def run(self) -> None:
         """Switch every port off, then run all port loops and the progress publisher until stop()."""
         # HUBS.md: start from a known state; a port left powered by a crash is switched off first.
+        hub_gone: HubDisconnectedError | None = None
         for port in self.ports:
-            await self.hub.power_off(port)
+            try:
+                await self.hub.power_off(port)
+            except HubDisconnectedError as exc:
+                hub_gone = exc  # the hub is switched off when it comes back (its ports start off)
+                break
         async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            if hub_gone is not None:
+                self._pause_for(hub_gone.reason, str(hub_gone), None)
             for port in self.ports:
                 tg.create_task(self._port_loop(self.ports[port]), name=f"port-{port}")
             tg.create_task(self._progress_loop(), name="lot-progress")
@@ -196,9 +341,17 @@ class Station:
                 self._publish(port, PortState.ATTENTION, reason=control.attention)
                 await self._idle(control, None)
                 continue
+            if self.pauses:
+                pause = next(iter(self.pauses.values()))
+                self._publish(port, PortState.IDLE, reason=pause.reason)
+                await self._idle(control, None)  # resume() wakes every port
+                continue
             try:
                 lot = await self.lots.current()
             except FactorydError as exc:
+                if exc.reason in PAUSING_REASONS:  # e.g. the ledger is unreachable: not this port's fault
+                    self._pause_for(exc.reason, str(exc), None)
+                    continue
                 log.error("no lot available", reason=exc.reason, error=str(exc), port=port)
                 self._publish(port, PortState.ATTENTION, reason=str(exc))
                 await self._idle(control, self.rescan_s)
@@ -206,6 +359,12 @@ class Station:
             if lot is None:
                 self._publish(port, PortState.IDLE)
                 await self._idle(control, self.rescan_s)
+                continue
+            try:
+                # Before any ID is reserved: a wrong clock pauses the station, it fails no board.
+                lot.issuer.check_clock()
+            except StationClockError as exc:
+                self._pause_for(exc.reason, str(exc), lot)
                 continue
             control.busy = True
             try:
@@ -235,6 +394,17 @@ class Station:
             return
         self.outcomes[result.outcome] += 1
         self.results.append(result)
+        gone = await self._hub_gone() if result.outcome == "failed" else None
+        if gone is not None and result.reason != gone.reason:
+            # The board lost its link because the whole hub went away: that is the reason, not the board.
+            result = replace(result, reason=gone.reason)
+            self.results[-1] = result
+        if result.outcome == "failed" and result.reason in PAUSING_REASONS:
+            # Not the board's fault: it stays in its port (no skip, no release, no ATTENTION count)
+            # and resumes with the same ID once the station can work again.
+            control.last = result
+            self._pause_for(result.reason, str(gone) if gone else f"a job on port {port} ended", lot)
+            return
         finished = time.monotonic()
         self.first_job_at = min(self.first_job_at or finished, finished - result.duration_s)
         self.last_job_at = finished
@@ -253,7 +423,15 @@ class Station:
                 log.warning("port needs attention", port=port, reason=result.reason)
         else:
             control.failures_in_row = 0
-        await self.hub.release(port)
+        if result.outcome == "provisioned" and self._on_provisioned is not None:
+            await self._on_provisioned(lot, result)  # one ledger write (the label job); never raises
+        try:
+            await self.hub.release(port)
+        except HubError as exc:
+            # The board is finished either way; a hub that went away pauses intake until it is back.
+            log.warning("could not release the board", port=port, error=str(exc))
+            if isinstance(exc, HubDisconnectedError):
+                self._pause_for(exc.reason, str(exc), lot)
 
     async def _idle(self, control: PortControl, timeout_s: float | None) -> None:
         control.wake.clear()

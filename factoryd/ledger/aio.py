@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-from collections.abc import Callable, Generator
+import time
+from collections.abc import Awaitable, Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import ParamSpec, Self, TypeVar
@@ -19,18 +20,38 @@ from typing import ParamSpec, Self, TypeVar
 from factoryd.errors import LedgerError
 from factoryd.ledger.certificates import IssuedCertificateEntry, RevokedCertificate
 from factoryd.ledger.core import Ledger
+from factoryd.ledger.errors import LedgerUnavailableError
 from factoryd.ledger.idlist import DEFAULT_MAX_BYTES
+from factoryd.ledger.labels import LabelJob, LabelKind, LabelOutcome, LabelState, LabelTemplateInfo
+from factoryd.ledger.matter import OnboardingRecord
 from factoryd.ledger.model import DeviceRecord, LotInfo, LotProgress, LotState, ProvisionedDevice, Reservation
 from factoryd.ledger.profile import LotProfile
 from factoryd.ledger.registrations import CloudRegistration, RegistrationStep
+from factoryd.matter.payload import OnboardingCodes
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 _THREAD_NAME = "factoryd-ledger"
+# Told a call found the ledger unavailable (and how long that call has waited so far, in seconds):
+# True retries the call, False lets the error through. Retrying is safe because such a call changed
+# nothing: its transaction failed before COMMIT, or its COMMIT was read back as aborted (engine.py);
+# a COMMIT whose outcome stayed unknown is LedgerCommitUnknownError, which is never retried here.
+UnavailableHandler = Callable[[LedgerUnavailableError, float], Awaitable[bool]]
 
 
 def _new_executor() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix=_THREAD_NAME)
+
+
+def held_ledger(ledger: AsyncLedger, handler: UnavailableHandler) -> AsyncLedger:
+    """A view on the same ledger and worker whose calls wait out outages through ``handler``.
+
+    (A function, not a method: AsyncLedger offers exactly Ledger's methods.)
+    """
+    view = AsyncLedger(ledger.sync, ledger._executor)
+    view._on_unavailable = handler
+    view._direct = ledger.direct
+    return view
 
 
 class AsyncLedger:
@@ -41,11 +62,18 @@ class AsyncLedger:
         self._ledger = ledger
         self._executor = executor
         self._closed = False
+        self._on_unavailable: UnavailableHandler | None = None
+        self._direct = self
+
+    @property
+    def direct(self) -> AsyncLedger:
+        """This ledger without an outage handler (calls fail at once while the database is unavailable)."""
+        return self._direct
 
     @classmethod
-    def open(cls, url: str) -> _Opening:
+    def open(cls, url: str, *, onboarding_secret: bytes | None = None) -> _Opening:
         """Open and migrate the ledger; ``await`` it or use it as ``async with``."""
-        return _Opening(url)
+        return _Opening(url, onboarding_secret)
 
     @property
     def sync(self) -> Ledger:
@@ -58,7 +86,17 @@ class AsyncLedger:
         loop = asyncio.get_running_loop()
         context = contextvars.copy_context()  # keeps structlog's bound job context in the worker
         call = functools.partial(context.run, fn, *args, **kwargs)
-        return await loop.run_in_executor(self._executor, call)
+        failed_at: float | None = None
+        while True:
+            try:
+                return await loop.run_in_executor(self._executor, call)
+            except LedgerUnavailableError as exc:
+                handler = self._on_unavailable
+                if handler is None or self._direct._closed:
+                    raise
+                failed_at = time.monotonic() if failed_at is None else failed_at
+                if not await handler(exc, time.monotonic() - failed_at):
+                    raise
 
     async def close(self) -> None:
         """Close the ledger and stop its worker thread."""
@@ -310,18 +348,107 @@ class AsyncLedger:
         """See :meth:`Ledger.verify_audit`."""
         return await self._run(self._ledger.verify_audit)
 
+    async def set_label_template(self, lot: str, template: str, *, actor: str) -> LabelTemplateInfo:
+        """See :meth:`Ledger.set_label_template`."""
+        return await self._run(self._ledger.set_label_template, lot, template, actor=actor)
+
+    async def label_template(self, lot: str) -> LabelTemplateInfo | None:
+        """See :meth:`Ledger.label_template`."""
+        return await self._run(self._ledger.label_template, lot)
+
+    async def queue_label(
+        self, lot: str, device_id: str, *, station: str, port: str, kind: LabelKind, actor: str
+    ) -> LabelJob:
+        """See :meth:`Ledger.queue_label`."""
+        return await self._run(
+            self._ledger.queue_label, lot, device_id, station=station, port=port, kind=kind, actor=actor
+        )
+
+    async def label_jobs(
+        self,
+        *,
+        station: str | None = None,
+        device_id: str | None = None,
+        state: LabelState | None = None,
+        oldest_first: bool = False,
+        limit: int = 100,
+    ) -> list[LabelJob]:
+        """See :meth:`Ledger.label_jobs`."""
+        return await self._run(
+            self._ledger.label_jobs,
+            station=station,
+            device_id=device_id,
+            state=state,
+            oldest_first=oldest_first,
+            limit=limit,
+        )
+
+    async def label_job(self, job_id: int) -> LabelJob:
+        """See :meth:`Ledger.label_job`."""
+        return await self._run(self._ledger.label_job, job_id)
+
+    async def record_label_attempt(
+        self,
+        job_id: int,
+        *,
+        outcome: LabelOutcome,
+        error: str | None,
+        condition: str | None,
+        printer: str | None,
+    ) -> LabelJob:
+        """See :meth:`Ledger.record_label_attempt`."""
+        return await self._run(
+            self._ledger.record_label_attempt,
+            job_id,
+            outcome=outcome,
+            error=error,
+            condition=condition,
+            printer=printer,
+        )
+
+    async def use_onboarding_secret(self, secret: bytes) -> None:
+        """See :meth:`Ledger.use_onboarding_secret`."""
+        await self._run(self._ledger.use_onboarding_secret, secret)
+
+    async def record_onboarding_codes(
+        self, lot: str, device_id: str, codes: OnboardingCodes, *, discriminator: int, product_id: int
+    ) -> None:
+        """See :meth:`Ledger.record_onboarding_codes`."""
+        await self._run(
+            self._ledger.record_onboarding_codes,
+            lot,
+            device_id,
+            codes,
+            discriminator=discriminator,
+            product_id=product_id,
+        )
+
+    async def onboarding_codes(self, lot: str, device_id: str) -> OnboardingCodes | None:
+        """See :meth:`Ledger.onboarding_codes`."""
+        return await self._run(self._ledger.onboarding_codes, lot, device_id)
+
+    async def onboarding_records(self, lot: str) -> list[OnboardingRecord]:
+        """See :meth:`Ledger.onboarding_records`."""
+        return await self._run(self._ledger.onboarding_records, lot)
+
+    async def is_matter_lot(self, lot: str) -> bool:
+        """See :meth:`Ledger.is_matter_lot`."""
+        return await self._run(self._ledger.is_matter_lot, lot)
+
 
 class _Opening:
     """What :meth:`AsyncLedger.open` returns: awaitable, and an async context manager that closes."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, onboarding_secret: bytes | None = None) -> None:
         self._url = url
+        self._onboarding_secret = onboarding_secret
         self._ledger: AsyncLedger | None = None
 
     async def _open(self) -> AsyncLedger:
         executor = _new_executor()
+        opening = functools.partial(Ledger.open, self._url, onboarding_secret=self._onboarding_secret)
         try:
-            ledger = await asyncio.get_running_loop().run_in_executor(executor, Ledger.open, self._url)
+            ledger = await asyncio.get_running_loop().run_in_executor(executor, opening)
         except BaseException:
             executor.shutdown(wait=False)
             raise

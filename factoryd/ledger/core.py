@@ -8,7 +8,9 @@
 - :mod:`~factoryd.ledger.jobs`: job records and step attempts;
 - :mod:`~factoryd.ledger.states`: the device-ID state machine (reserve, provision, void) and records;
 - :mod:`~factoryd.ledger.certificates`: every certificate issued for a lot, which stand, CRL numbers;
-- :mod:`~factoryd.ledger.registrations`: how far each certificate got in registering with a cloud.
+- :mod:`~factoryd.ledger.registrations`: how far each certificate got in registering with a cloud;
+- :mod:`~factoryd.ledger.matter`: Matter devices' onboarding codes, sealed under the station secret;
+- :mod:`~factoryd.ledger.labels`: each lot's label template and the durable label print queue.
 
 Every public method is one database transaction that is committed before it returns. Writers
 are serialised per claim with ``SELECT ... FOR UPDATE SKIP LOCKED`` on PostgreSQL and
@@ -27,17 +29,22 @@ from factoryd.ledger.certificates import CertificateBook
 from factoryd.ledger.engine import WRITE_OPTION, create_ledger_engine
 from factoryd.ledger.errors import LedgerUnavailableError
 from factoryd.ledger.imports import IdImport
+from factoryd.ledger.labels import LabelBook
+from factoryd.ledger.matter import MatterBook
 from factoryd.ledger.migrate import upgrade_to_head
 from factoryd.ledger.registrations import RegistrationBook
 from factoryd.ledger.states import DeviceBook
 
 
-class Ledger(DeviceBook, IdImport, RegistrationBook, CertificateBook):
+class Ledger(DeviceBook, IdImport, RegistrationBook, CertificateBook, MatterBook, LabelBook):
     """The allocation ledger; thread-safe, each call is its own committed transaction."""
 
     @classmethod
-    def open(cls, url: str) -> Ledger:
-        """Open (and migrate to head) the ledger at ``url``; SchemaVersionError on unknown revisions."""
+    def open(cls, url: str, *, onboarding_secret: bytes | None = None) -> Ledger:
+        """Open (and migrate to head) the ledger at ``url``; SchemaVersionError on unknown revisions.
+
+        ``onboarding_secret`` (the station's CA passphrase) seals and opens Matter onboarding codes.
+        """
         engine = create_ledger_engine(url)
         try:
             upgrade_to_head(engine.execution_options(**{WRITE_OPTION: True}))
@@ -48,7 +55,10 @@ class Ledger(DeviceBook, IdImport, RegistrationBook, CertificateBook):
             engine.dispose()
             where = engine.url.render_as_string(hide_password=True)
             raise LedgerUnavailableError(f"cannot open the ledger database {where}: {exc}") from exc
-        return cls(engine)
+        ledger = cls(engine)
+        if onboarding_secret is not None:
+            ledger.use_onboarding_secret(onboarding_secret)
+        return ledger
 
     def close(self) -> None:
         """Close every pooled connection; the ledger cannot be used afterwards."""

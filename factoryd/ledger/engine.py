@@ -9,8 +9,10 @@ per-board calls. Both translate database errors into ledger errors.
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,9 +22,15 @@ from sqlalchemy.exc import ArgumentError, IntegrityError, InterfaceError, Operat
 from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
 from sqlmodel import Session, col, create_engine, select
 
-from factoryd.errors import ConfigError, InputError, LedgerError, ReservationConflictError
-from factoryd.ledger.audit import AuditLink, canonical_json, link_hash, verify_chain
-from factoryd.ledger.errors import LedgerUnavailableError
+from factoryd.errors import (
+    ConfigError,
+    InputError,
+    LedgerCommitUnknownError,
+    LedgerError,
+    ReservationConflictError,
+)
+from factoryd.ledger.audit import AuditLink, as_utc, canonical_json, link_hash, verify_chain
+from factoryd.ledger.errors import LedgerStorageFullError, LedgerUnavailableError
 from factoryd.ledger.hot import (
     DRIVER_ERRORS,
     DRIVER_INTEGRITY_ERRORS,
@@ -44,10 +52,35 @@ from factoryd.ledger.tables import (
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 PG_POOL_SIZE = 10
 PG_MAX_OVERFLOW = 20
+# A server that does not answer a connect within this is treated as down (libpq's default is forever).
+PG_CONNECT_TIMEOUT_S = 5
+# Connections older than this are replaced on checkout: a NAT or firewall between station and server may
+# drop idle flows silently, and pre-ping alone would then wait for TCP to give up.
+PG_POOL_RECYCLE_S = 1800
+# TCP keepalive and user timeout (libpq options): a silently dropped network (no RST) is noticed in
+# about 10 s on an idle or a busy connection, instead of the kernel's ~2 h keepalive / ~15 min retransmits.
+PG_KEEPALIVES_IDLE_S = 5
+PG_KEEPALIVES_INTERVAL_S = 2
+PG_KEEPALIVES_COUNT = 3
+PG_TCP_USER_TIMEOUT_MS = 10_000
+# When the connection dies during COMMIT, the outcome is read back (pg_xact_status) on a new connection
+# for up to this long before the caller is told it is unknown; a server restart takes about a second.
+COMMIT_RESOLVE_TIMEOUT_S = 30.0
+COMMIT_RESOLVE_INITIAL_S = 0.1
+COMMIT_RESOLVE_MAX_S = 2.0
 # The execution option that makes a SQLite transaction a writer from its BEGIN.
 WRITE_OPTION = "factoryd_ledger_write"
 _INTEGRITY_ERRORS: tuple[type[Exception], ...] = (IntegrityError, *DRIVER_INTEGRITY_ERRORS)
 _OTHER_DB_ERRORS: tuple[type[Exception], ...] = (SQLAlchemyError, *DRIVER_ERRORS)
+# What asking a restarting server about a transaction may raise (the pool's connect is SQLAlchemy's).
+_RESOLVE_ERRORS: tuple[type[Exception], ...] = (*DRIVER_UNAVAILABLE_ERRORS, OperationalError, InterfaceError)
+
+
+def _unavailable(error: BaseException) -> LedgerUnavailableError:
+    """The ledger error for a database that cannot be used right now (a full disk named as such)."""
+    if isinstance(error, sqlite3.Error) and getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+        return LedgerStorageFullError(f"the ledger database's disk is full: {error}")
+    return LedgerUnavailableError(f"ledger database unavailable: {error}")
 
 
 def utc_now() -> datetime:
@@ -124,7 +157,16 @@ def create_ledger_engine(url: str | URL) -> Engine:
             # No server-side prepared statements: after psycopg's default five executions the
             # server switches to a generic plan, and for the import's ID lookups that plan is
             # a sequential scan per chunk (minutes for a 400k-ID list instead of seconds).
-            connect_args={"prepare_threshold": None},
+            connect_args={
+                "prepare_threshold": None,
+                "connect_timeout": PG_CONNECT_TIMEOUT_S,
+                "keepalives": 1,
+                "keepalives_idle": PG_KEEPALIVES_IDLE_S,
+                "keepalives_interval": PG_KEEPALIVES_INTERVAL_S,
+                "keepalives_count": PG_KEEPALIVES_COUNT,
+                "tcp_user_timeout": PG_TCP_USER_TIMEOUT_MS,
+            },
+            pool_recycle=PG_POOL_RECYCLE_S,
         )
     raise ConfigError(f"unsupported ledger database {backend!r}: use sqlite:/// or postgresql+psycopg://")
 
@@ -146,6 +188,8 @@ class LedgerBase:
         self._lot_ids: dict[str, int] = {}
         self._sql = HotStatements.compile(engine.dialect)
         self._closed = False
+        # This process's last audit timestamp: an entry earlier than it means the clock stepped back.
+        self._last_audit_at: datetime | None = None
 
     @contextmanager
     def _translated(self, on_integrity: Callable[[Exception], Exception] | None) -> Iterator[None]:
@@ -162,9 +206,9 @@ class LedgerBase:
                 ) from exc
             raise on_integrity(exc) from exc
         except (OperationalError, InterfaceError) as exc:
-            raise LedgerUnavailableError(f"ledger database unavailable: {exc.orig or exc}") from exc
+            raise _unavailable(exc.orig or exc) from exc
         except DRIVER_UNAVAILABLE_ERRORS as exc:
-            raise LedgerUnavailableError(f"ledger database unavailable: {exc}") from exc
+            raise _unavailable(exc) from exc
         except _OTHER_DB_ERRORS as exc:
             raise LedgerError(f"ledger database error: {exc}") from exc
 
@@ -193,20 +237,76 @@ class LedgerBase:
         with self._translated(on_integrity):
             fairy = self._engine.raw_connection()
             checked_in = False
+            # PostgreSQL writers note their transaction id, so that a COMMIT whose reply was lost can be
+            # resolved by asking the server afterwards instead of guessing (SQLite commits locally).
+            xid: str | None = None
+            committing = False
             try:
                 with driver_transaction(
                     fairy.driver_connection, sqlite=not self._is_postgres, write=write
                 ) as cursor:
+                    if write and self._is_postgres:
+                        cursor.execute("SELECT pg_current_xact_id()::text", {})
+                        row = cursor.fetchone()
+                        xid = None if row is None else str(row[0])
                     yield Tx(cursor)
-            except DRIVER_UNAVAILABLE_ERRORS:
+                    committing = True
+            except DRIVER_UNAVAILABLE_ERRORS as exc:
                 if self._is_postgres:
                     # A lost server connection must not go back to the pool (invalidate checks it in).
                     fairy.invalidate()
                     checked_in = True
-                raise
+                if not (committing and xid is not None and self._committed_after_all(xid, exc)):
+                    raise
             finally:
                 if not checked_in:
                     fairy.close()
+
+    def _committed_after_all(self, xid: str, lost: Exception) -> bool:
+        """Whether a transaction whose COMMIT lost its connection committed (True) or not (False).
+
+        Asked on a fresh connection with capped backoff; if the server stays out of reach past
+        COMMIT_RESOLVE_TIMEOUT_S, LedgerCommitUnknownError: the caller must not assume either way.
+        """
+        deadline = time.monotonic() + COMMIT_RESOLVE_TIMEOUT_S
+        delay_s = COMMIT_RESOLVE_INITIAL_S
+        last: Exception = lost
+        while True:
+            try:
+                status = self._xact_status(xid)
+            except _RESOLVE_ERRORS as exc:
+                status, last = None, exc
+            if status == "committed":
+                return True
+            if status == "aborted":
+                return False
+            # "in progress": the server has not yet finished the COMMIT it received (or None: unreachable).
+            if time.monotonic() + delay_s > deadline:
+                raise LedgerCommitUnknownError(
+                    f"the ledger connection was lost during COMMIT of transaction {xid} and the server "
+                    f"could not be asked within {COMMIT_RESOLVE_TIMEOUT_S:.0f} s whether it committed: {last}"
+                ) from lost
+            time.sleep(delay_s)
+            delay_s = min(delay_s * 2, COMMIT_RESOLVE_MAX_S)
+
+    def _xact_status(self, xid: str) -> str | None:
+        """pg_xact_status of a transaction id, on a new pooled connection."""
+        fairy = self._engine.raw_connection()
+        driver: Any = fairy.driver_connection
+        try:
+            cursor = driver.cursor()
+            try:
+                cursor.execute("SELECT pg_xact_status(%(xid)s::xid8)", {"xid": xid})
+                row = cursor.fetchone()
+            finally:
+                cursor.close()
+                with suppress(*DRIVER_ERRORS):
+                    driver.rollback()
+        except DRIVER_UNAVAILABLE_ERRORS:
+            fairy.invalidate()
+            raise
+        fairy.close()
+        return None if row is None else str(row[0]) if row[0] is not None else None
 
     @contextmanager
     def _session_tx(self, session: Session) -> Iterator[Tx]:
@@ -233,6 +333,18 @@ class LedgerBase:
         require_label(actor, "actor")
         require_label(action, "action", 64)
         require_label(subject, "subject", AUDIT_SUBJECT_MAX_CHARS)
+        last, self._last_audit_at = self._last_audit_at, at
+        if last is not None and at < last:
+            # The station clock stepped back (NTP step, RTC reset): the chain keeps its order by seq and
+            # records the step once, so a reader knows why the timestamps go backwards here.
+            self._last_audit_at = None
+            stepped = {
+                "last_at": as_utc(last).isoformat(), "now": as_utc(at).isoformat(),
+                "stepped_back_s": round((last - at).total_seconds(), 3),
+            }  # fmt: skip
+            self._append_audit(
+                tx, actor=actor, action="clock.stepped_back", subject=actor, details=stepped, at=at
+            )
         details_json = canonical_json(details)
         head = tx.first(self._sql.head_locked)
         if head is None:

@@ -25,3 +25,7 @@ class LedgerUnavailableError(LedgerError):
     """The database could not be reached or stayed locked; retrying can help."""
 
     transient = True
+
+
+class LedgerStorageFullError(LedgerUnavailableError):
+    """The ledger's database could not write: its disk is full (SQLITE_FULL); retry once space returns."""

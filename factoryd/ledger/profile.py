@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from factoryd.errors import ConfigError
+from factoryd.matter.profile import MatterProfile
 from factoryd.mcuboot import (
     DEFAULT_ALIGN_BYTES,
     DEFAULT_MAX_ALIGN_BYTES,
@@ -33,6 +34,8 @@ IMEI_FIELD = "{imei}"
 DEFAULT_DEVICE_ID_TEMPLATE = "nrf-{imei}"
 # A well-formed 15-digit IMEI: what a template's result is checked against the id_format with.
 _SAMPLE_IMEI = "352656100123456"
+# The board profiles whose firmware stores Matter factory data objects (docs/matter.md).
+MATTER_PROTOCOLS = ("factoryd-v1", "mcumgr")
 
 
 class LotProfile(BaseModel):
@@ -90,6 +93,9 @@ class LotProfile(BaseModel):
     # derived from the modem's IMEI with this template, the customer's list being the allowed IDs.
     device_id_from: Literal["list", "imei"] = "list"
     device_id_template: str = DEFAULT_DEVICE_ID_TEMPLATE
+    # A Matter lot (docs/matter.md): the CA bundle is the customer's PAI, each device gets a DAC,
+    # the PAI, the Certification Declaration, a SPAKE2+ verifier and its onboarding codes.
+    matter: MatterProfile | None = None
 
     def derived_device_id(self, imei: str) -> str:
         """The device ID the lot's template makes of an IMEI."""
@@ -131,6 +137,15 @@ class LotProfile(BaseModel):
                     f"attestation = required: board profile {self.protocol} cannot attest its keys "
                     "(profiles that can: " + ", ".join(p.name for p in _attesting_profiles()) + ")"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _check_matter(self) -> Self:
+        if self.matter is not None and self.protocol not in MATTER_PROTOCOLS:
+            raise ValueError(
+                f"matter: board profile {self.protocol} cannot hold Matter factory data "
+                f"(profiles that can: {', '.join(MATTER_PROTOCOLS)})"
+            )
         return self
 
     @model_validator(mode="after")

@@ -163,3 +163,116 @@ class CloudRegistrationRow(SQLModel, table=True):
     cloud_cert_id: str | None = Field(default=None, sa_column=Column(String(128), nullable=True))
     cloud_cert_arn: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     updated_at: datetime = _ts(nullable=False)
+
+
+class SignerIssuanceRow(SQLModel, table=True):
+    """One device certificate the line's signing service signed (``factoryd signer``, issue #23).
+
+    Written by the signer in the transaction that checks the reservation and appends the audit
+    entry. ``current`` is 1 for the certificate that stands for its device ID and NULL once a
+    re-issue for the same reservation superseded it (NULLs never collide in the unique index).
+    """
+
+    __tablename__ = "signer_issuance"
+    __table_args__ = (
+        # A retried request (lost reply) finds its certificate instead of getting a second one.
+        UniqueConstraint("request_id", name="uq_signer_issuance_request"),
+        # At most one standing certificate per device ID.
+        UniqueConstraint("device_id", "current", name="uq_signer_issuance_current"),
+        # The quota count: certificates signed per lot.
+        Index("ix_signer_issuance_lot", "lot_id"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    request_id: str = Field(sa_column=Column(String(64), nullable=False))
+    lot_id: int = Field(
+        sa_column=Column(Integer, ForeignKey("lot.id", name="fk_signer_issuance_lot"), nullable=False)
+    )
+    device_id: str = Field(sa_column=Column(String(ID_MAX_CHARS), nullable=False))
+    hw_serial: str = Field(sa_column=Column(String(SERIAL_MAX_CHARS), nullable=False))
+    station: str = Field(sa_column=Column(String(LABEL_MAX_CHARS), nullable=False))
+    job_id: int | None = Field(default=None, sa_column=Column(Integer, nullable=True))
+    csr_sha256: str = Field(sa_column=Column(String(64), nullable=False))
+    cert_der: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    cert_serial: str = Field(sa_column=Column(String(64), nullable=False))
+    cert_fingerprint_sha256: str = Field(sa_column=Column(String(64), nullable=False))
+    current: int | None = Field(default=None, sa_column=Column(Integer, nullable=True))
+    issued_at: datetime = _ts(nullable=False)
+    superseded_at: datetime | None = _ts(nullable=True)
+
+
+class MatterLotRow(SQLModel, table=True):
+    """A Matter lot's sealing salt: the onboarding-codes key is derived from it and the station secret."""
+
+    __tablename__ = "matter_lot"
+
+    lot_id: int = Field(
+        sa_column=Column(Integer, ForeignKey("lot.id", name="fk_matter_lot_lot"), primary_key=True)
+    )
+    kdf_salt: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    created_at: datetime = _ts(nullable=False)
+
+
+class MatterDeviceRow(SQLModel, table=True):
+    """One Matter device's onboarding codes, sealed (AES-256-GCM): they contain its setup passcode."""
+
+    __tablename__ = "matter_device"
+    __table_args__ = (UniqueConstraint("lot_id", "device_id", name="uq_matter_device_lot_device"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    lot_id: int = Field(
+        sa_column=Column(Integer, ForeignKey("lot.id", name="fk_matter_device_lot"), nullable=False)
+    )
+    device_id: str = Field(sa_column=Column(String(ID_MAX_CHARS), nullable=False))
+    # nonce (12 bytes) || ciphertext || tag; the AAD binds it to its lot and device.
+    sealed_codes: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    discriminator: int = Field(sa_column=Column(Integer, nullable=False))
+    product_id: int = Field(sa_column=Column(Integer, nullable=False))
+    updated_at: datetime = _ts(nullable=False)
+
+
+class LabelTemplateRow(SQLModel, table=True):
+    """A lot's own label template (factoryd/labels/template.py), validated before it was stored."""
+
+    __tablename__ = "label_template"
+    __table_args__ = (UniqueConstraint("lot_id", name="uq_label_template_lot"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    lot_id: int = Field(
+        sa_column=Column(Integer, ForeignKey("lot.id", name="fk_label_template_lot"), nullable=False)
+    )
+    template: str = Field(sa_column=Column(Text, nullable=False))
+    sha256: str = Field(sa_column=Column(String(64), nullable=False))
+    set_by: str = Field(sa_column=Column(String(LABEL_MAX_CHARS), nullable=False))
+    set_at: datetime = _ts(nullable=False)
+
+
+class LabelJobRow(SQLModel, table=True):
+    """One label to print (a board's own, or a reprint); never the label's bytes (they hold codes)."""
+
+    __tablename__ = "label_job"
+    __table_args__ = (
+        # One own label per board: the device ID; NULL for reprints (NULLs never collide).
+        UniqueConstraint("dedupe_key", name="uq_label_job_dedupe"),
+        Index("ix_label_job_station_state", "station", "state", "id"),
+        Index("ix_label_job_device", "device_id"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    lot_id: int = Field(
+        sa_column=Column(Integer, ForeignKey("lot.id", name="fk_label_job_lot"), nullable=False)
+    )
+    device_id: str = Field(sa_column=Column(String(ID_MAX_CHARS), nullable=False))
+    station: str = Field(sa_column=Column(String(LABEL_MAX_CHARS), nullable=False))
+    port: str = Field(sa_column=Column(String(LABEL_MAX_CHARS), nullable=False))
+    kind: str = Field(sa_column=Column(String(16), nullable=False))
+    state: str = Field(sa_column=Column(String(16), nullable=False))
+    attempts: int = Field(sa_column=Column(Integer, nullable=False))
+    last_error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    condition: str | None = Field(default=None, sa_column=Column(String(32), nullable=True))
+    printer: str | None = Field(default=None, sa_column=Column(String(LABEL_MAX_CHARS), nullable=True))
+    dedupe_key: str | None = Field(default=None, sa_column=Column(String(ID_MAX_CHARS), nullable=True))
+    requested_by: str = Field(sa_column=Column(String(LABEL_MAX_CHARS), nullable=False))
+    created_at: datetime = _ts(nullable=False)
+    updated_at: datetime = _ts(nullable=False)
+    printed_at: datetime | None = _ts(nullable=True)

@@ -13,7 +13,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from factoryd.errors import BundleError, CsrRejectedError, IssuanceError
+from factoryd.errors import BundleError, CsrRejectedError, IssuanceError, StationClockError
+from factoryd.matter.dac import matter_subject
 from factoryd.pki.bundle import _validate_arduino
 from factoryd.pki.profile import CertProfile, arduino_subject, utc_now
 from factoryd.pki.signer import CaPublicKey, Signer, spki_der
@@ -26,6 +27,10 @@ MAX_CSR_BYTES = 16 * 1024
 ACCEPTED_CSR_HASHES = ("sha256", "sha384", "sha512")
 # PKCS#9 extensionRequest: the one CSR attribute we tolerate (empty, or with allowed extensions).
 EXTENSION_REQUEST_OID = x509.ObjectIdentifier("1.2.840.113549.1.9.14")
+# The day this factoryd release was cut (raised at each release; tests/test_faults_clock.py checks it
+# is not after the newest commit). A station clock before it is certainly wrong (a dead RTC battery
+# reads 1970 or 2000, an NTP step went the wrong way): certificates are never issued from it.
+RELEASE_DATE = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
 
 
 @dataclass(frozen=True)
@@ -215,6 +220,26 @@ class Issuer:
         """The CN the board must put in its CSR (``get_csr(common_name)``): the templated CN."""
         return self.identity(device_id, fields).common_name
 
+    def check_clock(self, now: dt.datetime | None = None) -> None:
+        """Refuse (StationClockError) a station clock before the release date or outside the CA's validity."""
+        clock = utc_now(now)
+        ca = self._signer.certificate
+        if now is None and clock < RELEASE_DATE:
+            raise StationClockError(
+                f"the station clock reads {clock:%Y-%m-%d %H:%M}Z, before this factoryd release "
+                f"({RELEASE_DATE:%Y-%m-%d}): it is wrong; fix the time (NTP) before certificates are issued"
+            )
+        if clock < ca.not_valid_before_utc:
+            raise StationClockError(
+                f"the station clock reads {clock:%Y-%m-%d %H:%M}Z, before the CA certificate becomes valid "
+                f"({ca.not_valid_before_utc:%Y-%m-%d %H:%M}Z): the clock is wrong or the CA is not valid yet"
+            )
+        if clock > ca.not_valid_after_utc:
+            raise StationClockError(
+                f"the station clock reads {clock:%Y-%m-%d %H:%M}Z, after the CA certificate expired "
+                f"({ca.not_valid_after_utc:%Y-%m-%d %H:%M}Z): the clock is wrong or the CA must be renewed"
+            )
+
     def verify_csr(
         self, csr_der: bytes, device_id: str, *, fields: Mapping[str, str] | None = None
     ) -> x509.CertificateSigningRequest:
@@ -241,14 +266,11 @@ class Issuer:
         public_key = csr.public_key()
         if not isinstance(public_key, ec.EllipticCurvePublicKey) or public_key.curve.name != "secp256r1":
             raise IssuanceError(f"device key is {_key_name(public_key)}; EC P-256 required")
+        # The station clock is checked only when it is used (``now`` given: a caller's chosen time).
+        self.check_clock(now)
         now = utc_now(now)
         not_before, not_after = self._profile.validity_window(now)
         ca = self._signer.certificate
-        if now > ca.not_valid_after_utc or now < ca.not_valid_before_utc:
-            raise IssuanceError(
-                f"the CA certificate is not valid now (valid {ca.not_valid_before_utc:%Y-%m-%d} to "
-                f"{ca.not_valid_after_utc:%Y-%m-%d})"
-            )
         if not_after > ca.not_valid_after_utc:
             raise IssuanceError(
                 f"the CA certificate expires {ca.not_valid_after_utc:%Y-%m-%d %H:%M}Z, before the device "
@@ -278,6 +300,22 @@ class Issuer:
                 .serial_number(arduino_serial())
                 .add_extension(aki, critical=False)
             )
+        elif self._profile.dac is not None:
+            # A Matter DAC (spec 6.2.2): the VID/PID subject attributes, CA:FALSE and digitalSignature
+            # (both critical), SKI and AKI; no EKU or SAN (commissioners ignore them, chip-cert writes none).
+            dac = self._profile.dac
+            ca_key = ca.public_key()
+            if not isinstance(ca_key, ec.EllipticCurvePublicKey) or ca_key.curve.name != "secp256r1":
+                raise IssuanceError("a Matter PAI must have an EC P-256 key (DACs are ecdsa-with-SHA256)")
+            subject = matter_subject(identity.subject, dac.vendor_id, dac.product_id_for(fields))
+            builder = (
+                builder.subject_name(subject)
+                .serial_number(random_serial())
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(SIGNING_KEY_USAGE, critical=True)
+                .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+                .add_extension(aki, critical=False)
+            )
         else:
             builder = (
                 builder.subject_name(identity.subject)
@@ -293,6 +331,8 @@ class Issuer:
                 # Non-critical: the subject is not empty (RFC 5280 4.2.1.6).
                 builder = builder.add_extension(san, critical=False)
         cert = self._signer.sign_certificate(builder)
+        if self._profile.dac is not None and not isinstance(cert.signature_hash_algorithm, hashes.SHA256):
+            raise IssuanceError("Matter DACs must be signed with ecdsa-with-SHA256")
         if self._profile.kind == "arduino-v1" and not isinstance(
             cert.signature_hash_algorithm, hashes.SHA256
         ):

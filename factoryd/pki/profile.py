@@ -11,6 +11,7 @@ from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import NameOID
 
 from factoryd.errors import ConfigError, IssuanceError
+from factoryd.matter.dac import NO_EXPIRY, DacSpec
 from factoryd.pki.template import DEFAULT_TEMPLATE, SubjectTemplate
 
 ProfileKind = Literal["factoryd-v1", "arduino-v1"]
@@ -62,6 +63,9 @@ class CertProfile:
     allowed_csr_extensions: frozenset[x509.ObjectIdentifier] = field(default_factory=frozenset)
     # The device certificate's subject and SANs (factoryd-v1; arduino-v1 takes only the default).
     subject: SubjectTemplate = DEFAULT_TEMPLATE
+    # A Matter lot (factoryd-v1 kind only): issue DACs, the Matter VID/PID subject attributes and
+    # the DAC profile's extensions (factoryd/matter/dac.py, docs/matter.md).
+    dac: DacSpec | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in PROFILE_KINDS:
@@ -70,6 +74,8 @@ class CertProfile:
             )
         if self.kind == "arduino-v1" and not self.subject.is_default:
             raise ConfigError(ARDUINO_TEMPLATE_REFUSAL)
+        if self.kind == "arduino-v1" and self.dac is not None:
+            raise ConfigError("arduino-v1 certificates cannot be Matter DACs")
         if self.cert_validity_days < 1:
             raise ConfigError(f"cert_validity_days must be >= 1, got {self.cert_validity_days}")
         if not 0 <= self.backdate_s <= 86400:
@@ -84,6 +90,8 @@ class CertProfile:
         now = _utc(now)
         start = now - dt.timedelta(seconds=self.backdate_s)
         if self.kind == "factoryd-v1":
+            if self.dac is not None and self.dac.no_expiry:
+                return start.replace(microsecond=0), NO_EXPIRY
             return start.replace(microsecond=0), (now + dt.timedelta(days=self.cert_validity_days)).replace(
                 microsecond=0
             )

@@ -15,6 +15,11 @@ from typing import ClassVar, Protocol, Self, TypeVar
 from factoryd.errors import ProtocolViolationError
 
 HOST_PROTOCOL_VERSION = 1
+# The board's protocol revision, the `version` of its HELLO reply (docs/protocol.md §7). From
+# revision 2 a WRITE reply's digest is computed over the object as read back from the store, and a
+# LOCK reply carries the lock state read back from the secure element: the host then needs no READ
+# of what it wrote and no HELLO after LOCK. Revision 1 firmware keeps both round trips.
+READBACK_REVISION = 2
 SHA256_LEN = 32
 RAW_SIGNATURE_LEN = 64
 P256_POINT_LEN = 65
@@ -74,6 +79,12 @@ class ObjectId(IntEnum):
     DEVICE_CERT = 2
     CA_CHAIN = 3
     ENDPOINT = 4
+    # Matter factory data (docs/matter.md): the PAI (DER), the Certification Declaration (DER) and
+    # the commissioning data (Matter TLV: discriminator, SPAKE2+ iterations, salt, verifier,
+    # rotating-device-ID unique ID; never the passcode). The DAC is DEVICE_CERT.
+    MATTER_PAI = 5
+    MATTER_CD = 6
+    MATTER_COMMISSIONING = 7
 
 
 class Reader:
@@ -349,8 +360,31 @@ class AttestedKeyReply:
 
 
 @dataclass(frozen=True, slots=True)
+class LockReply:
+    """LOCK reply: empty from revision 1 firmware; from revision 2 ``locked u8`` read back after locking."""
+
+    locked: bool | None = None
+
+    def encode(self) -> bytes:
+        """Return the reply payload."""
+        return b"" if self.locked is None else bytes([int(self.locked)])
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Self:
+        """Parse a reply payload."""
+        if not payload:
+            return cls(None)
+        r = Reader(payload, "LOCK reply")
+        locked = r.u8("locked")
+        r.end()
+        if locked not in (0, 1):
+            raise ProtocolViolationError(f"LOCK reply: locked flag {locked} is neither 0 nor 1")
+        return cls(bool(locked))
+
+
+@dataclass(frozen=True, slots=True)
 class EmptyReply:
-    """The reply of LOCK, REBOOT, FW_BEGIN and FW_CHUNK: no payload."""
+    """The reply of REBOOT, FW_BEGIN and FW_CHUNK: no payload."""
 
     @classmethod
     def decode(cls, payload: bytes) -> Self:
@@ -550,7 +584,7 @@ class Lock:
     """Lock the secure element irreversibly."""
 
     command: ClassVar[Command] = Command.LOCK
-    reply: ClassVar[type[EmptyReply]] = EmptyReply
+    reply: ClassVar[type[LockReply]] = LockReply
 
     def encode(self) -> bytes:
         """Return the request payload."""

@@ -30,6 +30,7 @@ from factoryd.protocol.engine import EngineClient, RequestEngine, Route
 from factoryd.protocol.messages import (
     IDENTITY_SLOT,
     MAX_FW_CHUNK,
+    READBACK_REVISION,
     AttestedKeyReply,
     BoardInfo,
     Command,
@@ -165,6 +166,8 @@ class BoardClient(EngineClient[Frame, Command]):
         self.resends = resends
         self.last_boot: BoardInfo | None = None
         self.booted = asyncio.Event()
+        # The board's protocol revision from its last HELLO or BOOT; 1 (read everything back) until then.
+        self.revision = 1
         super().__init__(RequestEngine(link, _NativeReplies(self), resends=resends))
 
     @classmethod
@@ -193,8 +196,15 @@ class BoardClient(EngineClient[Frame, Command]):
     # Commands -----------------------------------------------------------------------------
 
     async def hello(self) -> BoardInfo:
-        """Identify the board."""
-        return await self.request(Hello())
+        """Identify the board (and learn its protocol revision)."""
+        info = await self.request(Hello())
+        self.revision = info.version
+        return info
+
+    @property
+    def write_reply_reads_back(self) -> bool:
+        """Whether a WRITE's digest is over the object read back from the board's store (revision 2)."""
+        return self.revision >= READBACK_REVISION
 
     async def genkey(self, slot: int = IDENTITY_SLOT) -> bytes:
         """Generate a key in the secure element; return the public key point."""
@@ -209,7 +219,10 @@ class BoardClient(EngineClient[Frame, Command]):
         return (await self.request(GetCsr(slot, common_name))).csr_der
 
     async def write(self, obj: ObjectId, data: bytes) -> None:
-        """Store an object; fail if the board's digest of what it stored differs."""
+        """Store an object; fail if the board's digest of what it stored differs.
+
+        From revision 2 the digest is over the object as the board reads it back from its store.
+        """
         digest = (await self.request(Write(obj, data))).sha256
         if digest != hashlib.sha256(data).digest():
             raise ReadbackMismatchError(f"board stored a different {obj.name} than was sent (digest differs)")
@@ -222,9 +235,9 @@ class BoardClient(EngineClient[Frame, Command]):
         """Return the raw r||s signature of SHA-256(challenge) by the slot key."""
         return (await self.request(Sign(slot, challenge))).signature
 
-    async def lock(self) -> None:
-        """Lock the secure element irreversibly."""
-        await self.request(Lock())
+    async def lock(self) -> bool | None:
+        """Lock the secure element irreversibly; the lock state it reports (None: revision 1, ask HELLO)."""
+        return (await self.request(Lock())).locked
 
     async def reboot(self) -> None:
         """Reset the board (it sends BOOT afterwards)."""
@@ -255,9 +268,11 @@ class BoardClient(EngineClient[Frame, Command]):
         engine.stats.boots += 1
         try:
             self.last_boot = BoardInfo.decode(frame.payload)
+            self.revision = self.last_boot.version
         except ProtocolViolationError as exc:
             log.warning("bad boot event", error=str(exc), path=self.link.path)
             self.last_boot = None
+            self.revision = 1
         self.booted.set()
         fresh = engine.stats.replies == 0
         for waiter in engine.waiters():

@@ -24,6 +24,7 @@ from factoryd.protocol.messages import (
     HOST_PROTOCOL_VERSION,
     MAX_FW_CHUNK,
     MAX_OBJECT,
+    READBACK_REVISION,
     REQUEST_TYPES,
     AttestedKeyReply,
     BoardInfo,
@@ -39,6 +40,7 @@ from factoryd.protocol.messages import (
     GetCsr,
     Hello,
     Lock,
+    LockReply,
     ObjectId,
     PublicKeyReply,
     Read,
@@ -257,6 +259,9 @@ class SimBoard:
         self.blank = False
         self.replay_csr = False
         self.flood_bytes = 0
+        # The protocol revision the firmware implements (HELLO's version): 1 is older firmware whose
+        # WRITE digest is over the received bytes and whose LOCK reply is empty.
+        self.revision = READBACK_REVISION
         self.attest_mode = AttestMode.GENUINE
         self._first_attestation: bytes | None = None
         self._first_csr: dict[int, bytes] = {}
@@ -304,7 +309,7 @@ class SimBoard:
     def info(self) -> BoardInfo:
         """What HELLO and BOOT report."""
         return BoardInfo(
-            version=HOST_PROTOCOL_VERSION,
+            version=self.revision,
             model=self.model,
             fw_version=self.fw_version,
             fw_sha256=self.fw_sha256,
@@ -413,7 +418,9 @@ class SimBoard:
             case Lock():
                 await self.spend(self.timing.lock_s)
                 self.se.lock()
-                return Status.OK, b""
+                if self.revision < READBACK_REVISION:
+                    return Status.OK, b""
+                return Status.OK, LockReply(self.se.locked).encode()
             case Reboot():
                 return Status.OK, b""
             case FwBegin() | FwChunk() | FwEnd():
@@ -489,6 +496,9 @@ class SimBoard:
         digest = self.se.store(obj, data)
         if self.fault(Fault.READBACK_DIFFERS) and data:
             self.se.objects[obj] = data[:-1] + bytes([data[-1] ^ 0x55])
+        if self.revision >= READBACK_REVISION:
+            # Revision 2: the digest of what the store gives back, so a bad store shows in the reply.
+            digest = hashlib.sha256(self.se.objects.get(obj, b"")).digest()
         return Status.OK, DigestReply(digest).encode()
 
     async def _firmware(self, request: FwBegin | FwChunk | FwEnd) -> tuple[Status, bytes]:

@@ -2,7 +2,8 @@
 
 Powering a port on makes its board enumerate after the timing model's delay (a fresh PTY path,
 like a new ttyACM number); powering it off unplugs it (the host's tty fails). ``release`` is
-the operator swapping a finished board for the next one from the supply.
+the operator swapping a finished board for the next one from the supply. ``unplug`` pulls the
+hub's own cable (every tty vanishes at once, every control call fails) until ``replug``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
 
-from factoryd.errors import EnumerationTimeoutError, HubCommandError
+from factoryd.errors import EnumerationTimeoutError, HubCommandError, HubDisconnectedError
 from factoryd.sim.board import SimBoard
 from factoryd.sim.pty import PtyEndpoint, pty_runner
 
@@ -48,6 +49,8 @@ class SimHub:
         self._slots = {str(i): _Slot(str(i)) for i in range(1, ports + 1)}
         self._tg: asyncio.TaskGroup | None = None
         self._stack = contextlib.AsyncExitStack()
+        # True while the hub's cable is pulled (fault injection): boards unpowered, calls fail.
+        self.unplugged = False
         for slot in self._slots.values():
             slot.board = self._next_board()
 
@@ -58,9 +61,28 @@ class SimHub:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        self.unplugged = False
         for port in self._slots:
             await self.power_off(port)
         await self._stack.aclose()
+
+    async def unplug(self) -> None:
+        """Pull the hub's cable: every board loses power and its tty at once, every call then fails."""
+        self.unplugged = True
+        for slot in self._slots.values():
+            await self._cut(slot)
+
+    def replug(self) -> None:
+        """Plug the hub back in: it comes back with every port off (as a real hub powers up)."""
+        self.unplugged = False
+
+    async def check(self) -> None:
+        """Fail with HubDisconnectedError while the hub is unplugged."""
+        self._connected()
+
+    def _connected(self) -> None:
+        if self.unplugged:
+            raise HubDisconnectedError(f"{self.name}: hub disconnected (no USB device answers)")
 
     def ports(self) -> Sequence[str]:
         """Port names."""
@@ -85,6 +107,7 @@ class SimHub:
     async def power_on(self, port: str) -> None:
         """Power a port; its board (if any) enumerates after its timing model's delay."""
         slot = self._slot(port)
+        self._connected()
         if slot.powered:
             return
         slot.powered = True
@@ -96,6 +119,10 @@ class SimHub:
     async def power_off(self, port: str) -> None:
         """Cut power: the board's tty disappears."""
         slot = self._slot(port)
+        self._connected()
+        await self._cut(slot)
+
+    async def _cut(self, slot: _Slot) -> None:
         slot.powered = False
         slot.ready.clear()
         task, slot.task = slot.task, None
@@ -110,6 +137,7 @@ class SimHub:
     async def wait_for_tty(self, port: str, timeout_s: float) -> str:
         """Wait for the board's PTY; an empty or unpowered port fails at once (no udev add will come)."""
         slot = self._slot(port)
+        self._connected()
         if not slot.powered:
             raise EnumerationTimeoutError(f"port {port} is not powered")
         if slot.board is None:
@@ -118,13 +146,16 @@ class SimHub:
             async with asyncio.timeout(timeout_s):
                 await slot.ready.wait()
         except TimeoutError:
+            self._connected()
             raise EnumerationTimeoutError(f"port {port}: no tty after {timeout_s:.1f} s") from None
+        self._connected()
         if slot.pty is None:
             raise EnumerationTimeoutError(f"port {port}: device vanished during enumeration")
         return slot.pty.path
 
     async def device_serial(self, port: str, tty: str) -> str | None:
         """The simulated board's USB serial (Arduino-style boards), else None."""
+        self._connected()
         board = self._slot(port).board
         serial = getattr(board, "usb_serial", None)
         return serial if isinstance(serial, str) and serial else None
@@ -132,6 +163,7 @@ class SimHub:
     async def release(self, port: str) -> None:
         """The simulated operator takes the finished board out and inserts the next one."""
         slot = self._slot(port)
+        self._connected()
         if slot.powered:
             await self.power_off(port)
         if slot.board is not None:

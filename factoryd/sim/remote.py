@@ -4,7 +4,8 @@
 it through ``RemoteSimHub``. The boards then outlive a daemon that is killed or restarted, as real
 boards do, and their CPU time is not the daemon's (benchmarks). The control protocol is one JSON
 object per line each way: ``{"op": ..., ...}`` → ``{"ok": true, ...}`` or
-``{"ok": false, "error": "enumeration_timeout" | "hub_command", "message": ...}``.
+``{"ok": false, "error": "enumeration_timeout" | "hub_command" | "hub_disconnected", "message": ...}``.
+``unplug`` / ``replug`` pull and restore the hub's own cable (fault injection for tests and soaks).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any, Self
 
 import structlog
 
-from factoryd.errors import EnumerationTimeoutError, HubCommandError
+from factoryd.errors import EnumerationTimeoutError, HubCommandError, HubDisconnectedError
 from factoryd.protocol.messages import ObjectId
 from factoryd.sim.board import SimBoard
 from factoryd.sim.hub import SimHub
@@ -116,10 +117,18 @@ class SimHubServer:
                     }
                 case "inventory":
                     return {"ok": True, "boards": self._inventory()}
+                case "check":
+                    await self.hub.check()
+                case "unplug":
+                    await self.hub.unplug()
+                case "replug":
+                    self.hub.replug()
                 case _:
                     return {"ok": False, "error": "hub_command", "message": f"unknown op {op!r}"}
         except EnumerationTimeoutError as exc:
             return {"ok": False, "error": "enumeration_timeout", "message": str(exc)}
+        except HubDisconnectedError as exc:
+            return {"ok": False, "error": "hub_disconnected", "message": str(exc)}
         except (HubCommandError, KeyError, TypeError, ValueError) as exc:
             return {"ok": False, "error": "hub_command", "message": str(exc)}
         return {"ok": True}
@@ -200,6 +209,18 @@ class RemoteSimHub:
         serial = reply.get("serial")
         return str(serial) if serial else None
 
+    async def check(self) -> None:
+        """Fail with HubDisconnectedError while the simulated hub is unplugged."""
+        await self.call({"op": "check"})
+
+    async def unplug(self) -> None:
+        """Pull the simulated hub's cable (fault injection)."""
+        await self.call({"op": "unplug"})
+
+    async def replug(self) -> None:
+        """Plug the simulated hub back in."""
+        await self.call({"op": "replug"})
+
     async def status(self) -> dict[str, Any]:
         """Supply and progress of the simulated operator."""
         return await self.call({"op": "status"})
@@ -239,6 +260,8 @@ class RemoteSimHub:
             message = str(reply.get("message", "hub error"))
             if reply.get("error") == "enumeration_timeout":
                 raise EnumerationTimeoutError(message)
+            if reply.get("error") == "hub_disconnected":
+                raise HubDisconnectedError(f"{self.name}: {message}")
             raise HubCommandError(f"{self.name}: {message}")
         return reply
 

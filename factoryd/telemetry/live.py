@@ -65,6 +65,9 @@ class LiveState(TelemetrySink):
         if event.kind != "step":
             self.events.append(event)
         if event.kind == "job_finished" and event.outcome == "provisioned":
+            if self.provisioned_at and event.at < self.provisioned_at[-1]:
+                # The wall clock stepped back: the window would never drain; the rate starts afresh.
+                self.provisioned_at.clear()
             self.provisioned_at.append(event.at)
             while (event.at - self.provisioned_at[0]).total_seconds() > RATE_WINDOW_S:
                 self.provisioned_at.popleft()

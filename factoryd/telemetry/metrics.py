@@ -211,6 +211,12 @@ class Metrics(TelemetrySink):
             "MQTT events dropped because the bounded queue was full (oldest first).",
             registry=r,
         )
+        self.intake_paused = Gauge(
+            "factoryd_intake_paused",
+            "1 while the station takes no new boards for this reason (e.g. hub_disconnected), else 0.",
+            ["reason"],
+            registry=r,
+        )
         self.mqtt_connected.set(0)
         # Series that rates and ratios divide by exist from the start, so panels and alerts see 0, not
         # "no data", before the first job of the day.
@@ -246,6 +252,10 @@ class Metrics(TelemetrySink):
     def resend(self, port: str = UNKNOWN_LABEL, count: int = 1) -> None:
         """Count resent requests."""
         self.frame_resends.labels(port=self._ports(port, UNKNOWN_LABEL)).inc(count)
+
+    def intake_pause(self, reason: str, paused: bool) -> None:
+        """Set the paused-intake gauge for one reason code (the scheduler's pause and resume)."""
+        self.intake_paused.labels(reason=self._reasons(reason, UNKNOWN_LABEL)).set(1 if paused else 0)
 
     def mqtt_state(self, connected: bool, queue_depth: int, dropped_total_increment: int = 0) -> None:
         """Record the MQTT publisher's connection state, queue depth and new drops."""

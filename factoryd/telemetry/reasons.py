@@ -16,6 +16,10 @@ REASON_TEXT: dict[str, str] = {
     "refused_board": "This board may not be provisioned in this lot (done before?). Tell the supervisor.",
     "hub_command": "The USB hub did not switch this port. Check the hub and its cable.",
     "enumeration_timeout": "The board did not show up on USB. Reseat it or check the cable.",
+    "hub_disconnected": "The USB hub is disconnected: check its cable and power. The station waits and "
+    "resumes by itself when the hub is back.",
+    "station_clock": "The station clock is wrong, so no certificate can be issued. Tell the supervisor "
+    "(check NTP); the station resumes by itself when the clock is right.",
     "challenge_failed": "The board could not prove it holds its new key. Put it aside.",
     "verification": "The board's answer failed a check. Put it aside.",
     "firmware_rejected": "The board refused the firmware image. Tell the supervisor.",
@@ -32,7 +36,12 @@ REASON_TEXT: dict[str, str] = {
     "ids_exhausted": "The lot has no device IDs left. Tell the supervisor.",
     "reservation_conflict": "The ledger refused a device ID for this board. Tell the supervisor.",
     "lot_state": "The lot is paused or closed.",
-    "ledger_unavailable": "The station's database cannot be reached. Tell the supervisor.",
+    "ledger_unavailable": "The station's database cannot be reached. Tell the supervisor. Boards wait "
+    "in their ports and the station resumes by itself when the database is back.",
+    "ledger_storage_full": "The station's disk is full, so nothing can be recorded. Tell the supervisor. "
+    "Boards wait in their ports and the station resumes by itself when space is freed.",
+    "ledger_commit_unknown": "The station lost its database while recording a board. Tell the supervisor, "
+    "then retry the board (it keeps its ID).",
     "issuance": "The station could not issue the certificate. Tell the supervisor.",
     "signer": "The lot's CA key cannot be used. Tell the supervisor.",
     "job_aborted": "Stopped by the operator or a station shutdown.",

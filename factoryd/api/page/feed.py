@@ -329,6 +329,9 @@ class StationFeed:
         elif update is not None and update.state is PortState.ATTENTION:
             # Not the station's attention (e.g. no lot can be opened): the page shows a failure.
             state, detail = "failed", reason_text(update.reason)
+        elif update is not None and update.state is PortState.IDLE and update.reason:
+            # Intake paused for the whole station (hub gone, clock wrong): the slot says why.
+            state, detail = "idle", reason_text(update.reason)
         else:
             state = update.state.value if update is not None else "unknown"
             detail = _STATE_DETAIL.get(state, "")

@@ -24,6 +24,7 @@ from factoryd.api.auth import OPERATE_ROLES, READ_ROLES, Principal, api_context,
 from factoryd.api.context import ApiContext
 from factoryd.api.errors import TokenRejectedError
 from factoryd.api.page.feed import event_stream
+from factoryd.api.page.printing import router as printing_router
 from factoryd.api.page.sessions import (
     SESSION_COOKIE,
     Operator,
@@ -265,3 +266,7 @@ async def action_pause(ctx: Ctx, who: Operator, lot: str) -> dict[str, Any]:
 async def action_resume(ctx: Ctx, who: Operator, lot: str) -> dict[str, Any]:
     """Resume a paused lot."""
     return await _lot_action(ctx, who, lot, LotState.ACTIVE)
+
+
+# The label panel's routes (factoryd/api/page/printing.py): printers, queue, previews, reprints.
+router.include_router(printing_router)

@@ -245,6 +245,102 @@
     }
   });
 
+  // Labels panel (GET /station/labels, factoryd/api/page/printing.py) -----------------------
+
+  const LABELS_POLL_MS = 3000;
+  const labelsPanel = document.getElementById("labels");
+  const labelFigure = document.getElementById("label-figure");
+  const labelPreview = document.getElementById("label-preview");
+
+  function printerText(p) {
+    const ports = p.ports.join(", ");
+    if (p.ready === null) return `${p.address} (ports ${ports}): not tried yet`;
+    if (p.ready) return `${p.address} (ports ${ports}): ready, ${p.printed} printed`;
+    const why = (p.condition || "trouble").replace(/_/g, " ");
+    const retry = p.retry_in_s ? `, retrying every ${Math.round(p.retry_in_s)} s` : "";
+    return `${p.address} (ports ${ports}): ${why}; labels wait${retry}`;
+  }
+
+  function showPreview(job) {
+    labelPreview.src = `/station/labels/${job.id}/preview.png?t=${Date.now()}`;
+    document.getElementById("label-caption").textContent = `${job.device_id} · port ${job.port}`;
+    labelFigure.hidden = false;
+  }
+
+  function renderLabels(data) {
+    labelsPanel.hidden = !data.enabled;
+    if (!data.enabled) return;
+    const queued = document.getElementById("labels-queued");
+    queued.textContent = data.queued ? `${data.queued} waiting` : "all printed";
+    queued.dataset.tone = data.queued ? "bad" : "ok";
+    const printers = document.getElementById("printers");
+    printers.replaceChildren(...data.printers.map((p) => {
+      const li = el("li", "", printerText(p));
+      li.dataset.ready = String(p.ready !== false);
+      if (p.message) li.title = p.message;
+      return li;
+    }));
+    const list = document.getElementById("label-jobs");
+    list.replaceChildren(...data.jobs.map((job) => {
+      const li = el("li");
+      li.dataset.state = job.state;
+      const id = el("span", "lbl-id", `${job.device_id} · port ${job.port}${job.kind === "reprint" ? " · reprint" : ""}`);
+      const state = el("span", "lbl-state", job.state);
+      if (job.error) state.title = job.error;
+      const buttons = el("span", "lbl-actions");
+      const view = el("button", "small", "Preview");
+      view.type = "button";
+      view.addEventListener("click", () => showPreview(job));
+      buttons.append(view);
+      if (canOperate) {
+        const again = el("button", "small", "Reprint");
+        again.type = "button";
+        again.addEventListener("click", (e) => act(`/station/actions/labels/${job.id}/reprint`, e.currentTarget, `Reprint ${job.device_id}`));
+        buttons.append(again);
+      }
+      li.append(id, state, buttons);
+      return li;
+    }));
+  }
+
+  async function pollLabels() {
+    try {
+      const answer = await fetch("/station/labels", { cache: "no-store", credentials: "same-origin" });
+      if (answer.ok) renderLabels(await answer.json());
+    } catch (_) {
+      // The connection banner already says the station is not answering.
+    } finally {
+      window.setTimeout(pollLabels, LABELS_POLL_MS);
+    }
+  }
+
+  document.getElementById("reprint-form").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    if (!canOperate) return;
+    const input = document.getElementById("reprint-device");
+    const deviceId = input.value.trim();
+    if (!deviceId) return;
+    try {
+      const answer = await fetch("/station/actions/labels/reprint", {
+        method: "POST",
+        credentials: "same-origin",
+        headers: { "X-Factoryd-CSRF": csrf, "Content-Type": "application/json" },
+        body: JSON.stringify({ device_id: deviceId }),
+      });
+      if (answer.ok) {
+        say(`Reprint ${deviceId}: queued`, "ok");
+        input.value = "";
+      } else {
+        let detail = `HTTP ${answer.status}`;
+        try { detail = (await answer.json()).detail || detail; } catch (_) { /* not JSON */ }
+        say(`Reprint ${deviceId}: ${typeof detail === "string" ? detail : JSON.stringify(detail)}`, "bad");
+      }
+    } catch (_) {
+      say(`Reprint ${deviceId}: the station is not answering`, "bad");
+    }
+  });
+
   setConnected(false);
   connect();
+  pollLabels();
 })();

@@ -1,0 +1,330 @@
+"""Serve the signer with mutual TLS, run as ``factoryd signer run`` (systemd/factoryd-signer.service).
+
+uvicorn hands an ASGI app neither the peer certificate nor a failed handshake, so the TLS layer is ours:
+uvicorn listens on plain TCP with :class:`_MutualTls` as its protocol class, which pauses the socket,
+runs the handshake with ``loop.start_tls`` (``CERT_REQUIRED``, the line CA as the only client CA, its
+CRL checked for the leaf, TLS 1.2 or newer), then gives the TLS transport to uvicorn's own
+``H11Protocol``. The verified client certificate reaches the app through the ASGI TLS extension
+(``scope["extensions"]["tls"]["client_cert_chain"]``, PEM, leaf first). A handshake that fails
+(no certificate, another CA, revoked, expired) is audited (``signer.refused``, code
+``tls_handshake_refused`` with OpenSSL's reason) and counted, with the peer's address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+from collections.abc import AsyncIterator, Callable, Generator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import structlog
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from factoryd import __version__
+from factoryd.config import Settings
+from factoryd.errors import ConfigError
+from factoryd.ledger.issuance import open_issuance_ledger
+from factoryd.pki.store import BundleStore
+from factoryd.sdnotify import Notifier
+from factoryd.service import StationPaths, prepare_state_dir, station_passphrase
+from factoryd.signer.lineca import LINE_CA_CERT, LINE_CA_CRL
+from factoryd.signer.metrics import SignerMetrics
+from factoryd.signer.quota import QuotaStore
+from factoryd.signer.service import WORKER_THREADS, Authority, SignerPolicy, create_signer_app
+from factoryd.telemetry.events import TelemetrySink
+from factoryd.telemetry.mqtt import MqttPublisher, MqttSettings
+
+log = structlog.get_logger(__name__)
+
+# A station's handshake is a few ms on a LAN; a peer that stalls longer is dropped.
+HANDSHAKE_TIMEOUT_S = 10.0
+SHUTDOWN_GRACE_S = 5.0
+STARTUP_TIMEOUT_S = 10.0
+STARTUP_POLL_S = 0.01
+SIGNER_DIRNAME = "signer"
+QUOTA_DIRNAME = "quotas"
+LINE_CA_DIRNAME = "line-ca"
+
+HandshakeRefused = Callable[[str, str], None]
+
+
+def signer_dir(settings: Settings) -> Path:
+    """The signer's own state: ``<state_dir>/signer`` (line CA, quotas, TLS files)."""
+    return settings.station.state_dir / SIGNER_DIRNAME
+
+
+def line_ca_dir(settings: Settings) -> Path:
+    """The line CA directory of the settings."""
+    return settings.signer.line_ca_dir or signer_dir(settings) / LINE_CA_DIRNAME
+
+
+def quota_store(settings: Settings) -> QuotaStore:
+    """Where the signer keeps the lots' quotas."""
+    return QuotaStore(signer_dir(settings) / QUOTA_DIRNAME)
+
+
+def server_ssl_context(cert: Path, key: Path, client_ca: Path, crl: Path | None) -> ssl.SSLContext:
+    """TLS 1.2+ server context that requires a client certificate from the line CA (CRL checked)."""
+    try:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(str(cert), str(key))
+        context.load_verify_locations(cafile=str(client_ca))
+        if crl is not None:
+            context.load_verify_locations(cafile=str(crl))
+            context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"the signer's TLS files cannot be used: {exc}") from exc
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def _peer(transport: asyncio.BaseTransport) -> str:
+    address = transport.get_extra_info("peername")
+    return f"{address[0]}:{address[1]}" if isinstance(address, tuple) and len(address) >= 2 else "unknown"
+
+
+def _mutual_tls_protocol(context: ssl.SSLContext, on_refused: HandshakeRefused) -> type[asyncio.Protocol]:
+    """uvicorn's protocol class for one server: our handshake first, then uvicorn's HTTP/1.1."""
+
+    class _MutualTls(asyncio.Protocol):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self._inner = H11Protocol(*args, **kwargs)
+            self._task: asyncio.Task[None] | None = None
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            if not isinstance(transport, asyncio.Transport):
+                transport.close()
+                return
+            transport.pause_reading()  # no byte is read before the handshake owns the socket
+            self._task = asyncio.get_running_loop().create_task(self._handshake(transport))
+
+        def data_received(self, data: bytes) -> None:  # pragma: no cover - reading is paused
+            raise RuntimeError("data before the TLS handshake")
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._task is not None and not self._task.done():
+                self._task.cancel()
+
+        async def _handshake(self, transport: asyncio.Transport) -> None:
+            loop = asyncio.get_running_loop()
+            peer = _peer(transport)
+            try:
+                tls = await loop.start_tls(
+                    transport,
+                    self._inner,
+                    context,
+                    server_side=True,
+                    ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S,
+                )
+            except (OSError, ConnectionError, TimeoutError) as exc:
+                reason = getattr(exc, "reason", None) or type(exc).__name__
+                on_refused(peer, str(reason))
+                transport.close()
+                return
+            if tls is None:  # the peer went away during the handshake
+                transport.close()
+                return
+            ssl_object = tls.get_extra_info("ssl_object")
+            der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+            pem = ssl.DER_cert_to_PEM_cert(der) if der else None
+            version = ssl_object.version() if ssl_object is not None else None
+            inner_app = self._inner.app
+
+            async def app(scope: Any, receive: Any, send: Any) -> None:
+                extensions = dict(scope.get("extensions") or {})
+                extensions["tls"] = {"client_cert_chain": [pem] if pem else [], "tls_version": version}
+                await inner_app({**scope, "extensions": extensions}, receive, send)
+
+            self._inner.app = app  # an ASGI 3 app like the one it wraps
+            self._inner.connection_made(tls)
+
+    return _MutualTls
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """A uvicorn server that leaves signals to us."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        """Install nothing: SIGTERM/SIGINT belong to ``run_signer``."""
+        yield
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"signer host {host!r} does not resolve: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(512)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"the signer cannot listen on {host}:{port}: {exc.strerror}") from None
+    return sock
+
+
+@contextlib.asynccontextmanager
+async def serve_signer(
+    app: Any,
+    host: str,
+    port: int,
+    *,
+    context: ssl.SSLContext,
+    on_refused: HandshakeRefused,
+    max_connections: int,
+) -> AsyncIterator[int]:
+    """Listen with mutual TLS on host:port (0 = any free port); yield the bound port."""
+    sock = _bind(host, port)
+    bound = int(sock.getsockname()[1])
+    quiet = logging.getLogger().getEffectiveLevel() > logging.DEBUG
+    config = uvicorn.Config(
+        app,
+        http=_mutual_tls_protocol(context, on_refused),
+        log_config=None,
+        log_level=logging.WARNING if quiet else logging.DEBUG,
+        access_log=False,  # every decision is in the audit trail and the metrics
+        lifespan="off",
+        server_header=False,
+        limit_concurrency=max_connections,
+        timeout_graceful_shutdown=int(SHUTDOWN_GRACE_S),
+    )
+    server = _EmbeddedServer(config)
+    try:
+        task = asyncio.create_task(server.serve(sockets=[sock]), name="signer-server")
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        async with asyncio.timeout(STARTUP_TIMEOUT_S):
+            while not server.started:
+                if task.done():
+                    break
+                await asyncio.sleep(STARTUP_POLL_S)
+        if not server.started:
+            raise ConfigError("the signer's server did not start (see the log for why)")
+        log.info("signer listening", address=f"https://{host}:{bound}")
+        yield bound
+    finally:
+        server.should_exit = True
+        try:
+            await task
+        finally:
+            sock.close()
+
+
+def _mqtt_settings(settings: Settings) -> MqttSettings:
+    from factoryd.pki.passphrase import load_secret  # noqa: PLC0415 - only when MQTT has a user
+
+    cfg, station = settings.mqtt, settings.station
+    password = None
+    if cfg.username:
+        password = str(load_secret(cfg.password_credential, cfg.password_env, what="MQTT password"))
+    return MqttSettings(
+        host=cfg.host,
+        port=cfg.port,
+        line=station.line,
+        station=station.name,
+        username=cfg.username,
+        password=password,
+        tls=cfg.tls,
+        ca_file=cfg.ca_file,
+        cert_file=cfg.cert_file,
+        key_file=cfg.key_file,
+        queue_size=cfg.queue_size,
+    )
+
+
+class SignerService:
+    """The signing service of one line: ledger, lots' CA keys, quotas, metrics, the mTLS server."""
+
+    def __init__(self, settings: Settings, *, passphrase: bytes | None = None) -> None:
+        self.settings = settings
+        self.passphrase = passphrase
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self.metrics = SignerMetrics(signer=settings.station.name, version=__version__)
+        self.stopping = asyncio.Event()
+
+    def _tls_files(self) -> tuple[Path, Path, Path, Path | None]:
+        cfg = self.settings.signer
+        if cfg.tls_cert is None or cfg.tls_key is None:
+            raise ConfigError(
+                "signer.tls_cert and signer.tls_key are required (factoryd signer issue-signer-cert)"
+            )
+        ca_dir = line_ca_dir(self.settings)
+        client_ca = ca_dir / LINE_CA_CERT
+        if not client_ca.is_file():
+            raise ConfigError(f"no line CA certificate {client_ca} (factoryd signer init-line-ca)")
+        crl = ca_dir / LINE_CA_CRL
+        return cfg.tls_cert, cfg.tls_key, client_ca, crl if crl.is_file() else None
+
+    async def run(self) -> None:
+        """Serve until ``stopping`` is set (SIGTERM/SIGINT in ``factoryd signer run``)."""
+        settings = self.settings
+        paths = StationPaths(settings.station.state_dir)
+        prepare_state_dir(paths)
+        cert, key, client_ca, crl = self._tls_files()
+        context = server_ssl_context(cert, key, client_ca, crl)
+        passphrase = self.passphrase or station_passphrase(settings)
+        bundles = BundleStore(paths.bundles, passphrase)
+        notifier = Notifier()
+        async with contextlib.AsyncExitStack() as stack:
+            ledger = await asyncio.to_thread(open_issuance_ledger, settings.ledger_url)
+            stack.callback(ledger.close)
+            events: TelemetrySink | None = None
+            if settings.mqtt.enabled:
+                events = await stack.enter_async_context(MqttPublisher(_mqtt_settings(settings)))
+            authority = Authority(
+                ledger=ledger,
+                bundles=bundles,
+                paths=paths,
+                quotas=quota_store(settings),
+                policy=SignerPolicy(
+                    actor=settings.station.name,
+                    max_per_device=settings.signer.max_per_device,
+                    require_quota=settings.signer.require_quota,
+                ),
+                metrics=self.metrics,
+                events=events,
+            )
+            stack.callback(authority.close)
+            if settings.metrics.enabled:
+                self.metrics_port = await stack.enter_async_context(
+                    self.metrics.serve(settings.metrics.host, settings.metrics.port)
+                )
+                log.info("signer metrics listening", port=self.metrics_port)
+            executor = ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="factoryd-signer")
+            stack.callback(executor.shutdown, wait=True)
+            loop = asyncio.get_running_loop()
+
+            def refused(peer: str, reason: str) -> None:
+                log.warning("TLS handshake refused", peer=peer, reason=reason)
+                loop.run_in_executor(
+                    executor, authority.refuse_unidentified, "tls_handshake_refused", f"{peer}: {reason}"
+                )
+
+            self.port = await stack.enter_async_context(
+                serve_signer(
+                    create_signer_app(authority, executor),
+                    settings.signer.host,
+                    settings.signer.port,
+                    context=context,
+                    on_refused=refused,
+                    max_connections=settings.signer.max_connections,
+                )
+            )
+            notifier.notify("READY=1", f"STATUS=signing on port {self.port}")
+            await self.stopping.wait()
+            notifier.stopping()
