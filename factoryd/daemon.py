@@ -199,6 +199,7 @@ class Daemon:
                     passphrase=passphrase,
                     live=self.live,
                     station=station,
+                    on_reject=self.metrics.http_rejected_request,
                 )
                 self.api_port = await stack.enter_async_context(
                     serve_api(

@@ -33,16 +33,17 @@ import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import structlog
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.x509.oid import NameOID
 
 from factoryd.api.tokens import Role, TokenStore
 from factoryd.config import Settings, load_settings
@@ -55,6 +56,9 @@ from factoryd.jobs.scheduler import Station
 from factoryd.ledger import Ledger
 from factoryd.ledger.model import LotInfo, LotState, ProvisionedDevice
 from factoryd.ledger.profile import LotProfile
+from factoryd.matter.admin import setup_matter_lot
+from factoryd.matter.profile import PBKDF_MIN_ITERATIONS, MatterProfile
+from factoryd.matter.testing import TEST_PRODUCT_ID, TEST_VENDOR_ID, make_matter_test_pki
 from factoryd.pki.passphrase import DEFAULT_PASSPHRASE_ENV
 from factoryd.pki.store import BundleStore
 from factoryd.pki.testca import make_test_pki
@@ -75,6 +79,7 @@ from factoryd.sim.hub import SimHub
 from factoryd.sim.mcuboot_signer import sign_image
 from factoryd.sim.mcumgr import McumgrTiming, SimMcumgrBoard
 from factoryd.sim.nrf91 import SimNrf91Modem, nrf91_timing
+from factoryd.sim.printer import printed_labels, printer_settings, start_printers, stop_printers
 from factoryd.sim.secure_element import SimSecureElement, SimVendorCa, seeded_se_serial
 from factoryd.telemetry.figures import FAILED_OUTCOMES, JobCounts, Rate
 
@@ -117,8 +122,18 @@ class DemoStarted:
 
 
 # The board profiles the demo (and the line benchmarks) can simulate: every registered one.
-DemoProfile = Literal["factoryd-v1", "arduino-v1", "mcumgr", "nrf91-at"]
+# "matter" is a factoryd-v1 line making Matter devices (a test PAA/PAI/CD; docs/matter.md).
+DemoProfile = Literal["factoryd-v1", "arduino-v1", "mcumgr", "nrf91-at", "matter"]
 DEMO_PROFILES: tuple[DemoProfile, ...] = get_args(DemoProfile)
+MATTER_DEMO_PROTOCOL = "factoryd-v1"
+# The demo's customer key the onboarding codes are encrypted to (decrypt them with openssl cms).
+MATTER_CUSTOMER_KEY_FILE = "matter-customer-key.pem"
+MATTER_CUSTOMER_CERT_FILE = "matter-customer.pem"
+
+
+def demo_protocol(profile: DemoProfile) -> str:
+    """The board protocol a demo profile runs."""
+    return MATTER_DEMO_PROTOCOL if profile == "matter" else profile
 
 
 @dataclass(frozen=True)
@@ -156,6 +171,15 @@ class DemoOptions:
     on_started: Callable[[DemoStarted], None] | None = None
     # Called after the last board while the API and /metrics still serve.
     on_finished: Callable[[Daemon], Awaitable[None]] | None = None
+    # Labels (docs/labels.md): one simulated ZPL printer per port on 127.0.0.1 keeps every label.
+    labels: bool = False
+    # A Matter lot on the profile's boards (test PAA/PAI/CD; docs/matter.md); --profile matter sets it.
+    matter: bool = False
+
+    @property
+    def makes_matter(self) -> bool:
+        """Whether the demo's lot is a Matter lot."""
+        return self.matter or self.profile == "matter"
 
 
 @dataclass(frozen=True)
@@ -200,6 +224,8 @@ class DemoResult:
     stopped_by: str | None = None
     # Every board of the supply was fed in and finished (False: a signal stopped the run early).
     complete: bool = True
+    # Labels the simulated printers received (with ``DemoOptions.labels``): one per provisioned board.
+    labels_printed: int = 0
 
     @property
     def provisioned(self) -> int:
@@ -234,6 +260,7 @@ class DemoResult:
             "config": str(self.config_path),
             "stopped_by": self.stopped_by,
             "complete": self.complete,
+            "labels_printed": self.labels_printed,
         }
 
 
@@ -391,7 +418,9 @@ def _resume_lot(options: DemoOptions, settings: Settings, passphrase: bytes, inf
     paths = StationPaths(settings.station.state_dir)
     if info.state is LotState.CLOSED:
         raise ConfigError(f"lot {info.name!r} is closed: it cannot be resumed; use --lot <new name>")
-    if info.profile.protocol != options.profile:
+    if info.profile.protocol != demo_protocol(options.profile) or (info.profile.matter is None) == (
+        options.makes_matter
+    ):
         raise ConfigError(
             f"lot {info.name!r} is a {info.profile.protocol} lot: "
             f"resume it with --profile {info.profile.protocol}"
@@ -422,26 +451,47 @@ def _create_lot(options: DemoOptions, settings: Settings, passphrase: bytes) -> 
     paths = StationPaths(settings.station.state_dir)
     lot_name = options.lot
     upload_passphrase = secrets.token_urlsafe(16).encode()
-    pki = make_test_pki(profile_kind=board_profile(options.profile).cert_kind, passphrase=upload_passphrase)
+    protocol = demo_protocol(options.profile)
+    pki = make_test_pki(profile_kind=board_profile(protocol).cert_kind, passphrase=upload_passphrase)
+    matter_pki = make_matter_test_pki(passphrase=upload_passphrase) if options.makes_matter else None
     fw_key = ec.generate_private_key(ec.SECP256R1())
     # The customer's MCUboot image, signed here by the simulator's signer (the station never signs).
     payload = b"factoryd demo application firmware " + DEMO_FW_VERSION.encode() + bytes(range(256)) * 64
     image = sign_image(payload, fw_key, DEMO_FW_VERSION)
     # The Arduino sketch has no firmware-update or lock command (it locks its config zone itself).
-    flash = options.flash and options.profile in SECURE_ELEMENT_PROFILES
+    flash = options.flash and protocol in SECURE_ELEMENT_PROFILES
     profile = LotProfile(
-        protocol=options.profile,
-        lock=options.lock and options.profile in SECURE_ELEMENT_PROFILES,
+        protocol=protocol,
+        lock=options.lock and protocol in SECURE_ELEMENT_PROFILES,
         slot_size=DEFAULT_SLOT_BYTES,
         attestation="required" if options.attestation else "none",
+        matter=(
+            MatterProfile(
+                vendor_id=TEST_VENDOR_ID, product_ids=(TEST_PRODUCT_ID,), iterations=PBKDF_MIN_ITERATIONS
+            )
+            if matter_pki is not None
+            else None
+        ),
     )
     ids = "\n".join(str(uuid.uuid4()) for _ in range(max(1, int(options.boards * ID_MARGIN) + 1)))
     with Ledger.open(settings.ledger_url) as ledger:
         lot = ledger.create_lot(
             lot_name, customer="demo-customer", profile=profile, target_quantity=options.boards, actor="demo"
         )
-        bundle = parse_bundle(pki.pkcs12, upload_passphrase, lot)
+        bundle = parse_bundle(matter_pki.pkcs12 if matter_pki else pki.pkcs12, upload_passphrase, lot)
         store_bundle(paths, passphrase, lot_name, bundle)
+        if matter_pki is not None:
+            setup_matter_lot(
+                ledger,
+                paths,
+                passphrase,
+                lot_name,
+                paa=matter_pki.paa_pem,
+                cd=matter_pki.cd_der,
+                cd_signer=matter_pki.cd_signer_pem,
+                recipient=_demo_customer_recipient(paths.state_dir),
+                actor="demo",
+            )
         if flash:
             pem = fw_key.public_key().public_bytes(
                 serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -453,6 +503,30 @@ def _create_lot(options: DemoOptions, settings: Settings, passphrase: bytes) -> 
             store_attestation_roots(paths, ledger, lot_name, roots, actor="demo")
         ledger.set_lot_state(lot_name, LotState.ACTIVE, actor="demo")
     return fw_key.public_key()
+
+
+def _demo_customer_recipient(state_dir: Path) -> bytes:
+    """The demo customer's certificate (PEM) for the onboarding codes; its RSA key stays in the state dir."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "factoryd demo customer (onboarding codes)")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=3650))
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    write_private(state_dir / MATTER_CUSTOMER_KEY_FILE, key_pem)
+    write_private(state_dir / MATTER_CUSTOMER_CERT_FILE, cert_pem, mode=0o644)
+    return cert_pem
 
 
 def make_access_tokens(settings: Settings) -> tuple[str, Path]:
@@ -559,9 +633,15 @@ async def _run_demo(options: DemoOptions, state_dir: Path, temporary: bool) -> D
 
     supply = DemoSupply(options, prepared.fw_public, first_position=prepared.boards_before + 1)
     hub = SimHub(options.ports, supply, supply=options.boards)
+    printers = await start_printers(hub.ports()) if options.labels else {}
+    if printers:
+        settings = settings.model_copy(update={"labels": printer_settings(printers)})
 
-    def finished(_station: Station) -> bool:
-        return hub.exhausted
+    def finished(station: Station) -> bool:
+        # With printers: also wait until every provisioned board's label came out.
+        return hub.exhausted and printed_labels(printers) >= (
+            station.outcomes["provisioned"] if printers else 0
+        )
 
     started = time.monotonic()
     hooks = DaemonHooks(hub=hub, passphrase=passphrase, stop_when=finished, hangup_stops=True)
@@ -584,6 +664,7 @@ async def _run_demo(options: DemoOptions, state_dir: Path, temporary: bool) -> D
     try:
         station = await daemon.run()
     finally:
+        await stop_printers(printers)
         await asyncio.to_thread(record_demo_run, state_dir, options.lot, hub.boards_inserted)
     ended = datetime.now(UTC)
     elapsed = time.monotonic() - started
@@ -603,6 +684,7 @@ async def _run_demo(options: DemoOptions, state_dir: Path, temporary: bool) -> D
     result.config_path = config_path
     result.stopped_by = daemon.stopped_by.name if daemon.stopped_by is not None else None
     result.complete = hub.exhausted
+    result.labels_printed = printed_labels(printers)
     return result
 
 

@@ -15,6 +15,8 @@ inherit :class:`TimeoutError` so ``except TimeoutError`` keeps working.
     │   │   └── PartsManifestError        pki/parts.py: a vendor parts manifest refused (entry named)
     │   ├── McubootImageError             mcuboot.py: an MCUboot image refused (the problem named)
     │   ├── ExportError                   cloud/errors.py: devices cannot be written in that format
+    │   ├── LabelTemplateError            labels/errors.py: a label template refused (the problem named)
+    │   ├── QuotaError                    signer/errors.py: a customer quota refused (signature, lot, expiry)
     │   ├── TokenExistsError              api/errors.py: an API token name is taken
     │   └── TokenNotFoundError            api/errors.py: no such API token
     ├── LinkError                         serial link layer            (transient = True)
@@ -55,12 +57,15 @@ inherit :class:`TimeoutError` so ``except TimeoutError`` keeps working.
     │   ├── IdsExhaustedError             no available ID left in the lot
     │   ├── ReservationConflictError      the ID/serial binding would break exactly-once
     │   ├── SchemaVersionError            the database has a schema this build does not know
+    │   ├── IssuanceRefusedError          ledger/issuance.py: the ledger forbids that certificate (code)
     │   └── AuditChainError               the audit hash chain does not verify
     ├── PkiError                          issuing and signing
     │   ├── SignerError                   the CA key could not be used (passphrase, token)
     │   ├── IssuanceError                 a certificate could not be issued
     │   │   └── StationClockError         the station clock is obviously wrong (before the release
     │   │                                 date or outside the CA's validity): intake pauses
+    │   ├── SigningRefusedError           signer/errors.py: the line's signer refused (reason signer_<code>)
+    │   ├── SignerUnavailableError        signer/errors.py: the signer cannot be reached (transient)
     │   └── ManifestError                 pki/manifest.py: a manifest cannot be built or verified
     ├── HubError                          switching ports, finding ttys    (transient = True)
     │   ├── EnumerationTimeoutError       the tty did not appear in time (+ TimeoutError)
@@ -71,6 +76,11 @@ inherit :class:`TimeoutError` so ``except TimeoutError`` keeps working.
     ├── ApiCallError                      api/client.py: the CLI's call to the local API failed
     ├── CloudError                        cloud/errors.py: a cloud refused or failed a call (resumable)
     │   └── ThrottledError                cloud/aws.py: AWS kept throttling past the backoff budget
+    ├── LabelError                        labels/errors.py: a label could not be made or printed
+    │   ├── LabelRenderError              no label for that device (missing codes, a code too big)
+    │   └── PrinterError                  the printer cannot take a job now (transient: it queues)
+    │       ├── PrinterOfflineError       no connection, or it broke or timed out
+    │       └── PrinterNotReadyError      ~HS: paper out, paused, head open, or no status answer
     └── JobError                          a provisioning job ended without success
         ├── JobAbortedError               stopped by the operator or shutdown
         └── RefusedBoardError             the board may not be provisioned (already done, rework off)

@@ -25,6 +25,7 @@ from factoryd.jobs.lots import cert_profile, lot_signer
 from factoryd.jobs.profiles import board_profile
 from factoryd.ledger import Ledger
 from factoryd.ledger.model import LotInfo
+from factoryd.matter.lot import MATTER_DIRNAME
 from factoryd.pki.attestation import ATTESTATION_DIRNAME, AttestationRootStore, load_attestation_roots
 from factoryd.pki.bundle import CaBundle, chain_pem, load_pem_bundle, load_pkcs12_bundle
 from factoryd.pki.crl import DEFAULT_NEXT_UPDATE_DAYS, MAX_NEXT_UPDATE_DAYS, CrlEntry, SignedCrl, build_crl
@@ -74,6 +75,11 @@ class StationPaths:
     def attestation(self) -> Path:
         """Trusted attestation roots per lot (pki/attestation.py)."""
         return self.state_dir / ATTESTATION_DIRNAME
+
+    @property
+    def matter(self) -> Path:
+        """Matter lots' PAA, Certification Declaration and customer recipient (matter/lot.py)."""
+        return self.state_dir / MATTER_DIRNAME
 
 
 def prepare_state_dir(paths: StationPaths) -> Path:

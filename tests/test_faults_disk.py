@@ -181,6 +181,7 @@ async def test_a_full_disk_pauses_the_station_and_it_resumes_when_space_returns(
 
     station = holder[0]
     assert not station.pauses
+    assert all(c.attention is None for c in station.ports.values()), station.ports
     assert daemon.ledger_hold is not None
     assert daemon.ledger_hold.recoveries == FILLS
     # The operator saw it in plain words on the held ports (and MQTT's port state carries the same).

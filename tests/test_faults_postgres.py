@@ -55,6 +55,9 @@ PORTS = 8 if LONG else 3
 SHORT_CUT_S = 2.0 if LONG else 1.0
 LONG_CUT_S = 30.0 if LONG else 5.0
 ROUNDS = 3 if LONG else 1
+# A silent network (no reset, nothing delivered): past the ledger's TCP user timeout (10 s) in the long
+# run, so connections die of it; in CI a short stall the ledger calls simply wait out.
+BLACKHOLE_S = 15.0 if LONG else 2.0
 # Station B gives up holding after this (its jobs then fail cleanly and resume); A holds throughout.
 B_HOLD_S = 10.0 if LONG else 2.0
 # Boards each station provisions between faults (progress proves it is working again).
@@ -112,6 +115,12 @@ def _station_settings(line: Line, name: str, url: str) -> Settings:
     )
 
 
+def _paused_gauge(daemon: Daemon) -> float | None:
+    return daemon.metrics.registry.get_sample_value(
+        "factoryd_intake_paused", {"reason": "ledger_unavailable"}
+    )
+
+
 def _open_jobs(url: str) -> int:
     from sqlalchemy.engine import make_url
 
@@ -150,6 +159,7 @@ async def _run_line(line: Line, direct_url: str, proxy: TcpProxy, cluster: Resta
     hubs = {name: SimHub(PORTS, lambda: _board(line), name=f"hub-{name}") for name in ("a", "b")}
     sinks = {name: RecordingSink() for name in hubs}
     stations: dict[str, Station] = {}
+    running: dict[str, Daemon] = {}
     finished = asyncio.Event()
     timeline: list[tuple[str, float]] = []
 
@@ -192,10 +202,18 @@ async def _run_line(line: Line, direct_url: str, proxy: TcpProxy, cluster: Resta
                 proxy.cut()
                 await asyncio.sleep(LONG_CUT_S)
                 assert all(st.intake_paused for st in stations.values()), "intake kept running while cut"
+                for daemon in running.values():  # what Grafana sees
+                    assert _paused_gauge(daemon) == 1.0
                 proxy.restore()
                 restored = time.monotonic()
                 await resumed("after a long cut", restored)
                 await progress(BETWEEN_FAULTS, "after a long cut")
+            proxy.blackhole()
+            await asyncio.sleep(BLACKHOLE_S)
+            proxy.restore()
+            restored = time.monotonic()
+            await progress(BETWEEN_FAULTS, "after a silent network")
+            timeline.append(("3 boards each after a silent network ended (s)", time.monotonic() - restored))
             restarting = time.monotonic()
             await asyncio.to_thread(cluster.restart)
             timeline.append(("server restart took (s)", time.monotonic() - restarting))
@@ -213,7 +231,7 @@ async def _run_line(line: Line, direct_url: str, proxy: TcpProxy, cluster: Resta
             extra_sinks=(sinks[name],),
             ledger_hold_s=hold_s,
         )
-        daemon = Daemon(_station_settings(line, f"station-{name}", url), hooks)
+        daemon = running[name] = Daemon(_station_settings(line, f"station-{name}", url), hooks)
         await daemon.run()
         return daemon
 
@@ -228,10 +246,13 @@ async def _run_line(line: Line, direct_url: str, proxy: TcpProxy, cluster: Resta
     for name, daemon in daemons.items():
         station = stations[f"station-{name}"]
         assert not station.pauses, (name, station.pauses)
+        # No port was left for an operator to clear: the outage was the station's, not the boards'.
+        assert all(c.attention is None for c in station.ports.values()), station.ports
         assert station.pauses_total >= 1 + ROUNDS
         assert daemon.ledger_hold is not None
         assert daemon.ledger_hold.recoveries >= 1
         assert daemon.ledger_hold.held_calls >= 1  # jobs in flight waited at their safe point
+        assert _paused_gauge(daemon) == 0.0
         told = [u for u in sinks[name].ports if u.reason == "ledger_unavailable"]
         assert told, f"station {name} never showed the ledger outage on a port"
         held = [r for r in station.results if r.reason == "ledger_unavailable"]
@@ -255,13 +276,14 @@ async def _run_line(line: Line, direct_url: str, proxy: TcpProxy, cluster: Resta
     # Every board a B job failed on for the outage was provisioned later (same board, same ID).
     with Ledger.open(direct_url) as ledger:
         for result in b_failed:
-            if result.hw_serial is None:
-                continue
+            if result.hw_serial is None or result.device_id is None:
+                continue  # failed before its reservation: the board holds no ID, nothing to find
             record = ledger.find_by_serial(LOT, result.hw_serial)
             assert record is not None
             assert result.device_id in (None, record.device_id)
     print(
-        f"postgres faults: {ROUNDS} x ({SHORT_CUT_S} s cut, {LONG_CUT_S} s cut) + 1 restart, "
+        f"postgres faults: {ROUNDS} x ({SHORT_CUT_S} s cut, {LONG_CUT_S} s cut), {BLACKHOLE_S} s blackhole, "
+        "1 restart, "
         f"2 stations x {PORTS} ports: {counts}, proxy cuts {proxy.cuts}; "
         + "; ".join(f"{what}: {value:.2f}" for what, value in timeline if not what.startswith("progress"))
     )

@@ -21,8 +21,9 @@ from factoryd.jobs.scheduler import Station
 from factoryd.labels.preview import render_image
 from factoryd.ledger import DeviceState
 from factoryd.ledger.labels import LabelKind, LabelState
-from factoryd.sim.board import Fault, FaultPlan, SimBoard
+from factoryd.sim.board import Fault, FaultPlan, Impostor, SimBoard, equip_attestation
 from factoryd.sim.printer import PrinterCondition, SimPrinter
+from factoryd.sim.secure_element import SimVendorCa
 from factoryd.telemetry.events import JobEvent, RecordingSink
 from tests.helpers.station import LOT, Line, make_line
 
@@ -109,10 +110,8 @@ async def test_one_label_per_provisioned_board_none_for_failed(tmp_path: Path) -
     assert station.outcomes["provisioned"] == 6
     assert station.outcomes["failed"] + station.outcomes["refused"] == 2
     with line.ledger() as ledger:
-        provisioned = {
-            r.device_id: r.port for r in (ledger.find_device(res.device_id or "") for res in station.results) if r
-            and r.state is DeviceState.PROVISIONED
-        }  # fmt: skip
+        records = [ledger.find_device(res.device_id) for res in station.results if res.device_id]
+        provisioned = {r.device_id: r.port for r in records if r and r.state is DeviceState.PROVISIONED}
         jobs = ledger.label_jobs(station=line.settings.station.name)
     assert len(provisioned) == 6
     # Exactly one label per provisioned board, on its port's printer, whose QR (zbar) is its device ID.
@@ -186,7 +185,8 @@ async def test_printer_trouble_queues_labels_and_provisioning_goes_on(
         oldest = jobs[-1]
         assert oldest.condition == view.condition
         assert oldest.attempts >= 1
-        assert oldest.last_error is not None and str(printer.address) in oldest.last_error
+        assert oldest.last_error is not None
+        assert str(printer.address) in oldest.last_error
         # The operator (and MQTT) heard of it: label step events with the printer's condition.
         label_events = [e for e in sink.events if isinstance(e, JobEvent) and e.step == "label"]
         assert {e.reason for e in label_events if e.reason} == {f"label_{view.condition}"}
@@ -227,3 +227,27 @@ async def test_printer_recovers_while_the_station_runs(tmp_path: Path) -> None:
         await line.run(hub, done, settings=labelled(line, {"1": printer}))
         await task
     assert len({qr_texts(zpl)[0] for zpl in printer.printed}) == 2
+
+
+async def test_no_label_for_a_board_refused_as_not_genuine(tmp_path: Path) -> None:
+    line = await make_line(tmp_path, attestation=True)
+    with line.ledger() as ledger:
+        ledger.set_label_template(LOT, QR_TEMPLATE, actor="test")
+    vendor = SimVendorCa.make(seed=line.options.seed)  # the demo's set-up trusts this vendor's root
+    supply = iter([None, Impostor.CLONE, None])
+
+    def board() -> SimBoard:
+        return equip_attestation(line.board(), vendor, next(supply, None))
+
+    hub = line.hub(ports=1, supply=3, factory=board)
+    async with SimPrinter() as printer:
+
+        def done(station: Station) -> bool:
+            return hub.exhausted and len(printer.printed) >= station.outcomes["provisioned"]
+
+        station = await line.run(hub, done, settings=labelled(line, {"1": printer}))
+    assert station.outcomes == Counter({"provisioned": 2, "refused": 1})
+    provisioned = sorted(r.device_id or "" for r in station.results if r.outcome == "provisioned")
+    assert sorted(qr_texts(zpl)[0] for zpl in printer.printed) == provisioned
+    with line.ledger() as ledger:
+        assert len(ledger.label_jobs()) == 2

@@ -134,6 +134,8 @@ def test_entries_appended_behind_the_ledgers_back_are_detected(fresh_url: str) -
         # A well-formed link: only the chain head shows it was not written by the ledger.
         forged = AuditEntryRow(
             seq=count + 1,
+            chain=last.chain,
+            chain_seq=count + 1,
             at=last.at,
             actor="mallory",
             action="id.voided",

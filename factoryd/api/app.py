@@ -18,6 +18,7 @@ from factoryd import __version__
 from factoryd.api.audit import AuditMiddleware
 from factoryd.api.context import ApiContext
 from factoryd.api.errors import TokenExistsError, TokenNotFoundError, TokenRejectedError
+from factoryd.api.limits import LoadLimitMiddleware
 from factoryd.api.page.routes import router as station_page_router  # station page (issue 12)
 from factoryd.api.routes import ManifestCache, router
 from factoryd.api.tokens import TokenStore
@@ -141,4 +142,6 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_middleware(AuditMiddleware, ledger=ctx.ledger)
+    # Outermost: a flood is refused before routing, token lookups and the audit trail.
+    app.add_middleware(LoadLimitMiddleware, limits=ctx.load, on_reject=ctx.on_reject)
     return app

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from factoryd.api.limits import LoadLimits
 from factoryd.config import Settings
 from factoryd.firmware import FIRMWARE_IMAGE_MAX_BYTES
 from factoryd.jobs.scheduler import Station
 from factoryd.ledger import DEFAULT_MAX_BYTES, AsyncLedger
 from factoryd.pki.bundle import MAX_BUNDLE_BYTES
 from factoryd.service import StationPaths
+from factoryd.telemetry.limits import RejectListener
 from factoryd.telemetry.live import LiveState
 
 # Boundaries, part headers and the small text fields of a multipart upload, on top of its files.
@@ -42,3 +44,6 @@ class ApiContext:
     # None when the API runs without a station (port routes then answer 503).
     station: Station | None
     limits: UploadLimits = field(default_factory=UploadLimits)
+    # Request rates and open event streams (api/limits.py), and who counts the refusals (metrics).
+    load: LoadLimits = field(default_factory=LoadLimits)
+    on_reject: RejectListener | None = None

@@ -518,6 +518,35 @@ async def manifest_signature(ctx: Ctx, who: Who, lot: str, request: Request) -> 
     )
 
 
+# The onboarding codes hold every device's passcode: the lot's owner and the admin only.
+ONBOARDING_CODES_ROLES = frozenset({Role.ADMIN, Role.CUSTOMER})
+
+
+@router.get(
+    "/lots/{lot}/onboarding-codes.p7m",
+    tags=["lots"],
+    responses={**_errors(404, 409, 422), 200: {"content": {"application/pkcs7-mime": {}}}},
+    response_class=Response,
+)
+@guarded(ONBOARDING_CODES_ROLES)
+async def onboarding_codes_file(ctx: Ctx, who: Who, lot: str) -> Response:
+    """A Matter lot's onboarding codes (CSV) as CMS EnvelopedData (DER) for the stored customer cert."""
+    from factoryd.matter.admin import export_onboarding_codes  # noqa: PLC0415 - Matter lots only
+
+    info = await visible_lot(ctx, who, lot)
+    export = await asyncio.to_thread(
+        export_onboarding_codes, ctx.ledger.sync, ctx.paths, ctx.passphrase, info.name, actor=who.name
+    )
+    return Response(
+        export.der,
+        media_type="application/pkcs7-mime",
+        headers={
+            "X-Devices": str(export.count),
+            "Content-Disposition": f'attachment; filename="{info.name}.onboarding-codes.p7m"',
+        },
+    )
+
+
 # The lot's owner and the station's admin; operators and supervisors never make the CA key sign.
 CA_VERIFICATION_ROLES = frozenset({Role.ADMIN, Role.CUSTOMER})
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -68,7 +68,9 @@ def bench_line(
 def bench_overhead(
     ports: Annotated[list[int] | None, typer.Option(help="Port counts (repeatable).")] = None,
     single: Annotated[bool, typer.Option(hidden=True, help="Run one port count in this process.")] = False,
-    profile: Annotated[bool, typer.Option(help="Also profile the window by layer (cProfile, /proc).")] = False,
+    profile: Annotated[
+        bool, typer.Option(help="Also profile the window by layer (cProfile, /proc).")
+    ] = False,
     repeat: Annotated[int, typer.Option(min=1, help="Runs per port count, interleaved.")] = 1,
     out: OutOption = None,
 ) -> None:
@@ -87,18 +89,33 @@ def bench_overhead(
 @app.command("ledger")
 def bench_ledger(
     url: Annotated[str | None, typer.Option(help="Ledger URL (default: a temporary SQLite file).")] = None,
+    pg_admin_url: Annotated[
+        str | None,
+        typer.Option(help="A PostgreSQL admin URL: run on a scratch database created there and dropped after."),
+    ] = None,
     n: Annotated[int, typer.Option(help="Claims to make.")] = 2000,
-    threads: Annotated[int, typer.Option(help="Concurrent claimers.")] = 4,
+    threads: Annotated[int, typer.Option(help="Concurrent claimers in one process (one station).")] = 4,
+    stations: Annotated[
+        int, typer.Option(min=0, help="Concurrent stations, one process each (overrides --threads).")
+    ] = 0,
     out: OutOption = None,
 ) -> None:
     """Durable claims (reserve + mark provisioned) per second."""
+    import contextlib  # noqa: PLC0415
     import tempfile  # noqa: PLC0415
 
     from factoryd.ledger.bench import run_ledger_bench  # noqa: PLC0415
+    from factoryd.ledger.testing import throwaway_postgres_database  # noqa: PLC0415
 
-    with tempfile.TemporaryDirectory() as tmp:
-        ledger_url = url or f"sqlite:///{tmp}/bench.db"
-        _write_json(guard(lambda: run_ledger_bench(ledger_url, n, threads)), out)
+    if url and pg_admin_url:
+        fail("give --url or --pg-admin-url, not both")
+    with contextlib.ExitStack() as stack:
+        if pg_admin_url:
+            ledger_url = stack.enter_context(throwaway_postgres_database(pg_admin_url, prefix="factoryd_bench"))
+        else:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory())
+            ledger_url = url or f"sqlite:///{tmp}/bench.db"
+        _write_json(guard(lambda: run_ledger_bench(ledger_url, n, threads, stations=stations)), out)
 
 
 @app.command("pki")
@@ -121,3 +138,37 @@ def bench_attestation(
     from factoryd.bench.attestation import run_attestation_bench  # noqa: PLC0415
 
     _write_json(run_attestation_bench(rounds), out)
+
+
+@app.command("load")
+def bench_load(
+    ports: Annotated[int, typer.Option(min=1, max=256, help="Ports on the line.")] = 8,
+    devices: Annotated[int, typer.Option(min=1, help="Boards to provision per run.")] = 120,
+    timing: Annotated[str, typer.Option(help="realistic or zero.")] = "realistic",
+    timing_scale: Annotated[float, typer.Option(min=0.0, help="Scale the realistic board timing.")] = 0.25,
+    duration: Annotated[float, typer.Option(min=1.0, help="Upper bound of the load, seconds.")] = 120.0,
+    max_requests: Annotated[int, typer.Option(min=1, help="Upper bound of the load, requests.")] = 500_000,
+    out: OutOption = None,
+) -> None:
+    """Provisioning rate unloaded and under an HTTP flood (/metrics, page streams, customer API)."""
+    import tempfile  # noqa: PLC0415
+
+    from factoryd.bench.load import LoadPlan, run_load_bench  # noqa: PLC0415
+
+    if timing not in ("zero", "realistic"):
+        fail(f"--timing must be 'zero' or 'realistic', not {timing!r}")
+    configure_logging("error", "console")
+    plan = LoadPlan(duration_s=duration, max_requests=max_requests)
+    mode: Literal["zero", "realistic"] = "zero" if timing == "zero" else "realistic"
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run_async(
+            run_load_bench(
+                Path(tmp),
+                ports=ports,
+                devices=devices,
+                timing=mode,
+                timing_scale=timing_scale,
+                plan=plan,
+            )
+        )
+    _write_json(result, out)

@@ -147,6 +147,74 @@ def lots_attestation_roots(
     typer.echo(f"lot {name} trusts {count} attestation root(s) from {roots_file}")
 
 
+@app.command("matter")
+def lots_matter(
+    name: str,
+    paa: Annotated[Path, typer.Option(help="The PAA the lot's PAI (its CA bundle) chains to (PEM or DER).")],
+    cd: Annotated[Path, typer.Option(help="The Certification Declaration (DER, CMS SignedData).")],
+    cd_signer: Annotated[
+        Path | None, typer.Option(help="The CD signing certificate: verify the CD's signature with it.")
+    ] = None,
+    recipient: Annotated[
+        Path | None, typer.Option(help="The customer's certificate the onboarding codes are encrypted to.")
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Set up a Matter lot: PAI chains to the PAA, VID/PID agree between PAI, lot and CD; refused whole."""
+    from factoryd.matter.admin import setup_matter_lot  # noqa: PLC0415
+    from factoryd.service import StationPaths, station_passphrase  # noqa: PLC0415
+
+    settings = state_dir_settings(config)
+    paths = StationPaths(settings.station.state_dir)
+    paa_data, cd_data = read_input(paa), read_input(cd)
+    signer_data = read_input(cd_signer) if cd_signer is not None else None
+    recipient_data = read_input(recipient) if recipient is not None else None
+    with open_ledger(config) as ledger:
+        try:
+            setup_matter_lot(
+                ledger,
+                paths,
+                station_passphrase(settings),
+                name,
+                paa=paa_data,
+                cd=cd_data,
+                cd_signer=signer_data,
+                recipient=recipient_data,
+                actor="cli",
+            )
+        except InputError as exc:
+            fail(f"refused, nothing stored: {exc}")
+        except FactorydError as exc:
+            fail(str(exc))
+    typer.echo(f"lot {name}: PAA and Certification Declaration stored; the PAI chains to the PAA")
+
+
+@app.command("onboarding-codes")
+def lots_onboarding_codes(
+    name: str,
+    out: Annotated[Path, typer.Option("-o", "--out", help="Where to write the encrypted file (.p7m, DER).")],
+    recipient: Annotated[
+        Path | None, typer.Option(help="The customer's certificate (default: the one stored with the lot).")
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Write the lot's onboarding codes (QR payloads, manual codes) encrypted to the customer (CMS)."""
+    from factoryd.matter.admin import export_onboarding_codes  # noqa: PLC0415
+    from factoryd.service import StationPaths, station_passphrase  # noqa: PLC0415
+
+    settings = state_dir_settings(config)
+    paths = StationPaths(settings.station.state_dir)
+    recipient_data = read_input(recipient) if recipient is not None else None
+    with open_ledger(config) as ledger:
+        export = guard(
+            lambda: export_onboarding_codes(
+                ledger, paths, station_passphrase(settings), name, recipient=recipient_data, actor="cli"
+            )
+        )
+    write_public(out, export.der)
+    typer.echo(f"onboarding codes of {export.count} devices, encrypted to the customer: {out}")
+
+
 @app.command("parts")
 def lots_parts(
     name: str,

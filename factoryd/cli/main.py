@@ -17,6 +17,7 @@ from factoryd.cli import (
     lots,
     manifest,
     ports,
+    signer,
     sim,
     status,
     tokens,
@@ -57,6 +58,7 @@ app.add_typer(tokens.app, name="tokens")
 app.add_typer(ports.app, name="ports")
 app.add_typer(cloud.app, name="cloud")
 app.add_typer(labels.app, name="labels")
+app.add_typer(signer.app, name="signer")
 
 
 def main() -> None:

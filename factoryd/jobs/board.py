@@ -52,11 +52,11 @@ from factoryd.errors import (
 )
 from factoryd.jobs.steps import Step
 from factoryd.ledger.model import DeviceState
+from factoryd.matter.dac import matter_ids
+from factoryd.matter.device import new_device_secrets, parse_commissioning
 from factoryd.pki.attestation import AttestationEvidence, check_csr_key
 from factoryd.pki.challenge import verify_challenge
 from factoryd.pki.issuer import IssuedCertificate, Issuer
-from factoryd.matter.dac import matter_ids
-from factoryd.matter.device import new_device_secrets, parse_commissioning
 from factoryd.protocol.messages import IDENTITY_SLOT, ObjectId
 from factoryd.signer.client import RemoteRequest
 from factoryd.telemetry.events import LinkStats
@@ -591,7 +591,9 @@ async def complete_locked_board(
         try:
             parse_commissioning(await client.read(ObjectId.MATTER_COMMISSIONING))
         except InputError as exc:
-            raise ReadbackMismatchError(f"{device_id}: Matter commissioning data on the locked board: {exc}") from exc
+            raise ReadbackMismatchError(
+                f"{device_id}: Matter commissioning data on the locked board: {exc}"
+            ) from exc
     challenge = secrets.token_bytes(CHALLENGE_BYTES)
     signature = await host.step(Step.CHALLENGE, lambda: client.sign(challenge))
     verify_challenge(cert, challenge, signature)

@@ -129,6 +129,7 @@ def load_lot_context(
         attestation_roots=roots,
         registered_parts=parts,
         remote=remote,
+        matter=matter,
     )
 
 

@@ -445,14 +445,19 @@ class Pipeline:
 
     async def _record_unrecorded(self) -> None:
         """Close the jobs whose failure an outage kept out of the ledger (a retry closes them once)."""
-        for job_id, (outcome, reason) in list(self._unrecorded.items()):
+        for job_id in list(self._unrecorded):
+            # Taken before the await: another port starting a job at the same time skips this one.
+            entry = self._unrecorded.pop(job_id, None)
+            if entry is None:
+                continue
+            outcome, reason = entry
             try:
                 await self.ledger.finish_job(job_id, outcome=outcome, reason=reason)
             except LedgerUnavailableError:
+                self._unrecorded.setdefault(job_id, entry)
                 raise
             except LedgerError as exc:  # closed meanwhile (e.g. the first try reached the ledger after all)
                 log.info("unrecorded job failure dropped", job_id=job_id, error=str(exc))
-            del self._unrecorded[job_id]
 
     def _claim_serial(self, job: _Job, serial: str) -> None:
         holder = self._in_flight.get(serial)

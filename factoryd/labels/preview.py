@@ -18,7 +18,7 @@ from typing import Literal
 from PIL import Image, ImageDraw, ImageFont
 
 from factoryd.labels.errors import LabelRenderError
-from factoryd.labels.symbols import Matrix, QrErrorLevel, datamatrix_matrix, qr_matrix
+from factoryd.labels.symbols import Matrix, QrErrorLevel, datamatrix_matrix, qr_matrix, text_width_dots
 from factoryd.labels.zpl import DATAMATRIX_ESCAPE, HEX_INDICATOR
 
 # A preview bigger than this many dots per side is not a label (and would cost memory).
@@ -249,7 +249,7 @@ def render_image(zpl: bytes) -> Image.Image:
         _left, _top, right, bottom = (int(v) for v in font.getbbox(item.text))
         strip = Image.new("1", (max(1, right), max(1, bottom)), 1)
         ImageDraw.Draw(strip).text((0, 0), item.text, font=font, fill=0)
-        stretched = strip.resize((max(1, right * item.width // item.height), strip.height))
+        stretched = strip.resize((text_width_dots(item.text, item.height, item.width), strip.height))
         image.paste(stretched, (item.x, item.y))
     return image
 

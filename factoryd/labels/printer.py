@@ -25,7 +25,8 @@ WRITE_TIMEOUT_S = 10.0
 STX, ETX = 0x02, 0x03
 # ~HS answers three short strings; anything longer is not a ZPL printer.
 MAX_STATUS_BYTES = 512
-_HOST_PORT = re.compile(r"(?P<host>[A-Za-z0-9.:_-]+?)(?::(?P<port>\d{1,5}))?")
+# A host name or IPv4 address, optionally :port (IPv6 goes in brackets, parsed apart).
+_HOST_PORT = re.compile(r"(?P<host>[A-Za-z0-9._-]+)(?::(?P<port>\d{1,5}))?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +47,7 @@ class PrinterAddress:
                 raise ValueError(f"printer address {text!r}: expected [ipv6]:port")
             return cls(addr, cls._port(text, port_text or str(DEFAULT_PRINTER_PORT)))
         match = _HOST_PORT.fullmatch(value)
-        if match is None or value.count(":") > 1:
+        if match is None:
             raise ValueError(f"printer address {text!r}: expected host or host:port")
         return cls(match["host"], cls._port(text, match["port"] or str(DEFAULT_PRINTER_PORT)))
 

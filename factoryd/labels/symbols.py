@@ -10,6 +10,7 @@ import warnings
 from typing import Literal
 
 import segno
+from PIL import ImageFont
 
 from factoryd.labels.errors import LabelRenderError
 
@@ -75,3 +76,9 @@ def datamatrix_matrix(data: bytes) -> Matrix:
         tuple(dark(c, r) for c in range(inner_w // _DMTX_MODULE_PX))
         for r in range(inner_h // _DMTX_MODULE_PX)
     )
+
+
+def text_width_dots(text: str, height_dots: int, width_dots: int) -> int:
+    """How wide a ``^A0`` text is drawn in the preview (Pillow's scalable font), in dots."""
+    font = ImageFont.load_default(size=height_dots)
+    return max(1, round(font.getlength(text) * width_dots / height_dots))

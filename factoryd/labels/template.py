@@ -252,7 +252,8 @@ def template_sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-# 50 x 30 mm at 203 dpi (8 dots/mm): the device ID in text and as a DataMatrix, the serial and lot.
+# 50 x 30 mm at 203 dpi (8 dots/mm): the device ID as a DataMatrix (room for a 128-character ID:
+# 40x40 modules of 4 dots), beside it the serial and lot, below it the ID in text.
 DEFAULT_TEMPLATE_TOML = """\
 # factoryd label template (docs/labels.md): 50 x 30 mm at 203 dpi
 format = 1
@@ -264,29 +265,29 @@ height_dots = 240
 kind = "datamatrix"
 x_dots = 16
 y_dots = 16
-module_dots = 5
+module_dots = 4
 value = "{device_id}"
 
 [[field]]
 kind = "text"
-x_dots = 16
-y_dots = 150
-height_dots = 22
-value = "{device_id}"
-
-[[field]]
-kind = "text"
-x_dots = 16
-y_dots = 180
+x_dots = 200
+y_dots = 24
 height_dots = 20
 value = "SN {serial}"
 
 [[field]]
 kind = "text"
-x_dots = 16
-y_dots = 206
+x_dots = 200
+y_dots = 56
 height_dots = 20
 value = "Lot {lot}"
+
+[[field]]
+kind = "text"
+x_dots = 16
+y_dots = 204
+height_dots = 18
+value = "{device_id}"
 """
 
 # A Matter lot's label: the onboarding QR code (the MT: payload) and the manual pairing code.

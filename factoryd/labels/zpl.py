@@ -16,7 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from factoryd.labels.errors import LabelRenderError
-from factoryd.labels.symbols import datamatrix_matrix, qr_matrix
+from factoryd.labels.symbols import (
+    DATAMATRIX_QUIET_MODULES,
+    QR_QUIET_MODULES,
+    datamatrix_matrix,
+    qr_matrix,
+    text_width_dots,
+)
 from factoryd.labels.template import DataMatrixField, LabelTemplate, LabelValues, QrField, TextField
 
 # ^FH's escape indicator (the ZPL default) and the DataMatrix escape character we set in ^BX.
@@ -46,24 +52,43 @@ def escape_field_data(value: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Box:
-    """Where a symbol lands on the label, in dots."""
+    """Where a field lands on the label, in dots (a symbol's box includes its quiet zone)."""
 
     x: int
     y: int
     width: int
     height: int
 
+    def overlaps(self, other: Box) -> bool:
+        """True when the two boxes share any dot."""
+        return (
+            self.x < other.x + other.width
+            and other.x < self.x + self.width
+            and self.y < other.y + other.height
+            and other.y < self.y + self.height
+        )
+
 
 def _check_box(template: LabelTemplate, number: int, kind: str, box: Box) -> None:
     if box.x + box.width > template.width_dots or box.y + box.height > template.height_dots:
         raise LabelRenderError(
             f"field {number} ({kind}) is {box.width}x{box.height} dots at {box.x},{box.y}: it runs off the "
-            f"{template.width_dots}x{template.height_dots}-dot label (smaller magnification, or move it)"
+            f"{template.width_dots}x{template.height_dots}-dot label (smaller module size, or move it)"
         )
 
 
+def _quiet(x: int, y: int, size_w: int, size_h: int, margin: int) -> Box:
+    """A symbol's box grown by its quiet zone (clipped at the label's top left edge)."""
+    left, top = max(0, x - margin), max(0, y - margin)
+    return Box(left, top, x + size_w + margin - left, y + size_h + margin - top)
+
+
 def render_zpl(template: LabelTemplate, values: LabelValues) -> bytes:
-    """The label's ZPL bytes; LabelRenderError if a value cannot be placed (missing code, too big)."""
+    """The label's ZPL bytes; LabelRenderError if a value cannot be placed (missing code, too big).
+
+    A symbol must fit the label, and its quiet zone must stay clear of every other field: a text
+    running into a code makes it unreadable, so such a label is refused rather than printed.
+    """
     lines = [
         "^XA",
         "^CI28",  # LABELS.md: UTF-8 field data
@@ -71,17 +96,22 @@ def render_zpl(template: LabelTemplate, values: LabelValues) -> bytes:
         f"^LL{template.height_dots}",
         "^LH0,0",
     ]
+    boxes: list[tuple[int, str, Box, bool]] = []  # field number, kind, box, is a symbol
     for number, item in enumerate(template.fields, 1):
         data = values.fill(item.value)
         origin = f"^FO{item.x_dots},{item.y_dots}"
         if isinstance(item, TextField):
             width = item.width_dots or item.height_dots
+            length = min(text_width_dots(data, item.height_dots, width), template.width_dots - item.x_dots)
+            boxes.append((number, "text", Box(item.x_dots, item.y_dots, length, item.height_dots), False))
             lines.append(f"{origin}^A0N,{item.height_dots},{width}^FH^FD{escape_field_data(data)}^FS")
         elif isinstance(item, QrField):
             if not data:
                 raise LabelRenderError(f"field {number} (qr) has no data for device {values.device_id!r}")
             size = len(qr_matrix(data, item.error)) * item.magnification
             _check_box(template, number, "qr", Box(item.x_dots, item.y_dots, size, size))
+            margin = QR_QUIET_MODULES * item.magnification
+            boxes.append((number, "qr", _quiet(item.x_dots, item.y_dots, size, size, margin), True))
             # LABELS.md: ^FD starts with the switches (error level, A = automatic input), a comma, then data.
             lines.append(
                 f"{origin}^BQN,{QR_MODEL},{item.magnification},{item.error},{QR_MASK}"
@@ -89,14 +119,25 @@ def render_zpl(template: LabelTemplate, values: LabelValues) -> bytes:
             )
         elif isinstance(item, DataMatrixField):
             matrix = datamatrix_matrix(data.encode("utf-8"))
-            box = Box(
-                item.x_dots, item.y_dots, len(matrix[0]) * item.module_dots, len(matrix) * item.module_dots
+            width, height = len(matrix[0]) * item.module_dots, len(matrix) * item.module_dots
+            _check_box(template, number, "datamatrix", Box(item.x_dots, item.y_dots, width, height))
+            margin = DATAMATRIX_QUIET_MODULES * item.module_dots
+            boxes.append(
+                (number, "datamatrix", _quiet(item.x_dots, item.y_dots, width, height, margin), True)
             )
-            _check_box(template, number, "datamatrix", box)
             doubled = data.replace(DATAMATRIX_ESCAPE, DATAMATRIX_ESCAPE * 2)
             lines.append(
                 f"{origin}^BXN,{item.module_dots},{DATAMATRIX_QUALITY},0,0,1,{DATAMATRIX_ESCAPE},"
                 f"{DATAMATRIX_ASPECT}^FH^FD{escape_field_data(doubled)}^FS"
             )
+    for number, kind, box, symbol in boxes:
+        if not symbol:
+            continue
+        for other, other_kind, other_box, _ in boxes:
+            if other != number and box.overlaps(other_box):
+                raise LabelRenderError(
+                    f"field {number} ({kind}, {box.width}x{box.height} dots with its quiet zone) overlaps "
+                    f"field {other} ({other_kind}) for device {values.device_id!r}: move one of them"
+                )
     lines += ["^PQ1", "^XZ"]
     return ("\n".join(lines) + "\n").encode("ascii")

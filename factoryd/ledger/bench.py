@@ -1,14 +1,24 @@
-"""``factoryd bench ledger``: durable claims (reserve + mark_provisioned) per second."""
+"""``factoryd bench ledger``: durable claims (reserve + mark_provisioned) per second.
+
+Two shapes: ``threads`` workers in this process acting as one station (one audit chain), or
+``stations`` separate processes, each its own station with its own connection pool and audit
+chain, the way several line PCs share one PostgreSQL ledger.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
+import os
 import threading
 import time
 import uuid
+from collections import Counter
+from multiprocessing.synchronize import Event as EventType
 from statistics import quantiles
+from typing import Any
 
-from factoryd.errors import IdsExhaustedError, InputError
+from factoryd.errors import IdsExhaustedError, InputError, LedgerError
 from factoryd.ledger.core import Ledger
 from factoryd.ledger.model import LotState
 from factoryd.ledger.profile import LotProfile
@@ -16,13 +26,59 @@ from factoryd.ledger.profile import LotProfile
 BENCH_ACTOR = "bench"
 # A stand-in certificate: the bench measures the ledger, not X.509 encoding.
 _FAKE_CERT_DER = b"\x30\x03\x02\x01\x01"
+# A station process imports factoryd and opens its pool before the start signal; generous for CI.
+STATION_START_TIMEOUT_S = 120.0
+STATION_RUN_TIMEOUT_S = 600.0
 
 
-def run_ledger_bench(url: str, n: int, threads: int) -> dict[str, object]:
-    """Claim ``n`` IDs from a fresh throwaway lot with ``threads`` workers; return rates and latencies.
+def _claim_one(ledger: Ledger, lot: str, station: str, serial: str, port: str) -> str:
+    """One durable claim: reserve an ID for ``serial``, then mark it provisioned; the ID."""
+    reservation = ledger.reserve(lot, serial, station=station, port=port, job_id=None, actor=station)
+    ledger.mark_provisioned(
+        lot,
+        reservation.device_id,
+        serial,
+        cert_der=_FAKE_CERT_DER,
+        cert_serial="01",
+        fingerprint_sha256=hashlib.sha256(_FAKE_CERT_DER).hexdigest(),
+        station=station,
+        port=port,
+        actor=station,
+    )
+    return reservation.device_id
+
+
+def _station_main(url: str, lot: str, station: str, ready: Any, go: EventType, results: Any) -> None:
+    """One station process: open the ledger, wait for the start, claim until the lot is exhausted."""
+    latencies: list[float] = []
+    ids: list[str] = []
+    error = None
+    try:
+        with Ledger.open(url) as ledger:
+            ready.put(station)
+            if not go.wait(STATION_START_TIMEOUT_S):
+                raise TimeoutError("no start signal")
+            while True:
+                serial = f"{station}-{uuid.uuid4().hex[:16]}"
+                started = time.perf_counter()
+                try:
+                    ids.append(_claim_one(ledger, lot, station, serial, "1"))
+                except IdsExhaustedError:
+                    break
+                latencies.append(time.perf_counter() - started)
+    except Exception as exc:  # reported to the parent, which raises it
+        error = f"{type(exc).__name__}: {exc}"
+        ready.put(station)
+    results.put({"station": station, "latencies": latencies, "ids": ids, "end": time.time(), "error": error})
+
+
+def run_ledger_bench(url: str, n: int, threads: int, *, stations: int = 0) -> dict[str, object]:
+    """Claim ``n`` IDs from a fresh throwaway lot: ``stations`` processes, or else ``threads`` workers.
 
     The lot (``bench-<uuid>``) and its audit entries stay in the database: run it on a scratch database.
     """
+    if stations:
+        return _run_stations(url, n, stations)
     if n < 1 or threads < 1:
         raise InputError(f"bench needs n >= 1 and threads >= 1, got n={n}, threads={threads}")
     lot = f"bench-{uuid.uuid4().hex[:12]}"
@@ -92,3 +148,79 @@ def run_ledger_bench(url: str, n: int, threads: int) -> dict[str, object]:
         "latency_p50_ms": round(cuts[49] * 1000, 2),
         "latency_p99_ms": round(cuts[98] * 1000, 2),
     }
+
+
+def _prepare_lot(ledger: Ledger, n: int) -> str:
+    """A fresh active lot of ``n`` IDs."""
+    lot = f"bench-{uuid.uuid4().hex[:12]}"
+    ledger.create_lot(lot, customer="bench", profile=LotProfile(), target_quantity=n, actor=BENCH_ACTOR)
+    ids = "\n".join(str(uuid.uuid4()) for _ in range(n)).encode()
+    ledger.import_ids(lot, ids, fmt="txt", actor=BENCH_ACTOR)
+    ledger.set_lot_state(lot, LotState.ACTIVE, actor=BENCH_ACTOR)
+    return lot
+
+
+def _run_stations(url: str, n: int, stations: int) -> dict[str, object]:
+    """``stations`` processes claim from one lot at once, each its own station and audit chain."""
+    if n < 1 or stations < 1:
+        raise InputError(f"bench needs n >= 1 and stations >= 1, got n={n}, stations={stations}")
+    with Ledger.open(url) as ledger:
+        lot = _prepare_lot(ledger, n)
+        backend = ledger.backend
+    # spawn, not fork: the parent holds a connection pool and threads.
+    context = multiprocessing.get_context("spawn")
+    ready, results, go = context.Queue(), context.Queue(), context.Event()
+    names = [f"bench-station-{i:02d}" for i in range(stations)]
+    procs = [
+        context.Process(target=_station_main, args=(url, lot, name, ready, go, results), name=name)
+        for name in names
+    ]
+    for proc in procs:
+        proc.start()
+    try:
+        for _ in procs:
+            ready.get(timeout=STATION_START_TIMEOUT_S)
+        started = time.time()
+        cpu_started = _children_cpu_s()
+        go.set()
+        reports = [results.get(timeout=STATION_RUN_TIMEOUT_S) for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    failed = [r["error"] for r in reports if r["error"]]
+    if failed:
+        raise LedgerError(f"a bench station failed: {failed[0]}")
+    elapsed_s = max(r["end"] for r in reports) - started
+    latencies = [x for r in reports for x in r["latencies"]]
+    held = Counter(i for r in reports for i in r["ids"])
+    with Ledger.open(url) as ledger:
+        ledger.set_lot_state(lot, LotState.CLOSED, actor=BENCH_ACTOR)
+        progress = ledger.progress(lot)
+        chains = ledger.verify_audit_chains()
+    cuts = quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else latencies * 99
+    return {
+        "backend": backend,
+        "lot": lot,
+        "n": n,
+        "stations": stations,
+        "shape": "one process per station, each with its own pool and audit chain",
+        "claimed": progress.provisioned,
+        "duplicate_ids": sum(1 for count in held.values() if count > 1),
+        "per_station": {r["station"]: len(r["ids"]) for r in reports},
+        "audit_chain_entries": {name: chains[name].count for name in names if name in chains},
+        "elapsed_s": round(elapsed_s, 4),
+        "claims_per_s": round(progress.provisioned / elapsed_s, 1) if elapsed_s > 0 else 0.0,
+        "latency_p50_ms": round(cuts[49] * 1000, 2),
+        "latency_p99_ms": round(cuts[98] * 1000, 2),
+        "station_cpu_s": round(_children_cpu_s() - cpu_started, 3),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds of this process's waited-for children (the station processes, once joined)."""
+    times = os.times()
+    return times.children_user + times.children_system

@@ -228,9 +228,10 @@ class CertificateBook(LotBook):
         """
         with self._transaction(write=True) as session, self._session_tx(session) as tx:
             self._lot_row(session, lot)
-            # The head lock serialises this with every other audit writer, so two CRLs never
-            # read the same last number (SQLite: the write transaction already does).
-            tx.first(self._sql.head_locked)
+            # The lot row locked exclusively serialises the lot's CRL numbering across stations and
+            # actors (each appends to its own audit chain), so two CRLs never read the same last
+            # number (SQLite: the write transaction already does).
+            tx.first(self._sql.lot_locked, {"name": lot})
             rows = session.exec(
                 select(AuditEntryRow.details).where(
                     AuditEntryRow.action == CRL_ISSUED_ACTION, AuditEntryRow.subject == lot

@@ -9,9 +9,10 @@ per-board calls. Both translate database errors into ledger errors.
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from typing import Any
@@ -29,7 +30,17 @@ from factoryd.errors import (
     LedgerError,
     ReservationConflictError,
 )
-from factoryd.ledger.audit import AuditLink, as_utc, canonical_json, link_hash, verify_chain
+from factoryd.ledger.audit import (
+    AuditLink,
+    ChainHead,
+    VerifiedChain,
+    as_utc,
+    canonical_json,
+    chain_genesis,
+    link_hash,
+    verify_anchors,
+    verify_chain,
+)
 from factoryd.ledger.errors import LedgerStorageFullError, LedgerUnavailableError
 from factoryd.ledger.hot import (
     DRIVER_ERRORS,
@@ -40,7 +51,6 @@ from factoryd.ledger.hot import (
     driver_transaction,
 )
 from factoryd.ledger.tables import (
-    AUDIT_HEAD_ROW_ID,
     AUDIT_SUBJECT_MAX_CHARS,
     LABEL_MAX_CHARS,
     SERIAL_MAX_CHARS,
@@ -48,6 +58,9 @@ from factoryd.ledger.tables import (
     AuditHeadRow,
 )
 
+# A timestamp this much before the previous entry's is recorded as the clock stepping back; less is
+# the order in which concurrent writers reached the ledger (well under a second, even under load).
+CLOCK_STEP_TOLERANCE_S = 2.0
 # How long a SQLite writer waits for another one before giving up (several stations' worth of commits).
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 PG_POOL_SIZE = 10
@@ -90,7 +103,8 @@ def utc_now() -> datetime:
 
 def require_label(value: str, what: str, max_chars: int = LABEL_MAX_CHARS) -> str:
     """``value`` if it is 1..``max_chars`` printable characters; InputError naming ``what`` otherwise."""
-    if not value or len(value) > max_chars or any(not ch.isprintable() for ch in value):
+    # str.isprintable() is the per-character check in C (a generator over the string was ~10 µs a call).
+    if not value or len(value) > max_chars or not value.isprintable():
         raise InputError(f"{what} must be 1..{max_chars} printable characters, got {value!r}")
     return value
 
@@ -329,12 +343,15 @@ class LedgerBase:
         details: dict[str, object],
         at: datetime,
     ) -> None:
-        """Append one link in the caller's transaction; the head row lock serialises every writer."""
+        """Append one link to the actor's chain in the caller's transaction (its head row lock serialises
+        that chain's writers only: other stations append to their own chains meanwhile)."""
         require_label(actor, "actor")
         require_label(action, "action", 64)
         require_label(subject, "subject", AUDIT_SUBJECT_MAX_CHARS)
         last, self._last_audit_at = self._last_audit_at, at
-        if last is not None and at < last:
+        # Threads of one process take their timestamps before they queue for a head lock, so entries a
+        # few milliseconds out of order are concurrency, not a clock step.
+        if last is not None and (last - at).total_seconds() > CLOCK_STEP_TOLERANCE_S:
             # The station clock stepped back (NTP step, RTC reset): the chain keeps its order by seq and
             # records the step once, so a reader knows why the timestamps go backwards here.
             self._last_audit_at = None
@@ -346,9 +363,14 @@ class LedgerBase:
                 tx, actor=actor, action="clock.stepped_back", subject=actor, details=stepped, at=at
             )
         details_json = canonical_json(details)
-        head = tx.first(self._sql.head_locked)
+        chain = actor
+        head = tx.first(self._sql.head_locked, {"chain": chain})
         if head is None:
-            raise LedgerError("the audit chain head row is missing")
+            # The chain's first link: create its head (a racing writer's insert is a no-op), then lock it.
+            tx.execute(self._sql.insert_head, {"b_chain": chain, "b_hash": chain_genesis(chain)})
+            head = tx.first(self._sql.head_locked, {"chain": chain})
+            if head is None:
+                raise LedgerError(f"the head row of audit chain {chain!r} is missing")
         seq = head.seq + 1
         digest = link_hash(
             seq=seq,
@@ -362,6 +384,7 @@ class LedgerBase:
         tx.execute(
             self._sql.insert_audit,
             {
+                "b_chain": chain,
                 "b_seq": seq,
                 "b_at": at,
                 "b_actor": actor,
@@ -372,7 +395,7 @@ class LedgerBase:
                 "b_hash": digest,
             },
         )
-        tx.execute(self._sql.update_head, {"b_seq": seq, "b_hash": digest})
+        tx.execute(self._sql.update_head, {"chain": chain, "b_seq": seq, "b_hash": digest})
 
     def _audit_in_session(
         self,
@@ -393,28 +416,59 @@ class LedgerBase:
         with self._hot(write=True) as tx:
             self._append_audit(tx, actor=actor, action=action, subject=subject, details=details, at=utc_now())
 
-    def verify_audit(self) -> int:
-        """Recompute the whole hash chain; return the entry count or raise AuditChainError."""
+    def verify_audit(self, anchors: Sequence[ChainHead] = (), *, source: str = "the manifest") -> int:
+        """Recompute every hash chain (and check ``anchors``); return the entry count or raise AuditChainError."""
+        return sum(chain.count for chain in self.verify_audit_chains(anchors, source=source).values())
+
+    def verify_audit_chains(
+        self, anchors: Sequence[ChainHead] = (), *, source: str = "the manifest"
+    ) -> dict[str, VerifiedChain]:
+        """Verify each chain against its head, then the anchored heads (e.g. a signed manifest's) against the chains."""
+        wanted: dict[str, set[int]] = {}
+        for anchor in anchors:
+            wanted.setdefault(anchor.chain, set()).add(anchor.seq)
         with self._transaction(write=False, snapshot=True) as session:
-            head = session.exec(select(AuditHeadRow).where(AuditHeadRow.id == AUDIT_HEAD_ROW_ID)).one()
+            heads = {row.chain: row for row in session.exec(select(AuditHeadRow)).all()}
             rows = session.exec(
-                select(AuditEntryRow).order_by(col(AuditEntryRow.seq)).execution_options(yield_per=1000)
+                select(AuditEntryRow)
+                .order_by(col(AuditEntryRow.chain), col(AuditEntryRow.chain_seq))
+                .execution_options(yield_per=1000)
             )
-            links = (
-                AuditLink(
-                    seq=row.seq,
-                    at=row.at,
-                    actor=row.actor,
-                    action=row.action,
-                    subject=row.subject,
-                    details_json=row.details,
-                    prev_hash=row.prev_hash,
-                    hash=row.hash,
-                )
-                for row in rows
-            )
+            verified: dict[str, VerifiedChain] = {}
             try:
-                return verify_chain(links, head_seq=head.seq, head_hash=head.hash)
+                for chain, chain_rows in itertools.groupby(rows, key=lambda row: row.chain):
+                    head = heads.get(chain)
+                    links = (
+                        AuditLink(
+                            seq=row.chain_seq,
+                            at=row.at,
+                            actor=row.actor,
+                            action=row.action,
+                            subject=row.subject,
+                            details_json=row.details,
+                            prev_hash=row.prev_hash,
+                            hash=row.hash,
+                        )
+                        for row in chain_rows
+                    )
+                    verified[chain] = verify_chain(
+                        links,
+                        head_seq=head.seq if head is not None else 0,
+                        head_hash=head.hash if head is not None else chain_genesis(chain),
+                        chain=chain,
+                        keep=wanted.get(chain, ()),
+                    )
             finally:
                 # A server-side cursor (PostgreSQL) must be closed even when verification stops early.
                 rows.close()
+        for chain, head in heads.items():
+            if chain not in verified:  # a head whose every entry is gone
+                verified[chain] = verify_chain((), head_seq=head.seq, head_hash=head.hash, chain=chain)
+        verify_anchors(verified, anchors, source=source)
+        return verified
+
+    def audit_heads(self) -> list[ChainHead]:
+        """Every audit chain's head now (what a manifest anchors), by chain name."""
+        with self._transaction(write=False) as session:
+            rows = session.exec(select(AuditHeadRow).order_by(col(AuditHeadRow.chain))).all()
+            return [ChainHead(row.chain, row.seq, row.hash) for row in rows]

@@ -8,7 +8,7 @@ driver's SQL, and executed straight on the DBAPI cursor with SQLAlchemy's own bi
 processors for each column type. Each statement is an attribute of :class:`HotStatements`; a
 query names the row type it returns, checked against its columns when it is compiled.
 Transactions and locking are exactly those of the statements: FOR SHARE on the lot, FOR UPDATE
-on device/job/head rows, SKIP LOCKED for the claim on PostgreSQL; SQLite renders none of these
+on device/job rows and on the head row of the one audit chain appended to, SKIP LOCKED for the claim on PostgreSQL; SQLite renders none of these
 and serialises writers with ``BEGIN IMMEDIATE``.
 """
 
@@ -24,6 +24,7 @@ from typing import Any, Generic, NamedTuple, Protocol, TypeVar, cast
 import psycopg
 from sqlalchemy import Table, bindparam, func, insert, update
 from sqlalchemy import select as core_select
+from sqlalchemy.dialects import postgresql as postgresql_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql import Insert, Select, Update
@@ -31,7 +32,6 @@ from sqlalchemy.sql import Insert, Select, Update
 from factoryd.errors import LedgerError
 from factoryd.ledger.model import DeviceState
 from factoryd.ledger.tables import (
-    AUDIT_HEAD_ROW_ID,
     AttemptRow,
     AuditEntryRow,
     AuditHeadRow,
@@ -92,7 +92,7 @@ class LotStateRow(NamedTuple):
 
 
 class HeadRow(NamedTuple):
-    """The audit chain's head."""
+    """An audit chain's head."""
 
     seq: int
     hash: str
@@ -259,7 +259,9 @@ class HotStatements:
 
     lot_id: Query[LotIdRow]
     lot_shared: Query[LotStateRow]
+    lot_locked: Query[LotIdRow]
     head_locked: Query[HeadRow]
+    insert_head: Command
     insert_audit: Command
     update_head: Command
     device_by_serial_locked: Query[DeviceRowView]
@@ -302,15 +304,33 @@ class HotStatements:
                 LotStateRow._make,
                 LotStateRow._fields,
             ),
+            # Exclusive: CRL numbers of a lot are taken one at a time (shared holders are claims).
+            lot_locked=Query(
+                core_select(LOT.c.id).where(LOT.c.name == bindparam("name")).with_for_update(),
+                d,
+                LotIdRow._make,
+                LotIdRow._fields,
+            ),
+            # One chain's head: appends to other chains (other stations) do not wait for it.
             head_locked=Query(
-                core_select(HEAD.c.seq, HEAD.c.hash).where(HEAD.c.id == AUDIT_HEAD_ROW_ID).with_for_update(),
+                core_select(HEAD.c.seq, HEAD.c.hash)
+                .where(HEAD.c.chain == bindparam("chain"))
+                .with_for_update(),
                 d,
                 HeadRow._make,
                 HeadRow._fields,
             ),
+            # A chain's first append creates its head; two writers racing for it both go on.
+            insert_head=Command(
+                (postgresql_dialect.insert if dialect.name == "postgresql" else sqlite_dialect.insert)(HEAD)
+                .values(chain=bindparam("b_chain"), seq=0, hash=bindparam("b_hash"))
+                .on_conflict_do_nothing(index_elements=[HEAD.c.chain]),
+                d,
+            ),
             insert_audit=Command(
                 insert(AUDIT).values(
-                    seq=bindparam("b_seq"),
+                    chain=bindparam("b_chain"),
+                    chain_seq=bindparam("b_seq"),
                     at=bindparam("b_at"),
                     actor=bindparam("b_actor"),
                     action=bindparam("b_action"),
@@ -323,7 +343,7 @@ class HotStatements:
             ),
             update_head=Command(
                 update(HEAD)
-                .where(HEAD.c.id == AUDIT_HEAD_ROW_ID)
+                .where(HEAD.c.chain == bindparam("chain"))
                 .values(seq=bindparam("b_seq"), hash=bindparam("b_hash")),
                 d,
             ),
@@ -487,28 +507,42 @@ class HotStatements:
 
 
 class Tx:
-    """One transaction on a driver cursor (the caller owns begin/commit)."""
+    """One transaction on a driver cursor (the caller owns begin/commit).
 
-    __slots__ = ("_cursor",)
+    On PostgreSQL the statements are prepared on the server on first use and reused per
+    connection (psycopg ``prepare=True``): the hot path's fixed statements then skip parsing and
+    planning on every execution, which is most of the server's CPU per statement. The engine keeps
+    psycopg's automatic preparation off (``prepare_threshold=None``) for everything else.
+    """
+
+    __slots__ = ("_cursor", "_prepare")
 
     def __init__(self, cursor: DriverCursor) -> None:
         """Run statements on ``cursor``."""
         self._cursor = cursor
+        self._prepare = isinstance(cursor, psycopg.Cursor)
+
+    def _run(self, command: Command, params: Mapping[str, object] | None) -> None:
+        driver_params = command.params(params or {})
+        if self._prepare:
+            cast(psycopg.Cursor[Any], self._cursor).execute(command.sql, driver_params, prepare=True)
+        else:
+            self._cursor.execute(command.sql, driver_params)
 
     def execute(self, command: Command, params: Mapping[str, object] | None = None) -> int:
         """Execute a statement; return the affected row count."""
-        self._cursor.execute(command.sql, command.params(params or {}))
+        self._run(command, params)
         return int(self._cursor.rowcount)
 
     def first(self, query: Query[_RowT], params: Mapping[str, object] | None = None) -> _RowT | None:
         """Execute a query; return its first row or None."""
-        self._cursor.execute(query.sql, query.params(params or {}))
+        self._run(query, params)
         raw = self._cursor.fetchone()
         return None if raw is None else query.make_row(raw)
 
     def all(self, query: Query[_RowT], params: Mapping[str, object] | None = None) -> list[_RowT]:
         """Execute a query; return every row."""
-        self._cursor.execute(query.sql, query.params(params or {}))
+        self._run(query, params)
         return [query.make_row(raw) for raw in self._cursor.fetchall()]
 
 

@@ -98,9 +98,11 @@ class MatterBook(LotBook):
         """Set the station secret the onboarding codes are sealed under (the CA passphrase)."""
         if not secret:
             raise InputError("the onboarding secret is empty")
-        self._onboarding_secret = _Secret(secret)
-        self._onboarding_keys = {}
+        if self._onboarding_secret is not None and bytes(self._onboarding_secret) == bytes(secret):
+            return  # the same secret again (a service call on the daemon's ledger): keep the cache
         self._onboarding_lock = threading.Lock()
+        self._onboarding_keys = {}
+        self._onboarding_secret = _Secret(secret)
 
     def _aead(self, lot_id: int, salt: bytes) -> AESGCM:
         secret = self._onboarding_secret
@@ -143,7 +145,7 @@ class MatterBook(LotBook):
     def record_onboarding_codes(
         self, lot: str, device_id: str, codes: OnboardingCodes, *, discriminator: int, product_id: int
     ) -> None:
-        """Seal and store a reserved device's codes (a retry replaces them): before the board gets its verifier."""
+        """Seal and store a reserved device's codes (a retry replaces them), before the board's verifier."""
         lot_id, salt = self._matter_lot(lot)
         aead = self._aead(lot_id, salt)
         nonce = secrets.token_bytes(NONCE_BYTES)
@@ -156,7 +158,7 @@ class MatterBook(LotBook):
                 raise InputError(f"lot {lot!r} has no device ID {device_id!r}")
             if device.state != DeviceState.RESERVED.value:
                 raise InputError(
-                    f"device {device_id!r} is {device.state}: onboarding codes are recorded while it is reserved"
+                    f"device {device_id!r} is {device.state}: codes are recorded while it is reserved"
                 )
             row = session.exec(
                 select(MatterDeviceRow).where(

@@ -27,8 +27,9 @@ ID_MAX_CHARS = 128
 SERIAL_MAX_CHARS = 128
 LABEL_MAX_CHARS = 128
 AUDIT_SUBJECT_MAX_CHARS = ID_MAX_CHARS + NAME_MAX_CHARS
-AUDIT_HEAD_ROW_ID = 1
 GENESIS_HASH = "0" * 64
+# The one chain of a ledger created before migration 0004 (its links keep GENESIS_HASH as origin).
+LEGACY_CHAIN = "ledger"
 
 
 def _ts(*, nullable: bool) -> Any:
@@ -115,11 +116,22 @@ class AttemptRow(SQLModel, table=True):
 
 
 class AuditEntryRow(SQLModel, table=True):
-    """One link of the append-only, hash-chained audit trail."""
+    """One link of the append-only audit trail: position ``chain_seq`` in the hash chain ``chain``.
+
+    ``seq`` is the trail's order across chains (assigned by the database, not hashed); the chain
+    position and the predecessor's hash are what the link hash covers (``ledger/audit.py``).
+    """
 
     __tablename__ = "audit_entry"
+    __table_args__ = (UniqueConstraint("chain", "chain_seq", name="uq_audit_entry_chain_seq"),)
 
-    seq: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    # INTEGER on SQLite so the column is the rowid (assigned on insert); BIGSERIAL on PostgreSQL.
+    seq: int | None = Field(
+        default=None,
+        sa_column=Column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    )
+    chain: str = Field(sa_column=Column(String(LABEL_MAX_CHARS), nullable=False))
+    chain_seq: int = Field(sa_column=Column(BigInteger, nullable=False))
     at: datetime = _ts(nullable=False)
     actor: str = Field(sa_column=Column(String(LABEL_MAX_CHARS), nullable=False))
     action: str = Field(sa_column=Column(String(64), nullable=False))
@@ -132,11 +144,11 @@ class AuditEntryRow(SQLModel, table=True):
 
 
 class AuditHeadRow(SQLModel, table=True):
-    """The single row that names the chain's last link; locked to serialise appends."""
+    """One chain's head: its last link. Locked to serialise the appends to that chain only."""
 
     __tablename__ = "audit_head"
 
-    id: int = Field(sa_column=Column(Integer, primary_key=True, autoincrement=False))
+    chain: str = Field(sa_column=Column(String(LABEL_MAX_CHARS), primary_key=True, autoincrement=False))
     seq: int = Field(sa_column=Column(BigInteger, nullable=False))
     hash: str = Field(sa_column=Column(String(64), nullable=False))
 

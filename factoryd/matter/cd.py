@@ -108,8 +108,11 @@ def _unwrap_cms(data: bytes) -> tuple[bytes, bytes, bytes]:
     content_info = der.expect(der.read_single(data), der.TAG_SEQUENCE, "ContentInfo").children()
     if len(content_info) != 2 or der.decode_oid(content_info[0]) != OID_SIGNED_DATA:
         raise CdError("the CD is not a CMS SignedData")
-    signed = der.expect(der.read_single(der.expect(content_info[1], der.TAG_CONTEXT_0, "content").content),
-                        der.TAG_SEQUENCE, "SignedData").children()
+    signed = der.expect(
+        der.read_single(der.expect(content_info[1], der.TAG_CONTEXT_0, "content").content),
+        der.TAG_SEQUENCE,
+        "SignedData",
+    ).children()
     if len(signed) != 4:
         raise CdError(
             "the CD's SignedData must hold exactly version, digestAlgorithms, encapContentInfo and "
@@ -177,9 +180,17 @@ def parse_cd(data: bytes) -> CertificationDeclaration:
             raise CdError("the CD's fields are not in increasing tag order")
         last = member.tag
         fields[member.tag] = member
-    for required, name in ((0, "format_version"), (1, "vendor_id"), (2, "product_id_array"),
-                           (3, "device_type_id"), (4, "certificate_id"), (5, "security_level"),
-                           (6, "security_information"), (7, "version_number"), (8, "certification_type")):
+    for required, name in (
+        (0, "format_version"),
+        (1, "vendor_id"),
+        (2, "product_id_array"),
+        (3, "device_type_id"),
+        (4, "certificate_id"),
+        (5, "security_level"),
+        (6, "security_information"),
+        (7, "version_number"),
+        (8, "certification_type"),
+    ):
         if required not in fields:
             raise CdError(f"the CD has no {name} (tag {required})")
     format_version = _uint(fields[0], "format_version", 8)
@@ -195,7 +206,9 @@ def parse_cd(data: bytes) -> CertificationDeclaration:
     if cert_id.kind != "utf8" or not isinstance(cert_id.value, str):
         raise CdError("the CD's certificate_id is not a UTF-8 string")
     if len(cert_id.value) != CERTIFICATE_ID_CHARS:
-        raise CdError(f"the CD's certificate_id has {len(cert_id.value)} characters, not {CERTIFICATE_ID_CHARS}")
+        raise CdError(
+            f"the CD's certificate_id has {len(cert_id.value)} characters, not {CERTIFICATE_ID_CHARS}"
+        )
     certification_type = _uint(fields[8], "certification_type", 8)
     if certification_type not in CERTIFICATION_TYPES:
         raise CdError(f"the CD's certification_type {certification_type} is not 0, 1 or 2")
@@ -211,7 +224,11 @@ def parse_cd(data: bytes) -> CertificationDeclaration:
         if not 1 <= len(members) <= MAX_AUTHORIZED_PAAS:
             raise CdError(f"the CD's authorized_paa_list holds {len(members)} entries; 1..10 are allowed")
         for member in members:
-            if member.kind != "bytes" or not isinstance(member.value, bytes) or len(member.value) != SKID_BYTES:
+            if (
+                member.kind != "bytes"
+                or not isinstance(member.value, bytes)
+                or len(member.value) != SKID_BYTES
+            ):
                 raise CdError("an authorized_paa_list entry is not a 20-byte SKID")
         paas = tuple(m.value for m in members if isinstance(m.value, bytes))
     return CertificationDeclaration(
@@ -272,7 +289,9 @@ def cd_content(
     if dac_origin is not None:
         members += [tlv.encode_uint(9, dac_origin[0]), tlv.encode_uint(10, dac_origin[1])]
     if authorized_paa_skids:
-        members.append(tlv.encode_container(11, "array", [tlv.encode_bytes(None, s) for s in authorized_paa_skids]))
+        members.append(
+            tlv.encode_container(11, "array", [tlv.encode_bytes(None, s) for s in authorized_paa_skids])
+        )
     return tlv.encode_container(None, "struct", members)
 
 

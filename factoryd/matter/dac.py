@@ -137,7 +137,9 @@ def matter_ids(cert: x509.Certificate) -> MatterIds:
     return MatterIds(found["VID"], found["PID"], tuple(problems))
 
 
-def _extension(cert: x509.Certificate, cls: type[x509.ExtensionType]) -> x509.Extension[x509.ExtensionType] | None:
+def _extension(
+    cert: x509.Certificate, cls: type[x509.ExtensionType]
+) -> x509.Extension[x509.ExtensionType] | None:
     try:
         return cert.extensions.get_extension_for_class(cls)
     except x509.ExtensionNotFound:
@@ -284,7 +286,11 @@ def _key_ids_link(child: x509.Certificate, parent: x509.Certificate) -> bool:
 
 
 def chain_problems(
-    dac: x509.Certificate, pai: x509.Certificate, paa: x509.Certificate | None = None, *, at: dt.datetime | None = None
+    dac: x509.Certificate,
+    pai: x509.Certificate,
+    paa: x509.Certificate | None = None,
+    *,
+    at: dt.datetime | None = None,
 ) -> list[str]:
     """Every rule a DAC → PAI (→ PAA) chain breaks: each profile, the VID/PID rules, links, validity."""
     problems = certificate_problems(dac, "dac") + certificate_problems(pai, "pai")

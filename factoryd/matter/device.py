@@ -32,9 +32,14 @@ from factoryd.matter.payload import (
     random_passcode,
 )
 from factoryd.matter.profile import MatterProfile
-from factoryd.matter.spake2p import Spake2pVerifier, check_pbkdf_parameters, check_verifier_shape, new_verifier
+from factoryd.matter.spake2p import (
+    Spake2pVerifier,
+    check_pbkdf_parameters,
+    check_verifier_shape,
+    new_verifier,
+)
 
-# The spec asks for at least 128 bits (5.4.2.3, RotatingDeviceIdUniqueID); esp-matter-mfg-tool writes 16 bytes.
+# The spec asks for at least 128 bits (5.4.2.3, RotatingDeviceIdUniqueID); esp-matter-mfg-tool writes 16.
 RD_ID_UID_BYTES = 16
 TAG_DISCRIMINATOR = 1
 TAG_ITERATIONS = 2

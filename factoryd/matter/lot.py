@@ -30,6 +30,8 @@ MATTER_DIRNAME = "matter"
 PAA_FILE = "paa.pem"
 CD_FILE = "cd.der"
 CD_SIGNER_FILE = "cd-signer.pem"
+# The customer's certificate the onboarding-codes file is encrypted to (matter/onboarding.py).
+RECIPIENT_FILE = "recipient.pem"
 
 
 class MatterLotError(InputError):
@@ -53,7 +55,7 @@ class MatterLotFiles:
 def _signed_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
     try:
         child.verify_directly_issued_by(parent)
-    except (ValueError, TypeError, Exception):  # noqa: BLE001 - InvalidSignature and friends all mean "no"
+    except (ValueError, TypeError, Exception):
         return False
     return True
 
@@ -98,18 +100,19 @@ def matter_lot_problems(
     if paa_ids.vendor_id is not None and paa_ids.vendor_id != lot_vid:
         problems.append(f"the PAA's VID 0x{paa_ids.vendor_id:04X} is not the lot's 0x{lot_vid:04X}")
     if pai_ids.product_id is not None and profile.product_ids != (pai_ids.product_id,):
-        problems.append(
-            f"the PAI is bound to PID 0x{pai_ids.product_id:04X}, so the lot's product IDs must be exactly that"
-        )
+        problems.append(f"the PAI is bound to PID 0x{pai_ids.product_id:04X}: the lot may have only that PID")
     for pid in profile.product_ids:
         if not cd.allows_dac_ids(lot_vid, pid):
             if cd.dac_origin_vendor_id is not None:
                 problems.append(
-                    f"the CD names DAC origin 0x{cd.dac_origin_vendor_id:04X}/0x{cd.dac_origin_product_id or 0:04X}; "
+                    f"the CD names DAC origin 0x{cd.dac_origin_vendor_id:04X}/"
+                    f"0x{cd.dac_origin_product_id or 0:04X}; "
                     f"the lot's DACs would carry 0x{lot_vid:04X}/0x{pid:04X}"
                 )
             elif cd.vendor_id != lot_vid:
-                problems.append(f"the CD's vendor_id 0x{cd.vendor_id:04X} is not the lot's VID 0x{lot_vid:04X}")
+                problems.append(
+                    f"the CD's vendor_id 0x{cd.vendor_id:04X} is not the lot's VID 0x{lot_vid:04X}"
+                )
             else:
                 problems.append(f"the lot's PID 0x{pid:04X} is not in the CD's product_id_array")
     if cd.authorized_paa_skids:
@@ -169,7 +172,12 @@ class MatterStore:
         return (self.path(lot) / PAA_FILE).is_file() and (self.path(lot) / CD_FILE).is_file()
 
     def save(
-        self, lot: str, paa: x509.Certificate, cd_der: bytes, cd_signer: x509.Certificate | None = None
+        self,
+        lot: str,
+        paa: x509.Certificate,
+        cd_der: bytes,
+        cd_signer: x509.Certificate | None = None,
+        recipient: x509.Certificate | None = None,
     ) -> Path:
         """Store checked files; an existing set is replaced whole (one rename), never half."""
         target = self.path(lot)
@@ -180,14 +188,20 @@ class MatterStore:
         with private_staging_dir(staged) as staging:
             write_new(staging / PAA_FILE, paa.public_bytes(serialization.Encoding.PEM), mode=0o644)
             write_new(staging / CD_FILE, cd_der, mode=0o644)
-            if cd_signer is not None:
-                write_new(staging / CD_SIGNER_FILE, cd_signer.public_bytes(serialization.Encoding.PEM), mode=0o644)
+            for cert, name in ((cd_signer, CD_SIGNER_FILE), (recipient, RECIPIENT_FILE)):
+                if cert is not None:
+                    write_new(staging / name, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
         if target.exists():
             shutil.rmtree(old, ignore_errors=True)
             target.rename(old)
         staged.rename(target)
         shutil.rmtree(old, ignore_errors=True)
         return target
+
+    def recipient(self, lot: str) -> x509.Certificate | None:
+        """The customer's stored recipient certificate, if one was given at set-up."""
+        path = self.path(lot) / RECIPIENT_FILE
+        return load_certificate(path.read_bytes(), "stored recipient") if path.is_file() else None
 
     def load(self, lot: str, chain: Sequence[x509.Certificate]) -> MatterLotFiles:
         """The lot's files with its PAI (``chain[0]``); InputError when they are missing or unreadable."""

@@ -24,7 +24,15 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 from factoryd.errors import InputError
 from factoryd.ledger.matter import OnboardingRecord
 
-CSV_COLUMNS = ("device_id", "hw_serial", "vendor_id", "product_id", "discriminator", "qr_payload", "manual_code")
+CSV_COLUMNS = (
+    "device_id",
+    "hw_serial",
+    "vendor_id",
+    "product_id",
+    "discriminator",
+    "qr_payload",
+    "manual_code",
+)
 MIN_RECIPIENT_RSA_BITS = 2048
 FILE_SUFFIX = ".onboarding-codes.p7m"
 
@@ -58,7 +66,9 @@ def check_recipient(certificate: x509.Certificate) -> None:
             "CMS EnvelopedData with RSA key transport (EC key agreement is not supported yet)"
         )
     if key.key_size < MIN_RECIPIENT_RSA_BITS:
-        raise InputError(f"the recipient's RSA key has {key.key_size} bits; at least {MIN_RECIPIENT_RSA_BITS}")
+        raise InputError(
+            f"the recipient's RSA key has {key.key_size} bits; at least {MIN_RECIPIENT_RSA_BITS}"
+        )
     try:
         usage = certificate.extensions.get_extension_for_class(x509.KeyUsage).value
     except x509.ExtensionNotFound:

@@ -112,7 +112,8 @@ class SetupPayload:
 
     def __repr__(self) -> str:
         return (
-            f"SetupPayload(discriminator={self.discriminator}, passcode=***, vendor_id=0x{self.vendor_id:04X}, "
+            f"SetupPayload(discriminator={self.discriminator}, passcode=***, "
+            f"vendor_id=0x{self.vendor_id:04X}, "
             f"product_id=0x{self.product_id:04X}, flow={self.flow.name}, rendezvous={int(self.rendezvous)})"
         )
 

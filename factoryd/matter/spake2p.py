@@ -56,10 +56,13 @@ class Spake2pVerifier:
 def check_pbkdf_parameters(salt: bytes, iterations: int) -> None:
     """InputError unless the salt is 16..32 bytes and the iteration count 1000..100000."""
     if not SALT_MIN_BYTES <= len(salt) <= SALT_MAX_BYTES:
-        raise InputError(f"the SPAKE2+ salt must be {SALT_MIN_BYTES}..{SALT_MAX_BYTES} bytes, got {len(salt)}")
+        raise InputError(
+            f"the SPAKE2+ salt must be {SALT_MIN_BYTES}..{SALT_MAX_BYTES} bytes, got {len(salt)}"
+        )
     if not PBKDF_MIN_ITERATIONS <= iterations <= PBKDF_MAX_ITERATIONS:
         raise InputError(
-            f"the SPAKE2+ iteration count must be {PBKDF_MIN_ITERATIONS}..{PBKDF_MAX_ITERATIONS}, got {iterations}"
+            f"the SPAKE2+ iteration count must be {PBKDF_MIN_ITERATIONS}..{PBKDF_MAX_ITERATIONS}, "
+            f"got {iterations}"
         )
 
 

@@ -17,7 +17,7 @@ from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import NameOID
 
 from factoryd.matter.cd import cd_content, sign_cd
-from factoryd.matter.dac import MATTER_PID_OID, MATTER_VID_OID, hex4
+from factoryd.matter.dac import MATTER_PID_OID, MATTER_VID_OID, NO_EXPIRY, hex4
 from factoryd.pki.bundle import pem_of
 from factoryd.pki.passphrase import Secret
 from factoryd.pki.testca import ca_key_usage
@@ -110,19 +110,21 @@ def make_matter_test_pki(
     pai_vendor_id: int | None = None,
     cd_vendor_id: int | None = None,
     pai_is_ca: bool = True,
+    no_expiry: bool = False,
     now: dt.datetime | None = None,
 ) -> MatterTestPki:
-    """Generate a Matter test PKI; ``pai_vendor_id``/``cd_vendor_id``/``pai_is_ca`` make broken ones for tests."""
+    """Generate a Matter test PKI (``pai_vendor_id``, ``cd_vendor_id``, ``pai_is_ca``: broken ones)."""
     now = (now or dt.datetime.now(dt.UTC)).replace(microsecond=0)
     start = now - dt.timedelta(days=1)
-    end = start + dt.timedelta(days=TEST_VALIDITY_DAYS)
+    # With no_expiry the PAA and PAI say 99991231235959Z too, so they can carry DACs that do.
+    end = NO_EXPIRY - dt.timedelta(days=365) if no_expiry else start + dt.timedelta(days=TEST_VALIDITY_DAYS)
     paa_key, pai_key, cd_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
     paa = make_matter_ca(
         _name("factoryd Matter Test PAA", vendor_id),
         paa_key,
         path_length=1,
         not_before=start,
-        not_after=end + dt.timedelta(days=365),
+        not_after=NO_EXPIRY if no_expiry else end + dt.timedelta(days=365),
     )
     pai = make_matter_ca(
         _name("factoryd Matter Test PAI", pai_vendor_id if pai_vendor_id is not None else vendor_id),
@@ -131,7 +133,7 @@ def make_matter_test_pki(
         issuer_key=paa_key,
         path_length=0,
         not_before=start,
-        not_after=end,
+        not_after=NO_EXPIRY if no_expiry else end,
         ca=pai_is_ca,
     )
     cd_signer = make_matter_ca(
@@ -160,6 +162,8 @@ def make_matter_test_pki(
         cd_signer=cd_signer,
         cd_der=sign_cd(content, cd_key, skid),
         pkcs12=pkcs12.serialize_key_and_certificates(b"matter-pai", pai_key, pai, [paa], encryption),
-        key_pem=pai_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption),
+        key_pem=pai_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
+        ),
         chain_pem=pem_of([pai, paa]),
     )

@@ -104,6 +104,25 @@ class ManifestRecord(Protocol):
         ...
 
 
+class AuditAnchor(Protocol):
+    """One audit chain's head as the ledger had it when the manifest was made (``ledger.audit.ChainHead``)."""
+
+    @property
+    def chain(self) -> str:
+        """The chain's name (the actor appending to it: a station, ``cli``…)."""
+        ...
+
+    @property
+    def seq(self) -> int:
+        """Its last link's position."""
+        ...
+
+    @property
+    def hash(self) -> str:
+        """Its last link's hash (hex)."""
+        ...
+
+
 class RevokedRecord(Protocol):
     """A certificate issued for the lot that does not stand (the ledger's ``RevokedCertificate``)."""
 
@@ -211,6 +230,7 @@ def build_manifest(
     *,
     revoked: Sequence[RevokedRecord] = (),
     genuineness: Mapping[str, Mapping[str, str]] | None = None,
+    audit_chains: Sequence[AuditAnchor] = (),
     now: dt.datetime | None = None,
 ) -> SignedManifest:
     """Build the canonical manifest of ``records`` and sign it (detached CMS) with the lot's CA.
@@ -219,6 +239,9 @@ def build_manifest(
     entries), so the manifest accounts for every certificate issued. ``genuineness`` maps a device
     ID to how its secure element proved genuine (``AttestationResult.details()``: attestation
     certificate fingerprint and issuer); such a device's entry carries it as ``genuineness``.
+    ``audit_chains`` are the ledger's audit chain heads now (``Ledger.audit_heads()``): signed into
+    the manifest as ``audit_chains``, they let ``factoryd audit verify --manifest`` catch a chain
+    whose tail was cut off later together with its head row.
     """
     evidence = genuineness or {}
     entries = sorted(
@@ -248,6 +271,10 @@ def build_manifest(
         "revoked_count": len(revoked_entries),
         "revoked": revoked_entries,
     }
+    if audit_chains:
+        document["audit_chains"] = [
+            {"chain": a.chain, "seq": a.seq, "hash": a.hash} for a in sorted(audit_chains, key=lambda a: a.chain)
+        ]
     try:
         content = canonical_json(document)
     except (TypeError, ValueError) as exc:

@@ -161,6 +161,9 @@ def _write_pair(
 ) -> tuple[Path, Path]:
     out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     cert_path, key_path = out_dir / f"{stem}.pem", out_dir / f"{stem}-key.pem"
+    for path in (cert_path, key_path):
+        if path.exists() or path.is_symlink():
+            raise ConfigError(f"{path} exists; it is never overwritten (move it away to issue a new one)")
     # Unencrypted: it is handed to systemd as a credential (LoadCredential=), which keeps it 0400 root.
     write_private(
         key_path,

@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from factoryd.files import write_private
 from factoryd.pki.signer import CaPrivateKey
-from factoryd.pki.store import LOT_NAME_RE
+from factoryd.pki.store import CHAIN_FILE, LOT_NAME_RE, BundleStore
 from factoryd.signer.errors import QuotaError, SigningRefusedError
 
 QUOTA_TYPE = "factoryd-quota+jws"
@@ -311,3 +311,14 @@ class QuotaStore:
                 f"lot {lot!r}: quota {quota.quota_id} expired at {_utc_text(quota.not_after)}",
             )
         return quota
+
+
+def quota_chain(bundles: BundleStore, lot: str) -> tuple[x509.Certificate, ...]:
+    """The chain a lot's quota is checked against: the signer's bundle of the lot (key not opened)."""
+    directory = bundles.path(lot)
+    try:
+        return tuple(x509.load_pem_x509_certificates((directory / CHAIN_FILE).read_bytes()))
+    except FileNotFoundError:
+        raise QuotaError(f"the signer holds no CA bundle for lot {lot!r}") from None
+    except ValueError as exc:
+        raise QuotaError(f"lot {lot!r}: its chain file does not parse: {exc}") from None

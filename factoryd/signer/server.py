@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable, Generator
@@ -97,6 +98,9 @@ def _mutual_tls_protocol(context: ssl.SSLContext, on_refused: HandshakeRefused) 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             self._inner = H11Protocol(*args, **kwargs)
             self._task: asyncio.Task[None] | None = None
+            # Decrypted bytes the handshake's first read delivers before uvicorn's protocol is connected.
+            self._early: list[bytes] = []
+            self._early_eof = False
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             if not isinstance(transport, asyncio.Transport):
@@ -105,10 +109,15 @@ def _mutual_tls_protocol(context: ssl.SSLContext, on_refused: HandshakeRefused) 
             transport.pause_reading()  # no byte is read before the handshake owns the socket
             self._task = asyncio.get_running_loop().create_task(self._handshake(transport))
 
-        def data_received(self, data: bytes) -> None:  # pragma: no cover - reading is paused
-            raise RuntimeError("data before the TLS handshake")
+        def data_received(self, data: bytes) -> None:
+            self._early.append(data)
+
+        def eof_received(self) -> bool | None:
+            self._early_eof = True
+            return None
 
         def connection_lost(self, exc: Exception | None) -> None:
+            # Before the TLS transport was handed over: the handshake task ends with the socket.
             if self._task is not None and not self._task.done():
                 self._task.cancel()
 
@@ -118,7 +127,7 @@ def _mutual_tls_protocol(context: ssl.SSLContext, on_refused: HandshakeRefused) 
             try:
                 tls = await loop.start_tls(
                     transport,
-                    self._inner,
+                    self,
                     context,
                     server_side=True,
                     ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S,
@@ -144,6 +153,12 @@ def _mutual_tls_protocol(context: ssl.SSLContext, on_refused: HandshakeRefused) 
 
             self._inner.app = app  # an ASGI 3 app like the one it wraps
             self._inner.connection_made(tls)
+            tls.set_protocol(self._inner)
+            for data in self._early:
+                self._inner.data_received(data)
+            self._early.clear()
+            if self._early_eof:
+                self._inner.eof_received()
 
     return _MutualTls
 
@@ -328,3 +343,15 @@ class SignerService:
             notifier.notify("READY=1", f"STATUS=signing on port {self.port}")
             await self.stopping.wait()
             notifier.stopping()
+
+    async def run_until_signalled(self) -> None:
+        """``run`` until SIGTERM or SIGINT (what ``factoryd signer run`` and systemd use)."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, self._on_signal, sig)
+        await self.run()
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        log.info("signer stopping on signal", signal=sig.name)
+        self.stopping.set()

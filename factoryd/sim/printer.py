@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterable, Mapping
 from enum import StrEnum
 from types import TracebackType
 from typing import Self
 
+from factoryd.config import LabelsConfig
 from factoryd.labels.printer import PrinterAddress
 
 STX, ETX = b"\x02", b"\x03"
@@ -178,3 +180,37 @@ class SimPrinter:
                 (i for i in (buffer.find(b"^XA", 1), buffer.find(b"~HS", 1)) if i > 0), default=len(buffer)
             )
             buffer = buffer[nxt:]
+
+
+async def start_printers(ports: Iterable[str]) -> dict[str, SimPrinter]:
+    """One started printer per port (``factoryd demo``); stop them with :func:`stop_printers`."""
+    printers: dict[str, SimPrinter] = {}
+    try:
+        for port in ports:
+            printers[port] = await SimPrinter().__aenter__()
+    except BaseException:
+        await stop_printers(printers)
+        raise
+    return printers
+
+
+async def stop_printers(printers: Mapping[str, SimPrinter]) -> None:
+    """Stop every printer :func:`start_printers` started."""
+    for printer in printers.values():
+        await printer.__aexit__(None, None, None)
+
+
+def printed_labels(printers: Mapping[str, SimPrinter]) -> int:
+    """Labels the printers printed, all together."""
+    return sum(len(p.printed) for p in {id(p): p for p in printers.values()}.values())
+
+
+def printer_settings(printers: Mapping[str, SimPrinter]) -> LabelsConfig:
+    """``[labels]`` for a station whose ports print on these printers (short retries for a demo)."""
+    return LabelsConfig(
+        enabled=True,
+        printers={port: str(p.address) for port, p in printers.items()},
+        retry_initial_s=0.2,
+        retry_max_s=2.0,
+        poll_s=0.5,
+    )

@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import socket
 import threading
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import structlog
 from prometheus_client import (
@@ -24,9 +26,10 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
     generate_latest,
+    make_wsgi_app,
 )
 from prometheus_client import make_asgi_app as _make_asgi_app
-from prometheus_client import start_http_server as _start_http_server
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from factoryd.errors import ConfigError
 from factoryd.telemetry.events import (
@@ -37,6 +40,7 @@ from factoryd.telemetry.events import (
     PortUpdate,
     TelemetrySink,
 )
+from factoryd.telemetry.limits import TokenBuckets, retry_after_header
 
 __all__ = [
     "JOB_DURATION_BUCKETS_S",
@@ -66,6 +70,15 @@ LABEL_VALUE_MAX_CHARS = 64
 OTHER_LABEL = "other"
 NO_REASON_LABEL = "none"
 UNKNOWN_LABEL = "unknown"
+# /metrics: Prometheus scrapes every 15 s, plus a dashboard or two; a flood of scrapes must not take the
+# interpreter from provisioning (each renders every series under the GIL). Past the rate per client:
+# 429; past the concurrent scrapes: 503. Both answered at once.
+METRICS_SCRAPES_PER_S = 1.0
+METRICS_SCRAPE_BURST = 5
+METRICS_MAX_CONCURRENT = 4
+# Scrapes this close together share one rendering (Prometheus' resolution is the scrape interval).
+METRICS_CACHE_S = 1.0
+METRICS_CACHE_VARIANTS = 8
 
 _LABEL_UNSAFE = re.compile(r"[^a-z0-9_.:-]+")
 
@@ -217,7 +230,19 @@ class Metrics(TelemetrySink):
             ["reason"],
             registry=r,
         )
+        self.mqtt_healthy = Gauge(
+            "factoryd_mqtt_healthy",
+            "1 while the MQTT broker acknowledges publishes (connected and PUBACKs arrive), else 0.",
+            registry=r,
+        )
+        self.http_rejected = Counter(
+            "factoryd_http_rejected",
+            "HTTP requests refused for load (429 rate, 503 too many streams or scrapes) by endpoint.",
+            ["endpoint", "status"],
+            registry=r,
+        )
         self.mqtt_connected.set(0)
+        self.mqtt_healthy.set(0)
         # Series that rates and ratios divide by exist from the start, so panels and alerts see 0, not
         # "no data", before the first job of the day.
         self.jobs.labels(outcome="ok", reason=NO_REASON_LABEL)
@@ -253,13 +278,25 @@ class Metrics(TelemetrySink):
         """Count resent requests."""
         self.frame_resends.labels(port=self._ports(port, UNKNOWN_LABEL)).inc(count)
 
+    def http_rejected_request(self, endpoint: str, status: int) -> None:
+        """Count one request refused for load (api/limits.py, the /metrics server)."""
+        self.http_rejected.labels(endpoint=endpoint, status=str(status)).inc()
+
     def intake_pause(self, reason: str, paused: bool) -> None:
         """Set the paused-intake gauge for one reason code (the scheduler's pause and resume)."""
         self.intake_paused.labels(reason=self._reasons(reason, UNKNOWN_LABEL)).set(1 if paused else 0)
 
-    def mqtt_state(self, connected: bool, queue_depth: int, dropped_total_increment: int = 0) -> None:
-        """Record the MQTT publisher's connection state, queue depth and new drops."""
+    def mqtt_state(
+        self,
+        connected: bool,
+        queue_depth: int,
+        dropped_total_increment: int = 0,
+        *,
+        healthy: bool | None = None,
+    ) -> None:
+        """Record the MQTT publisher's connection state, health, queue depth and new drops."""
         self.mqtt_connected.set(1 if connected else 0)
+        self.mqtt_healthy.set(1 if (connected if healthy is None else healthy) else 0)
         self.mqtt_queue_depth.set(queue_depth)
         if dropped_total_increment > 0:
             self.mqtt_dropped.inc(dropped_total_increment)
@@ -352,13 +389,83 @@ class Metrics(TelemetrySink):
     async def serve(self, host: str, port: int) -> AsyncIterator[int]:
         """Serve ``/metrics`` on host:port from a thread; yields the bound port (use 0 for any)."""
         try:
-            server, thread = await asyncio.to_thread(_start_http_server, port, host, self.registry)
+            server, thread = await asyncio.to_thread(_start_metrics_server, host, port, self)
         except OSError as exc:
             raise ConfigError(f"cannot listen for metrics on {host}:{port}: {exc}") from exc
         try:
             yield int(server.server_port)
         finally:
             await asyncio.to_thread(_stop_http_server, server, thread)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log on stderr (a scrape every 15 s is no news)."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Drop the line."""
+
+
+def _limited(app: Callable[..., Iterable[bytes]], metrics: Metrics) -> Callable[..., Iterable[bytes]]:
+    """The exposition app behind a scrape rate and a concurrency limit (answers 429/503 at once)."""
+    scrapes = TokenBuckets(METRICS_SCRAPES_PER_S, METRICS_SCRAPE_BURST)
+    slots = threading.BoundedSemaphore(METRICS_MAX_CONCURRENT)
+    # Renderings by what the scraper accepts (text or OpenMetrics, gzip or not): (at, status, headers, body).
+    cache: dict[tuple[str, str], tuple[float, str, list[tuple[str, str]], bytes]] = {}
+    cache_lock = threading.Lock()
+
+    def refuse(start_response: Callable[..., Any], status: str, wait_s: float) -> list[bytes]:
+        metrics.http_rejected_request("metrics", int(status[:3]))
+        start_response(status, [("Content-Type", "text/plain"), ("Retry-After", retry_after_header(wait_s))])
+        return [b"too many scrapes; slow down\n"]
+
+    def render(environ: dict[str, Any]) -> tuple[str, list[tuple[str, str]], bytes]:
+        captured: list[Any] = []
+
+        def keep(status: str, headers: list[tuple[str, str]], *_: Any) -> None:
+            captured[:] = [status, headers]
+
+        body = b"".join(app(environ, keep))
+        return captured[0], captured[1], body
+
+    def limited(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        wait_s = scrapes.take(str(environ.get("REMOTE_ADDR", "unknown")))
+        if wait_s:
+            return refuse(start_response, "429 Too Many Requests", wait_s)
+        if not slots.acquire(blocking=False):
+            return refuse(start_response, "503 Service Unavailable", 1.0)
+        try:
+            if environ.get("QUERY_STRING"):  # name[] filters: rendered for that caller alone
+                status, headers, body = render(environ)
+            else:
+                key = (str(environ.get("HTTP_ACCEPT", "")), str(environ.get("HTTP_ACCEPT_ENCODING", "")))
+                with cache_lock:
+                    now = time.monotonic()
+                    hit = cache.get(key)
+                    if hit is None or now - hit[0] >= METRICS_CACHE_S:
+                        if len(cache) >= METRICS_CACHE_VARIANTS:
+                            cache.clear()
+                        hit = cache[key] = (now, *render(environ))
+                _, status, headers, body = hit
+            start_response(status, headers)
+            return [body]
+        finally:
+            slots.release()
+
+    return limited
+
+
+def _start_metrics_server(host: str, port: int, metrics: Metrics) -> tuple[WSGIServer, threading.Thread]:
+    """prometheus_client's threaded WSGI server on host:port, with the scrape limits in front."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+
+    class Server(ThreadingWSGIServer):
+        address_family = family
+
+    app = _limited(make_wsgi_app(metrics.registry), metrics)
+    server = make_server(host, port, app, Server, handler_class=_QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
+    thread.start()
+    return server, thread
 
 
 def make_asgi_app(registry: CollectorRegistry) -> Callable[..., Any]:

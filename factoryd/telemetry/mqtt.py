@@ -71,6 +71,9 @@ class MqttSettings:
     keepalive_s: int = 30
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 30.0
+    # None: CONNECT_TIMEOUT_S / PUBLISH_TIMEOUT_S (read when used).
+    connect_timeout_s: float | None = None
+    publish_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -96,6 +99,10 @@ class MqttSettings:
                 f"mqtt reconnect delays must satisfy 0 < reconnect_min_s ({self.reconnect_min_s}) "
                 f"<= reconnect_max_s ({self.reconnect_max_s})"
             )
+        for name in ("connect_timeout_s", "publish_timeout_s"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"mqtt {name} must be > 0, got {value}")
         self.topics()  # validates line, station and the prefix template
 
     def topics(self) -> Topics:
@@ -146,6 +153,9 @@ class MqttPublisher(TelemetrySink):
         self._events: deque[JobEvent] = deque()
         self._dropped = 0
         self._connected = False
+        # True once the broker acknowledged a publish on this connection: a broker that completes
+        # CONNECT and then never sends PUBACK is connected but not healthy.
+        self._acked = False
         self._wakeup = asyncio.Event()
         self._stopping = asyncio.Event()
         self._connected_event = asyncio.Event()
@@ -161,6 +171,11 @@ class MqttPublisher(TelemetrySink):
     def connected(self) -> bool:
         """True while a session with the broker is up."""
         return self._connected
+
+    @property
+    def healthy(self) -> bool:
+        """True while connected and the broker acknowledges what is published (QoS 1 PUBACK)."""
+        return self._connected and self._acked
 
     @property
     def dropped(self) -> int:
@@ -230,7 +245,7 @@ class MqttPublisher(TelemetrySink):
 
     def _report(self, dropped: int = 0) -> None:
         if self._metrics is not None:
-            self._metrics.mqtt_state(self._connected, len(self._events), dropped)
+            self._metrics.mqtt_state(self._connected, len(self._events), dropped, healthy=self.healthy)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -312,7 +327,7 @@ class MqttPublisher(TelemetrySink):
             will=will,
             keepalive=s.keepalive_s,
             tls_context=self._tls_context,
-            timeout=CONNECT_TIMEOUT_S,
+            timeout=s.connect_timeout_s or CONNECT_TIMEOUT_S,
             clean_session=True,
         )
         try:
@@ -324,7 +339,6 @@ class MqttPublisher(TelemetrySink):
         s = self._settings
         async with client:
             self.connections += 1
-            self.last_error = None
             # Status first, then every retained topic: the broker may have restarted without them.
             self._retained[self._topics.status] = self._status("online")
             self._dirty = dict.fromkeys([self._topics.status, *self._retained])
@@ -385,8 +399,13 @@ class MqttPublisher(TelemetrySink):
             payload = value
         try:
             await client.publish(
-                topic, payload, qos=QOS_AT_LEAST_ONCE, retain=True, timeout=PUBLISH_TIMEOUT_S
+                topic,
+                payload,
+                qos=QOS_AT_LEAST_ONCE,
+                retain=True,
+                timeout=self._settings.publish_timeout_s or PUBLISH_TIMEOUT_S,
             )
+            self._mark_acked()
         except BaseException:
             # Publish it again on the next connection unless a newer value is already waiting.
             self._dirty.setdefault(topic, None)
@@ -400,8 +419,9 @@ class MqttPublisher(TelemetrySink):
                 encode(job_event_payload(event)),
                 qos=QOS_AT_LEAST_ONCE,
                 retain=False,
-                timeout=PUBLISH_TIMEOUT_S,
+                timeout=self._settings.publish_timeout_s or PUBLISH_TIMEOUT_S,
             )
+            self._mark_acked()
         except BaseException:
             # At-least-once: put it back in front; if the queue filled up meanwhile it is the oldest.
             if len(self._events) >= self._settings.queue_size:
@@ -411,8 +431,17 @@ class MqttPublisher(TelemetrySink):
                 self._events.appendleft(event)
             raise
 
+    def _mark_acked(self) -> None:
+        if not self._acked:
+            # Only an acknowledged publish clears the error: a broker that completes CONNECT and then
+            # never sends PUBACK keeps its "timed out" for the supervisor to see.
+            self._acked = True
+            self.last_error = None
+            self._report()
+
     def _set_connected(self, connected: bool) -> None:
         self._connected = connected
+        self._acked = False
         if connected:
             self._connected_event.set()
         else:

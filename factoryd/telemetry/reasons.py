@@ -44,6 +44,15 @@ REASON_TEXT: dict[str, str] = {
     "then retry the board (it keeps its ID).",
     "issuance": "The station could not issue the certificate. Tell the supervisor.",
     "signer": "The lot's CA key cannot be used. Tell the supervisor.",
+    # The line's signer (factoryd/signer/): signer_<code> is its refusal, as it audited it.
+    "signer_unavailable": "The line's signing service cannot be reached. Boards wait in their ports and the "
+    "station resumes by itself when it is back. Tell the supervisor.",
+    "signer_quota_exhausted": "The customer's quota for this lot is used up: no more certificates. Put the "
+    "board aside and tell the supervisor.",
+    "signer_quota_expired": "The customer's quota for this lot has expired. Tell the supervisor.",
+    "signer_quota_invalid": "The customer's quota for this lot is refused by the signer. Tell the supervisor.",
+    "signer_quota_missing": "The lot has no customer quota and the signer requires one. Tell the supervisor.",
+    "signer_reissue_limit": "This board's ID was signed too often. Put it aside and tell the supervisor.",
     "job_aborted": "Stopped by the operator or a station shutdown.",
     # Key attestation (pki/attestation.py): the board is refused before it gets an ID.
     **dict.fromkeys(

@@ -22,9 +22,7 @@ def upgrade() -> None:
     """Create the matter_lot and matter_device tables."""
     op.create_table(
         "matter_lot",
-        sa.Column(
-            "lot_id", sa.Integer, sa.ForeignKey("lot.id", name="fk_matter_lot_lot"), primary_key=True
-        ),
+        sa.Column("lot_id", sa.Integer, sa.ForeignKey("lot.id", name="fk_matter_lot_lot"), primary_key=True),
         sa.Column("kdf_salt", sa.LargeBinary, nullable=False),
         sa.Column("created_at", _TS, nullable=False),
     )
