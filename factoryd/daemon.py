@@ -30,6 +30,7 @@ from factoryd.labels.queue import LabelQueue, build_label_queue
 from factoryd.ledger import AsyncLedger
 from factoryd.ledger.aio import held_ledger
 from factoryd.ledger.model import LotInfo
+from factoryd.limits import raise_open_files_limit
 from factoryd.pki.passphrase import load_secret
 from factoryd.pki.store import BundleStore
 from factoryd.protocol.native import Timeouts
@@ -163,6 +164,8 @@ class Daemon:
             # Labels (docs/labels.md): a bad default template or printer address fails before READY.
             labels = build_label_queue(settings, ledger, telemetry, self.metrics.registry)
             await stack.enter_async_context(hub)
+            # One tty per port (1,024 ports pass Linux's usual soft limit of 1024 descriptors).
+            raise_open_files_limit(len(hub.ports()))
             # Jobs wait out ledger outages at their safe point; the API and the lot lookup fail at once.
             self.ledger_hold = hold = LedgerHold(
                 ledger, actor=settings.station.name, hold_s=self.hooks.ledger_hold_s, telemetry=telemetry

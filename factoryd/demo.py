@@ -171,7 +171,8 @@ class DemoOptions:
     on_started: Callable[[DemoStarted], None] | None = None
     # Called after the last board while the API and /metrics still serve.
     on_finished: Callable[[Daemon], Awaitable[None]] | None = None
-    # Labels (docs/labels.md): one simulated ZPL printer per port on 127.0.0.1 keeps every label.
+    # Labels (docs/labels.md): one simulated ZPL printer per port on 127.0.0.1 keeps every label
+    # (always on for a Matter lot).
     labels: bool = False
     # A Matter lot on the profile's boards (test PAA/PAI/CD; docs/matter.md); --profile matter sets it.
     matter: bool = False
@@ -633,7 +634,8 @@ async def _run_demo(options: DemoOptions, state_dir: Path, temporary: bool) -> D
 
     supply = DemoSupply(options, prepared.fw_public, first_position=prepared.boards_before + 1)
     hub = SimHub(options.ports, supply, supply=options.boards)
-    printers = await start_printers(hub.ports()) if options.labels else {}
+    # A Matter line prints its onboarding codes: the demo has a simulated printer per port.
+    printers = await start_printers(hub.ports()) if options.labels or options.makes_matter else {}
     if printers:
         settings = settings.model_copy(update={"labels": printer_settings(printers)})
 

@@ -19,6 +19,7 @@ from pyzbar import pyzbar
 from factoryd.config import LabelsConfig, Settings
 from factoryd.jobs.scheduler import Station
 from factoryd.labels.preview import render_image
+from factoryd.labels.template import MATTER_TEMPLATE_TOML
 from factoryd.ledger import DeviceState
 from factoryd.ledger.labels import LabelKind, LabelState
 from factoryd.sim.board import Fault, FaultPlan, Impostor, SimBoard, equip_attestation
@@ -251,3 +252,36 @@ async def test_no_label_for_a_board_refused_as_not_genuine(tmp_path: Path) -> No
     assert sorted(qr_texts(zpl)[0] for zpl in printer.printed) == provisioned
     with line.ledger() as ledger:
         assert len(ledger.label_jobs()) == 2
+
+
+async def test_a_port_without_printer_and_a_label_that_cannot_be_made_are_shown(tmp_path: Path) -> None:
+    line = await make_line(tmp_path)
+    # The station's default template prints Matter codes, which this plain lot's devices have not got.
+    matter_template = tmp_path / "matter.toml"
+    matter_template.write_text(MATTER_TEMPLATE_TOML)
+    hub = line.hub(ports=2, supply=2)
+    sink = RecordingSink()
+    async with SimPrinter() as printer:
+        settings = labelled(line, {"1": printer}, template=matter_template)
+
+        def done(station: Station) -> bool:
+            labels = station.labels
+            if labels is None or not hub.exhausted:
+                return False
+            with line.ledger() as ledger:
+                jobs = ledger.label_jobs()
+            return len(jobs) == 2 and all(j.condition in ("render", "no_printer") for j in jobs)
+
+        station = await line.run(hub, done, settings=settings, sinks=(sink,))
+    assert station.outcomes == Counter({"provisioned": 2})
+    assert printer.printed == []
+    with line.ledger() as ledger:
+        jobs = {j.port: j for j in ledger.label_jobs()}
+    assert jobs["1"].state is LabelState.FAILED
+    assert jobs["1"].last_error is not None
+    assert "has no onboarding codes" in jobs["1"].last_error
+    assert jobs["2"].state is LabelState.QUEUED
+    assert jobs["2"].condition == "no_printer"
+    outcomes = {(e.port, e.outcome, e.reason) for e in sink.events if e.step == "label"}
+    assert ("1", "failed", "label_render") in outcomes
+    assert ("2", "queued", "label_no_printer") in outcomes

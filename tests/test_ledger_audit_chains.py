@@ -25,6 +25,7 @@ from factoryd.cli.main import app
 from factoryd.errors import AuditChainError
 from factoryd.ledger import Ledger, LotProfile, LotState
 from factoryd.ledger.audit import ChainHead, anchors_from_manifest, chain_genesis, link_hash
+from factoryd.ledger.core import audit_chain_heads, verify_audit_chains
 from factoryd.ledger.engine import create_ledger_engine
 from factoryd.ledger.migrate import alembic_config
 from factoryd.ledger.tables import GENESIS_HASH, LEGACY_CHAIN, AuditEntryRow
@@ -113,7 +114,9 @@ def entry(url: str, chain: str, chain_seq: int) -> AuditEntryRow:
     try:
         with Session(engine) as session:
             return session.exec(
-                select(AuditEntryRow).where(AuditEntryRow.chain == chain, AuditEntryRow.chain_seq == chain_seq)
+                select(AuditEntryRow).where(
+                    AuditEntryRow.chain == chain, AuditEntryRow.chain_seq == chain_seq
+                )
             ).one()
     finally:
         engine.dispose()
@@ -125,8 +128,8 @@ def entry(url: str, chain: str, chain_seq: int) -> AuditEntryRow:
 def test_each_actor_appends_to_its_own_chain(url: str) -> None:
     populate(url)
     with Ledger.open(url) as ledger:
-        heads = {head.chain: head for head in ledger.audit_heads()}
-        chains = ledger.verify_audit_chains()
+        heads = {head.chain: head for head in audit_chain_heads(ledger)}
+        chains = verify_audit_chains(ledger)
         total = ledger.verify_audit()
     assert set(heads) == {"cli", *STATIONS}
     assert {name: chain.count for name, chain in chains.items()} == {"cli": 3, **dict.fromkeys(STATIONS, 6)}
@@ -157,8 +160,14 @@ def test_an_inserted_entry_is_named_by_chain_and_seq(url: str, victim: str) -> N
     # (which names the old seq 3) no longer matches the new seq 3.
     second = entry(url, victim, 2)
     at, prev = second.at, second.hash
-    run_sql(url, "UPDATE audit_entry SET chain_seq = chain_seq + 100 WHERE chain = :c AND chain_seq > 2", c=victim)
-    run_sql(url, "UPDATE audit_entry SET chain_seq = chain_seq - 99 WHERE chain = :c AND chain_seq > 100", c=victim)
+    run_sql(
+        url, "UPDATE audit_entry SET chain_seq = chain_seq + 100 WHERE chain = :c AND chain_seq > 2", c=victim
+    )
+    run_sql(
+        url,
+        "UPDATE audit_entry SET chain_seq = chain_seq - 99 WHERE chain = :c AND chain_seq > 100",
+        c=victim,
+    )
     forged = link_hash(
         seq=3, at=at, actor="mallory", action="id.voided", subject="x", details_json="{}", prev_hash=str(prev)
     )
@@ -171,7 +180,9 @@ def test_an_inserted_entry_is_named_by_chain_and_seq(url: str, victim: str) -> N
         prev=prev,
         h=forged,
     )
-    with pytest.raises(AuditChainError, match=rf"audit chain '{victim}' broken at seq 4: prev_hash does not match"):
+    with pytest.raises(
+        AuditChainError, match=rf"audit chain '{victim}' broken at seq 4: prev_hash does not match"
+    ):
         verify(url)
 
 
@@ -189,7 +200,7 @@ def test_a_truncated_tail_is_caught_by_the_head_and_with_a_rewound_head_by_the_m
 ) -> None:
     populate(url)
     with Ledger.open(url) as ledger:
-        anchors = ledger.audit_heads()
+        anchors = audit_chain_heads(ledger)
     # A manifest signed now carries every chain's head.
     manifest = build_manifest(
         LOT, [], SoftwareSigner(pki.issuing_key, pki.issuing_cert), [pki.issuing_cert, pki.root_cert],
@@ -210,13 +221,13 @@ def test_a_truncated_tail_is_caught_by_the_head_and_with_a_rewound_head_by_the_m
             AuditChainError,
             match=rf"'{victim}' broken at seq 5: the manifest anchors seq 6 but the trail ends at seq 4",
         ):
-            ledger.verify_audit(anchors_from_manifest(document))
+            verify_audit_chains(ledger, anchors_from_manifest(document))
 
 
 def test_a_rewritten_chain_differs_from_its_anchor(url: str) -> None:
     populate(url)
     with Ledger.open(url) as ledger:
-        anchors = ledger.audit_heads()
+        anchors = audit_chain_heads(ledger)
     victim = "station-b"
     # Rewrite the chain from seq 6 with a consistent forgery (new hash, head row to match).
     sixth = entry(url, victim, 6)
@@ -235,7 +246,7 @@ def test_a_rewritten_chain_differs_from_its_anchor(url: str) -> None:
     with Ledger.open(url) as ledger:
         ledger.verify_audit()  # consistent on its own
         with pytest.raises(AuditChainError, match=rf"'{victim}' broken at seq 6: the entry differs"):
-            ledger.verify_audit(anchors)
+            verify_audit_chains(ledger, anchors)
 
 
 def test_a_chain_without_a_head_row_is_refused(url: str) -> None:
@@ -270,7 +281,7 @@ def test_concurrent_stations_keep_every_chain_intact(url: str) -> None:
             thread.join(timeout=60)
         assert not errors
         assert ledger.progress(LOT).provisioned == per_station * len(stations)
-        chains = ledger.verify_audit_chains()
+        chains = verify_audit_chains(ledger)
     assert {s: chains[s].count for s in stations} == dict.fromkeys(stations, 2 * per_station)
     ids_held = rows(url, "SELECT device_id FROM device WHERE state = 'provisioned'")
     assert len(set(ids_held)) == len(ids_held) == per_station * len(stations)
@@ -319,10 +330,10 @@ def test_the_single_chain_of_an_older_ledger_becomes_one_chain(url: str) -> None
         prev = digest
     run_sql(url, "UPDATE audit_head SET seq = 3, hash = :h WHERE id = 1", h=prev)
     with Ledger.open(url) as ledger:  # migrates to head
-        assert ledger.audit_heads() == [ChainHead(LEGACY_CHAIN, 3, prev)]
+        assert audit_chain_heads(ledger) == [ChainHead(LEGACY_CHAIN, 3, prev)]
         assert ledger.verify_audit() == 3
         ledger.audit(actor="old-station", action="note", subject="after", details={})
-        chains = ledger.verify_audit_chains()
+        chains = verify_audit_chains(ledger)
     assert {name: c.count for name, c in chains.items()} == {LEGACY_CHAIN: 3, "old-station": 1}
     # The new entry continues the trail's order after the migrated ones.
     assert rows(url, "SELECT seq, chain, chain_seq FROM audit_entry WHERE chain_seq = 1 ORDER BY seq") == [
@@ -330,7 +341,9 @@ def test_the_single_chain_of_an_older_ledger_becomes_one_chain(url: str) -> None
         (4, "old-station", 1),
     ]
     # Tampering with the migrated chain is still named.
-    run_sql(url, "UPDATE audit_entry SET subject = 'forged' WHERE chain = :c AND chain_seq = 2", c=LEGACY_CHAIN)
+    run_sql(
+        url, "UPDATE audit_entry SET subject = 'forged' WHERE chain = :c AND chain_seq = 2", c=LEGACY_CHAIN
+    )
     with pytest.raises(AuditChainError, match=rf"'{LEGACY_CHAIN}' broken at seq 2: entry was altered"):
         verify(url)
 
@@ -339,10 +352,11 @@ def test_downgrade_below_0004_is_refused_while_other_chains_exist(url: str) -> N
     populate(url, per_station=1)
     engine = create_ledger_engine(url)
     try:
-        with engine.begin() as connection, pytest.raises(RuntimeError, match="cannot downgrade below 0004"):
+        with engine.begin() as connection:
             config = alembic_config()
             config.attributes["connection"] = connection
-            command.downgrade(config, "0003_cloud_registration")
+            with pytest.raises(RuntimeError, match="cannot downgrade below 0004"):
+                command.downgrade(config, "0003_cloud_registration")
     finally:
         engine.dispose()
     assert verify(url) == 3 + 2 * len(STATIONS)
@@ -354,7 +368,7 @@ def test_downgrade_below_0004_is_refused_while_other_chains_exist(url: str) -> N
 def test_cli_verify_checks_the_manifests_anchors(url: str, pki: TestPki, tmp_path: Path) -> None:
     populate(url)
     with Ledger.open(url) as ledger:
-        anchors = ledger.audit_heads()
+        anchors = audit_chain_heads(ledger)
     manifest = build_manifest(
         LOT, [], SoftwareSigner(pki.issuing_key, pki.issuing_cert), [pki.issuing_cert, pki.root_cert],
         audit_chains=anchors,
@@ -387,3 +401,13 @@ def test_cli_verify_checks_the_manifests_anchors(url: str, pki: TestPki, tmp_pat
     no_ca = runner.invoke(app, ["audit", "verify", "--url", url, "--manifest", str(json_path)])
     assert no_ca.exit_code != 0
     assert "--manifest needs --ca" in no_ca.output
+
+
+def test_two_ledgers_appending_to_one_chain_correct_each_others_stale_head(url: str) -> None:
+    """Each ledger remembers the head it appended; the other's appends make that hint stale."""
+    with Ledger.open(url) as first, Ledger.open(url) as second:
+        for index in range(6):
+            (first if index % 3 else second).audit(actor="op", action="note", subject=f"n{index}", details={})
+        assert verify_audit_chains(first)["op"].count == 6
+    subjects = rows(url, "SELECT subject FROM audit_entry WHERE chain = 'op' ORDER BY chain_seq")
+    assert subjects == [(f"n{i}",) for i in range(6)]

@@ -182,21 +182,61 @@ def test_the_onboarding_file_decrypts_with_openssl_and_matches_the_ledger(tmp_pa
         assert export_onboarding_codes(ledger, paths, line.passphrase, LOT, actor="test").count == 2
 
 
-def test_an_ec_recipient_is_refused_with_the_reason(tmp_path: Path) -> None:
+@pytest.mark.parametrize("curve", [ec.SECP256R1(), ec.SECP384R1()], ids=lambda c: c.name)
+def test_an_ec_customer_gets_key_agreement_and_openssl_decrypts(
+    tmp_path: Path, curve: ec.EllipticCurve
+) -> None:
+    from factoryd.matter.onboarding import encrypt_onboarding
+
+    key = ec.generate_private_key(curve)
+    cert_path, key_path = tmp_path / "c.pem", tmp_path / "k.pem"
+    cert = _self_signed(key)
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    plaintext = b"device_id,qr_payload\n" + b"d,MT:Y.K9042C00KA0648G00\n" * 50
+    (tmp_path / "codes.p7m").write_bytes(encrypt_onboarding(plaintext, cert))
+    done = openssl(
+        "cms", "-decrypt", "-inform", "DER", "-in", str(tmp_path / "codes.p7m"),
+        "-recip", str(cert_path), "-inkey", str(key_path),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == plaintext
+    # Another key of the same curve cannot open it.
+    key_path.write_bytes(
+        ec.generate_private_key(curve).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    wrong = openssl(
+        "cms", "-decrypt", "-inform", "DER", "-in", str(tmp_path / "codes.p7m"),
+        "-recip", str(cert_path), "-inkey", str(key_path),
+    )  # fmt: skip
+    assert wrong.returncode != 0
+
+
+def test_an_unusable_recipient_is_refused_with_the_reason() -> None:
     from factoryd.matter.onboarding import check_recipient
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "c")])
+    with pytest.raises(InputError, match="secp256k1"):
+        check_recipient(_self_signed(ec.generate_private_key(ec.SECP256K1())))
+    with pytest.raises(InputError, match="1024 bits"):
+        check_recipient(_self_signed(rsa.generate_private_key(public_exponent=65537, key_size=1024)))  # noqa: S505 - the weak key is the point
+
+
+def _self_signed(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> x509.Certificate:
     import datetime as dt
 
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "c")])
     now = dt.datetime.now(dt.UTC)
-    cert = (
+    return (
         x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(1).not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
+        .serial_number(123456789).not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
         .sign(key, hashes.SHA256())
     )  # fmt: skip
-    with pytest.raises(InputError, match="RSA"):
-        check_recipient(cert)
 
 
 @pytest.mark.timeout(60)

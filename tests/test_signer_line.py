@@ -40,6 +40,7 @@ from factoryd.signer.lineca import init_line_ca, issue_station_cert
 from factoryd.sim.board import SimBoard
 from factoryd.sim.hub import SimHub
 from factoryd.telemetry.events import JobEvent, LinkStats, LotProgressUpdate, PortUpdate
+from tests.helpers.mqtt_broker import MosquittoBroker, MqttRecorder
 from tests.helpers.signer import LOT, SignerLine, SignerProcess, make_signer_line, run_station
 
 pytestmark = pytest.mark.postgres
@@ -415,3 +416,27 @@ async def test_signer_killed_mid_run_loses_and_duplicates_nothing(
     # While the signer was down, boards were held at the issue step and the port said why.
     assert any(u.reason and "signer unreachable" in u.reason for u in recorder.ports)
     assert any(e.kind == "retry" and e.reason == "signer_unavailable" for e in recorder.events)
+
+
+@pytest.mark.mqtt
+async def test_the_signer_reports_over_mqtt(line: SignerLine, mqtt_broker: MosquittoBroker) -> None:
+    """Its presence (retained, last will) and each refusal as an event, like a station's."""
+    async with MqttRecorder(mqtt_broker, "factory/test-line/signer-1/#") as recorder:
+        process = SignerProcess(line, config=line.config(mqtt_port=mqtt_broker.port))
+        await asyncio.to_thread(process.start)
+        try:
+            await recorder.wait_for(lambda: (recorder.latest("/status") or {}).get("state") == "online")
+            with line.client("st-a") as client:
+                refused = await asyncio.to_thread(
+                    client.post, "/v1/certificates", json=_body("no-such-device", "aa11", None)
+                )
+            assert refused.status_code == 403
+            await recorder.wait_for(
+                lambda: any(e.get("reason") == "unknown_device" for e in recorder.on("/events"))
+            )
+        finally:
+            assert await asyncio.to_thread(process.stop) == 0
+        await recorder.wait_for(lambda: (recorder.latest("/status") or {}).get("state") == "offline")
+    event = next(e for e in recorder.on("/events") if e.get("reason") == "unknown_device")
+    assert event["lot"] == LOT
+    assert event["step"] == "issue"

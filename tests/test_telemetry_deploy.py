@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
+from factoryd.signer.metrics import SignerMetrics
 from factoryd.telemetry import JobEvent, LotProgressUpdate, Metrics, PortState, PortUpdate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,6 +75,14 @@ def sample_names(m: Metrics) -> set[str]:
     return {s.name for fam in m.registry.collect() for s in fam.samples}
 
 
+def full_signer_metrics() -> SignerMetrics:
+    """The signing service's registry (its own /metrics, docs/signer.md) with samples in every family."""
+    m = SignerMetrics(signer="signer-1", version="1")
+    m.issued(lot="L", station="st1", replayed=False, superseded=True, duration_s=0.01, remaining=3)
+    m.refused(lot="L", station="st1", reason="quota_exhausted", duration_s=0.01)
+    return m
+
+
 def test_prometheus_config_is_valid() -> None:
     result = promtool("check", "config", PROMETHEUS / "prometheus.yml")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -122,7 +131,9 @@ def test_dashboard_queries_parse(tmp_path: Path) -> None:
 
 
 def test_dashboard_and_rules_use_only_existing_metrics() -> None:
-    known = sample_names(full_metrics())
+    known = sample_names(full_metrics()) | {
+        s.name for fam in full_signer_metrics().registry.collect() for s in fam.samples
+    }
     texts = {"dashboard": DASHBOARD.read_text()}
     texts |= {p.name: p.read_text() for p in (PROMETHEUS / "rules").glob("*.yml")}
     for where, text in texts.items():
@@ -172,7 +183,7 @@ def test_grafana_provisioning_points_at_the_dashboard() -> None:
 
 def test_metrics_doc_lists_every_metric_and_panel_query() -> None:
     doc = METRICS_DOC.read_text()
-    for fam in full_metrics().registry.collect():
+    for fam in [*full_metrics().registry.collect(), *full_signer_metrics().registry.collect()]:
         name = fam.name + "_total" if fam.type == "counter" else fam.name
         assert f"`{name}`" in doc, f"docs/metrics.md does not document {name}"
     for title, expr in panel_exprs():

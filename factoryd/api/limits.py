@@ -32,13 +32,13 @@ class LoadLimits:
     """How much a client may ask of a station: a handful of pages, a CLI, a supervisor's scripts."""
 
     # Per credential: a page polls nothing (it streams; a load is ~6 requests), a CLI command makes a
-    # few calls. Every accepted call costs a token lookup and an audit write in the ledger the line
-    # writes to, so the sustained rate is what a busy supervisor's scripts need, no more.
-    client_rate_per_s: float = 5.0
-    client_burst: int = 30
+    # few calls, an import script a burst. Every accepted call costs a token lookup and an audit write
+    # in the ledger the line writes to, so the sustained rate is what a busy supervisor needs, no more.
+    client_rate_per_s: float = 10.0
+    client_burst: int = 200
     # Per address (every credential behind it, and the unauthenticated ones).
-    address_rate_per_s: float = 10.0
-    address_burst: int = 60
+    address_rate_per_s: float = 20.0
+    address_burst: int = 400
     # Open event streams for the whole station (each costs a render per port change).
     max_event_streams: int = 8
 

@@ -136,7 +136,7 @@ def run_floor(boards: int, transactions_per_board: int) -> dict[str, Any]:
                 )
                 cert_key = cert.public_key()
                 if not isinstance(cert_key, ec.EllipticCurvePublicKey):
-                    raise RuntimeError("floor certificate key is not EC")
+                    raise TypeError("floor certificate key is not EC")
                 cert_key.verify(der_signature, board.challenge, ec.ECDSA(hashes.SHA256()))
                 t1 = time.process_time()
                 for _ in range(transactions_per_board):

@@ -4,9 +4,9 @@ Two measurements over the same window (READY to the last board):
 
 - per-thread CPU from ``/proc/self/task/<tid>/stat``: the event loop thread against the ledger's
   worker thread and the rest (the OS accounts it, nothing is instrumented);
-- cProfile on the event loop thread with the thread's CPU clock, each function's own time (``tottime``) summed by layer (by
-  the module it is in; built-ins by what they are: a ``write`` on a tty is the serial path, the
-  selector's ``poll`` the event loop, OpenSSL through ``cryptography`` the PKI).
+- cProfile on the event loop thread with the thread's CPU clock, each function's own time
+  (``tottime``) summed by layer (by the module it is in; built-ins by what they are: a ``write``
+  on a tty is the serial path, the selector's ``poll`` the event loop, OpenSSL the PKI).
 
 cProfile slows Python code down more than C code, so its figures are given as *shares* of the
 loop thread's profiled time and scaled to the loop thread's unprofiled CPU per board by the

@@ -206,7 +206,14 @@ class _Generator:
         elapsed = time.monotonic() - self.started
         kinds = {k: v.summary() for k, v in self.kinds.items()}
         timeouts = sum(v.statuses.get("timeout", 0) for v in self.kinds.values())
-        return {"elapsed_s": round(elapsed, 2), "requests": self.sent, "timeouts": timeouts, "kinds": kinds}
+        return {
+            "elapsed_s": round(elapsed, 2),
+            "requests": self.sent,
+            "timeouts": timeouts,
+            # The generator's own CPU: on a small machine it competes with the station for cores.
+            "generator_cpu_s": round(time.process_time(), 2),
+            "kinds": kinds,
+        }
 
 
 def _head(method: str, path: str, headers: dict[str, str], length: int) -> bytes:
@@ -218,8 +225,31 @@ def _head(method: str, path: str, headers: dict[str, str], length: int) -> bytes
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
+async def _decoy(stop_file: Path, port_file: Path) -> None:
+    """An HTTP server that answers 429 to everything (the control run: the generator's own cost)."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, ValueError, asyncio.LimitOverrunError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 429 Too Many Requests\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, LOOPBACK, 0)
+    async with server:
+        await asyncio.to_thread(port_file.write_text, str(server.sockets[0].getsockname()[1]))
+        while not await asyncio.to_thread(stop_file.exists):  # noqa: ASYNC110 - another process says when
+            await asyncio.sleep(STATUS_POLL_S)
+
+
 def generator_main(argv: list[str]) -> int:
-    """``python -m factoryd.bench.load TARGET_JSON PLAN_JSON [STOP_FILE]``: run, print the summary as JSON."""
+    """``python -m factoryd.bench.load TARGET_JSON PLAN_JSON [STOP_FILE]``: run, print the summary as JSON.
+
+    ``python -m factoryd.bench.load --decoy STOP_FILE PORT_FILE`` serves the control run's decoy.
+    """
+    if argv[0] == "--decoy":
+        asyncio.run(_decoy(Path(argv[1]), Path(argv[2])))
+        return 0
     target = Target(**json.loads(argv[0]))
     plan = LoadPlan(**json.loads(argv[1]))
     stop_file = Path(argv[2]) if len(argv) > 2 else None
@@ -235,7 +265,7 @@ def generator_main(argv: list[str]) -> int:
 class LineRun:
     """One run of the line: its rate, outcomes, memory and (when loaded) what the generator saw."""
 
-    mode: Literal["unloaded", "loaded"]
+    mode: Literal["unloaded", "loaded", "decoy"]
     devices: int
     provisioned: int
     outcomes: dict[str, int]
@@ -262,6 +292,19 @@ class LineRun:
 def _rss_now() -> int:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * resource.getpagesize()
+
+
+async def _start_decoy(workdir: Path, stop_file: Path, helpers: list[subprocess.Popen[bytes]]) -> int:
+    """Start the decoy server process; its port."""
+    port_file = workdir / "decoy.port"
+    argv = [sys.executable, "-m", "factoryd.bench.load", "--decoy", str(stop_file), str(port_file)]
+    helpers.append(subprocess.Popen(argv))  # noqa: S603, ASYNC220
+    deadline = time.monotonic() + HUB_START_TIMEOUT_S
+    while not await asyncio.to_thread(port_file.exists):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the decoy server did not start")
+        await asyncio.sleep(STATUS_POLL_S)
+    return int(await asyncio.to_thread(port_file.read_text))
 
 
 async def _finish(
@@ -292,6 +335,7 @@ async def run_line(
     devices: int,
     timing: Literal["zero", "realistic"],
     plan: LoadPlan | None,
+    decoy: bool = False,
     timing_scale: float = 1.0,
 ) -> LineRun:
     """Prepare a lot, start a sim hub process, run the daemon (API, /metrics) until the supply is used."""
@@ -319,6 +363,7 @@ async def run_line(
     ]  # fmt: skip
     stop_file = workdir / "load.stop"
     generator: subprocess.Popen[bytes] | None = None
+    helpers: list[subprocess.Popen[bytes]] = []
     with (workdir / "sim-hub.log").open("wb") as log:
         hub_proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)  # noqa: S603, ASYNC220
     try:
@@ -328,7 +373,10 @@ async def run_line(
         async def watch(station: Station) -> None:
             nonlocal generator
             if plan is not None and daemon is not None and daemon.api_port and daemon.metrics_port:
-                target = Target(daemon.api_port, daemon.metrics_port, DEMO_LOT, **tokens)
+                api_port, metrics_port = daemon.api_port, daemon.metrics_port
+                if decoy:
+                    api_port = metrics_port = await _start_decoy(workdir, stop_file, helpers)
+                target = Target(api_port, metrics_port, DEMO_LOT, **tokens)
                 argv = [sys.executable, "-m", "factoryd.bench.load"]
                 argv += [json.dumps(asdict(target)), json.dumps(asdict(plan)), str(stop_file)]
                 generator = subprocess.Popen(argv, stdout=subprocess.PIPE)  # noqa: S603, ASYNC220
@@ -352,6 +400,12 @@ async def run_line(
     finally:
         if generator is not None and generator.poll() is None:
             generator.kill()  # the run failed before the generator was told to end
+        stop_file.touch()
+        for helper in helpers:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await asyncio.to_thread(helper.wait, 10)
+            if helper.poll() is None:
+                helper.kill()
         hub_proc.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
             await asyncio.to_thread(hub_proc.wait, 10)
@@ -364,7 +418,7 @@ async def run_line(
     )
     provisioned = station.outcomes.get("provisioned", 0)
     return LineRun(
-        mode="loaded" if plan is not None else "unloaded",
+        mode="unloaded" if plan is None else "decoy" if decoy else "loaded",
         devices=devices,
         provisioned=provisioned,
         outcomes=dict(station.outcomes),
@@ -399,6 +453,8 @@ async def run_load_bench(
     }
     unloaded = await run_line(workdir / "unloaded", plan=None, **line)
     loaded = await run_line(workdir / "loaded", plan=plan, **line)
+    # The same flood at a decoy server beside the station: what the generator's own CPU costs the line.
+    decoy = await run_line(workdir / "decoy", plan=plan, decoy=True, **line)
     ratio = loaded.rate_per_s / unloaded.rate_per_s if unloaded.rate_per_s else 0.0
     return {
         "benchmark": "load",
@@ -409,6 +465,10 @@ async def run_load_bench(
         "plan": asdict(plan),
         "unloaded": unloaded.summary(),
         "loaded": loaded.summary(),
+        "decoy": decoy.summary(),
+        "decoy_throughput_ratio": round(decoy.rate_per_s / unloaded.rate_per_s, 4)
+        if unloaded.rate_per_s
+        else 0.0,
         "throughput_ratio": round(ratio, 4),
         "within_10_percent": ratio >= 0.9,
     }

@@ -45,6 +45,7 @@ def audit_verify(
     """Recompute every audit hash chain; exit 1 naming the chain and first bad entry if tampered with."""
     from factoryd.errors import AuditChainError  # noqa: PLC0415
     from factoryd.ledger import Ledger  # noqa: PLC0415
+    from factoryd.ledger.core import verify_audit_chains  # noqa: PLC0415
     from factoryd.ledger.audit import ChainHead, anchors_from_manifest  # noqa: PLC0415
     from factoryd.pki.manifest import ManifestError, verify_manifest  # noqa: PLC0415
     from factoryd.pki.manifest_check import load_chain  # noqa: PLC0415
@@ -69,7 +70,7 @@ def audit_verify(
     source = f"the manifest {', '.join(sources)}" if len(sources) == 1 else "a manifest"
     try:
         with Ledger.open(ledger_url) as ledger:
-            chains = ledger.verify_audit_chains(anchors, source=source)
+            chains = verify_audit_chains(ledger, anchors, source=source)
     except AuditChainError as exc:
         fail(str(exc), code=1)
     except FactorydError as exc:

@@ -64,6 +64,23 @@ def bench_line(
     _write_json(result, out)
 
 
+@app.command("signer")
+def bench_signer(
+    stations: Annotated[int, typer.Option(min=1, max=64, help="Stations sending at once.")] = 8,
+    per_station: Annotated[int, typer.Option(min=1, help="Certificate requests per station.")] = 50,
+    ledger_url: Annotated[
+        str | None, typer.Option(help="Ledger to run on (PostgreSQL for the shared-ledger figure).")
+    ] = None,
+    out: OutOption = None,
+) -> None:
+    """Certificates per second through the line's signer, and the latency it adds per board."""
+    from factoryd.bench.signer import run_signer_bench  # noqa: PLC0415
+
+    configure_logging("error", "console")
+    result = run_async(run_signer_bench(stations=stations, per_station=per_station, ledger_url=ledger_url))
+    _write_json(result, out)
+
+
 @app.command("overhead")
 def bench_overhead(
     ports: Annotated[list[int] | None, typer.Option(help="Port counts (repeatable).")] = None,
@@ -91,7 +108,9 @@ def bench_ledger(
     url: Annotated[str | None, typer.Option(help="Ledger URL (default: a temporary SQLite file).")] = None,
     pg_admin_url: Annotated[
         str | None,
-        typer.Option(help="A PostgreSQL admin URL: run on a scratch database created there and dropped after."),
+        typer.Option(
+            help="A PostgreSQL admin URL: run on a scratch database created there and dropped after."
+        ),
     ] = None,
     n: Annotated[int, typer.Option(help="Claims to make.")] = 2000,
     threads: Annotated[int, typer.Option(help="Concurrent claimers in one process (one station).")] = 4,
@@ -111,7 +130,9 @@ def bench_ledger(
         fail("give --url or --pg-admin-url, not both")
     with contextlib.ExitStack() as stack:
         if pg_admin_url:
-            ledger_url = stack.enter_context(throwaway_postgres_database(pg_admin_url, prefix="factoryd_bench"))
+            ledger_url = stack.enter_context(
+                throwaway_postgres_database(pg_admin_url, prefix="factoryd_bench")
+            )
         else:
             tmp = stack.enter_context(tempfile.TemporaryDirectory())
             ledger_url = url or f"sqlite:///{tmp}/bench.db"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -17,6 +17,10 @@ from factoryd.cli.opts import (
     state_dir_settings,
     write_public,
 )
+
+if TYPE_CHECKING:
+    from factoryd.ledger import Ledger
+    from factoryd.service import StationPaths
 
 app = command_group("Signed manifests of provisioned devices, the lot's CRL, customer-side checks.")
 
@@ -63,8 +67,26 @@ def manifest_export(
         return
     with open_ledger(config) as ledger:
         manifest = guard(lambda: export_manifest(ledger, paths, station_passphrase(settings), lot))
+        onboarding = guard(lambda: _matter_onboarding(ledger, paths, station_passphrase(settings), lot))
     json_path, sig_path = write_manifest(manifest, out or paths.manifests)
     typer.echo(f"manifest of {manifest.count} devices: {json_path}\nsignature: {sig_path}")
+    if onboarding is not None:
+        # A Matter lot with a stored customer certificate: its onboarding codes go with the manifest.
+        from factoryd.matter.onboarding import FILE_SUFFIX  # noqa: PLC0415
+
+        codes_path = (out or paths.manifests) / f"{lot}{FILE_SUFFIX}"
+        write_public(codes_path, onboarding)
+        typer.echo(f"onboarding codes (encrypted to the customer): {codes_path}")
+
+
+def _matter_onboarding(ledger: Ledger, paths: StationPaths, passphrase: bytes, lot: str) -> bytes | None:
+    """The encrypted onboarding codes of a Matter lot whose customer certificate is stored, else None."""
+    from factoryd.matter.admin import export_onboarding_codes  # noqa: PLC0415
+    from factoryd.matter.lot import MatterStore  # noqa: PLC0415
+
+    if ledger.get_lot(lot).profile.matter is None or MatterStore(paths.matter).recipient(lot) is None:
+        return None
+    return export_onboarding_codes(ledger, paths, passphrase, lot, actor="cli").der
 
 
 @app.command("crl")

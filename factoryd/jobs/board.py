@@ -388,7 +388,8 @@ async def matter_commissioning(host: JobHost, device_id: str, issued: IssuedCert
     product_id = matter_ids(issued.cert).product_id
     if product_id is None:
         raise VerificationError(f"{device_id}: the issued DAC carries no Matter PID")
-    device = new_device_secrets(profile, product_id)
+    # PBKDF2 with up to 100000 rounds takes tens of ms: off the event loop, like a token's signature.
+    device = await asyncio.to_thread(new_device_secrets, profile, product_id)
     await host.ledger.record_onboarding_codes(
         lot.name,
         device_id,

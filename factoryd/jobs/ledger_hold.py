@@ -66,6 +66,10 @@ class Pauser(Protocol):
     def pauses(self) -> Mapping[str, PauseInfo]:
         """The pauses in force, by key."""
 
+    @property
+    def stopping(self) -> bool:
+        """True once the station was asked to stop."""
+
 
 class LedgerHold:
     """The outage handler of the jobs' ledger view (``ledger.aio.held_ledger``)."""
@@ -105,6 +109,9 @@ class LedgerHold:
         )  # fmt: skip
         deadline = time.monotonic() + remaining_s
         while LEDGER_PAUSE_KEY in pauser.pauses:
+            if pauser.stopping:
+                # Shutting down: the job ends here, its reservation kept (the next start closes its record).
+                return False
             if time.monotonic() >= deadline:
                 log.warning("ledger still unavailable: the held job fails, its reservation kept")
                 return False

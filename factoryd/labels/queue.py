@@ -136,14 +136,6 @@ def make_label(ledger: Ledger, lot: str, device_id: str, default: LabelTemplate 
     return render_zpl(template, values)
 
 
-def check_lot_template(ledger: Ledger, lot: str, template: LabelTemplate) -> None:
-    """Refuse a template that prints Matter codes for a lot that has none (LabelTemplateError)."""
-    if template.needs_onboarding_codes and ledger.get_lot(lot).profile.matter is None:
-        raise LabelTemplateError(
-            f"the template prints Matter onboarding codes, but lot {lot!r} is not a Matter lot"
-        )
-
-
 @dataclass
 class PrinterView:
     """What the operator sees of one printer (station page)."""
@@ -225,7 +217,10 @@ class LabelQueue:
         if result.device_id is None:
             log.error("provisioned board without a device ID: no label", port=result.port)
             return
-        await self.board_done(lot.name, result.device_id, result.port)
+        try:
+            await self.board_done(lot.name, result.device_id, result.port)
+        except Exception:  # a bug here must cost one board its label (reprint it), never the port loop
+            log.exception("label not queued", device_id=result.device_id, port=result.port)
 
     async def reprint(self, lot: str, device_id: str, port: str, *, actor: str) -> LabelJob:
         """Queue a reprint (audited in the ledger with ``actor``)."""
@@ -237,7 +232,7 @@ class LabelQueue:
         return job
 
     def wake(self, port: str | None = None) -> None:
-        """Look at the queue now (after a new job, or an operator who reloaded paper)."""
+        """Look at the queue now (a new job); a printer in backoff is tried again when its wait ends."""
         self._poll_wake.set()
         for worker in self._workers.values():
             if port is None or port in worker.ports:
@@ -251,7 +246,7 @@ class LabelQueue:
             tg.create_task(self._poll(), name="labels-poll")
 
     async def _sleep(self, event: asyncio.Event, timeout_s: float) -> None:
-        event.clear()
+        """Until ``event`` (cleared by the caller before it looked), stop(), or the timeout."""
         if self._stop.is_set():
             return
         with contextlib.suppress(TimeoutError):
@@ -261,6 +256,7 @@ class LabelQueue:
     async def _poll(self) -> None:
         """Count the queue, mark jobs for ports without a printer, wake workers for outside jobs."""
         while not self._stop.is_set():
+            self._poll_wake.clear()
             try:
                 queued = await self.ledger.label_jobs(
                     station=self.settings.station,
@@ -274,11 +270,11 @@ class LabelQueue:
             if queued is not None:
                 self._count(len(queued))
                 for job in queued:
-                    if job.port in self.settings.printers:
-                        self.wake(job.port)
-                    elif job.condition != NO_PRINTER:
-                        await self._record(job, LabelOutcome.RETRY, f"no label printer for port {job.port}",
-                                           NO_PRINTER, None)  # fmt: skip
+                    # Jobs for a printer are its worker's; the worker also finds the CLI's within poll_s.
+                    if job.port not in self.settings.printers and job.condition != NO_PRINTER:
+                        message = f"no label printer for port {job.port} ([labels.printers])"
+                        await self._record(job, LabelOutcome.RETRY, message, NO_PRINTER, None)
+                        self._tally(NO_PRINTER)
             await self._sleep(self._poll_wake, self.settings.poll_s)
 
     def _count(self, queued: int) -> None:
@@ -289,6 +285,7 @@ class LabelQueue:
     async def _work(self, worker: _Worker) -> None:
         delay_s = self.settings.retry_initial_s
         while not self._stop.is_set():
+            worker.wake.clear()  # before looking: a job queued from now on wakes the next sleep
             try:
                 jobs = await self.ledger.label_jobs(
                     station=self.settings.station,
@@ -312,8 +309,9 @@ class LabelQueue:
                     trouble = True
                     break
             if trouble:
+                # Backoff: new boards' labels do not cut it short (they would hammer a dead printer).
                 worker.view.retry_in_s = delay_s
-                await self._sleep(worker.wake, delay_s)
+                await self._sleep(self._stop, delay_s)
                 delay_s = min(delay_s * 2, self.settings.retry_max_s)
             else:
                 worker.view.retry_in_s = None

@@ -81,7 +81,7 @@ class AsyncLedger:
         return self._ledger
 
     async def _run(self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        if self._closed:
+        if self._closed or self._direct._closed:  # a held view is closed with the ledger it shows
             raise LedgerError("the ledger is closed")
         loop = asyncio.get_running_loop()
         context = contextvars.copy_context()  # keeps structlog's bound job context in the worker

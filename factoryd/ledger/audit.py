@@ -155,14 +155,12 @@ def verify_chain(
     return VerifiedChain(count, kept)
 
 
-def verify_anchors(
-    chains: Mapping[str, VerifiedChain], anchors: Iterable[ChainHead], *, source: str
-) -> int:
+def verify_anchors(chains: Mapping[str, VerifiedChain], anchors: Iterable[ChainHead], *, source: str) -> int:
     """Check that every anchored head (from a signed manifest) is still a link of its verified chain.
 
-    ``chains`` maps each chain to its verification (kept: the anchored positions). A chain shorter than its anchor lost its tail
-    (the head row rewound with it); a different hash at the anchored position means the chain was
-    rewritten from there. Returns how many anchors were checked.
+    ``chains`` maps each chain to its verification (kept: the anchored positions). A chain shorter
+    than its anchor lost its tail (the head row rewound with it); a different hash at the anchored
+    position means the chain was rewritten from there. Returns how many anchors were checked.
     """
     checked = 0
     for anchor in anchors:

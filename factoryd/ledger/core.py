@@ -14,17 +14,20 @@
 
 Every public method is one database transaction that is committed before it returns. Writers
 are serialised per claim with ``SELECT ... FOR UPDATE SKIP LOCKED`` on PostgreSQL and
-``BEGIN IMMEDIATE`` on SQLite; the audit chain itself is serialised by locking its single head row.
+``BEGIN IMMEDIATE`` on SQLite; each actor's audit chain (a station's, ``cli``'s…) is serialised by
+its own head row, so stations never wait for each other's audit appends.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Self
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from factoryd.errors import LedgerError
+from factoryd.ledger.audit import ChainHead, VerifiedChain
 from factoryd.ledger.certificates import CertificateBook
 from factoryd.ledger.engine import WRITE_OPTION, create_ledger_engine
 from factoryd.ledger.errors import LedgerUnavailableError
@@ -77,6 +80,21 @@ class Ledger(DeviceBook, IdImport, RegistrationBook, CertificateBook, MatterBook
     def backend(self) -> str:
         """``sqlite`` or ``postgresql``."""
         return self._engine.dialect.name
+
+
+def audit_chain_heads(ledger: Ledger) -> list[ChainHead]:
+    """Every audit chain's head now, by chain name: what a lot's signed manifest anchors."""
+    return ledger._audit_heads()
+
+
+def verify_audit_chains(
+    ledger: Ledger, anchors: Sequence[ChainHead] = (), *, source: str = "the manifest"
+) -> dict[str, VerifiedChain]:
+    """Verify every audit chain, then that each anchored head (a signed manifest's) is still in its chain.
+
+    AuditChainError names the chain and the first bad position; ``source`` names the anchors' origin.
+    """
+    return ledger._verify_audit_chains(anchors, source=source)
 
 
 def verify_audit(url: str) -> int:

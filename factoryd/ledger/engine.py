@@ -14,6 +14,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -46,6 +47,7 @@ from factoryd.ledger.hot import (
     DRIVER_ERRORS,
     DRIVER_INTEGRITY_ERRORS,
     DRIVER_UNAVAILABLE_ERRORS,
+    HeadRow,
     HotStatements,
     Tx,
     driver_transaction,
@@ -185,6 +187,17 @@ def create_ledger_engine(url: str | URL) -> Engine:
     raise ConfigError(f"unsupported ledger database {backend!r}: use sqlite:/// or postgresql+psycopg://")
 
 
+@dataclass(frozen=True, slots=True)
+class _PendingLink:
+    """An audit entry about to be chained (everything the link hash covers but its place)."""
+
+    at: datetime
+    actor: str
+    action: str
+    subject: str
+    details_json: str
+
+
 class LedgerBase:
     """Connections, transactions and the audit trail that every part of the ledger runs on."""
 
@@ -200,6 +213,8 @@ class LedgerBase:
         # Lot name -> id. Lots are never deleted or renamed, so an entry never goes stale; a
         # lot's *state* is never cached: the calls that depend on it read it in their transaction.
         self._lot_ids: dict[str, int] = {}
+        # Chain -> the head this process last appended (a hint: _chain_onto lets the database confirm it).
+        self._head_hints: dict[str, HeadRow] = {}
         self._sql = HotStatements.compile(engine.dialect)
         self._closed = False
         # This process's last audit timestamp: an entry earlier than it means the clock stepped back.
@@ -364,6 +379,11 @@ class LedgerBase:
             )
         details_json = canonical_json(details)
         chain = actor
+        link = _PendingLink(at, actor, action, subject, details_json)
+        cached = self._head_hints.get(chain)
+        if cached is not None and self._chain_onto(tx, chain, cached, link):
+            return
+        # First append of this process to the chain, or another writer moved its head: lock it.
         head = tx.first(self._sql.head_locked, {"chain": chain})
         if head is None:
             # The chain's first link: create its head (a racing writer's insert is a no-op), then lock it.
@@ -371,31 +391,53 @@ class LedgerBase:
             head = tx.first(self._sql.head_locked, {"chain": chain})
             if head is None:
                 raise LedgerError(f"the head row of audit chain {chain!r} is missing")
+        if not self._chain_onto(tx, chain, head, link):
+            raise LedgerError(f"the head of audit chain {chain!r} moved while this transaction held its lock")
+
+    def _chain_onto(self, tx: Tx, chain: str, head: HeadRow, link: _PendingLink) -> bool:
+        """Append ``link`` after ``head`` if that is still the chain's head (then locked by us); False if not.
+
+        The head is remembered per chain, so a station appending to its own chain skips reading the
+        head row. The database decides: the conditional UPDATE matches only the head it names, and a
+        remembered head that a rolled-back transaction or another writer made stale matches nothing.
+        """
         seq = head.seq + 1
         digest = link_hash(
             seq=seq,
-            at=at,
-            actor=actor,
-            action=action,
-            subject=subject,
-            details_json=details_json,
+            at=link.at,
+            actor=link.actor,
+            action=link.action,
+            subject=link.subject,
+            details_json=link.details_json,
             prev_hash=head.hash,
         )
-        tx.execute(
-            self._sql.insert_audit,
-            {
-                "b_chain": chain,
-                "b_seq": seq,
-                "b_at": at,
-                "b_actor": actor,
-                "b_action": action,
-                "b_subject": subject,
-                "b_details": details_json,
-                "b_prev_hash": head.hash,
-                "b_hash": digest,
-            },
-        )
-        tx.execute(self._sql.update_head, {"chain": chain, "b_seq": seq, "b_hash": digest})
+        params = {
+            "chain": chain,
+            "old_seq": head.seq,
+            "old_hash": head.hash,
+            "b_chain": chain,
+            "b_seq": seq,
+            "b_hash": digest,
+            "b_at": link.at,
+            "b_actor": link.actor,
+            "b_action": link.action,
+            "b_subject": link.subject,
+            "b_details": link.details_json,
+            "b_prev_hash": head.hash,
+        }
+        statement = self._sql.append_audit
+        if statement is not None:  # PostgreSQL: one round trip
+            appended = tx.execute(statement, params) == 1
+        elif tx.execute(self._sql.advance_head, params) == 1:
+            tx.execute(self._sql.insert_audit, params)
+            appended = True
+        else:
+            appended = False
+        if appended:
+            self._head_hints[chain] = HeadRow(seq, digest)
+        else:
+            self._head_hints.pop(chain, None)
+        return appended
 
     def _audit_in_session(
         self,
@@ -416,14 +458,17 @@ class LedgerBase:
         with self._hot(write=True) as tx:
             self._append_audit(tx, actor=actor, action=action, subject=subject, details=details, at=utc_now())
 
-    def verify_audit(self, anchors: Sequence[ChainHead] = (), *, source: str = "the manifest") -> int:
-        """Recompute every hash chain (and check ``anchors``); return the entry count or raise AuditChainError."""
-        return sum(chain.count for chain in self.verify_audit_chains(anchors, source=source).values())
+    def verify_audit(self) -> int:
+        """Recompute every hash chain; return the entry count or raise AuditChainError."""
+        return sum(chain.count for chain in self._verify_audit_chains(()).values())
 
-    def verify_audit_chains(
-        self, anchors: Sequence[ChainHead] = (), *, source: str = "the manifest"
+    def _verify_audit_chains(
+        self, anchors: Sequence[ChainHead], *, source: str = "the manifest"
     ) -> dict[str, VerifiedChain]:
-        """Verify each chain against its head, then the anchored heads (e.g. a signed manifest's) against the chains."""
+        """Verify each chain against its head, then the anchored heads (a signed manifest's) against them.
+
+        Public as ``ledger.core.verify_audit_chains`` (the async facade mirrors only the methods).
+        """
         wanted: dict[str, set[int]] = {}
         for anchor in anchors:
             wanted.setdefault(anchor.chain, set()).add(anchor.seq)
@@ -467,8 +512,8 @@ class LedgerBase:
         verify_anchors(verified, anchors, source=source)
         return verified
 
-    def audit_heads(self) -> list[ChainHead]:
-        """Every audit chain's head now (what a manifest anchors), by chain name."""
+    def _audit_heads(self) -> list[ChainHead]:
+        """Every audit chain's head now, by chain name (public as ``core.audit_chain_heads``)."""
         with self._transaction(write=False) as session:
             rows = session.exec(select(AuditHeadRow).order_by(col(AuditHeadRow.chain))).all()
             return [ChainHead(row.chain, row.seq, row.hash) for row in rows]

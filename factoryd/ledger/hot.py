@@ -8,8 +8,9 @@ driver's SQL, and executed straight on the DBAPI cursor with SQLAlchemy's own bi
 processors for each column type. Each statement is an attribute of :class:`HotStatements`; a
 query names the row type it returns, checked against its columns when it is compiled.
 Transactions and locking are exactly those of the statements: FOR SHARE on the lot, FOR UPDATE
-on device/job rows and on the head row of the one audit chain appended to, SKIP LOCKED for the claim on PostgreSQL; SQLite renders none of these
-and serialises writers with ``BEGIN IMMEDIATE``.
+on device/job rows, the head row of the one audit chain appended to locked by its conditional
+UPDATE (or FOR UPDATE when re-read), SKIP LOCKED for the claim on PostgreSQL; SQLite renders none
+of these and serialises writers with ``BEGIN IMMEDIATE``.
 """
 
 from __future__ import annotations
@@ -264,6 +265,8 @@ class HotStatements:
     insert_head: Command
     insert_audit: Command
     update_head: Command
+    advance_head: Command
+    append_audit: Command | None
     device_by_serial_locked: Query[DeviceRowView]
     device_by_serial: Query[DeviceRowView]
     device_by_id_locked: Query[DeviceRowView]
@@ -347,6 +350,12 @@ class HotStatements:
                 .values(seq=bindparam("b_seq"), hash=bindparam("b_hash")),
                 d,
             ),
+            # Optimistic append: moves the head only if it is still the link the writer chained onto
+            # (1 row: it is now locked by this transaction; 0 rows: re-read it FOR UPDATE).
+            advance_head=Command(_advance_head(), d),
+            # PostgreSQL: advance the head and insert the link in one round trip (the INSERT takes the
+            # RETURNING row, so no head moved means no link inserted).
+            append_audit=Command(_append_audit_statement(), d) if dialect.name == "postgresql" else None,
             device_by_serial_locked=Query(
                 devices.where(in_lot, DEVICE.c.hw_serial == bindparam("hw_serial")).with_for_update(),
                 d,
@@ -504,6 +513,37 @@ class HotStatements:
                 d,
             ),
         )
+
+
+def _advance_head() -> Update:
+    """``UPDATE audit_head`` to the new link, conditional on the head being the link it follows."""
+    return (
+        update(HEAD)
+        .where(
+            HEAD.c.chain == bindparam("chain"),
+            HEAD.c.seq == bindparam("old_seq"),
+            HEAD.c.hash == bindparam("old_hash"),
+        )
+        .values(seq=bindparam("b_seq"), hash=bindparam("b_hash"))
+    )
+
+
+def _append_audit_statement() -> Insert:
+    """``WITH advanced AS (<advance the head> RETURNING …) INSERT INTO audit_entry SELECT … FROM it``."""
+    advanced = _advance_head().returning(HEAD.c.chain, HEAD.c.seq, HEAD.c.hash).cte("advanced")
+    values = core_select(
+        advanced.c.chain,
+        advanced.c.seq,
+        bindparam("b_at", type_=AUDIT.c.at.type),
+        bindparam("b_actor", type_=AUDIT.c.actor.type),
+        bindparam("b_action", type_=AUDIT.c.action.type),
+        bindparam("b_subject", type_=AUDIT.c.subject.type),
+        bindparam("b_details", type_=AUDIT.c.details.type),
+        bindparam("b_prev_hash", type_=AUDIT.c.prev_hash.type),
+        advanced.c.hash,
+    )
+    columns = ["chain", "chain_seq", "at", "actor", "action", "subject", "details", "prev_hash", "hash"]
+    return insert(AUDIT).from_select(columns, values)
 
 
 class Tx:

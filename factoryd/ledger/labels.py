@@ -17,6 +17,7 @@ from enum import StrEnum
 from sqlmodel import Session, col, select
 
 from factoryd.errors import InputError, LedgerError
+from factoryd.labels.errors import LabelTemplateError
 from factoryd.labels.template import LabelTemplate, template_sha256
 from factoryd.ledger.audit import as_utc
 from factoryd.ledger.engine import require_label, utc_now
@@ -115,12 +116,19 @@ class LabelBook(LotBook):
     """The ledger's label templates and print queue (mixed into ``Ledger``)."""
 
     def set_label_template(self, lot: str, template: str, *, actor: str) -> LabelTemplateInfo:
-        """Validate and store the lot's label template (audited); LabelTemplateError names a problem."""
-        LabelTemplate.parse(template, source=f"label template of lot {lot!r}")
+        """Validate and store the lot's label template (audited); LabelTemplateError names a problem.
+
+        A template that prints Matter onboarding codes is refused for a lot without them.
+        """
+        parsed = LabelTemplate.parse(template, source=f"label template of lot {lot!r}")
         digest = template_sha256(template)
         now = utc_now()
         with self._transaction(write=True) as session:
             lot_row = self._lot_row(session, lot, for_update=True)
+            if parsed.needs_onboarding_codes and not lot_row.profile.get("matter"):
+                raise LabelTemplateError(
+                    f"the template prints Matter onboarding codes, but lot {lot!r} is not a Matter lot"
+                )
             row = session.exec(select(LabelTemplateRow).where(LabelTemplateRow.lot_id == lot_row.id)).first()
             if row is None:
                 if lot_row.id is None:

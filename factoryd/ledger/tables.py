@@ -118,8 +118,9 @@ class AttemptRow(SQLModel, table=True):
 class AuditEntryRow(SQLModel, table=True):
     """One link of the append-only audit trail: position ``chain_seq`` in the hash chain ``chain``.
 
-    ``seq`` is the trail's order across chains (assigned by the database, not hashed); the chain
-    position and the predecessor's hash are what the link hash covers (``ledger/audit.py``).
+    ``seq`` is the trail's order across chains (assigned by the database, not hashed; PostgreSQL may
+    skip numbers that a rolled-back append took); the chain position ``chain_seq`` and the
+    predecessor's hash are what the link hash covers (``ledger/audit.py``).
     """
 
     __tablename__ = "audit_entry"

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from factoryd.errors import InputError
@@ -55,7 +56,7 @@ class MatterLotFiles:
 def _signed_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
     try:
         child.verify_directly_issued_by(parent)
-    except (ValueError, TypeError, Exception):
+    except (ValueError, TypeError, InvalidSignature):  # another issuer name, key type or signature
         return False
     return True
 

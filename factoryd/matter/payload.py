@@ -312,7 +312,8 @@ def verhoeff_check_digit(digits: str) -> str:
 
 def manual_code(payload: SetupPayload) -> str:
     """The 11-digit (standard flow) or 21-digit (VID/PID included) manual pairing code."""
-    short = payload.discriminator if payload.short_discriminator else payload.discriminator >> 8
+    full = payload.discriminator
+    short = full if payload.short_discriminator else full >> SHORT_DISCRIMINATOR_SHIFT
     pin = payload.passcode
     long_code = payload.flow is not CommissioningFlow.STANDARD
     first = (int(long_code) << 2) | (short >> 2)

@@ -273,7 +273,8 @@ def build_manifest(
     }
     if audit_chains:
         document["audit_chains"] = [
-            {"chain": a.chain, "seq": a.seq, "hash": a.hash} for a in sorted(audit_chains, key=lambda a: a.chain)
+            {"chain": a.chain, "seq": a.seq, "hash": a.hash}
+            for a in sorted(audit_chains, key=lambda a: a.chain)
         ]
     try:
         content = canonical_json(document)

@@ -188,8 +188,10 @@ class Authority:
     def describe(self, name: str) -> LotBody:
         """What a station needs of a lot: its chains (no key), the quota left."""
         lot = self.lot(name)
-        now = dt.datetime.now(dt.UTC)
-        quota = self._quotas.current(lot.name, lot.issuer.chain, now=now)
+        try:
+            quota = self._quotas.current(lot.name, lot.issuer.chain, now=dt.datetime.now(dt.UTC))
+        except SigningRefusedError:
+            quota = None  # a broken or expired quota refuses each request with its reason, not the lot
         remaining = (
             None if quota is None else max(0, quota.max_certificates - self._ledger.signed_count(name))
         )
@@ -203,11 +205,14 @@ class Authority:
     def issue(self, station: str, body: IssueBody) -> IssuedBody:
         """Check and sign one request (blocking); a FactorydError (refusal) is audited and re-raised."""
         started = time.perf_counter()
+        self._metrics.in_flight.inc()
         try:
             result = self._issue(station, body)
         except FactorydError as exc:
             self._refused(station, body, exc, time.perf_counter() - started)
             raise
+        finally:
+            self._metrics.in_flight.dec()
         self._metrics.issued(
             lot=body.lot,
             station=station,

@@ -89,7 +89,7 @@ class SignerLine:
         """A fresh board whose bootloader trusts the lot's firmware key."""
         return SimBoard(firmware_key=self.fw_public, faults=faults or FaultPlan())
 
-    def config(self, *, metrics_port: int = 0, extra: str = "") -> Path:
+    def config(self, *, metrics_port: int = 0, mqtt_port: int = 0, extra: str = "") -> Path:
         """The signer's config file."""
         path = self.root / "signer.toml"
         path.write_text(
@@ -116,6 +116,11 @@ port = {metrics_port}
 
 [api]
 enabled = false
+
+[mqtt]
+enabled = {"true" if mqtt_port else "false"}
+host = "{LOOPBACK}"
+port = {mqtt_port or 1883}
 
 [log]
 level = "info"

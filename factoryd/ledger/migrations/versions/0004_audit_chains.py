@@ -50,7 +50,11 @@ def upgrade() -> None:
         # assigned on insert after the largest one (the old seqs are kept as they are).
         with op.batch_alter_table("audit_entry", recreate="always") as batch:
             batch.alter_column(
-                "seq", existing_type=sa.BigInteger, type_=sa.Integer, autoincrement=True, existing_nullable=False
+                "seq",
+                existing_type=sa.BigInteger,
+                type_=sa.Integer,
+                autoincrement=True,
+                existing_nullable=False,
             )
             batch.add_column(
                 sa.Column("chain", sa.String(CHAIN_CHARS), nullable=False, server_default=LEGACY_CHAIN)
@@ -97,7 +101,13 @@ def downgrade() -> None:
     )
     op.bulk_insert(
         head,
-        [{"id": OLD_HEAD_ROW_ID, "seq": legacy.seq if legacy else 0, "hash": legacy.hash if legacy else GENESIS_HASH}],
+        [
+            {
+                "id": OLD_HEAD_ROW_ID,
+                "seq": legacy.seq if legacy else 0,
+                "hash": legacy.hash if legacy else GENESIS_HASH,
+            }
+        ],
     )
     op.drop_table("audit_head")
     op.rename_table("audit_head_0003", "audit_head")
