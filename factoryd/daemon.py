@@ -37,6 +37,7 @@ from factoryd.protocol.native import Timeouts
 from factoryd.sdnotify import Notifier
 from factoryd.service import StationPaths, prepare_state_dir, station_passphrase
 from factoryd.signer.client import SIGNER_PAUSE_KEY, SignerClient, endpoint_from_settings
+from factoryd.signer.errors import SignerUnavailableError
 from factoryd.telemetry.events import FanOut, TelemetrySink
 from factoryd.telemetry.live import LiveState
 from factoryd.telemetry.metrics import Metrics
@@ -214,7 +215,12 @@ class Daemon:
                     )
                 )
             # Fail before READY if the lot cannot be opened (wrong passphrase, missing bundle).
-            lot = await station.lots.current()
+            try:
+                lot = await station.lots.current()
+            except SignerUnavailableError as exc:
+                # Not this station's fault: it starts, and its ports pause intake until the signer answers.
+                log.warning("the line's signer is unreachable; intake waits for it", error=str(exc))
+                lot = None
             log.info(
                 _ready_line(hub.name, len(station.ports), lot.name if lot else None),
                 station=settings.station.name,

@@ -289,3 +289,29 @@ def test_refusals_are_audited(ledger: IssuanceLedger) -> None:
     with Session(ledger._engine) as session:
         rows = session.exec(select(AuditEntryRow).where(AuditEntryRow.action == "signer.refused")).all()
     assert any('"code":"wrong_station"' in row.details and row.subject == "dev-1" for row in rows)
+
+
+def test_migration_0007_follows_0006_and_matches_the_model(ledger: IssuanceLedger) -> None:
+    from typing import Any
+
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+    from sqlalchemy import MetaData
+    from sqlmodel import SQLModel
+
+    from factoryd.ledger.migrate import alembic_config
+    from factoryd.ledger.tables import SignerIssuanceRow
+
+    scripts = ScriptDirectory.from_config(alembic_config())
+    assert scripts.get_revision("0007_signer").down_revision == "0006_labels"
+    metadata = MetaData()
+    for name in ("lot", SignerIssuanceRow.__tablename__):
+        SQLModel.metadata.tables[name].to_metadata(metadata)
+
+    def only_issuance(_obj: Any, name: str | None, kind: str, _reflected: bool, _compare_to: Any) -> bool:
+        return kind != "table" or name == SignerIssuanceRow.__tablename__
+
+    with ledger._engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"include_object": only_issuance})
+        assert compare_metadata(context, metadata) == []

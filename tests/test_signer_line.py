@@ -440,3 +440,30 @@ async def test_the_signer_reports_over_mqtt(line: SignerLine, mqtt_broker: Mosqu
     event = next(e for e in recorder.on("/events") if e.get("reason") == "unknown_device")
     assert event["lot"] == LOT
     assert event["step"] == "issue"
+
+
+async def test_a_station_started_before_its_signer_waits_and_resumes(line: SignerLine, pg_url: str) -> None:
+    """The signer is down when the station starts: the station pauses intake and resumes by itself."""
+    supply = Supply(line, 4)
+    process = SignerProcess(line)
+    recorder = Recorder()
+
+    async def start_signer_late() -> None:
+        await asyncio.sleep(1.5)
+        await asyncio.to_thread(process.start)
+
+    late = asyncio.create_task(start_signer_late())
+    try:
+        station = await run_station(
+            line.station_settings("st-a", line.root / "st-a", ports=PORTS),
+            supply.hub,
+            line.passphrase,
+            timeout_s=60,
+            sinks=(recorder,),
+        )
+        await late
+    finally:
+        process.stop()
+    assert station.outcomes["provisioned"] == 4, station.outcomes
+    assert station.pauses_total >= 1  # intake was paused for the signer, then resumed by itself
+    _check_line(pg_url, [supply], expect_provisioned=4)

@@ -89,18 +89,33 @@ def bench_overhead(
         bool, typer.Option(help="Also profile the window by layer (cProfile, /proc).")
     ] = False,
     repeat: Annotated[int, typer.Option(min=1, help="Runs per port count, interleaved.")] = 1,
+    loop: Annotated[
+        list[str] | None,
+        typer.Option(help="Event loop(s): asyncio, uvloop (repeatable: runs alternate, A/B)."),
+    ] = None,
     out: OutOption = None,
 ) -> None:
     """Daemon CPU per device against the floor (same run), devices per second, RSS per port."""
     from factoryd.bench.overhead import DEFAULT_PORTS, run_overhead_bench, single_main  # noqa: PLC0415
 
+    loops = tuple(loop or ["asyncio"])
+    for name in loops:
+        if name not in ("asyncio", "uvloop"):
+            fail(f"--loop must be asyncio or uvloop, not {name!r}")
+    if "uvloop" in loops:
+        try:
+            import uvloop  # noqa: F401, PLC0415 - only checking it is installed
+        except ImportError:
+            fail("--loop uvloop needs uvloop: pip install 'factoryd[fast]'")
     configure_logging("error", "console")
     if single:
-        typer.echo(json.dumps(guard(lambda: single_main((ports or [8])[0], profile=profile))))
+        result = guard(lambda: single_main((ports or [8])[0], profile=profile, loop=loops[0]))
+        typer.echo(json.dumps(result))
         return
-    _write_json(
-        guard(lambda: run_overhead_bench(tuple(ports or DEFAULT_PORTS), profile=profile, repeat=repeat)), out
+    result = guard(
+        lambda: run_overhead_bench(tuple(ports or DEFAULT_PORTS), profile=profile, repeat=repeat, loops=loops)
     )
+    _write_json(result, out)
 
 
 @app.command("ledger")

@@ -22,7 +22,8 @@ DEFAULT_PRINTER_PORT = 9100
 CONNECT_TIMEOUT_S = 3.0
 STATUS_TIMEOUT_S = 2.0
 WRITE_TIMEOUT_S = 10.0
-STX, ETX = 0x02, 0x03
+# Each ~HS string ends with ETX (LABELS.md: <STX>…<ETX><CR><LF>).
+ETX = 0x03
 # ~HS answers three short strings; anything longer is not a ZPL printer.
 MAX_STATUS_BYTES = 512
 # A host name or IPv4 address, optionally :port (IPv6 goes in brackets, parsed apart).

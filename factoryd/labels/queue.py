@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -58,6 +59,8 @@ BATCH_JOBS = 1000
 # The step name label events carry on MQTT (docs/mqtt.md).
 LABEL_STEP = "label"
 NO_PRINTER = "no_printer"
+# Parsed lot templates kept (a station runs one or two lots at a time).
+TEMPLATE_CACHE_SIZE = 16
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,7 @@ class LabelMetrics:
         )
 
 
+@functools.cache
 def builtin_template(matter: bool) -> LabelTemplate:
     """The built-in template: the device ID as DataMatrix, or the Matter QR code and manual code."""
     return LabelTemplate.parse(
@@ -111,6 +115,12 @@ def load_template_file(path: Path) -> LabelTemplate:
     return LabelTemplate.parse(text, source=f"label template {path}")
 
 
+@functools.lru_cache(maxsize=TEMPLATE_CACHE_SIZE)
+def _stored_template(text: str, lot: str) -> LabelTemplate:
+    """A lot's stored template, parsed (and trial-rendered) once per text, not once per label."""
+    return LabelTemplate.parse(text, source=f"label template of lot {lot!r}")
+
+
 def make_label(ledger: Ledger, lot: str, device_id: str, default: LabelTemplate | None = None) -> bytes:
     """The ZPL of a provisioned device's label, made again from the ledger (blocking: run off the loop)."""
     device = ledger.find_device(device_id)
@@ -122,7 +132,7 @@ def make_label(ledger: Ledger, lot: str, device_id: str, default: LabelTemplate 
     matter = info.profile.matter is not None
     stored = ledger.label_template(lot)
     if stored is not None:
-        template = LabelTemplate.parse(stored.text, source=f"label template of lot {lot!r}")
+        template = _stored_template(stored.text, lot)
     else:
         template = default or builtin_template(matter)
     codes = ledger.onboarding_codes(lot, device_id) if matter and template.needs_onboarding_codes else None

@@ -19,7 +19,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from factoryd.labels.errors import LabelRenderError, LabelTemplateError
 
-TEMPLATE_FORMAT = 1
 # A label printer's print width tops out at 4 inches (812 dots at 203 dpi, 1248 at 300 dpi, 2400 at
 # 600 dpi); lengths are allowed up to ~ 20 inches. Anything bigger is a typo.
 MAX_LABEL_DOTS = 12_000
@@ -117,7 +116,7 @@ LabelField = Annotated[TextField | QrField | DataMatrixField, Field(discriminato
 class LabelTemplate(_Model):
     """A validated label template (``LabelTemplate.parse`` is the only way in from text)."""
 
-    format: Literal[1]
+    format: Literal[1]  # the template format version; a future format gets its own number
     dpi: int
     width_dots: int = Field(ge=1, le=MAX_LABEL_DOTS)
     height_dots: int = Field(ge=1, le=MAX_LABEL_DOTS)

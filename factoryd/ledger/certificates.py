@@ -87,6 +87,8 @@ def _entry(row: AuditEntryRow) -> IssuedCertificateEntry:
         raise LedgerError(f"audit entry {row.seq} ({row.action}) lacks the certificate's serial") from exc
     job_id = details.get("job_id")
     evidence = details.get("genuineness")
+    if row.seq is None:  # a row read back always has its database-assigned seq
+        raise LedgerError(f"audit entry ({row.action}) read without its seq")
     return IssuedCertificateEntry(
         seq=row.seq,
         device_id=row.subject,

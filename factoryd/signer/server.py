@@ -52,7 +52,31 @@ SIGNER_DIRNAME = "signer"
 QUOTA_DIRNAME = "quotas"
 LINE_CA_DIRNAME = "line-ca"
 
+# Unauthenticated peers can fail handshakes at will: at most this many reach the audit trail per
+# window (the rest are logged and counted in factoryd_signer_refusals_total).
+HANDSHAKE_AUDITS_PER_WINDOW = 20
+HANDSHAKE_AUDIT_WINDOW_S = 60.0
+
 HandshakeRefused = Callable[[str, str], None]
+
+
+class _AuditBudget:
+    """A fixed window of audit entries (the event loop's clock)."""
+
+    def __init__(self, limit: int, window_s: float) -> None:
+        self._limit = limit
+        self._window_s = window_s
+        self._start = float("-inf")
+        self._used = 0
+
+    def take(self, now: float) -> bool:
+        """True while this window has room left."""
+        if now - self._start >= self._window_s:
+            self._start, self._used = now, 0
+        if self._used >= self._limit:
+            return False
+        self._used += 1
+        return True
 
 
 def signer_dir(settings: Settings) -> Path:
@@ -324,11 +348,18 @@ class SignerService:
             stack.callback(executor.shutdown, wait=True)
             loop = asyncio.get_running_loop()
 
+            budget = _AuditBudget(HANDSHAKE_AUDITS_PER_WINDOW, HANDSHAKE_AUDIT_WINDOW_S)
+
             def refused(peer: str, reason: str) -> None:
                 log.warning("TLS handshake refused", peer=peer, reason=reason)
-                loop.run_in_executor(
-                    executor, authority.refuse_unidentified, "tls_handshake_refused", f"{peer}: {reason}"
+                self.metrics.refused(
+                    lot="unknown", station="unknown", reason="tls_handshake_refused", duration_s=0.0
                 )
+                if budget.take(loop.time()):
+                    # Whoever can reach the port can fail handshakes: the trail gets a bounded share.
+                    loop.run_in_executor(
+                        executor, authority.audit_unidentified, "tls_handshake_refused", f"{peer}: {reason}"
+                    )
 
             self.port = await stack.enter_async_context(
                 serve_signer(

@@ -363,6 +363,10 @@ class Authority:
     def refuse_unidentified(self, code: str, message: str) -> None:
         """Audit and count a request without a usable client certificate (TLS passed, identity did not)."""
         self._metrics.refused(lot="unknown", station="unknown", reason=code, duration_s=0.0)
+        self.audit_unidentified(code, message)
+
+    def audit_unidentified(self, code: str, message: str) -> None:
+        """Audit a refusal of a peer that is no known station (``signer.refused``, station ``unknown``)."""
         try:
             self._ledger.record_refusal(
                 actor=self._policy.actor,
@@ -459,10 +463,13 @@ def create_signer_app(authority: Authority, executor: ThreadPoolExecutor) -> Fas
         except SigningRefusedError as exc:
             await run(authority.refuse_unidentified, exc.code, str(exc))
             return _refusal_response(exc)
-        raw = await request.body()
-        if len(raw) > MAX_REQUEST_BYTES:
+        declared = request.headers.get("content-length", "0")
+        raw = b"" if not declared.isdigit() or int(declared) > MAX_REQUEST_BYTES else await request.body()
+        if not raw or len(raw) > MAX_REQUEST_BYTES:
             return _refusal_response(
-                SigningRefusedError("bad_request", f"request larger than {MAX_REQUEST_BYTES} bytes")
+                SigningRefusedError(
+                    "bad_request", f"request body empty or larger than {MAX_REQUEST_BYTES} bytes"
+                )
             )
         try:
             body = IssueBody.model_validate_json(raw)

@@ -23,7 +23,7 @@ import contextlib
 import selectors
 import socket
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal, Self
 
@@ -41,7 +41,6 @@ Mode = Literal["pass", "cut", "blackhole"]
 class _Pair:
     client: socket.socket
     server: socket.socket | None
-    pending: dict[socket.socket, bytearray] = field(default_factory=dict)
 
 
 class TcpProxy:
