@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
+from factoryd.cli.main import SCHEMA_TOO_NEW_EXIT
 from factoryd.daemon import Daemon, DaemonHooks
 from factoryd.errors import SchemaVersionError
 from factoryd.ledger.migrate import head_revision
@@ -34,8 +35,8 @@ pytestmark = pytest.mark.faults
 
 FUTURE_REVISION = "0999_from_a_newer_factoryd"
 EXIT_TIMEOUT_S = 60.0
-# Exit code of a command whose FactorydError is a one-line error (cli/opts.py guard/fail).
-EXIT_REFUSED = 2
+# `factoryd run` refusing a ledger written by a newer factoryd (cli/main.py).
+EXIT_REFUSED = SCHEMA_TOO_NEW_EXIT  # EX_CONFIG: the unit does not restart on it
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ from factoryd.matter.payload import check_passcode, parse_manual_code, parse_qr_
 from factoryd.matter.spake2p import compute_verifier
 from factoryd.protocol.messages import ObjectId
 from factoryd.service import StationPaths
-from factoryd.sim.board import SimBoard
+from factoryd.sim.board import FaultPlan, SimBoard
 from factoryd.sim.mcumgr import SimMcumgrBoard
 from tests.helpers.openssl import openssl
 from tests.helpers.station import LOT, Line, make_line
@@ -69,10 +69,10 @@ def _check_line(line: Line, boards: list[SimBoard], tmp_path: Path, *, expected:
             assert (qr.vendor_id, qr.product_id) == (ids.vendor_id, ids.product_id)
             assert qr.discriminator == commissioning.discriminator
             assert manual.discriminator == commissioning.discriminator >> 8
-            expected = compute_verifier(
+            recomputed = compute_verifier(
                 qr.passcode, commissioning.verifier.salt, commissioning.verifier.iterations
             )
-            assert commissioning.verifier.verifier == expected.verifier
+            assert commissioning.verifier.verifier == recomputed.verifier
             # The passcode is on no object of the board, in any usual encoding.
             passcode = qr.passcode
             forms = (str(passcode).encode(), passcode.to_bytes(4, "little"), passcode.to_bytes(4, "big"))
@@ -114,9 +114,17 @@ def test_a_non_matter_lot_has_no_onboarding_codes(tmp_path: Path) -> None:
 async def test_with_faults_the_sealed_codes_match_what_each_board_finally_holds(tmp_path: Path) -> None:
     """Retries (a new passcode per attempt) must never leave a board whose verifier the codes do not open."""
     boards = 6
-    line = await make_line(tmp_path, profile="matter", boards=boards, fault_rate=0.1, seed=7)
-    hub = line.hub(ports=3, supply=boards)
+    line = await make_line(tmp_path, profile="matter", boards=boards)
+    seeds = iter(range(100, 200))
+    hub = line.hub(
+        ports=3,
+        supply=boards,
+        factory=lambda: line.board(FaultPlan.uniform(0.1, seed=next(seeds), per_power_on=True)),
+    )
     station = await line.run(hub, timeout_s=80)
     provisioned = station.outcomes["provisioned"]
     assert provisioned >= 1
+    # The faults really happened, and some of them during the write phase (where the passcode changes).
+    injected = sum(sum(board.injected.values()) for board in hub.finished)
+    assert injected >= 3, injected
     _check_line(line, list(hub.finished), tmp_path, expected=provisioned)

@@ -13,7 +13,19 @@ from factoryd.cli.main import app
 def test_the_signer_bench_reports_throughput_and_added_latency(tmp_path: Path) -> None:
     out = tmp_path / "signer.json"
     result = CliRunner().invoke(
-        app, ["bench", "signer", "--stations", "2", "--per-station", "3", "-o", str(out)]
+        app,
+        [
+            "bench",
+            "signer",
+            "--stations",
+            "2",
+            "--per-station",
+            "3",
+            "--latency-samples",
+            "3",
+            "-o",
+            str(out),
+        ],
     )
     assert result.exit_code == 0, result.output
     figures = json.loads(out.read_text())

@@ -54,7 +54,7 @@ from factoryd.signer.wire import HEALTH_PATH, ISSUE_PATH
 LOT = "bench-signer"
 LOOPBACK = "127.0.0.1"
 START_TIMEOUT_S = 60.0
-# Boards measured one at a time for the latency figures (local and through the signer).
+# Boards measured one at a time for the latency figures (local and through the signer), by default.
 LATENCY_SAMPLES = 60
 
 
@@ -218,11 +218,11 @@ def _local_issue_ms(line: _Line, ledger: Ledger, board: _Board) -> float:
     return (time.perf_counter() - started) * 1000
 
 
-async def _run(line: _Line, per_station: int) -> dict[str, Any]:
+async def _run(line: _Line, per_station: int, samples: int) -> dict[str, Any]:
     with Ledger.open(line.ledger_url) as ledger:
         load = {name: [_board(ledger, name) for _ in range(per_station)] for name in line.stations}
-        single = [_board(ledger, line.stations[0]) for _ in range(LATENCY_SAMPLES)]
-        local = [_board(ledger, "bench-local") for _ in range(LATENCY_SAMPLES)]
+        single = [_board(ledger, line.stations[0]) for _ in range(samples)]
+        local = [_board(ledger, "bench-local") for _ in range(samples)]
         local_ms = [_local_issue_ms(line, ledger, board) for board in local]
     with _signer_process(line.root, line.config, line.passphrase) as proc:
         await _wait_ready(line, proc)
@@ -267,22 +267,27 @@ async def _run(line: _Line, per_station: int) -> dict[str, Any]:
 
 
 async def run_signer_bench(
-    *, stations: int = 8, per_station: int = 50, ledger_url: str | None = None
+    *,
+    stations: int = 8,
+    per_station: int = 50,
+    ledger_url: str | None = None,
+    latency_samples: int = LATENCY_SAMPLES,
 ) -> dict[str, Any]:
     """Run the signer benchmark; the ledger is a temporary SQLite file unless ``ledger_url`` is given."""
-    if stations < 1 or per_station < 1:
-        raise ValueError("stations and per_station must be at least 1")
+    if stations < 1 or per_station < 1 or latency_samples < 1:
+        raise ValueError("stations, per_station and latency_samples must be at least 1")
     with tempfile.TemporaryDirectory(prefix="factoryd-bench-signer-") as tmp:
         root = Path(tmp)
         url = ledger_url or f"sqlite:///{root / 'ledger.db'}"
-        boards = stations * per_station + 3 * LATENCY_SAMPLES
+        boards = stations * per_station + 2 * latency_samples
         line = await asyncio.to_thread(_Line, root, url, stations, boards)
-        figures = await _run(line, per_station)
+        figures = await _run(line, per_station, latency_samples)
         backend = url.split(":", 1)[0].split("+", 1)[0]
     return {
         "benchmark": "signer",
         "stations": stations,
         "per_station": per_station,
+        "latency_samples": latency_samples,
         "ledger": backend,
         "signer_ca_key": "software (P-256)",
         "python": platform.python_version(),

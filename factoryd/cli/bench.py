@@ -71,13 +71,17 @@ def bench_signer(
     ledger_url: Annotated[
         str | None, typer.Option(help="Ledger to run on (PostgreSQL for the shared-ledger figure).")
     ] = None,
+    latency_samples: Annotated[int, typer.Option(min=1, help="Boards timed one at a time.")] = 60,
     out: OutOption = None,
 ) -> None:
     """Certificates per second through the line's signer, and the latency it adds per board."""
     from factoryd.bench.signer import run_signer_bench  # noqa: PLC0415
 
     configure_logging("error", "console")
-    result = run_async(run_signer_bench(stations=stations, per_station=per_station, ledger_url=ledger_url))
+    bench = run_signer_bench(
+        stations=stations, per_station=per_station, ledger_url=ledger_url, latency_samples=latency_samples
+    )
+    result = run_async(bench)
     _write_json(result, out)
 
 

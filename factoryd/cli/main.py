@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import typer
 
 from factoryd import __version__
@@ -22,7 +24,8 @@ from factoryd.cli import (
     status,
     tokens,
 )
-from factoryd.cli.opts import ConfigOption, command_group, get_settings, run_async
+from factoryd.cli.opts import ConfigOption, command_group, fail, get_settings, guard
+from factoryd.errors import SchemaVersionError
 from factoryd.log import configure_logging
 
 app = command_group("Factory bulk-provisioning line daemon.", add_completion=False)
@@ -34,6 +37,10 @@ def version() -> None:
     typer.echo(__version__)
 
 
+# EX_CONFIG (sysexits.h): the ledger was written by a newer factoryd.
+SCHEMA_TOO_NEW_EXIT = 78
+
+
 @app.command()
 def run(config: ConfigOption = None) -> None:
     """Run the station daemon (what systemd starts)."""
@@ -41,7 +48,15 @@ def run(config: ConfigOption = None) -> None:
 
     settings = get_settings(config)
     configure_logging(settings.log.level, settings.log.format)
-    run_async(Daemon(settings).run())
+
+    def start() -> None:
+        try:
+            asyncio.run(Daemon(settings).run())
+        except SchemaVersionError as exc:
+            # Restarting cannot help; systemd/factoryd.service lists this code in RestartPreventExitStatus.
+            fail(str(exc), code=SCHEMA_TOO_NEW_EXIT)
+
+    guard(start)
 
 
 app.command("demo")(demo.demo)

@@ -244,11 +244,6 @@ class SignerClient:
     def __repr__(self) -> str:
         return f"SignerClient({self._endpoint.url!r}, station={self._station!r})"
 
-    @property
-    def endpoint(self) -> SignerEndpoint:
-        """Where the signer is."""
-        return self._endpoint
-
     async def __aenter__(self) -> Self:
         self._client = httpx.AsyncClient(
             base_url=self._endpoint.url, verify=self._ssl, timeout=self._endpoint.timeout_s

@@ -113,9 +113,7 @@ def refusal_code(exc: FactorydError) -> str:
     """The label-safe code a refusal is reported and counted under."""
     if isinstance(exc, SigningRefusedError | IssuanceRefusedError):
         return exc.code
-    if isinstance(exc, AttestationError):
-        return exc.reason
-    return exc.reason
+    return exc.reason  # csr_rejected, attestation_*, ledger_unavailable, …
 
 
 class Authority:
@@ -195,6 +193,7 @@ class Authority:
         remaining = (
             None if quota is None else max(0, quota.max_certificates - self._ledger.signed_count(name))
         )
+        self._metrics.quota(name, remaining)
         return LotBody(
             lot=name,
             chain_pem=pem_of(lot.issuer.chain).decode("ascii"),
