@@ -76,7 +76,8 @@ def signer_issue_station_cert(station: str, out: OutOption = None, config: Confi
 @app.command("issue-signer-cert")
 def signer_issue_signer_cert(
     names: Annotated[
-        list[str], typer.Argument(help="DNS names and IP addresses stations use for the signer.")
+        list[str],
+        typer.Option("--name", help="A DNS name or IP address stations use for the signer (repeatable)."),
     ],
     out: OutOption = None,
     config: ConfigOption = None,

@@ -8,6 +8,26 @@ from __future__ import annotations
 
 # Reason codes (FactorydError.reason) as sentences an operator at the fixture can act on.
 REASON_TEXT: dict[str, str] = {
+    # Label printing (factoryd/labels/queue.py): the board is done; only its label waits.
+    "label_offline": (
+        "The label printer is not reachable (off, unplugged?). Labels wait and print when it is back."
+    ),
+    "label_no_status": (
+        "The label printer does not answer (paper or ribbon out, head open?). Check it; labels wait."
+    ),
+    "label_paper_out": "The label printer is out of paper: load paper; the labels wait and print then.",
+    "label_head_open": "The label printer's head is open: close it; the labels wait and print then.",
+    "label_ribbon_out": "The label printer is out of ribbon: load one; the labels wait and print then.",
+    "label_paused": "The label printer is paused: press its pause key; the labels wait and print then.",
+    "label_buffer_full": "The label printer's buffer is full: clear it; the labels wait and print then.",
+    "label_head_too_hot": "The label printer's head is too hot: let it cool; the labels wait and print then.",
+    "label_head_too_cold": (
+        "The label printer's head is too cold: let it warm; the labels wait and print then."
+    ),
+    "label_no_printer": "No label printer is configured for this port. Tell the supervisor; labels wait.",
+    "label_render": (
+        "This board's label cannot be made from the template. Tell the supervisor; reprint later."
+    ),
     "csr_rejected": "The board's certificate request was wrong (name, key or signature). Put it aside.",
     "board_timeout": "The board stopped answering. Reseat it and retry.",
     "readback_mismatch": "The board did not store its certificate correctly. Retry once, then put it aside.",
