@@ -34,7 +34,7 @@ RSS_GROWTH_MAX_BYTES = 80 * 1024 * 1024
 async def test_flooded_station_refuses_quickly_and_keeps_provisioning(tmp_path: Path) -> None:
     plan = LoadPlan(duration_s=300 if LONG else 30, max_requests=200_000 if LONG else 20_000)
     run = await run_line(
-        tmp_path, ports=PORTS, devices=DEVICES, timing="realistic", timing_scale=0.1, plan=plan
+        tmp_path, ports=PORTS, devices=DEVICES, timing="realistic", timing_scale=0.3, plan=plan
     )
     assert run.load is not None, "the load generator reported nothing"
     kinds = run.load["kinds"]

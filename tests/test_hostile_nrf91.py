@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from factoryd.ledger.model import DeviceState
+from factoryd.protocol.nrf91 import luhn_ok
 from factoryd.sim.nrf91 import ModemAnswer, Nrf91PtyModem, SimNrf91Modem
 from tests.helpers.station import LOT, Line, make_line
 
@@ -31,6 +32,15 @@ PEAK_BYTES = 32 * 1024 * 1024
 
 def _bad_check_digit(imei: str) -> str:
     return imei[:-1] + str((int(imei[-1]) + 1) % 10)
+
+
+def _other_imei(imei: str) -> str:
+    """Another well-formed IMEI (same TAC, other serial, a valid check digit)."""
+    body = imei[:8] + f"{(int(imei[8:14]) + 1) % 1_000_000:06d}"
+    for digit in "0123456789":
+        if luhn_ok(body + digit):
+            return body + digit
+    raise AssertionError("no check digit")
 
 
 class HostileModem(SimNrf91Modem):
@@ -57,14 +67,16 @@ class HostileModem(SimNrf91Modem):
         match self.trick:
             case "bad_check_digit":
                 self.bent += 1
-                return ModemAnswer(tuple(_bad_check_digit(x) if x.isdigit() else x for x in answer.lines), "OK")
+                return ModemAnswer(
+                    tuple(_bad_check_digit(x) if x.isdigit() else x for x in answer.lines), "OK"
+                )
             case "not_digits":
                 self.bent += 1
                 return ModemAnswer(("35ABCDEF0123456",), "OK")
             case "changing_imei" if self.imei_reads >= 2:
                 self.bent += 1
-                return ModemAnswer(tuple(_bad_check_digit(x[:-2] + "00") for x in answer.lines), "OK")
-            case "cose_bomb":
+                return ModemAnswer(tuple(_other_imei(x) if x.isdigit() else x for x in answer.lines), "OK")
+            case "cose_bomb" if answer.lines:
                 self.bent += 1
                 text = answer.lines[0]
                 csr = text.split('"')[1].split(".")[0]

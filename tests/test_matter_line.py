@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from stdnum import verhoeff
 
 from factoryd.ledger import Ledger
 from factoryd.matter.cd import parse_cd
@@ -65,6 +66,7 @@ def _check_line(line: Line, boards: list[SimBoard], tmp_path: Path, *, expected:
             assert codes is not None
             qr = parse_qr_payload(codes.qr_payload)
             manual = parse_manual_code(codes.manual_code)
+            assert verhoeff.is_valid(codes.manual_code)  # python-stdnum, as the SDK's Python tool checks it
             assert check_passcode(qr.passcode) == manual.passcode
             assert (qr.vendor_id, qr.product_id) == (ids.vendor_id, ids.product_id)
             assert qr.discriminator == commissioning.discriminator

@@ -72,7 +72,9 @@ def test_line_ca_station_and_signer_certificates_verify_with_openssl(tmp_path: P
 
     server = _cli(
         "issue-signer-cert",
+        "--name",
         "signer.line-a.lan",
+        "--name",
         "10.1.0.5",
         "--out",
         str(tmp_path / "tls"),

@@ -36,9 +36,10 @@ from factoryd.ledger import Ledger
 from factoryd.ledger.issuance import open_issuance_ledger
 from factoryd.ledger.tables import AuditEntryRow
 from factoryd.ledger.testing import throwaway_postgres_database
-from factoryd.signer.lineca import init_line_ca, issue_station_cert
+from factoryd.signer.lineca import init_line_ca, issue_station_cert, load_line_ca, revoke_station_cert
 from factoryd.sim.board import SimBoard
 from factoryd.sim.hub import SimHub
+from factoryd.sim.secure_element import SimVendorCa
 from factoryd.telemetry.events import JobEvent, LinkStats, LotProgressUpdate, PortUpdate
 from tests.helpers.mqtt_broker import MosquittoBroker, MqttRecorder
 from tests.helpers.signer import LOT, SignerLine, SignerProcess, make_signer_line, run_station
@@ -258,8 +259,15 @@ def test_requests_outside_the_rules_are_refused_and_audited(
                 "/v1/certificates", json=_body(own_id, own_serial, own_job, cn="someone-else")
             ),
         }
-        ok = client.post("/v1/certificates", json=_body(own_id, own_serial, own_job))
+        request = _body(own_id, own_serial, own_job)
+        ok = client.post("/v1/certificates", json=request)
         assert ok.status_code == 200, ok.text
+        assert ok.json()["replayed"] is False
+        # The reply was lost and the station asks again: the same certificate, not a second one.
+        again = client.post("/v1/certificates", json=request)
+        assert again.status_code == 200, again.text
+        assert again.json()["replayed"] is True
+        assert again.json()["certificate"] == ok.json()["certificate"]
         # The board got its certificate and the job was recorded: a second one is never signed.
         cert = base64.b64decode(ok.json()["certificate"])
         with Ledger.open(pg_url) as ledger:
@@ -294,11 +302,22 @@ def test_requests_outside_the_rules_are_refused_and_audited(
     context.load_cert_chain(str(cert_path), str(key_path))
     with httpx.Client(base_url=line.url, verify=context) as forged, pytest.raises(httpx.HTTPError):
         forged.post("/v1/certificates", json=_body(other_id, other_serial, other_job))
+    # The line CA's own server certificate is no station certificate either.
+    context = ssl.create_default_context(cafile=str(line.line_ca_cert))
+    context.load_cert_chain(str(line.signer_cert), str(line.signer_key))
+    with httpx.Client(base_url=line.url, verify=context) as posing:
+        try:
+            posing_answer: httpx.Response | None = posing.post(
+                "/v1/certificates", json=_body(other_id, other_serial, other_job)
+            )
+        except httpx.HTTPError:
+            posing_answer = None  # refused in the handshake (no clientAuth usage)
+    assert posing_answer is None or posing_answer.json()["code"] == "bad_client_certificate"
 
     async def audited() -> Counter[str]:
         for _ in range(100):
             codes = _refusal_codes(pg_url)
-            if codes["tls_handshake_refused"] >= 2:
+            if codes["tls_handshake_refused"] + codes["bad_client_certificate"] >= 3:
                 return codes
             await asyncio.sleep(0.05)
         return _refusal_codes(pg_url)
@@ -306,7 +325,7 @@ def test_requests_outside_the_rules_are_refused_and_audited(
     codes = asyncio.run(audited())
     for code in ("not_reserved", "wrong_station", "csr_rejected", "already_provisioned"):
         assert codes[code] == 1, codes
-    assert codes["tls_handshake_refused"] >= 2, codes
+    assert codes["tls_handshake_refused"] + codes["bad_client_certificate"] >= 3, codes
     # Nothing was signed for the refused requests: the one good request is the only issuance.
     ledger = open_issuance_ledger(pg_url)
     try:
@@ -467,3 +486,60 @@ async def test_a_station_started_before_its_signer_waits_and_resumes(line: Signe
     assert station.outcomes["provisioned"] == 4, station.outcomes
     assert station.pauses_total >= 1  # intake was paused for the signer, then resumed by itself
     _check_line(pg_url, [supply], expect_provisioned=4)
+
+
+async def test_a_revoked_station_is_refused_after_a_reload(line: SignerLine, signer: SignerProcess) -> None:
+    with line.client("st-gone") as client:
+        assert client.get("/healthz").status_code == 200
+    ca = load_line_ca(line.line_ca_cert.parent, line.passphrase)
+    cert, _key = line.station_cert("st-gone")
+    revoke_station_cert(ca, cert.read_bytes())
+    signer.reload()
+
+    def refused() -> bool:
+        try:
+            with line.client("st-gone") as client:
+                client.get("/healthz")
+        except httpx.HTTPError:
+            return True
+        return False
+
+    for _ in range(100):  # the signal is handled asynchronously
+        if refused():
+            break
+        await asyncio.sleep(0.05)
+    assert refused()
+    with line.client("st-other") as client:  # everyone else carries on
+        assert client.get("/healthz").status_code == 200
+
+
+async def test_a_genuine_parts_lot_is_attested_again_by_the_signer(tmp_path: Path, pg_url: str) -> None:
+    """`attestation = required`: the signer verifies each board's evidence itself, and refuses without."""
+    line = make_signer_line(tmp_path, pg_url, ids=10, vendor=SimVendorCa.make(seed=7))
+    process = SignerProcess(line)
+    process.start()
+    try:
+        supply = Supply(line, 3)
+        station = await run_station(
+            line.station_settings("st-a", tmp_path / "st-a", ports=PORTS),
+            supply.hub,
+            line.passphrase,
+            timeout_s=60,
+        )
+        device_id, serial, job = _reserve(pg_url, "st-a")
+        with line.client("st-a") as client:
+            # A CSR for the reserved ID, but no evidence that a genuine secure element made its key.
+            bare = await asyncio.to_thread(
+                client.post, "/v1/certificates", json=_body(device_id, serial, job)
+            )
+    finally:
+        process.stop()
+    assert station.outcomes["provisioned"] == 3, station.outcomes
+    _check_line(pg_url, [supply], expect_provisioned=3)
+    assert bare.status_code == 403
+    assert bare.json()["code"] == "attestation_missing"
+    # The evidence the signer checked is what the manifest carries for each device.
+    with Ledger.open(pg_url) as ledger:
+        entries = ledger.issued_certificates(LOT)
+    assert len(entries) == 3
+    assert all(e.genuineness is not None and e.genuineness["method"] == "attestation" for e in entries)

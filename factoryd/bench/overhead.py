@@ -31,6 +31,8 @@ MIN_DEVICES = 200
 DEVICES_PER_PORT = 2
 # Boards the floor is measured over (enough for a stable mean; it is ~1 ms each).
 FLOOR_BOARDS = 300
+# One port count's child process (1,024 ports: ~1 min); a hung run fails instead of waiting forever.
+RUN_TIMEOUT_S = 900
 # Targets of issue #20.
 TARGET_CPU_MS_PER_DEVICE = 2.0
 TARGET_RATIO = 3.0
@@ -117,7 +119,9 @@ def run_overhead_bench(
             for loop in loops:
                 args = [sys.executable, "-m", "factoryd", "bench", "overhead", "--single"]
                 args += ["--ports", str(ports), "--loop", loop, *(["--profile"] if profile else [])]
-                out = subprocess.run(args, capture_output=True, check=True, text=True)  # noqa: S603 - ours
+                out = subprocess.run(  # noqa: S603 - our own interpreter and module
+                    args, capture_output=True, check=True, text=True, timeout=RUN_TIMEOUT_S
+                )
                 runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
     rss_per_port = None
     if len(ports_list) > 1:

@@ -96,7 +96,7 @@ def signer_issue_signer_cert(
 
 @app.command("revoke-station")
 def signer_revoke_station(cert_file: Path, config: ConfigOption = None) -> None:
-    """Put a station's certificate on the line CA's CRL (the signer refuses it from its next start)."""
+    """Put a station's certificate on the line CA's CRL (the signer refuses it once reloaded)."""
     from factoryd.signer.lineca import load_line_ca, revoke_station_cert  # noqa: PLC0415
     from factoryd.signer.server import line_ca_dir  # noqa: PLC0415
 
@@ -104,7 +104,7 @@ def signer_revoke_station(cert_file: Path, config: ConfigOption = None) -> None:
     passphrase = _passphrase(config)
     ca = guard(lambda: load_line_ca(line_ca_dir(settings), passphrase))
     serial = guard(lambda: revoke_station_cert(ca, read_input(cert_file)))
-    typer.echo(f"revoked serial {serial:x}; restart the signer (systemctl restart factoryd-signer)")
+    typer.echo(f"revoked serial {serial:x}; reload the signer (systemctl reload factoryd-signer)")
 
 
 @app.command("make-quota")

@@ -264,7 +264,6 @@ class HotStatements:
     head_locked: Query[HeadRow]
     insert_head: Command
     insert_audit: Command
-    update_head: Command
     advance_head: Command
     append_audit: Command | None
     device_by_serial_locked: Query[DeviceRowView]
@@ -342,12 +341,6 @@ class HotStatements:
                     prev_hash=bindparam("b_prev_hash"),
                     hash=bindparam("b_hash"),
                 ),
-                d,
-            ),
-            update_head=Command(
-                update(HEAD)
-                .where(HEAD.c.chain == bindparam("chain"))
-                .values(seq=bindparam("b_seq"), hash=bindparam("b_hash")),
                 d,
             ),
             # Optimistic append: moves the head only if it is still the link the writer chained onto

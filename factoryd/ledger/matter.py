@@ -91,6 +91,7 @@ class MatterBook(LotBook):
     """The ledger's sealed Matter onboarding codes (mixed into ``Ledger``)."""
 
     _onboarding_secret: _Secret | None = None
+    _matter_salts: dict[str, tuple[int, bytes]] | None = None  # lot -> (lot id, KDF salt), made lazily
     _onboarding_keys: dict[int, AESGCM]
     _onboarding_lock: threading.Lock
 
@@ -120,11 +121,19 @@ class MatterBook(LotBook):
 
     def _matter_lot(self, lot: str) -> tuple[int, bytes]:
         """The Matter lot's id and KDF salt (created on first use); InputError for a non-Matter lot."""
+        # A lot's salt never changes once made: one write transaction per lot, not per board.
+        if self._matter_salts is None:
+            self._matter_salts = {}
+        cache = self._matter_salts
+        found = cache.get(lot)
+        if found is not None:
+            return found
         for _ in range(SALT_RACE_RETRIES):
             try:
-                return self._matter_lot_once(lot)
+                found = cache[lot] = self._matter_lot_once(lot)
             except _SaltRaceError:
                 continue
+            return found
         raise LedgerError(f"could not create the onboarding salt of lot {lot!r}: lost every race")
 
     def _matter_lot_once(self, lot: str) -> tuple[int, bytes]:

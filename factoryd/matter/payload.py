@@ -38,8 +38,7 @@ FLOW_BITS = 2
 RENDEZVOUS_BITS = 8
 DISCRIMINATOR_BITS = 12
 PASSCODE_BITS = 27
-PADDING_BITS = 4
-PAYLOAD_BYTES = 11  # 88 bits
+PAYLOAD_BYTES = 11  # 88 bits: the fields above, then 4 padding bits that must be zero
 QR_BASE_CHARS = 19  # 3 chunks of 5 characters + one of 4
 
 # Passcode policy (spec §5.1.7.1): 1..99999998 and none of the trivially guessable values.

@@ -217,12 +217,21 @@ def issue_signer_cert(
     return _write_pair(out_dir, "signer", cert, key)
 
 
-def _write_crl(ca: LineCa, revoked: Sequence[x509.RevokedCertificate], now: dt.datetime) -> None:
+def _write_crl(
+    ca: LineCa,
+    revoked: Sequence[x509.RevokedCertificate],
+    now: dt.datetime,
+    *,
+    after: dt.datetime | None = None,
+) -> None:
+    # A re-signed CRL must be strictly newer than the one it replaces: a running signer adds it to its
+    # store and OpenSSL then checks with the CRL of the latest lastUpdate (whole seconds).
+    last = now - BACKDATE if after is None else max(now - BACKDATE, after + dt.timedelta(seconds=1))
     builder = (
         x509.CertificateRevocationListBuilder()
         .issuer_name(ca.certificate.subject)
-        .last_update(now - BACKDATE)
-        .next_update(now + dt.timedelta(days=CRL_VALIDITY_DAYS))
+        .last_update(last)
+        .next_update(last + dt.timedelta(days=CRL_VALIDITY_DAYS))
     )
     for entry in revoked:
         builder = builder.add_revoked_certificate(entry)
@@ -245,5 +254,5 @@ def revoke_station_cert(ca: LineCa, cert_pem: bytes, *, now: dt.datetime | None 
         revoked.append(
             x509.RevokedCertificateBuilder().serial_number(cert.serial_number).revocation_date(when).build()
         )
-    _write_crl(ca, revoked, when)
+    _write_crl(ca, revoked, when, after=crl.last_update_utc)
     return cert.serial_number

@@ -295,6 +295,12 @@ class SignerService:
         self.metrics_port: int | None = None
         self.metrics = SignerMetrics(signer=settings.station.name, version=__version__)
         self.stopping = asyncio.Event()
+        self._reload: Callable[[], None] | None = None
+
+    def reload(self) -> None:
+        """Re-read the line CA's CRL (a revoked station fails its next handshake) and reopen the lots."""
+        if self._reload is not None:
+            self._reload()
 
     def _tls_files(self) -> tuple[Path, Path, Path, Path | None]:
         cfg = self.settings.signer
@@ -371,16 +377,32 @@ class SignerService:
                     max_connections=settings.signer.max_connections,
                 )
             )
+            crl_path = line_ca_dir(settings) / LINE_CA_CRL
+
+            def reload() -> None:
+                notifier.notify("RELOADING=1")
+                if crl_path.is_file():
+                    # The re-signed CRL joins the store; OpenSSL checks with the newest (lastUpdate).
+                    context.load_verify_locations(cafile=str(crl_path))
+                    context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+                authority.close()  # each lot's CA reopens from its bundle on its next request
+                log.info("signer reloaded (CRL, lots)")
+                notifier.notify("READY=1")
+
+            self._reload = reload
             notifier.notify("READY=1", f"STATUS=signing on port {self.port}")
             await self.stopping.wait()
+            self._reload = None
             notifier.stopping()
 
     async def run_until_signalled(self) -> None:
-        """``run`` until SIGTERM or SIGINT (what ``factoryd signer run`` and systemd use)."""
+        """``run`` until SIGTERM or SIGINT, reloading on SIGHUP (``factoryd signer run``, systemd)."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(sig, self._on_signal, sig)
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signal.SIGHUP, self.reload)
         await self.run()
 
     def _on_signal(self, sig: signal.Signals) -> None:

@@ -169,7 +169,7 @@ class Authority:
             except LotNotFoundError:
                 raise SigningRefusedError("unknown_lot", f"no lot named {name!r}") from None
             if not self._bundles.exists(name):
-                raise SigningRefusedError("unknown_lot", f"the signer holds no CA for lot {name!r}")
+                raise SigningRefusedError("no_lot_ca", f"the signer holds no CA bundle for lot {name!r}")
             lot = load_lot_context(info, self._bundles, self._paths.firmware, self._paths.attestation)
             self._lots[name] = lot
             return lot

@@ -79,6 +79,9 @@ METRICS_MAX_CONCURRENT = 4
 # Scrapes this close together share one rendering (Prometheus' resolution is the scrape interval).
 METRICS_CACHE_S = 1.0
 METRICS_CACHE_VARIANTS = 8
+# A refused scrape's request is read (briefly, once) before the 429 goes back.
+METRICS_REFUSE_READ_S = 0.2
+METRICS_REFUSE_READ_BYTES = 8192
 
 _LABEL_UNSAFE = re.compile(r"[^a-z0-9_.:-]+")
 
@@ -406,8 +409,7 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 def _limited(app: Callable[..., Iterable[bytes]], metrics: Metrics) -> Callable[..., Iterable[bytes]]:
-    """The exposition app behind a scrape rate and a concurrency limit (answers 429/503 at once)."""
-    scrapes = TokenBuckets(METRICS_SCRAPES_PER_S, METRICS_SCRAPE_BURST)
+    """The exposition app behind a concurrency limit (503 at once) and a one-second rendering cache."""
     slots = threading.BoundedSemaphore(METRICS_MAX_CONCURRENT)
     # Renderings by what the scraper accepts (text or OpenMetrics, gzip or not): (at, status, headers, body).
     cache: dict[tuple[str, str], tuple[float, str, list[tuple[str, str]], bytes]] = {}
@@ -428,9 +430,7 @@ def _limited(app: Callable[..., Iterable[bytes]], metrics: Metrics) -> Callable[
         return captured[0], captured[1], body
 
     def limited(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        wait_s = scrapes.take(str(environ.get("REMOTE_ADDR", "unknown")))
-        if wait_s:
-            return refuse(start_response, "429 Too Many Requests", wait_s)
+        # The rate was checked when the connection was accepted (Server.process_request).
         if not slots.acquire(blocking=False):
             return refuse(start_response, "503 Service Unavailable", 1.0)
         try:
@@ -458,8 +458,28 @@ def _start_metrics_server(host: str, port: int, metrics: Metrics) -> tuple[WSGIS
     """prometheus_client's threaded WSGI server on host:port, with the scrape limits in front."""
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
 
+    scrapes = TokenBuckets(METRICS_SCRAPES_PER_S, METRICS_SCRAPE_BURST)
+
     class Server(ThreadingWSGIServer):
         address_family = family
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            """A client past its rate is answered 429 on the accepting thread: no thread, no parsing."""
+            wait_s = scrapes.take(str(client_address[0]))
+            if not wait_s:
+                super().process_request(request, client_address)
+                return
+            metrics.http_rejected_request("metrics", 429)
+            with contextlib.suppress(OSError):
+                # Read what the client sent first: closing on unread bytes would reset the connection.
+                request.settimeout(METRICS_REFUSE_READ_S)
+                request.recv(METRICS_REFUSE_READ_BYTES)
+                request.sendall(
+                    b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: "
+                    + retry_after_header(wait_s).encode()
+                    + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                )
+            self.shutdown_request(request)
 
     app = _limited(make_wsgi_app(metrics.registry), metrics)
     server = make_server(host, port, app, Server, handler_class=_QuietHandler)

@@ -70,7 +70,7 @@ REASON_TEXT: dict[str, str] = {
     "signer_quota_exhausted": "The customer's quota for this lot is used up: no more certificates. Put the "
     "board aside and tell the supervisor.",
     "signer_quota_expired": "The customer's quota for this lot has expired. Tell the supervisor.",
-    "signer_quota_invalid": "The customer's quota for this lot is refused by the signer. Tell the supervisor.",
+    "signer_quota_invalid": "The signer refuses the customer's quota for this lot. Tell the supervisor.",
     "signer_quota_missing": "The lot has no customer quota and the signer requires one. Tell the supervisor.",
     "signer_reissue_limit": "This board's ID was signed too often. Put it aside and tell the supervisor.",
     "job_aborted": "Stopped by the operator or a station shutdown.",

@@ -31,13 +31,21 @@ from factoryd.daemon import Daemon, DaemonHooks
 from factoryd.demo import DEMO_LOT, DemoOptions, demo_settings
 from factoryd.jobs.scheduler import Station
 from factoryd.ledger import Ledger, LotProfile, LotState
+from factoryd.pki.attestation import AttestationRootStore, load_attestation_roots
 from factoryd.pki.bundle import CaBundle
 from factoryd.pki.testca import TestPki, make_test_pki
-from factoryd.service import StationPaths, parse_bundle, prepare_state_dir, store_bundle
+from factoryd.service import (
+    StationPaths,
+    parse_bundle,
+    prepare_state_dir,
+    store_attestation_roots,
+    store_bundle,
+)
 from factoryd.signer.lineca import init_line_ca, issue_signer_cert, issue_station_cert
 from factoryd.sim.board import FaultPlan, SimBoard
 from factoryd.sim.bootloader import DEFAULT_SLOT_BYTES
 from factoryd.sim.hub import SimHub
+from factoryd.sim.secure_element import SimVendorCa
 from factoryd.telemetry.events import TelemetrySink
 
 LOT = DEMO_LOT
@@ -69,6 +77,7 @@ class SignerLine:
     signer_key: Path
     port: int
     pki: TestPki | None = None
+    vendor: SimVendorCa | None = None
     stations: dict[str, tuple[Path, Path]] = field(default_factory=dict)
 
     @property
@@ -86,8 +95,11 @@ class SignerLine:
         return self.stations[name]
 
     def board(self, faults: FaultPlan | None = None) -> SimBoard:
-        """A fresh board whose bootloader trusts the lot's firmware key."""
-        return SimBoard(firmware_key=self.fw_public, faults=faults or FaultPlan())
+        """A fresh board (a genuine part of the lot's SE vendor when the lot requires attestation)."""
+        board = SimBoard(firmware_key=self.fw_public, faults=faults or FaultPlan())
+        if self.vendor is not None:
+            self.vendor.provision(board.se)
+        return board
 
     def config(self, *, metrics_port: int = 0, mqtt_port: int = 0, extra: str = "") -> Path:
         """The signer's config file."""
@@ -139,6 +151,11 @@ level = "info"
     def station_settings(self, name: str, state_dir: Path, *, ports: int, hold_s: float = 30.0) -> Settings:
         """A station on this line that signs through the signer (no CA key of its own)."""
         cert, key = self.station_cert(name)
+        if self.vendor is not None:
+            # The station checks genuineness before a reservation, as without a signer.
+            AttestationRootStore(StationPaths(state_dir).attestation).save(
+                LOT, load_attestation_roots(self.vendor.root_pem)
+            )
         base = demo_settings(DemoOptions(ports=ports), state_dir).model_dump(mode="python")
         base["station"] = {"name": name, "line": "test-line", "state_dir": state_dir}
         base["ledger"] = {"url": self.ledger_url}
@@ -165,10 +182,12 @@ def make_signer_line(
     *,
     ids: int = 40,
     to_token: Callable[[CaBundle, Path], None] | None = None,
+    vendor: SimVendorCa | None = None,
 ) -> SignerLine:
     """An active lot with ``ids`` IDs on ``ledger_url``, its CA in the signer's state directory only.
 
-    ``to_token(bundle, lot_dir)`` moves the CA key into a PKCS#11 token (the SoftHSM test).
+    ``to_token(bundle, lot_dir)`` moves the CA key into a PKCS#11 token (the SoftHSM test); with
+    ``vendor`` the lot requires key attestation to that SE vendor's root (on the signer and stations).
     The line CA, the signer's TLS certificate and the customer PKI (root key kept, for quotas) are made.
     """
     signer_state = root / "signer-state"
@@ -177,7 +196,12 @@ def make_signer_line(
     passphrase = secrets.token_urlsafe(16).encode()
     upload_passphrase = secrets.token_urlsafe(16).encode()
     pki = make_test_pki(passphrase=upload_passphrase)
-    profile = LotProfile(protocol="factoryd-v1", lock=True, slot_size=DEFAULT_SLOT_BYTES)
+    profile = LotProfile(
+        protocol="factoryd-v1",
+        lock=True,
+        slot_size=DEFAULT_SLOT_BYTES,
+        attestation="none" if vendor is None else "required",
+    )
     with Ledger.open(ledger_url) as ledger:
         ledger.create_lot(LOT, customer="ACME", profile=profile, target_quantity=ids, actor="test")
         bundle = parse_bundle(pki.pkcs12, upload_passphrase, ledger.get_lot(LOT))
@@ -185,6 +209,8 @@ def make_signer_line(
         if to_token is not None:
             to_token(bundle, lot_dir)
         ledger.import_ids(LOT, "\n".join(str(uuid.uuid4()) for _ in range(ids)).encode(), actor="test")
+        if vendor is not None:
+            store_attestation_roots(paths, ledger, LOT, vendor.root_pem, actor="test")
         ledger.set_lot_state(LOT, LotState.ACTIVE, actor="test")
     ca = init_line_ca(signer_state / "signer" / "line-ca", passphrase, name="test line CA")
     cert, key = issue_signer_cert(ca, [LOOPBACK, "localhost"], signer_state / "signer" / "tls")
@@ -199,6 +225,7 @@ def make_signer_line(
         signer_key=key,
         port=free_port(),
         pki=pki,
+        vendor=vendor,
     )
 
 
@@ -238,6 +265,11 @@ class SignerProcess:
                 if time.monotonic() > deadline:
                     raise AssertionError(f"the signer did not start:\n{self.log.read_text()}")
                 time.sleep(0.05)
+
+    def reload(self) -> None:
+        """SIGHUP: the signer re-reads the line CA's CRL and reopens its lots."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGHUP)
 
     def kill(self) -> None:
         """SIGKILL: no goodbye, no flush (a power cut of the signer host)."""
