@@ -301,16 +301,17 @@ def test_migration_0007_follows_0006_and_matches_the_model(ledger: IssuanceLedge
     from sqlmodel import SQLModel
 
     from factoryd.ledger.migrate import alembic_config
-    from factoryd.ledger.tables import SignerIssuanceRow
+    from factoryd.ledger.tables import SignerIssuanceRow, SignerLotRow
 
     scripts = ScriptDirectory.from_config(alembic_config())
     assert scripts.get_revision("0007_signer").down_revision == "0006_labels"
     metadata = MetaData()
-    for name in ("lot", SignerIssuanceRow.__tablename__):
+    mine = (SignerIssuanceRow.__tablename__, SignerLotRow.__tablename__)
+    for name in ("lot", *mine):
         SQLModel.metadata.tables[name].to_metadata(metadata)
 
     def only_issuance(_obj: Any, name: str | None, kind: str, _reflected: bool, _compare_to: Any) -> bool:
-        return kind != "table" or name == SignerIssuanceRow.__tablename__
+        return kind != "table" or name in mine
 
     with ledger._engine.connect() as connection:
         context = MigrationContext.configure(connection, opts={"include_object": only_issuance})

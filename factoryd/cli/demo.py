@@ -102,6 +102,8 @@ def _echo_summary(result: DemoResult, boards: int, ports: int, profile: str, tim
         f"({in_lot}certificates checked: {result.certificates_verified})"
     )
     typer.echo(f"  duplicate IDs       {result.duplicate_ids}")
+    if result.labels_printed:
+        typer.echo(f"  labels              {result.labels_printed} printed on the simulated printers")
     typer.echo(f"  audit chain         verified, {result.audit_entries} entries")
     if result.state_dir_kept:
         typer.echo(f"  manifest            {result.manifest_path} ({result.manifest_count} devices)")
@@ -131,7 +133,7 @@ def demo(
     timing: Annotated[str, typer.Option(help="zero or realistic.")] = "zero",
     timing_scale: Annotated[float, typer.Option(min=0.0, help="Multiply every simulated delay.")] = 1.0,
     profile: Annotated[
-        str, typer.Option(help="factoryd-v1, arduino-v1, mcumgr or nrf91-at.")
+        str, typer.Option(help="factoryd-v1, arduino-v1, mcumgr, nrf91-at or matter.")
     ] = "factoryd-v1",
     state_dir: Annotated[
         Path | None, typer.Option(help="Keep ledger, bundles, manifest and a config here (default: temp).")
@@ -152,6 +154,10 @@ def demo(
         float,
         typer.Option(min=0.0, max=1.0, help="With --attestation: share of impostor boards (default 0.1)."),
     ] = 0.1,
+    labels: Annotated[
+        bool,
+        typer.Option("--labels", help="Print a label per board on simulated printers (always for matter)."),
+    ] = False,
     metrics: Annotated[bool, typer.Option(help="Serve /metrics on 127.0.0.1:9464.")] = False,
     metrics_port: Annotated[int | None, typer.Option(help="Serve /metrics on 127.0.0.1:PORT.")] = None,
     api_port: Annotated[
@@ -191,6 +197,7 @@ def demo(
         flash=not no_flash,
         attestation=attestation,
         impostor_rate=impostor_rate if attestation else 0.0,
+        labels=labels,
         state_dir=state_dir,
         ledger_url=ledger_url,
         lot=lot,

@@ -31,7 +31,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, text
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, col, select
 
 from factoryd.errors import LedgerError, LotNotFoundError
@@ -41,7 +42,7 @@ from factoryd.ledger.engine import require_label, require_serial, utc_now
 from factoryd.ledger.lots import LotBook
 from factoryd.ledger.model import DeviceState, LotState
 from factoryd.ledger.profile import LotProfile
-from factoryd.ledger.tables import DeviceRow, JobRow, SignerIssuanceRow
+from factoryd.ledger.tables import DeviceRow, JobRow, SignerIssuanceRow, SignerLotRow
 
 CERT_ISSUED_ACTION = "cert.issued"  # the action ledger/certificates.py reads
 CERT_SUPERSEDED_ACTION = "cert.superseded"
@@ -49,8 +50,6 @@ REFUSED_ACTION = "signer.refused"
 # Request ids: what a station can make unique (its name, job, a digest); kept to a safe alphabet.
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{16,64}")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-# pg_advisory_xact_lock key space of the quota lock (one lock per lot id): "FDQ" in the top bits.
-QUOTA_LOCK_BASE = 0x464451 << 32
 # Details kept of a refusal's message in the audit trail.
 REFUSAL_MESSAGE_MAX_CHARS = 300
 
@@ -194,9 +193,8 @@ class IssuanceBook(LotBook):
             if lot_row.id is None:
                 raise LedgerError(f"lot {request.lot!r} has no id")
             lot_id = lot_row.id
-            if quota_max is not None and self._is_postgres:
-                # Two requests of one lot must not both pass the count at N-1: one at a time per lot.
-                session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": QUOTA_LOCK_BASE + lot_id})
+            # The lot's count, locked: two requests of one lot never both pass the quota at N-1.
+            counter = self._counter(session, lot_id)
             device = session.exec(
                 select(DeviceRow)
                 .where(DeviceRow.lot_id == lot_id, DeviceRow.device_id == request.device_id)
@@ -206,7 +204,7 @@ class IssuanceBook(LotBook):
                 select(SignerIssuanceRow).where(SignerIssuanceRow.request_id == request.request_id)
             ).first()
             if seen is not None:
-                return self._replay(session, seen, request, lot_id)
+                return self._replay(seen, request, lot_id, counter.signed)
             if LotState(lot_row.state) is not LotState.ACTIVE:
                 raise IssuanceRefusedError(
                     "lot_not_active",
@@ -228,7 +226,7 @@ class IssuanceBook(LotBook):
                     f"ID {request.device_id!r} already has {len(previous)} certificates signed "
                     f"(limit {max_per_device}): void the ID and give the board another",
                 )
-            signed_count = self._count(session, lot_id)
+            signed_count = counter.signed
             if quota_max is not None and signed_count >= quota_max:
                 raise IssuanceRefusedError(
                     "quota_exhausted",
@@ -283,8 +281,9 @@ class IssuanceBook(LotBook):
             if job is None or job.finished_at is not None:
                 raise IssuanceRefusedError("job_closed", f"job {request.job_id} is not open")
 
+    @staticmethod
     def _replay(
-        self, session: Session, seen: SignerIssuanceRow, request: IssuanceRequest, lot_id: int
+        seen: SignerIssuanceRow, request: IssuanceRequest, lot_id: int, signed: int
     ) -> IssuanceOutcome:
         same = (
             seen.lot_id == lot_id
@@ -301,15 +300,17 @@ class IssuanceBook(LotBook):
             record=_record(seen, request.lot),
             replayed=True,
             superseded=None,
-            signed_in_lot=self._count(session, lot_id),
+            signed_in_lot=signed,
         )
 
-    @staticmethod
-    def _count(session: Session, lot_id: int) -> int:
-        counted = session.exec(
-            select(func.count()).select_from(SignerIssuanceRow).where(SignerIssuanceRow.lot_id == lot_id)
+    def _counter(self, session: Session, lot_id: int) -> SignerLotRow:
+        """The lot's certificate count, created at 0 on first use and locked for the transaction."""
+        insert = pg_insert if self._is_postgres else sqlite_insert
+        session.execute(insert(SignerLotRow).values(lot_id=lot_id, signed=0).on_conflict_do_nothing())
+        counter = session.exec(
+            select(SignerLotRow).where(SignerLotRow.lot_id == lot_id).with_for_update()
         ).one()
-        return int(counted)
+        return counter
 
     def _record_signed(
         self,
@@ -364,6 +365,9 @@ class IssuanceBook(LotBook):
             issued_at=now,
         )
         session.add(row)
+        counter = session.exec(select(SignerLotRow).where(SignerLotRow.lot_id == lot_id)).one()
+        counter.signed = signed_count + 1
+        session.add(counter)
         session.flush()
         details: dict[str, object] = {
             "lot": request.lot,
@@ -416,7 +420,8 @@ class IssuanceBook(LotBook):
         """Certificates the signer signed for the lot (superseded ones included): the quota's count."""
         with self._transaction(write=False) as session:
             lot_row = self._lot_row(session, lot)
-            return 0 if lot_row.id is None else self._count(session, lot_row.id)
+            counter = session.exec(select(SignerLotRow).where(SignerLotRow.lot_id == lot_row.id)).first()
+            return 0 if counter is None else counter.signed
 
     def issuances(self, lot: str) -> list[IssuanceRecord]:
         """Every certificate the signer signed for the lot, in the order it signed them."""

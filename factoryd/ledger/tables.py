@@ -178,6 +178,20 @@ class CloudRegistrationRow(SQLModel, table=True):
     updated_at: datetime = _ts(nullable=False)
 
 
+class SignerLotRow(SQLModel, table=True):
+    """The signer's count of certificates signed for one lot (the quota's count), kept with each issuance.
+
+    Locked by every issuance of the lot, so two requests never both pass a quota at N-1.
+    """
+
+    __tablename__ = "signer_lot"
+
+    lot_id: int = Field(
+        sa_column=Column(Integer, ForeignKey("lot.id", name="fk_signer_lot_lot"), primary_key=True, autoincrement=False)
+    )
+    signed: int = Field(sa_column=Column(BigInteger, nullable=False))
+
+
 class SignerIssuanceRow(SQLModel, table=True):
     """One device certificate the line's signing service signed (``factoryd signer``, issue #23).
 

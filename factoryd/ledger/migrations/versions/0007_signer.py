@@ -1,4 +1,4 @@
-"""Signing service: the certificates it signed, one standing per device ID (issue #23).
+"""Signing service: the certificates it signed (one standing per device ID) and each lot's count (#23).
 
 Revision ID: 0007_signer
 Revises: 0006_labels
@@ -19,7 +19,18 @@ _TS = sa.DateTime(timezone=True)
 
 
 def upgrade() -> None:
-    """Create the signer_issuance table."""
+    """Create the signer_lot and signer_issuance tables."""
+    op.create_table(
+        "signer_lot",
+        sa.Column(
+            "lot_id",
+            sa.Integer,
+            sa.ForeignKey("lot.id", name="fk_signer_lot_lot"),
+            primary_key=True,
+            autoincrement=False,
+        ),
+        sa.Column("signed", sa.BigInteger, nullable=False),
+    )
     op.create_table(
         "signer_issuance",
         sa.Column("id", sa.Integer, primary_key=True),
@@ -45,6 +56,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    """Drop the signer_issuance table."""
+    """Drop the signer_issuance and signer_lot tables."""
     op.drop_index("ix_signer_issuance_lot", table_name="signer_issuance")
     op.drop_table("signer_issuance")
+    op.drop_table("signer_lot")
