@@ -18,7 +18,7 @@ from factoryd import __version__
 from factoryd.api.audit import AuditMiddleware
 from factoryd.api.context import ApiContext
 from factoryd.api.errors import TokenExistsError, TokenNotFoundError, TokenRejectedError
-from factoryd.api.limits import LoadLimitMiddleware
+from factoryd.api.limits import LoadLimitMiddleware, address_buckets
 from factoryd.api.page.routes import router as station_page_router  # station page (issue 12)
 from factoryd.api.routes import ManifestCache, router
 from factoryd.api.tokens import TokenStore
@@ -143,5 +143,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_middleware(AuditMiddleware, ledger=ctx.ledger)
     # Outermost: a flood is refused before routing, token lookups and the audit trail.
-    app.add_middleware(LoadLimitMiddleware, limits=ctx.load, on_reject=ctx.on_reject)
+    app.state.address_buckets = addresses = address_buckets(ctx.load)
+    app.state.on_reject = ctx.on_reject
+    app.add_middleware(LoadLimitMiddleware, limits=ctx.load, on_reject=ctx.on_reject, addresses=addresses)
     return app

@@ -46,11 +46,18 @@ class LoadLimits:
 class LoadLimitMiddleware:
     """Pure ASGI middleware refusing requests past the rate and stream limits (outermost)."""
 
-    def __init__(self, app: ASGIApp, limits: LoadLimits, on_reject: RejectListener | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        limits: LoadLimits,
+        on_reject: RejectListener | None = None,
+        addresses: TokenBuckets | None = None,
+    ) -> None:
         self.app = app
         self.limits = limits
         self._on_reject = on_reject
-        self._addresses = TokenBuckets(limits.address_rate_per_s, limits.address_burst)
+        # Shared with the server's connection handler (api/server.py), which refuses before parsing.
+        self._addresses = addresses or address_buckets(limits)
         self._clients = TokenBuckets(limits.client_rate_per_s, limits.client_burst)
         self.streams = 0
         self.rejected = 0
@@ -104,6 +111,21 @@ class LoadLimitMiddleware:
         ]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+def address_buckets(limits: LoadLimits) -> TokenBuckets:
+    """The per-address request budget of ``limits``."""
+    return TokenBuckets(limits.address_rate_per_s, limits.address_burst)
+
+
+def refusal_bytes(status: int, reason: str, detail: str, wait_s: float) -> bytes:
+    """A whole HTTP/1.1 refusal (JSON detail, Retry-After, connection closed)."""
+    body = json.dumps({"detail": detail}).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+        f"retry-after: {retry_after_header(wait_s)}\r\nconnection: close\r\n\r\n"
+    )
+    return head.encode() + body
 
 
 def _credential(scope: Scope) -> str | None:

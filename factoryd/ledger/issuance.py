@@ -307,10 +307,7 @@ class IssuanceBook(LotBook):
         """The lot's certificate count, created at 0 on first use and locked for the transaction."""
         insert = pg_insert if self._is_postgres else sqlite_insert
         session.execute(insert(SignerLotRow).values(lot_id=lot_id, signed=0).on_conflict_do_nothing())
-        counter = session.exec(
-            select(SignerLotRow).where(SignerLotRow.lot_id == lot_id).with_for_update()
-        ).one()
-        return counter
+        return session.exec(select(SignerLotRow).where(SignerLotRow.lot_id == lot_id).with_for_update()).one()
 
     def _record_signed(
         self,

@@ -187,7 +187,9 @@ class SignerLotRow(SQLModel, table=True):
     __tablename__ = "signer_lot"
 
     lot_id: int = Field(
-        sa_column=Column(Integer, ForeignKey("lot.id", name="fk_signer_lot_lot"), primary_key=True, autoincrement=False)
+        sa_column=Column(
+            Integer, ForeignKey("lot.id", name="fk_signer_lot_lot"), primary_key=True, autoincrement=False
+        )
     )
     signed: int = Field(sa_column=Column(BigInteger, nullable=False))
 

@@ -50,6 +50,16 @@ class TokenBuckets:
     def __len__(self) -> int:
         return len(self._buckets)
 
+    def peek(self, key: str) -> float:
+        """The seconds until ``key`` has a token (0.0: one is there now), without spending it."""
+        now = self._clock()
+        with self._lock:
+            bucket = self._buckets.get(key)
+            if bucket is None:
+                return 0.0
+            tokens = min(float(self.burst), bucket.tokens + (now - bucket.at) * self.rate_per_s)
+            return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate_per_s
+
     def take(self, key: str) -> float:
         """Spend one token of ``key``: 0.0 when allowed, else the seconds until the next token."""
         now = self._clock()
