@@ -63,8 +63,11 @@ def test_token_buckets_are_bounded_and_refill() -> None:
     buckets = TokenBuckets(2.0, 3, max_keys=100, clock=lambda: now[0])
     assert [buckets.take("a") for _ in range(3)] == [0.0, 0.0, 0.0]
     assert buckets.take("a") == pytest.approx(0.5)  # the next token in half a second
+    assert buckets.peek("a") == pytest.approx(0.5)  # the server's accept-time check spends nothing
     now[0] += 0.5
+    assert buckets.peek("a") == 0.0
     assert buckets.take("a") == 0.0
+    assert buckets.peek("never-seen") == 0.0
     for n in range(10_000):  # a spray of fake clients evicts, it does not grow memory
         buckets.take(f"fake-{n}")
     assert len(buckets) == 100

@@ -46,6 +46,8 @@ class RemoteRun:
     ports: int
     devices: int
     outcomes: dict[str, int]
+    # Why jobs that did not provision ended (reason -> jobs): a failure in a benchmark is a finding.
+    failure_reasons: dict[str, int]
     provisioned: int
     duplicate_ids: int
     window_s: float
@@ -61,6 +63,7 @@ class RemoteRun:
             "ports": self.ports,
             "devices": self.devices,
             "outcomes": self.outcomes,
+            "failure_reasons": self.failure_reasons,
             "provisioned": self.provisioned,
             "duplicate_ids": self.duplicate_ids,
             "window_s": round(self.window_s, 4),
@@ -156,6 +159,9 @@ async def run_remote_line(
         ports=ports,
         devices=devices,
         outcomes=dict(station.outcomes),
+        failure_reasons=dict(
+            Counter(str(r.reason) for r in station.results if r.outcome not in ("provisioned", "rechecked"))
+        ),
         provisioned=station.outcomes.get("provisioned", 0),
         duplicate_ids=sum(1 for n in ids.values() if n > 1),
         window_s=window,

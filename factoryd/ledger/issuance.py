@@ -19,6 +19,8 @@ Rules the transaction keeps:
   signed for one ID; a provisioned ID gets none.
 - **Quota**: every signature counts, superseded ones included (a superseded certificate is still a
   valid signature until the CRL reaches the relying party), so a quota of N signs N certificates.
+  The lot's count (``signer_lot``) is locked by every issuance of the lot and raised with it, so
+  concurrent requests never both pass the quota at N-1 (and counting costs no table scan).
 
 Refusals are audited by :meth:`IssuanceBook.record_refusal` (``signer.refused``) in their own
 transaction, after the refused one rolled back.

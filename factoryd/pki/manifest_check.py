@@ -3,7 +3,8 @@
 ``factoryd manifest verify MANIFEST.json SIG --ca CHAIN.pem`` runs :func:`check_manifest`: the
 detached CMS signature against the customer's CA chain, the document's form, every device
 certificate's chain and its recorded serial and fingerprint, uniqueness of IDs, serials and
-fingerprints, the counts, and that no revoked certificate is also listed as provisioned.
+fingerprints, the counts, that no revoked certificate is also listed as provisioned, and the form of
+the audit chain heads the manifest anchors (if it carries them).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from factoryd.pki.profile import utc_now
 
 # Only the first few offenders are named; the rest are counted.
 MAX_NAMED = 3
+# An audit chain head's hash: SHA-256 in hex.
+AUDIT_HASH_HEX_CHARS = 64
 
 
 @dataclass(frozen=True)
@@ -215,6 +218,24 @@ def check_manifest(
         return f"{len(revoked)} revoked certificates, none listed as provisioned"
 
     check("revoked", revocations)
+    if "audit_chains" in document:
+
+        def anchors() -> str:
+            # The station's audit chain heads when the manifest was signed: `factoryd audit verify
+            # --manifest` checks them against the ledger; here only their form can be checked.
+            raw = document["audit_chains"]
+            if not isinstance(raw, list) or not all(
+                isinstance(a, dict)
+                and isinstance(a.get("chain"), str)
+                and isinstance(a.get("seq"), int)
+                and isinstance(a.get("hash"), str)
+                and len(a["hash"]) == AUDIT_HASH_HEX_CHARS
+                for a in raw
+            ):
+                raise ManifestError("audit_chains is not a list of {chain, seq, hash} heads")
+            return f"{len(raw)} audit chain heads anchored (check them with `factoryd audit verify --manifest`)"
+
+        check("audit anchors", anchors)
     return report
 
 
