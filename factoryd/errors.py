@@ -17,6 +17,9 @@ inherit :class:`TimeoutError` so ``except TimeoutError`` keeps working.
     │   ├── ExportError                   cloud/errors.py: devices cannot be written in that format
     │   ├── LabelTemplateError            labels/errors.py: a label template refused (the problem named)
     │   ├── QuotaError                    signer/errors.py: a customer quota refused (signature, lot, expiry)
+    │   ├── CdError                       matter/cd.py: a Certification Declaration refused (field named)
+    │   ├── MatterLotError                matter/lot.py: a Matter lot set-up refused (PAI/PAA/CD/VID named)
+    │   ├── TlvError                      matter/tlv.py: malformed Matter TLV
     │   ├── TokenExistsError              api/errors.py: an API token name is taken
     │   └── TokenNotFoundError            api/errors.py: no such API token
     ├── LinkError                         serial link layer            (transient = True)
@@ -58,6 +61,7 @@ inherit :class:`TimeoutError` so ``except TimeoutError`` keeps working.
     │   ├── ReservationConflictError      the ID/serial binding would break exactly-once
     │   ├── SchemaVersionError            the database has a schema this build does not know
     │   ├── IssuanceRefusedError          ledger/issuance.py: the ledger forbids that certificate (code)
+    │   ├── OnboardingSecretMissingError  ledger/matter.py: Matter codes sealed, but no passphrase given
     │   └── AuditChainError               the audit hash chain does not verify
     ├── PkiError                          issuing and signing
     │   ├── SignerError                   the CA key could not be used (passphrase, token)

@@ -31,6 +31,7 @@ from factoryd.ledger.migrate import alembic_config
 from factoryd.ledger.tables import GENESIS_HASH, LEGACY_CHAIN, AuditEntryRow
 from factoryd.ledger.testing import throwaway_postgres_database
 from factoryd.pki import SoftwareSigner, build_manifest, verify_manifest
+from factoryd.pki.manifest_check import check_manifest
 from factoryd.pki.testca import TestPki, make_test_pki
 
 LOT = "L1"
@@ -411,3 +412,25 @@ def test_two_ledgers_appending_to_one_chain_correct_each_others_stale_head(url: 
         assert verify_audit_chains(first)["op"].count == 6
     subjects = rows(url, "SELECT subject FROM audit_entry WHERE chain = 'op' ORDER BY chain_seq")
     assert subjects == [(f"n{i}",) for i in range(6)]
+
+
+def test_the_customer_side_check_reports_the_anchors_form(url: str, pki: TestPki) -> None:
+    populate(url, per_station=1)
+    with Ledger.open(url) as ledger:
+        anchors = audit_chain_heads(ledger)
+    signer = SoftwareSigner(pki.issuing_key, pki.issuing_cert)
+    chain = [pki.issuing_cert, pki.root_cert]
+    manifest = build_manifest(LOT, [], signer, chain, audit_chains=anchors)
+    report = check_manifest(manifest.json_bytes, manifest.signature_der, [pki.root_cert])
+    assert report.ok, report.lines()
+    found = {c.name: c for c in report.checks}["audit anchors"]
+    assert found.ok
+    assert f"{len(anchors)} audit chain heads anchored" in found.detail
+    # A malformed anchor list (signed as such) is named, not ignored.
+    bad = build_manifest(LOT, [], signer, chain, audit_chains=[ChainHead("st", 1, "not-a-hash")])
+    report = check_manifest(bad.json_bytes, bad.signature_der, [pki.root_cert])
+    assert not {c.name: c for c in report.checks}["audit anchors"].ok
+    # A manifest made without anchors gets no such check (older manifests still verify).
+    plain = build_manifest(LOT, [], signer, chain)
+    checks = check_manifest(plain.json_bytes, plain.signature_der, [pki.root_cert]).checks
+    assert "audit anchors" not in {c.name for c in checks}

@@ -233,7 +233,7 @@ def check_manifest(
                 for a in raw
             ):
                 raise ManifestError("audit_chains is not a list of {chain, seq, hash} heads")
-            return f"{len(raw)} audit chain heads anchored (check them with `factoryd audit verify --manifest`)"
+            return f"{len(raw)} audit chain heads anchored (`factoryd audit verify --manifest` checks them)"
 
         check("audit anchors", anchors)
     return report
