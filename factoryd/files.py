@@ -14,7 +14,7 @@ import os
 import secrets
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 FILE_MODE = 0o600
@@ -62,6 +62,28 @@ def write_private(path: Path, data: bytes, *, mode: int = FILE_MODE, replace: bo
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
+
+
+def write_together(files: Mapping[Path, bytes], *, mode: int = FILE_MODE) -> None:
+    """Write several files that belong together (a manifest and its signature) into one directory.
+
+    Every temp file is written and fsynced before any is renamed into place, so a full disk or a
+    write error leaves all the old files (or none) and never a new one beside an old partner.
+    """
+    temps: list[tuple[Path, Path]] = []
+    try:
+        for path, data in files.items():
+            _refuse_symlink(path)
+            tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+            write_new(tmp, data, mode=mode)
+            temps.append((tmp, path))
+        for tmp, path in temps:
+            os.replace(tmp, path)  # renames take no space
+    finally:
+        for tmp, _path in temps:
+            tmp.unlink(missing_ok=True)
+    for parent in {path.parent for path in files}:
+        fsync_dir(parent)
 
 
 @contextlib.contextmanager

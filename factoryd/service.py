@@ -19,7 +19,7 @@ from cryptography import x509
 
 from factoryd.config import Settings
 from factoryd.errors import BundleError, ConfigError, InputError
-from factoryd.files import write_private
+from factoryd.files import write_together
 from factoryd.firmware import FirmwareStore
 from factoryd.jobs.lots import cert_profile, lot_signer
 from factoryd.jobs.profiles import board_profile
@@ -248,9 +248,8 @@ def write_manifest(manifest: SignedManifest, directory: Path) -> tuple[Path, Pat
     directory.mkdir(parents=True, exist_ok=True)
     json_path = directory / f"{manifest.lot}.manifest.json"
     sig_path = directory / f"{manifest.lot}.manifest.p7s"
-    # Each file whole or not at all (a full disk must not leave a truncated manifest); not secret.
-    write_private(json_path, manifest.json_bytes, mode=0o644)
-    write_private(sig_path, manifest.signature_der, mode=0o644)
+    # Both whole and new, or both old (a full disk must leave no manifest beside a stale signature).
+    write_together({json_path: manifest.json_bytes, sig_path: manifest.signature_der}, mode=0o644)
     return json_path, sig_path
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from factoryd.files import fsync_dir, private_staging_dir, wipe, write_new, write_private
+from factoryd.files import fsync_dir, private_staging_dir, wipe, write_new, write_private, write_together
 
 
 def _mode(path: Path) -> int:
@@ -198,3 +198,31 @@ def test_fsync_dir_works_through_a_symlinked_directory(tmp_path: Path) -> None:
     fsync_dir(tmp_path / "state")
     write_private(tmp_path / "state" / "key", b"k")
     assert (real / "key").read_bytes() == b"k"
+
+
+def test_files_written_together_replace_both_or_neither(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest, signature = tmp_path / "lot.manifest.json", tmp_path / "lot.manifest.p7s"
+    manifest.write_bytes(b"old manifest")
+    signature.write_bytes(b"old signature")
+    real_write = os.write
+    writes: list[int] = []
+
+    def disk_fills_on_the_second_file(fd: int, data: bytes | memoryview) -> int:
+        writes.append(fd)  # each small file is written in one call
+        if len(writes) > 1:
+            raise OSError(28, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", disk_fills_on_the_second_file)
+    with pytest.raises(OSError, match="No space left"):
+        write_together({manifest: b"new manifest", signature: b"new signature"}, mode=0o644)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lot.manifest.json", "lot.manifest.p7s"]
+    assert (manifest.read_bytes(), signature.read_bytes()) == (b"old manifest", b"old signature")
+
+    write_together({manifest: b"new manifest", signature: b"new signature"}, mode=0o644)
+    assert (manifest.read_bytes(), signature.read_bytes()) == (b"new manifest", b"new signature")
+    assert stat.S_IMODE(manifest.stat().st_mode) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lot.manifest.json", "lot.manifest.p7s"]
