@@ -40,6 +40,9 @@ class LedgerSettings(_Section):
 
     # None: SQLite file ledger.db in the state directory.
     url: str | None = None
+    # How long a board waits at its safe point for an unreachable ledger before its job fails
+    # (its reservation kept; jobs/ledger_hold.py). Intake stays paused until the ledger is back.
+    hold_s: float = Field(300.0, gt=0, le=86_400)
 
 
 class SimHubSettings(_Section):

@@ -22,7 +22,7 @@ from factoryd.config import Settings
 from factoryd.errors import SchemaVersionError
 from factoryd.flashing import ExternalFlasher
 from factoryd.hub.base import Hub
-from factoryd.jobs.ledger_hold import LEDGER_HOLD_S, LEDGER_PAUSE_KEY, LedgerHold
+from factoryd.jobs.ledger_hold import LEDGER_PAUSE_KEY, LedgerHold
 from factoryd.jobs.lots import LotContext, load_lot_context
 from factoryd.jobs.pipeline import Pipeline, PipelineSettings
 from factoryd.jobs.scheduler import LotSource, Station
@@ -61,8 +61,8 @@ class DaemonHooks:
     extra_sinks: tuple[TelemetrySink, ...] = ()
     # An interactive program (the demo) ends on SIGHUP like any terminal program; the service reloads lots.
     hangup_stops: bool = False
-    # How long a job waits at its safe point for an unreachable ledger (jobs/ledger_hold.py).
-    ledger_hold_s: float = LEDGER_HOLD_S
+    # How long a job waits at its safe point for an unreachable ledger (None: [ledger] hold_s).
+    ledger_hold_s: float | None = None
 
 
 def pipeline_settings(settings: Settings) -> PipelineSettings:
@@ -169,7 +169,10 @@ class Daemon:
             raise_open_files_limit(len(hub.ports()))
             # Jobs wait out ledger outages at their safe point; the API and the lot lookup fail at once.
             self.ledger_hold = hold = LedgerHold(
-                ledger, actor=settings.station.name, hold_s=self.hooks.ledger_hold_s, telemetry=telemetry
+                ledger,
+                actor=settings.station.name,
+                hold_s=self.hooks.ledger_hold_s or settings.ledger.hold_s,
+                telemetry=telemetry,
             )
             pipeline = Pipeline(
                 hub=hub,
