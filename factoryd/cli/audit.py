@@ -45,8 +45,8 @@ def audit_verify(
     """Recompute every audit hash chain; exit 1 naming the chain and first bad entry if tampered with."""
     from factoryd.errors import AuditChainError  # noqa: PLC0415
     from factoryd.ledger import Ledger  # noqa: PLC0415
-    from factoryd.ledger.core import verify_audit_chains  # noqa: PLC0415
     from factoryd.ledger.audit import ChainHead, anchors_from_manifest  # noqa: PLC0415
+    from factoryd.ledger.core import verify_audit_chains  # noqa: PLC0415
     from factoryd.pki.manifest import ManifestError, verify_manifest  # noqa: PLC0415
     from factoryd.pki.manifest_check import load_chain  # noqa: PLC0415
 

@@ -14,16 +14,28 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
+from cryptography.hazmat.primitives.serialization import Encoding
+
 from factoryd.errors import BoardStatusError, IssuanceError, RefusedBoardError, VerificationError
-from factoryd.jobs.board import Finished, JobHost, StepRunner, closed_link_stats, issue_certificate
+from factoryd.jobs.board import (
+    Finished,
+    JobHost,
+    StepRunner,
+    closed_link_stats,
+    csr_key_point,
+    issue_certificate,
+    issue_remote,
+)
 from factoryd.jobs.steps import Step
 from factoryd.ledger.model import DeviceState
-from factoryd.pki.arduino import ArduinoCertFields, arduino_compressed_fields
+from factoryd.pki.arduino import ArduinoCertFields, arduino_template_fields
 from factoryd.pki.issuer import IssuedCertificate, Issuer
 from factoryd.protocol.arduino import ArduinoClient, device_id_bytes
 from factoryd.telemetry.events import LinkStats
 
 if TYPE_CHECKING:
+    from cryptography import x509
+
     from factoryd.hub.base import Hub
     from factoryd.jobs.pipeline import PipelineSettings
 
@@ -52,19 +64,8 @@ class CertificateNotStoredError(VerificationError):
     transient = True
 
 
-async def provision_arduino(
-    client: ArduinoClient,
-    *,
-    device_id: str,
-    issuer: Issuer,
-    step: StepRunner,
-    on_issued: Callable[[IssuedCertificate], Awaitable[None]] | None = None,
-) -> IssuedCertificate:
-    """Provision one board running Arduino's sketch; return the certificate it now holds.
-
-    ``on_issued`` runs after issuing and before anything is written to the board (the pipeline
-    records the certificate in its audit trail there).
-    """
+def check_arduino_lot(issuer: Issuer, device_id: str) -> None:
+    """IssuanceError unless the lot's certificates are arduino-v1 and the ID fits the sketch's slot."""
     if issuer.profile.kind != "arduino-v1":
         raise IssuanceError(
             f"the lot's certificate profile is {issuer.profile.kind!r}; Arduino boards need arduino-v1"
@@ -74,12 +75,41 @@ async def provision_arduino(
     except ValueError as exc:
         raise IssuanceError(str(exc)) from None
 
+
+def verify_arduino_csr(issuer: Issuer, csr_data: bytes, device_id: str) -> x509.CertificateSigningRequest:
+    """The arduino-v1 CSR rules, of the station and of the line's signer alike.
+
+    The lot and ID as ``check_arduino_lot``; the CSR as every profile's (signature, subject exactly
+    the lot's CN for the ID, EC P-256, no extensions: the sketch requests none).
+    """
+    check_arduino_lot(issuer, device_id)
+    return issuer.verify_csr(csr_data, device_id)
+
+
+async def provision_arduino(
+    client: ArduinoClient,
+    *,
+    device_id: str,
+    issuer: Issuer,
+    step: StepRunner,
+    on_issued: Callable[[IssuedCertificate], Awaitable[None]] | None = None,
+    sign: Callable[[x509.CertificateSigningRequest], Awaitable[IssuedCertificate]] | None = None,
+) -> IssuedCertificate:
+    """Provision one board running Arduino's sketch; return the certificate it now holds.
+
+    ``on_issued`` runs after issuing and before anything is written to the board (the pipeline
+    records the certificate in its audit trail there). ``sign`` signs elsewhere (the line's
+    signer, which records and audits the certificate itself) instead of with ``issuer``'s CA key.
+    """
+    check_arduino_lot(issuer, device_id)
+
     csr_pem = await step(Step.CSR, lambda: client.get_csr(device_id))
 
     async def issue() -> tuple[IssuedCertificate, ArduinoCertFields]:
-        issued = await issue_certificate(issuer, issuer.verify_csr(csr_pem, device_id), device_id)
+        csr = verify_arduino_csr(issuer, csr_pem, device_id)
+        issued = await (sign(csr) if sign is not None else issue_certificate(issuer, csr, device_id))
         # Refuses a certificate the board's template could not rebuild, before anything is written.
-        return issued, arduino_compressed_fields(issued.cert)
+        return issued, arduino_template_fields(issued.cert, device_id)
 
     issued, fields = await step(Step.ISSUE, issue)
     if on_issued is not None:
@@ -163,10 +193,20 @@ class ArduinoSession:
         async def audit_issued(issued: IssuedCertificate) -> None:
             await host.audit_issued(device_id, issued)
 
+        async def sign_remote(csr: x509.CertificateSigningRequest) -> IssuedCertificate:
+            # The sketch's GET_CSR makes the key and answers only the CSR: its key is the one reported.
+            return await issue_remote(host, device_id, csr.public_bytes(Encoding.DER), csr_key_point(csr))
+
+        remote = host.lot.remote is not None
         client = await ArduinoClient.open(self._path, resends=self._resends)
         try:
             return await provision_arduino(
-                client, device_id=device_id, issuer=host.lot.issuer, step=host.step, on_issued=audit_issued
+                client,
+                device_id=device_id,
+                issuer=host.lot.issuer,
+                step=host.step,
+                on_issued=None if remote else audit_issued,
+                sign=sign_remote if remote else None,
             )
         finally:
             await client.close()

@@ -59,6 +59,7 @@ from factoryd.pki.challenge import verify_challenge
 from factoryd.pki.issuer import IssuedCertificate, Issuer
 from factoryd.protocol.messages import IDENTITY_SLOT, ObjectId
 from factoryd.signer.client import RemoteRequest
+from factoryd.signer.wire import KeyOrigin
 from factoryd.telemetry.events import LinkStats
 
 if TYPE_CHECKING:
@@ -417,23 +418,60 @@ async def issue_for_key(
         public.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint) != point
     ):
         raise CsrRejectedError("CSR key is not the key the secure element just generated (replayed CSR?)")
-    remote = host.lot.remote
-    if remote is not None:
+    if host.lot.remote is not None:
         evidence = host.attestation_evidence if attested else None
-        request = RemoteRequest(
-            lot=host.lot.name,
-            device_id=device_id,
-            hw_serial=host.hw_serial,
-            job_id=host.job_id,
-            csr_der=csr.public_bytes(Encoding.DER),
-            key=point,
+        return await issue_remote(
+            host,
+            device_id,
+            csr.public_bytes(Encoding.DER),
+            point,
             key_origin="attested" if evidence is not None else "registered" if attested else "generated",
             evidence=evidence,
         )
-        return await remote.issue(request, issuer.chain[0], on_hold=host.hold)
     issued = await issue_certificate(issuer, csr, device_id, fields)
     await host.audit_issued(device_id, issued)
     return issued
+
+
+async def issue_remote(
+    host: JobHost,
+    device_id: str,
+    csr_der: bytes,
+    point: bytes,
+    *,
+    key_origin: KeyOrigin = "generated",
+    evidence: AttestationEvidence | None = None,
+    keygen_attestation: bytes | None = None,
+) -> IssuedCertificate:
+    """Have the line's signer sign a CSR the profile's rules accepted here (it checks them again).
+
+    ``csr_der`` goes as the board sent it (the nRF91's attestation names the SHA-256 of those bytes);
+    ``point`` is the key the station reports: the one its secure element generated or attested.
+    The signer records and audits the certificate; the reply is checked before it is returned.
+    """
+    remote = host.lot.remote
+    if remote is None:
+        raise RuntimeError("issue_remote() for a lot without the line's signer")
+    request = RemoteRequest(
+        lot=host.lot.name,
+        device_id=device_id,
+        hw_serial=host.hw_serial,
+        job_id=host.job_id,
+        csr_der=csr_der,
+        key=point,
+        key_origin=key_origin,
+        evidence=evidence,
+        keygen_attestation=keygen_attestation,
+    )
+    return await remote.issue(request, host.lot.issuer.chain[0], on_hold=host.hold)
+
+
+def csr_key_point(csr: x509.CertificateSigningRequest) -> bytes:
+    """The uncompressed point of a CSR's key (verify_csr checked it is P-256)."""
+    public = csr.public_key()
+    if not isinstance(public, ec.EllipticCurvePublicKey):
+        raise CsrRejectedError("CSR key is not an EC key")
+    return public.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
 
 
 @runtime_checkable

@@ -76,17 +76,12 @@ def lot_signer(bundles: BundleStore, lot: str) -> LotSigner:
     return LotSigner(bundle.signer(), bundle.chain, chain_pem(bundle))
 
 
-# Board profiles whose job issues through ``jobs/board.py``'s ``issue_for_key`` (the signer's seam).
-SIGNER_PROFILES = frozenset({"factoryd-v1", "mcumgr"})
-
-
 def remote_lot_signer(remote: SignerClient, info: LotInfo) -> LotSigner:
-    """A lot's chain from the line's signer, no key (blocking); LotStateError for a profile it cannot use."""
-    if info.profile.protocol not in SIGNER_PROFILES:
-        raise LotStateError(
-            f"lot {info.name!r}: board profile {info.profile.protocol} does not issue through the line's "
-            f"signer yet (supported: {', '.join(sorted(SIGNER_PROFILES))}); unset pki.signer for this lot"
-        )
+    """A lot's chain from the line's signer, no key (blocking).
+
+    Every board profile's job issues through the signer when the lot has one (``jobs/board.py``'s
+    ``issue_for_key`` and ``issue_remote``); the signer applies the profile's own CSR rules.
+    """
     lot = remote.open_lot(info.name)
     return LotSigner(lot.signer, lot.chain, lot.device_chain_pem)
 

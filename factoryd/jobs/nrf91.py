@@ -43,7 +43,14 @@ from factoryd.errors import (
     ReadbackMismatchError,
     RefusedBoardError,
 )
-from factoryd.jobs.board import ClientSession, Finished, JobHost, issue_certificate
+from factoryd.jobs.board import (
+    ClientSession,
+    Finished,
+    JobHost,
+    csr_key_point,
+    issue_certificate,
+    issue_remote,
+)
 from factoryd.jobs.steps import Step
 from factoryd.ledger.model import DeviceRecord, DeviceState
 from factoryd.pki import der
@@ -295,6 +302,66 @@ def check_keygen(reply: KeygenReply, sec_tag: int) -> KeygenAttestation:
     return attestation
 
 
+def verify_nrf91_csr(
+    lot: LotContext,
+    device_id: str,
+    fields: Mapping[str, str],
+    csr_der: bytes,
+    *,
+    attestation: KeygenAttestation | None,
+    hw_serial: str,
+) -> x509.CertificateSigningRequest:
+    """The nrf91-at CSR rules, of the station and of the line's signer alike.
+
+    ``csr_der`` as the modem sent it; ``attestation`` its %KEYGEN COSE, already bound to those bytes
+    and the lot's tag (``check_keygen``). With the lot's ``nrf91_identity_keys`` the attestation is
+    required and must verify with the identity key of the device it names.
+    """
+    issuer = lot.issuer
+    # The modem always asks for its default keyUsage; the certificate gets the lot's own, so the
+    # request is tolerated (and ignored) like the extensions the lot's profile allows.
+    allowed = issuer.profile.allowed_csr_extensions | {ExtensionOID.KEY_USAGE}
+    csr = verify_csr(
+        csr_without_null_parameter(csr_der),
+        issuer.common_name(device_id, fields),
+        allowed_extensions=frozenset(allowed),
+    )
+    if lot.profile.nrf91_identity_keys:
+        if attestation is None:
+            raise CsrRejectedError(
+                f"the CSR of modem {hw_serial} comes without its %KEYGEN attestation, and the lot lists "
+                "its modems' identity keys"
+            )
+        # The token was checked before the reservation; the CSR's attestation must come from a
+        # listed identity key too.
+        key = identity_key(lot.profile, attestation.device_uuid)
+        if key is None or not attestation.verify(key):
+            raise CsrRejectedError(
+                f"the %KEYGEN attestation of modem {hw_serial} does not verify with the identity "
+                f"key of device {attestation.device_uuid.hex()}"
+            )
+    return csr
+
+
+def verify_nrf91_request(
+    lot: LotContext,
+    device_id: str,
+    fields: Mapping[str, str],
+    csr_der: bytes,
+    *,
+    cose: bytes | None,
+    hw_serial: str,
+) -> x509.CertificateSigningRequest:
+    """``verify_nrf91_csr`` on the line's signer: the COSE first bound to the CSR as KEYGEN binds it."""
+    attestation = None
+    if cose is not None:
+        try:
+            attestation = check_keygen(KeygenReply(csr_der=csr_der, cose=cose), lot.profile.sec_tag)
+        except ProtocolViolationError as exc:
+            raise CsrRejectedError(str(exc)) from None
+    return verify_nrf91_csr(lot, device_id, fields, csr_der, attestation=attestation, hw_serial=hw_serial)
+
+
 def _timeouts(settings: PipelineSettings) -> Nrf91Timeouts:
     """The AT timeouts, scaled as the pipeline's native ones are (``jobs.reply_timeout_scale``)."""
     scale = settings.timeouts.hello_s / Timeouts().hello_s
@@ -448,6 +515,12 @@ class Nrf91Session(ClientSession[Nrf91Client]):
         csr = await host.step(Step.CSR, lambda: self._verify_csr(host, device_id, reply))
 
         async def issue() -> IssuedCertificate:
+            if lot.remote is not None:
+                # The modem answers a CSR, not a key: the key reported is the CSR's. The signer gets
+                # the CSR as the modem sent it and its %KEYGEN attestation, and applies the same rules.
+                return await issue_remote(
+                    host, device_id, reply.csr_der, csr_key_point(csr), keygen_attestation=reply.cose
+                )
             issued = await issue_certificate(issuer, csr, device_id, host.device_fields)
             await host.audit_issued(device_id, issued)
             return issued
@@ -463,26 +536,14 @@ class Nrf91Session(ClientSession[Nrf91Client]):
     async def _verify_csr(
         self, host: JobHost, device_id: str, reply: KeygenReply
     ) -> x509.CertificateSigningRequest:
-        issuer = host.lot.issuer
-        # The modem always asks for its default keyUsage; the certificate gets the lot's own, so the
-        # request is tolerated (and ignored) like the extensions the lot's profile allows.
-        allowed = issuer.profile.allowed_csr_extensions | {ExtensionOID.KEY_USAGE}
-        csr = verify_csr(
-            csr_without_null_parameter(reply.csr_der),
-            issuer.common_name(device_id, host.device_fields),
-            allowed_extensions=frozenset(allowed),
+        return verify_nrf91_csr(
+            host.lot,
+            device_id,
+            host.device_fields,
+            reply.csr_der,
+            attestation=self.attestation,
+            hw_serial=host.hw_serial,
         )
-        attestation = self.attestation
-        if attestation is not None and host.lot.profile.nrf91_identity_keys:
-            # The token was checked before the reservation; the CSR's attestation must come from the
-            # same identity key too.
-            key = identity_key(host.lot.profile, attestation.device_uuid)
-            if key is None or not attestation.verify(key):
-                raise CsrRejectedError(
-                    f"the %KEYGEN attestation of modem {host.hw_serial} does not verify with the identity "
-                    f"key of device {attestation.device_uuid.hex()}"
-                )
-        return csr
 
     async def _write_verified(self, tag: int, contents: Mapping[CredentialType, str]) -> None:
         client = self.client

@@ -370,10 +370,18 @@ class Pipeline:
                     await asyncio.sleep(wait_s)
                 self._last_power_on = loop.time()
             await self.hub.power_on(port)
+            finished = False
             try:
                 yield
+                finished = True
             finally:
-                await self.hub.power_off(port)
+                try:
+                    await self.hub.power_off(port)
+                except HubDisconnectedError:
+                    if not finished:
+                        raise  # the hub going away is why the job stopped
+                    # The job ended (and was recorded) before the hub went: its result stands.
+                    log.warning("hub gone after the job ended; its result stands", port=port)
 
     async def _flash_if_configured(self, port: str, lot: LotContext) -> bool:
         """Flash the lot's signed firmware with the external tool; False when none is configured."""

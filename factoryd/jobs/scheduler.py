@@ -46,6 +46,8 @@ PROGRESS_INTERVAL_S = 2.0
 # within a second, a long outage costs one cheap probe every 10 s.
 INTAKE_PROBE_INITIAL_S = 0.25
 INTAKE_PROBE_MAX_S = 10.0
+# A hub probe is one sysfs stat or one uhubctl call: a hub plugged back in is noticed within 2 s.
+HUB_PROBE_MAX_S = 2.0
 # Job reasons that say the station, not the board, cannot work: intake pauses (key, probe) instead.
 PAUSING_REASONS = {
     "hub_disconnected": "hub",
@@ -85,6 +87,8 @@ class PortControl:
     failures_in_row: int = 0
     attention: str | None = None
     last: JobResult | None = None
+    # A finished board whose release failed (the hub went away): released before the port's next job.
+    unreleased: bool = False
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -228,8 +232,16 @@ class Station:
         """True while any pause holds intake."""
         return bool(self.pauses)
 
-    def pause(self, key: str, reason: str, message: str, *, probe: Probe | None = None) -> None:
-        """Take no new boards until resume(key), or until ``probe`` passes (bounded backoff)."""
+    def pause(
+        self,
+        key: str,
+        reason: str,
+        message: str,
+        *,
+        probe: Probe | None = None,
+        probe_max_s: float = INTAKE_PROBE_MAX_S,
+    ) -> None:
+        """Take no new boards until resume(key), or until ``probe`` passes (backoff up to ``probe_max_s``)."""
         if key not in self.pauses:
             self.pauses[key] = IntakePause(key, reason, message, datetime.now(UTC))
             self._paused_at[key] = time.monotonic()
@@ -238,7 +250,9 @@ class Station:
             if self._pause_listener is not None:
                 self._pause_listener(reason, True)
         if probe is not None and key not in self._probes and self._tg is not None:
-            self._probes[key] = self._tg.create_task(self._probe_until_ok(key, probe), name=f"probe-{key}")
+            self._probes[key] = self._tg.create_task(
+                self._probe_until_ok(key, probe, probe_max_s), name=f"probe-{key}"
+            )
         self._wake_all()
 
     def resume(self, key: str) -> None:
@@ -252,7 +266,7 @@ class Station:
             self._pause_listener(pause.reason, False)
         self._wake_all()
 
-    async def _probe_until_ok(self, key: str, probe: Probe) -> None:
+    async def _probe_until_ok(self, key: str, probe: Probe, max_s: float) -> None:
         delay_s = INTAKE_PROBE_INITIAL_S
         try:
             while key in self.pauses:
@@ -265,7 +279,7 @@ class Station:
                     await probe()
                 except FactorydError as exc:
                     log.debug("intake probe still failing", key=key, error=str(exc))
-                    delay_s = min(delay_s * 2, INTAKE_PROBE_MAX_S)
+                    delay_s = min(delay_s * 2, max_s)
                     continue
                 self.resume(key)
         finally:
@@ -277,7 +291,7 @@ class Station:
         if key in self.probes:
             self.pause(key, reason, message, probe=self.probes[key])
         elif key == "hub":
-            self.pause(key, reason, message, probe=lambda: probe_hub(self.hub))
+            self.pause(key, reason, message, probe=lambda: probe_hub(self.hub), probe_max_s=HUB_PROBE_MAX_S)
         elif key == "clock" and lot is not None:
             issuer = lot.issuer
 
@@ -345,6 +359,8 @@ class Station:
                 pause = next(iter(self.pauses.values()))
                 self._publish(port, PortState.IDLE, reason=pause.reason)
                 await self._idle(control, None)  # resume() wakes every port
+                continue
+            if control.unreleased and not await self._release(control, None):
                 continue
             try:
                 lot = await self.lots.current()
@@ -425,13 +441,22 @@ class Station:
             control.failures_in_row = 0
         if result.outcome == "provisioned" and self._on_provisioned is not None:
             await self._on_provisioned(lot, result)  # one ledger write (the label job); never raises
+        await self._release(control, lot)
+
+    async def _release(self, control: PortControl, lot: LotContext | None) -> bool:
+        """Hand the finished board to the operator; a hub that went away pauses intake (retried later)."""
         try:
-            await self.hub.release(port)
+            await self.hub.release(control.port)
         except HubError as exc:
-            # The board is finished either way; a hub that went away pauses intake until it is back.
-            log.warning("could not release the board", port=port, error=str(exc))
+            control.unreleased = True
+            log.warning("could not release the board", port=control.port, error=str(exc))
             if isinstance(exc, HubDisconnectedError):
                 self._pause_for(exc.reason, str(exc), lot)
+            else:
+                await self._idle(control, self.rescan_s)
+            return False
+        control.unreleased = False
+        return True
 
     async def _idle(self, control: PortControl, timeout_s: float | None) -> None:
         control.wake.clear()

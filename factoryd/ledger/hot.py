@@ -23,12 +23,12 @@ from datetime import datetime
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar, cast
 
 import psycopg
-from sqlalchemy import Table, bindparam, func, insert, update
+from sqlalchemy import Table, bindparam, exists, func, insert, or_, update
 from sqlalchemy import select as core_select
 from sqlalchemy.dialects import postgresql as postgresql_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Dialect
-from sqlalchemy.sql import Insert, Select, Update
+from sqlalchemy.sql import ColumnElement, Insert, Select, Update
 
 from factoryd.errors import LedgerError
 from factoryd.ledger.model import DeviceState
@@ -39,6 +39,8 @@ from factoryd.ledger.tables import (
     DeviceRow,
     JobRow,
     LotRow,
+    SignerIssuanceRow,
+    SignerLotRow,
 )
 
 LOT = cast(Table, LotRow.__table__)  # type: ignore[attr-defined]
@@ -47,6 +49,8 @@ JOB = cast(Table, JobRow.__table__)  # type: ignore[attr-defined]
 ATTEMPT = cast(Table, AttemptRow.__table__)  # type: ignore[attr-defined]
 AUDIT = cast(Table, AuditEntryRow.__table__)  # type: ignore[attr-defined]
 HEAD = cast(Table, AuditHeadRow.__table__)  # type: ignore[attr-defined]
+SIGNER_LOT = cast(Table, SignerLotRow.__table__)  # type: ignore[attr-defined]
+SIGNER_ISSUANCE = cast(Table, SignerIssuanceRow.__table__)  # type: ignore[attr-defined]
 
 DEVICE_COLUMNS = (
     DEVICE.c.id,
@@ -409,7 +413,7 @@ class HotStatements:
             ),
             provision=Command(
                 update(DEVICE)
-                .where(DEVICE.c.id == bindparam("row_id"))
+                .where(DEVICE.c.id == bindparam("row_id"), _signer_allows())
                 .values(
                     state=DeviceState.PROVISIONED.value,
                     cert_der=bindparam("b_cert_der"),
@@ -506,6 +510,22 @@ class HotStatements:
                 d,
             ),
         )
+
+
+def _signer_allows() -> ColumnElement[bool]:
+    """A lot the line's signer manages records only the certificate it signed and stands for the ID.
+
+    Part of the provision UPDATE (no statement more, no round trip more: a lot without a
+    ``signer_lot`` row costs one primary-key probe); 0 rows updated means refused (ledger/states.py).
+    """
+    managed = exists().where(SIGNER_LOT.c.lot_id == DEVICE.c.lot_id)
+    signed = exists().where(
+        SIGNER_ISSUANCE.c.lot_id == DEVICE.c.lot_id,
+        SIGNER_ISSUANCE.c.device_id == DEVICE.c.device_id,
+        SIGNER_ISSUANCE.c.cert_fingerprint_sha256 == bindparam("b_fingerprint"),
+        SIGNER_ISSUANCE.c.current == 1,
+    )
+    return or_(~managed, signed)
 
 
 def _advance_head() -> Update:

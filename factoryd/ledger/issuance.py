@@ -415,6 +415,13 @@ class IssuanceBook(LotBook):
             },
         )
 
+    def manage_lot(self, lot: str) -> None:
+        """Make the lot the signer's (a ``signer_lot`` row): then only its certificates are recorded."""
+        insert = pg_insert if self._is_postgres else sqlite_insert
+        with self._transaction(write=True) as session:
+            lot_row = self._lot_row(session, lot)
+            session.execute(insert(SignerLotRow).values(lot_id=lot_row.id, signed=0).on_conflict_do_nothing())
+
     def signed_count(self, lot: str) -> int:
         """Certificates the signer signed for the lot (superseded ones included): the quota's count."""
         with self._transaction(write=False) as session:

@@ -336,7 +336,7 @@ class DeviceBook(JobBook):
                     f"{f' for serial {row.hw_serial!r}' if row.hw_serial else ''}, "
                     f"not reserved to serial {hw_serial!r}"
                 )
-            tx.execute(
+            updated = tx.execute(
                 self._sql.provision,
                 {
                     "row_id": row.id,
@@ -348,6 +348,13 @@ class DeviceBook(JobBook):
                     "b_port": port,
                 },
             )
+            if updated != 1:
+                # The row is locked and reserved to this serial: only the signer guard of the
+                # UPDATE (hot.py ``_signer_allows``) leaves it untouched. Nothing was written.
+                raise DeviceStateError(
+                    f"ID {device_id!r} in lot {lot!r}: certificate {fingerprint} is not the one the line's "
+                    "signer signed and stands for this ID; a lot the signer manages records no other"
+                )
             self._append_audit(
                 tx,
                 actor=actor,

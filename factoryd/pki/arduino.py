@@ -115,6 +115,26 @@ def arduino_compressed_fields(cert: x509.Certificate) -> ArduinoCertFields:
     )
 
 
+def arduino_template_fields(cert: x509.Certificate, device_id: str) -> ArduinoCertFields:
+    """The fields the sketch stores, refusing a certificate its template would not rebuild byte for byte.
+
+    The arduino-v1 certificate rule of both the station (before anything is written to the board)
+    and the line's signer (before the certificate is recorded): what the board will present is
+    exactly the certificate the CA signed.
+    """
+    fields = arduino_compressed_fields(cert)
+    key = cert.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise IssuanceError("not an arduino-v1 certificate: ECDSA P-256 required")
+    rebuilt = arduino_reconstruct_certificate(fields, device_id, public_key_raw64(key))
+    if rebuilt != cert.public_bytes(serialization.Encoding.DER):
+        raise IssuanceError(
+            f"the arduino-v1 certificate for {device_id} is not what the sketch's template rebuilds "
+            "from its stored fields: the board would present another certificate"
+        )
+    return fields
+
+
 def _add_years(start: dt.datetime, years: int) -> dt.datetime | None:
     try:
         return start.replace(year=start.year + years)

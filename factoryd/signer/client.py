@@ -26,6 +26,7 @@ import structlog
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import ValidationError
 
 from factoryd.config import PkiSettings
@@ -173,6 +174,8 @@ class RemoteRequest:
     key: bytes  # uncompressed P-256 point
     key_origin: KeyOrigin
     evidence: AttestationEvidence | None = None
+    # nrf91-at: the COSE_Sign1 that came with the %KEYGEN CSR (it names the SHA-256 of ``csr_der``).
+    keygen_attestation: bytes | None = None
 
     def request_id(self, station: str) -> str:
         """Stable over retries of this request, new for a new CSR (a restarted job's new key)."""
@@ -194,6 +197,7 @@ class RemoteRequest:
             csr=b64(self.csr_der),
             key=b64(self.key),
             key_origin=self.key_origin,
+            keygen_attestation=None if self.keygen_attestation is None else b64(self.keygen_attestation),
             attestation=None
             if evidence is None
             else EvidenceBody(
@@ -218,16 +222,20 @@ def _refusal(response: httpx.Response) -> SigningRefusedError:
     return SigningRefusedError(body.code, f"the signer refused: {body.message}")
 
 
-def check_returned(cert: x509.Certificate, ca: x509.Certificate, csr_der: bytes) -> None:
-    """The certificate the signer returned is the lot CA's, for the CSR's key (verify, never assume)."""
+def check_returned(cert: x509.Certificate, ca: x509.Certificate, point: bytes) -> None:
+    """The certificate the signer returned is the lot CA's, for the CSR's key (verify, never assume).
+
+    ``point`` is the key the request reported, which the station checked is the CSR's (the CSR's
+    own bytes may not parse here: an nRF91's signature algorithm can carry a NULL parameter).
+    """
     try:
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature) as exc:
         raise VerificationError("the signer returned a certificate the lot's CA did not sign") from exc
-    csr = x509.load_der_x509_csr(csr_der)
-    spki = serialization.PublicFormat.SubjectPublicKeyInfo
-    if cert.public_key().public_bytes(serialization.Encoding.DER, spki) != csr.public_key().public_bytes(
-        serialization.Encoding.DER, spki
+    public = cert.public_key()
+    uncompressed = serialization.PublicFormat.UncompressedPoint
+    if not isinstance(public, ec.EllipticCurvePublicKey) or (
+        public.public_bytes(serialization.Encoding.X962, uncompressed) != point
     ):
         raise VerificationError("the signer returned a certificate for another key than the CSR's")
 
@@ -319,7 +327,7 @@ class SignerClient:
                 problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             else:
                 if response.status_code == httpx.codes.OK:
-                    return self._issued(response, ca, request.csr_der)
+                    return self._issued(response, ca, request.key)
                 if response.status_code not in RETRY_STATUS:
                     raise _refusal(response)
                 problem = f"it answered {response.status_code}"
@@ -334,11 +342,11 @@ class SignerClient:
             delay = min(delay * 2, RETRY_MAX_S)
 
     @staticmethod
-    def _issued(response: httpx.Response, ca: x509.Certificate, csr_der: bytes) -> IssuedCertificate:
+    def _issued(response: httpx.Response, ca: x509.Certificate, point: bytes) -> IssuedCertificate:
         try:
             body = IssuedBody.model_validate_json(response.content)
             cert = x509.load_der_x509_certificate(unb64(body.certificate, "certificate"))
         except (ValidationError, ValueError) as exc:
             raise VerificationError(f"the signer's reply does not parse: {exc}") from exc
-        check_returned(cert, ca, csr_der)
+        check_returned(cert, ca, point)
         return IssuedCertificate.from_certificate(cert)

@@ -4,10 +4,12 @@ allows, what the CSR says, and the signature.
 :class:`Authority` is the blocking core (run on worker threads): it opens each lot once (its CA key
 from the signer's bundle store, a software key or a PKCS#11 token; the lot's attestation roots or parts
 manifest), checks the customer quota, and hands the ledger (``ledger/issuance.py``) a ``sign`` step
-that checks the CSR with the station's own rules (``Issuer.verify_csr``: subject template, P-256,
-signature; the key the secure element reported; attestation evidence when the lot requires it) and
-builds the certificate from the lot profile (``Issuer.issue``). The ledger records the certificate and
-its audit entry in the transaction that checked the reservation. Every refusal is audited
+that checks the CSR with the station's own rules for the lot's board profile (``PROFILE_RULES``: the
+functions the station jobs apply, ``Issuer.verify_csr`` or the Arduino / nRF91 job's; the key the
+station reported; attestation evidence when the lot requires it) and builds the certificate from
+the lot profile (``Issuer.issue``, then the profile's certificate rule: the Arduino sketch's
+template). The ledger records the certificate and its audit entry in the transaction that checked
+the reservation. Every refusal is audited
 (``signer.refused``) and counted by reason.
 
 :func:`create_signer_app` is the FastAPI app. The station's identity is the CN of the client
@@ -44,7 +46,9 @@ from factoryd.errors import (
     SignerError,
     StationClockError,
 )
+from factoryd.jobs.arduino import verify_arduino_csr
 from factoryd.jobs.lots import LotContext, load_lot_context
+from factoryd.jobs.nrf91 import verify_nrf91_request
 from factoryd.ledger.errors import LedgerUnavailableError
 from factoryd.ledger.issuance import (
     IssuanceLedger,
@@ -53,8 +57,10 @@ from factoryd.ledger.issuance import (
     ReservedDevice,
     SignedDevice,
 )
+from factoryd.pki.arduino import arduino_template_fields
 from factoryd.pki.attestation import AttestationError, AttestationEvidence, check_csr_key, verify_attestation
 from factoryd.pki.bundle import pem_of
+from factoryd.pki.issuer import IssuedCertificate
 from factoryd.pki.pkcs11 import Pkcs11Signer
 from factoryd.pki.store import LOT_NAME_RE, BundleStore
 from factoryd.service import StationPaths
@@ -79,6 +85,7 @@ from factoryd.telemetry.events import JobEvent, TelemetrySink
 
 log = structlog.get_logger(__name__)
 
+CSR = x509.CertificateSigningRequest
 # Worker threads for requests: each holds one ledger connection for one transaction (the PostgreSQL
 # pool has 10 + 20 overflow) and signs; more only queue on the pool and the audit head.
 WORKER_THREADS = 8
@@ -107,6 +114,68 @@ def _evidence(body: EvidenceBody | None) -> AttestationEvidence | None:
         possession_challenge=unb64(body.possession_challenge, "possession challenge"),
         possession_signature=unb64(body.possession_signature, "possession signature"),
     )
+
+
+@dataclass(frozen=True)
+class SignRequest:
+    """What a request asks to have signed, decoded."""
+
+    csr_der: bytes  # as the board sent it
+    point: bytes  # the key the station reports (generated, attested or registered)
+    evidence: AttestationEvidence | None
+    keygen_attestation: bytes | None  # nrf91-at: the %KEYGEN COSE_Sign1
+
+
+def _generic_csr(
+    lot: LotContext, reserved: ReservedDevice, asked: SignRequest
+) -> x509.CertificateSigningRequest:
+    return lot.issuer.verify_csr(asked.csr_der, reserved.device_id, fields=reserved.metadata)
+
+
+def _arduino_csr(
+    lot: LotContext, reserved: ReservedDevice, asked: SignRequest
+) -> x509.CertificateSigningRequest:
+    return verify_arduino_csr(lot.issuer, asked.csr_der, reserved.device_id)
+
+
+def _arduino_certificate(issued: IssuedCertificate, device_id: str) -> None:
+    arduino_template_fields(issued.cert, device_id)
+
+
+def _nrf91_csr(
+    lot: LotContext, reserved: ReservedDevice, asked: SignRequest
+) -> x509.CertificateSigningRequest:
+    return verify_nrf91_request(
+        lot,
+        reserved.device_id,
+        reserved.metadata,
+        asked.csr_der,
+        cose=asked.keygen_attestation,
+        hw_serial=reserved.hw_serial,
+    )
+
+
+@dataclass(frozen=True)
+class ProfileRules:
+    """A board profile's CSR and certificate rules: the very functions its station job applies."""
+
+    verify_csr: Callable[[LotContext, ReservedDevice, SignRequest], CSR]
+    check_certificate: Callable[[IssuedCertificate, str], None] | None = None
+    takes_keygen_attestation: bool = False
+
+
+GENERIC_RULES = ProfileRules(_generic_csr)
+# Profiles whose job has rules of its own (jobs/arduino.py, jobs/nrf91.py); the others verify with
+# ``Issuer.verify_csr`` (jobs/board.py's ``issue_for_key``).
+PROFILE_RULES: dict[str, ProfileRules] = {
+    "arduino-v1": ProfileRules(_arduino_csr, check_certificate=_arduino_certificate),
+    "nrf91-at": ProfileRules(_nrf91_csr, takes_keygen_attestation=True),
+}
+
+
+def profile_rules(protocol: str) -> ProfileRules:
+    """The CSR and certificate rules of a lot's board profile."""
+    return PROFILE_RULES.get(protocol, GENERIC_RULES)
 
 
 def refusal_code(exc: FactorydError) -> str:
@@ -171,6 +240,8 @@ class Authority:
             if not self._bundles.exists(name):
                 raise SigningRefusedError("no_lot_ca", f"the signer holds no CA bundle for lot {name!r}")
             lot = load_lot_context(info, self._bundles, self._paths.firmware, self._paths.attestation)
+            # From the first station's look at it, the ledger records only what this signer signs.
+            self._ledger.manage_lot(name)
             self._lots[name] = lot
             return lot
 
@@ -236,6 +307,11 @@ class Authority:
             csr_der = unb64(body.csr, "csr")
             point = unb64(body.key, "key")
             evidence = _evidence(body.attestation)
+            cose = (
+                None
+                if body.keygen_attestation is None
+                else unb64(body.keygen_attestation, "keygen attestation")
+            )
         except ValueError as exc:
             raise SigningRefusedError("bad_request", str(exc)) from None
         lot = self.lot(body.lot)
@@ -251,7 +327,7 @@ class Authority:
         )
 
         def sign(reserved: ReservedDevice) -> SignedDevice:
-            return self._sign(lot, reserved, csr_der, point, evidence)
+            return self._sign(lot, reserved, SignRequest(csr_der, point, evidence, cose))
 
         outcome = self._ledger.issue(
             request,
@@ -271,16 +347,17 @@ class Authority:
         )
 
     @staticmethod
-    def _sign(
-        lot: LotContext,
-        reserved: ReservedDevice,
-        csr_der: bytes,
-        point: bytes,
-        evidence: AttestationEvidence | None,
-    ) -> SignedDevice:
-        """The station's CSR rules, checked here again, then the certificate from the lot's profile."""
+    def _sign(lot: LotContext, reserved: ReservedDevice, asked: SignRequest) -> SignedDevice:
+        """The station's CSR rules for the lot's board profile, checked here again, then the certificate."""
         issuer = lot.issuer
-        csr = issuer.verify_csr(csr_der, reserved.device_id, fields=reserved.metadata)
+        rules = profile_rules(lot.profile.protocol)
+        if asked.keygen_attestation is not None and not rules.takes_keygen_attestation:
+            raise SigningRefusedError(
+                "bad_request",
+                f"a %KEYGEN attestation comes only with nrf91-at requests, not {lot.profile.protocol}",
+            )
+        point, evidence = asked.point, asked.evidence
+        csr = rules.verify_csr(lot, reserved, asked)
         genuineness: dict[str, str] | None = None
         if lot.profile.attestation == "required":
             if lot.registered_parts:
@@ -309,6 +386,9 @@ class Authority:
         ):
             raise CsrRejectedError("CSR key is not the key the secure element reported (replayed CSR?)")
         issued = issuer.issue(csr, reserved.device_id, fields=reserved.metadata)
+        if rules.check_certificate is not None:
+            # The profile's template (the Arduino sketch rebuilds the certificate): before it is recorded.
+            rules.check_certificate(issued, reserved.device_id)
         return SignedDevice(
             cert_der=issued.der,
             cert_serial=issued.serial_hex.lower(),

@@ -62,6 +62,8 @@ class IssueBody(_Body):
     key: str  # the uncompressed P-256 point the secure element generated (or attested, or registered)
     key_origin: KeyOrigin = "generated"
     attestation: EvidenceBody | None = None
+    # nrf91-at: the %KEYGEN COSE_Sign1 (base64), which names the SHA-256 of ``csr`` as the modem sent it.
+    keygen_attestation: str | None = Field(default=None, max_length=4096)
 
 
 class IssuedBody(_Body):

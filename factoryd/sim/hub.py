@@ -71,10 +71,13 @@ class SimHub:
         self.unplugged = True
         for slot in self._slots.values():
             await self._cut(slot)
+            slot.ready.set()  # a wait for the tty ends now, with the hub's error
 
     def replug(self) -> None:
         """Plug the hub back in: it comes back with every port off (as a real hub powers up)."""
         self.unplugged = False
+        for slot in self._slots.values():
+            slot.ready.clear()
 
     async def check(self) -> None:
         """Fail with HubDisconnectedError while the hub is unplugged."""
