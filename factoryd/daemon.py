@@ -31,7 +31,6 @@ from factoryd.ledger import AsyncLedger
 from factoryd.ledger.aio import held_ledger
 from factoryd.ledger.model import LotInfo
 from factoryd.limits import raise_open_files_limit
-from factoryd.pki.passphrase import load_secret
 from factoryd.pki.store import BundleStore
 from factoryd.protocol.native import Timeouts
 from factoryd.sdnotify import Notifier
@@ -41,7 +40,7 @@ from factoryd.signer.errors import SignerUnavailableError
 from factoryd.telemetry.events import FanOut, TelemetrySink
 from factoryd.telemetry.live import LiveState
 from factoryd.telemetry.metrics import Metrics
-from factoryd.telemetry.mqtt import MqttPublisher, MqttSettings
+from factoryd.telemetry.mqtt import MqttPublisher, mqtt_settings
 
 log = structlog.get_logger(__name__)
 
@@ -152,7 +151,9 @@ class Daemon:
             sinks: list[TelemetrySink] = [self.metrics, self.live, *self.hooks.extra_sinks]
             if settings.mqtt.enabled:
                 sinks.append(
-                    await stack.enter_async_context(MqttPublisher(self._mqtt(), metrics=self.metrics))
+                    await stack.enter_async_context(
+                        MqttPublisher(mqtt_settings(settings), metrics=self.metrics)
+                    )
                 )
             if settings.metrics.enabled:
                 self.metrics_port = await stack.enter_async_context(
@@ -300,22 +301,3 @@ class Daemon:
         self.notifier.notify("RELOADING=1")
         station.reload_lots()
         self.notifier.notify("READY=1")
-
-    def _mqtt(self) -> MqttSettings:
-        cfg, station = self.settings.mqtt, self.settings.station
-        password = None
-        if cfg.username:
-            password = load_secret(cfg.password_credential, cfg.password_env, what="MQTT password").decode()
-        return MqttSettings(
-            host=cfg.host,
-            port=cfg.port,
-            line=station.line,
-            station=station.name,
-            username=cfg.username,
-            password=password,
-            tls=cfg.tls,
-            ca_file=cfg.ca_file,
-            cert_file=cfg.cert_file,
-            key_file=cfg.key_file,
-            queue_size=cfg.queue_size,
-        )

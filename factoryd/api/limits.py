@@ -34,11 +34,11 @@ class LoadLimits:
     # Per credential: a page polls nothing (it streams; a load is ~6 requests), a CLI command makes a
     # few calls, an import script a burst. Every accepted call costs a token lookup and an audit write
     # in the ledger the line writes to, so the sustained rate is what a busy supervisor needs, no more.
-    client_rate_per_s: float = 10.0
-    client_burst: int = 200
+    client_rate_per_s: float = 5.0
+    client_burst: int = 60
     # Per address (every credential behind it, and the unauthenticated ones).
-    address_rate_per_s: float = 20.0
-    address_burst: int = 400
+    address_rate_per_s: float = 10.0
+    address_burst: int = 120
     # Open event streams for the whole station (each costs a render per port change).
     max_event_streams: int = 8
 

@@ -39,7 +39,7 @@ from factoryd.signer.metrics import SignerMetrics
 from factoryd.signer.quota import QuotaStore
 from factoryd.signer.service import WORKER_THREADS, Authority, SignerPolicy, create_signer_app
 from factoryd.telemetry.events import TelemetrySink
-from factoryd.telemetry.mqtt import MqttPublisher, MqttSettings
+from factoryd.telemetry.mqtt import MqttPublisher, mqtt_settings
 
 log = structlog.get_logger(__name__)
 
@@ -263,28 +263,6 @@ async def serve_signer(
             sock.close()
 
 
-def _mqtt_settings(settings: Settings) -> MqttSettings:
-    from factoryd.pki.passphrase import load_secret  # noqa: PLC0415 - only when MQTT has a user
-
-    cfg, station = settings.mqtt, settings.station
-    password = None
-    if cfg.username:
-        password = str(load_secret(cfg.password_credential, cfg.password_env, what="MQTT password"))
-    return MqttSettings(
-        host=cfg.host,
-        port=cfg.port,
-        line=station.line,
-        station=station.name,
-        username=cfg.username,
-        password=password,
-        tls=cfg.tls,
-        ca_file=cfg.ca_file,
-        cert_file=cfg.cert_file,
-        key_file=cfg.key_file,
-        queue_size=cfg.queue_size,
-    )
-
-
 class SignerService:
     """The signing service of one line: ledger, lots' CA keys, quotas, metrics, the mTLS server."""
 
@@ -330,7 +308,7 @@ class SignerService:
             stack.callback(ledger.close)
             events: TelemetrySink | None = None
             if settings.mqtt.enabled:
-                events = await stack.enter_async_context(MqttPublisher(_mqtt_settings(settings)))
+                events = await stack.enter_async_context(MqttPublisher(mqtt_settings(settings)))
             authority = Authority(
                 ledger=ledger,
                 bundles=bundles,

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Self
+from typing import TYPE_CHECKING, Literal, Self
 
 import aiomqtt
 import structlog
@@ -35,6 +35,9 @@ from factoryd.telemetry.payloads import (
     port_state_payload,
     status_payload,
 )
+
+if TYPE_CHECKING:
+    from factoryd.config import Settings
 
 __all__ = ["MqttPublisher", "MqttSettings"]
 
@@ -130,6 +133,29 @@ class MqttSettings:
         except (ssl.SSLError, OSError) as exc:
             raise ConfigError(f"mqtt TLS files could not be loaded: {exc}") from exc
         return context
+
+
+def mqtt_settings(settings: Settings) -> MqttSettings:
+    """The publisher's settings from a process's config (the station's or the signer's [mqtt])."""
+    from factoryd.pki.passphrase import load_secret  # noqa: PLC0415 - only when MQTT has a user
+
+    cfg, station = settings.mqtt, settings.station
+    password = None
+    if cfg.username:
+        password = load_secret(cfg.password_credential, cfg.password_env, what="MQTT password").decode()
+    return MqttSettings(
+        host=cfg.host,
+        port=cfg.port,
+        line=station.line,
+        station=station.name,
+        username=cfg.username,
+        password=password,
+        tls=cfg.tls,
+        ca_file=cfg.ca_file,
+        cert_file=cfg.cert_file,
+        key_file=cfg.key_file,
+        queue_size=cfg.queue_size,
+    )
 
 
 _Retained = PortUpdate | LotProgressUpdate | bytes
