@@ -56,7 +56,7 @@ class LoadPlan:
     api_workers: int = 8
     # More than api/limits.py's cap of 16, so some are refused.
     event_streams: int = 24
-    # Every Nth API call of a worker is an oversized upload (413 expected).
+    # Every Nth API call of a worker (from its first) is an oversized upload (413 expected).
     oversize_every: int = 20
     request_timeout_s: float = REQUEST_TIMEOUT_S
 
@@ -186,7 +186,7 @@ class _Generator:
         n = 0
         while not self.done():
             n += 1
-            if n % self.plan.oversize_every == 0:
+            if n % self.plan.oversize_every == 1:  # the first call too, while the budget is full
                 # Declares 8 MiB, sends a few bytes: refused (413) from the header, nothing buffered.
                 await self.request("upload", t.api_port, "POST", "/lots", operator, body=b"{}")
                 continue
