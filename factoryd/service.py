@@ -24,6 +24,7 @@ from factoryd.firmware import FirmwareStore
 from factoryd.jobs.lots import cert_profile, lot_signer
 from factoryd.jobs.profiles import board_profile
 from factoryd.ledger import Ledger
+from factoryd.ledger.core import audit_chain_heads
 from factoryd.ledger.model import LotInfo
 from factoryd.matter.lot import MATTER_DIRNAME
 from factoryd.pki.attestation import ATTESTATION_DIRNAME, AttestationRootStore, load_attestation_roots
@@ -180,6 +181,8 @@ def export_manifest(ledger: Ledger, paths: StationPaths, passphrase: bytes, lot:
             ca.chain,
             revoked=ledger.revoked_certificates(lot),
             genuineness=genuineness,
+            # Signed heads of every audit chain: a tail cut off later (head row rewound) is caught.
+            audit_chains=audit_chain_heads(ledger),
         )
 
 

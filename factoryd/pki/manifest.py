@@ -239,7 +239,7 @@ def build_manifest(
     entries), so the manifest accounts for every certificate issued. ``genuineness`` maps a device
     ID to how its secure element proved genuine (``AttestationResult.details()``: attestation
     certificate fingerprint and issuer); such a device's entry carries it as ``genuineness``.
-    ``audit_chains`` are the ledger's audit chain heads now (``Ledger.audit_heads()``): signed into
+    ``audit_chains`` are the ledger's audit chain heads now (``ledger.core.audit_chain_heads``): signed into
     the manifest as ``audit_chains``, they let ``factoryd audit verify --manifest`` catch a chain
     whose tail was cut off later together with its head row.
     """
