@@ -10,6 +10,7 @@ import pytest
 from cryptography import x509
 
 from factoryd.errors import BoardFloodError, LedgerError, ReservationConflictError
+from factoryd.jobs.scheduler import MAX_PAUSED_RERUNS
 from factoryd.ledger import AsyncLedger, LedgerUnavailableError
 from factoryd.ledger.model import DeviceState
 from factoryd.protocol.messages import ObjectId
@@ -222,3 +223,26 @@ async def test_a_locked_board_whose_certificate_a_published_crl_revoked_is_refus
     with line.ledger() as ledger:
         assert ledger.progress(LOT).provisioned == 0
         assert cert_serial in {r.cert_serial for r in ledger.revoked_certificates(LOT)}
+
+
+async def test_a_board_failing_for_a_ledger_outage_the_probe_cannot_see_is_not_rerun_forever(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Intake resumes each time the ledger answers, yet this board's record keeps failing: it is let go."""
+    line = await make_line(tmp_path)
+
+    async def always_lost(self: AsyncLedger, *args: Any, **kwargs: Any) -> None:
+        raise LedgerUnavailableError("database went away after LOCK")
+
+    monkeypatch.setattr(AsyncLedger, "mark_provisioned", always_lost)
+    hub = line.hub(ports=1, supply=1)
+    station = await line.run(hub)
+    assert station.outcomes == Counter({"failed": MAX_PAUSED_RERUNS + 1})
+    assert {r.reason for r in station.results} == {"ledger_unavailable"}
+    assert len({r.device_id for r in station.results}) == 1  # one ID all along
+    board = hub.finished[0]  # released to the operator at last
+    with line.ledger() as ledger:
+        record = ledger.find_by_serial(LOT, board.serial_hex)
+        assert record is not None
+        assert record.state is DeviceState.RESERVED  # kept for the board: nothing lost
+        assert ledger.progress(LOT).provisioned == 0

@@ -58,6 +58,8 @@ PAUSING_REASONS = {
     # signer/client.py: the line's signer stayed unreachable past a board's hold (probe: its /healthz).
     "signer_unavailable": "signer",
 }
+# A board failing for such a reason this often in a row while each probe passes is failed as usual.
+MAX_PAUSED_RERUNS = 5
 # A probe: returns when the cause is gone, raises FactorydError while it is not.
 Probe = Callable[[], Awaitable[None]]
 PauseListener = Callable[[str, bool], None]
@@ -89,6 +91,8 @@ class PortControl:
     last: JobResult | None = None
     # A finished board whose release failed (the hub went away): released before the port's next job.
     unreleased: bool = False
+    # Jobs of the board in the port that failed in a row for a station-wide reason (PAUSING_REASONS).
+    paused_reruns: int = 0
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -415,12 +419,20 @@ class Station:
             # The board lost its link because the whole hub went away: that is the reason, not the board.
             result = replace(result, reason=gone.reason)
             self.results[-1] = result
-        if result.outcome == "failed" and result.reason in PAUSING_REASONS:
-            # Not the board's fault: it stays in its port (no skip, no release, no ATTENTION count)
-            # and resumes with the same ID once the station can work again.
-            control.last = result
-            self._pause_for(result.reason, str(gone) if gone else f"a job on port {port} ended", lot)
-            return
+        pausing = result.outcome == "failed" and result.reason in PAUSING_REASONS
+        again = control.last is not None and control.last.hw_serial == result.hw_serial
+        control.paused_reruns = (control.paused_reruns + 1 if again else 1) if pausing else 0
+        if pausing:
+            if control.paused_reruns <= MAX_PAUSED_RERUNS:
+                # Not the board's fault: it stays in its port (no skip, no release, no ATTENTION count)
+                # and resumes with the same ID once the station can work again.
+                control.last = result
+                self._pause_for(result.reason, str(gone) if gone else f"a job on port {port} ended", lot)
+                return
+            # The cause's probe keeps saying it is gone, yet this board keeps failing for it: stop
+            # re-running it (its reservation stays), fail it like any board so the operator sees it.
+            log.error("board keeps failing for a station-wide reason", port=port, reason=result.reason)
+            control.paused_reruns = 0
         finished = time.monotonic()
         self.first_job_at = min(self.first_job_at or finished, finished - result.duration_s)
         self.last_job_at = finished
