@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 
 from factoryd.daemon import Daemon, DaemonHooks
@@ -33,10 +34,13 @@ from factoryd.sim.board import SimBoard, Timing
 from factoryd.sim.hub import SimHub
 from factoryd.sim.remote import RemoteSimHub, board_inventory
 from factoryd.telemetry.events import PortState, RecordingSink
+from factoryd.telemetry.payloads import load_schema, port_state_payload
+from factoryd.telemetry.reasons import REASON_TEXT
 from tests.helpers.line_procs import check_invariants, spawn, spawn_hub, stop, wait_for, write_config
 from tests.helpers.station import Line, make_line
 from tests.test_hub_sysfs import make_tree
 from tests.test_hub_uhubctl import FakeUhubctl
+from tests.test_page import _feed, _port, _slot
 
 LONG = os.environ.get("FAULTS_LONG") == "1"
 BOARDS = 120 if LONG else 24
@@ -96,6 +100,12 @@ async def test_sim_hub_unplugged_mid_run_pauses_and_resumes(tmp_path: Path) -> N
                 20,
                 "every port to show the pause",
             )
+            # MQTT carries the same words as the page: the reason code and its operator sentence.
+            payload = port_state_payload(next(iter(daemon.live.ports.values())))
+            assert payload["state"] == "idle"
+            assert payload["reason"] == "hub_disconnected"
+            assert payload["operator_text"] == REASON_TEXT["hub_disconnected"]
+            jsonschema.validate(payload, load_schema("port_state"))  # docs/mqtt.md's schema
             started_before = sum(e.kind == "job_started" for e in sink.events)
             await asyncio.sleep(UNPLUGGED_S)
             # No new board was taken while the hub was away.
@@ -284,3 +294,41 @@ async def test_uhubctl_hub_unplugged_and_back(tmp_path: Path) -> None:
     assert not isinstance(info.value, HubDisconnectedError)
     await replug()
     await hub.check()
+
+
+@pytest.mark.faults
+async def test_station_page_slot_says_why_intake_is_paused(tmp_path: Path) -> None:
+    feed, _ = _feed(tmp_path)
+    view = await _slot(feed, _port("1", "idle", reason="hub_disconnected"))
+    assert view is not None
+    assert (view.state, view.title) == ("idle", "Idle")
+    assert view.detail == REASON_TEXT["hub_disconnected"]
+    plain = await _slot(feed, _port("2", "idle"))
+    assert plain is not None
+    assert plain.detail == "No active lot."
+
+
+@pytest.mark.faults
+async def test_station_started_while_the_hub_is_unplugged_waits_for_it(tmp_path: Path) -> None:
+    line = await make_line(tmp_path, boards=6, ports=2)
+    hub = SimHub(2, _slow_board(line), supply=6)
+    daemon = Daemon(
+        line.settings, DaemonHooks(hub=hub, passphrase=line.passphrase, stop_when=lambda s: hub.exhausted)
+    )
+
+    async def inject() -> None:
+        await _until(
+            lambda: daemon.station is not None and daemon.station.intake_paused, 20, "a paused start"
+        )
+        assert daemon.station is not None
+        assert daemon.station.pauses["hub"].reason == "hub_disconnected"
+        hub.replug()
+
+    await hub.unplug()  # before the daemon enters it: the station starts with the hub away
+    async with asyncio.timeout(40), asyncio.TaskGroup() as tg:
+        running = tg.create_task(daemon.run())
+        tg.create_task(inject())
+    station = running.result()
+    assert station.outcomes["provisioned"] == 6
+    inventory = [board_inventory(b, "finished") for b in hub.finished]
+    check_invariants(line.settings.ledger_url, inventory, min_provisioned=6)

@@ -77,7 +77,9 @@ def _refusing_protocol(app: FastAPI) -> type[asyncio.Protocol] | str:
         def data_received(self, data: bytes) -> None:
             if self._first:
                 self._first = False
-                wait_s = limits.peek(str(self.client[0])) if self.client else 0.0
+                # uvicorn sets ``client`` (host, port) in connection_made; without it, no early refusal.
+                client = getattr(self, "client", None)
+                wait_s = limits.peek(str(client[0])) if client else 0.0
                 if wait_s:
                     if on_reject is not None:
                         on_reject("api", 429)

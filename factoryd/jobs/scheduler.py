@@ -422,7 +422,7 @@ class Station:
         pausing = result.outcome == "failed" and result.reason in PAUSING_REASONS
         again = control.last is not None and control.last.hw_serial == result.hw_serial
         control.paused_reruns = (control.paused_reruns + 1 if again else 1) if pausing else 0
-        if pausing:
+        if pausing and result.reason is not None:
             if control.paused_reruns <= MAX_PAUSED_RERUNS:
                 # Not the board's fault: it stays in its port (no skip, no release, no ATTENTION count)
                 # and resumes with the same ID once the station can work again.
