@@ -47,6 +47,7 @@ class HostileMcumgrBoard(SimMcumgrBoard):
         self.armed = armed
         self.bent = 0
         self.identities = 0
+        self.lock_seen = False
 
     def _is_armed(self, packet: SmpPacket) -> bool:
         command = packet.group << 8 | packet.command
@@ -58,6 +59,10 @@ class HostileMcumgrBoard(SimMcumgrBoard):
         command = packet.group << 8 | packet.command
         if self.trick == "changing_serial" and command == McumgrCommand.KEYGEN and self.identities < 2:
             return None  # no answer: the pipeline restarts the job and asks who the board is again
+        if self.trick == "serial_after_lock" and command == McumgrCommand.LOCK:
+            self.lock_seen = True
+        if self.trick == "serial_after_lock" and not self.lock_seen:
+            return reply
         if reply is None or not self._is_armed(packet):
             return reply
         self.bent += 1
@@ -76,6 +81,11 @@ class HostileMcumgrBoard(SimMcumgrBoard):
                 body = cbor2.loads(reply.payload)
                 if isinstance(body, dict) and "len" in body:
                     body["len"] = 1 << 40
+                return _pack(reply, body)
+            case "serial_after_lock":
+                body = cbor2.loads(reply.payload)
+                if isinstance(body, dict) and isinstance(body.get("serial"), bytes):
+                    body["serial"] = bytes(b ^ 0xFF for b in body["serial"])
                 return _pack(reply, body)
             case "changing_serial":
                 self.identities += 1
@@ -196,4 +206,17 @@ async def test_serial_that_changes_between_identity_calls_is_refused(tmp_path: P
     assert reason == "identity_mismatch"
     assert board.identities >= 2
     # KEYGEN comes after the reservation: it stays bound to the serial the job started with.
+    _reservation_kept(line, board)
+
+
+async def test_serial_that_changes_after_lock_is_refused(tmp_path: Path) -> None:
+    def make(line: Line) -> HostileMcumgrBoard:
+        return HostileMcumgrBoard(
+            "serial_after_lock", frozenset({McumgrCommand.IDENTITY}), firmware_key=line.fw_public
+        )
+
+    line, board, reason = await _run(tmp_path, make)
+    assert board.lock_seen
+    assert reason == "identity_mismatch"
+    # Nothing recorded as provisioned for a board that turned into another one at the last step.
     _reservation_kept(line, board)

@@ -37,6 +37,7 @@ from factoryd.errors import (
     BoardTimeoutError,
     EnumerationTimeoutError,
     FirmwareRejectedError,
+    IdentityMismatchError,
     LinkClosedError,
     LinkOpenError,
     VerificationError,
@@ -189,7 +190,13 @@ class McumgrSession:
         if host.lot.profile.lock:
             serial = self._identity.serial if self._identity is not None else b""
             await host.step(Step.LOCK, lambda: self.client.lock(serial))
-            if not (await self.client.identity()).locked:
+            after = await self.client.identity()
+            if after.serial_hex != host.hw_serial:
+                # The job is bound to the serial the board first gave: another one now is a clone or a swap.
+                raise IdentityMismatchError(
+                    f"board reports serial {after.serial_hex} after LOCK, the job holds {host.hw_serial}"
+                )
+            if not after.locked:
                 raise VerificationError("board acknowledged LOCK but reports itself unlocked")
         return issued
 
