@@ -292,6 +292,13 @@ class ApiConfig(_Section):
     # HTTPS: PEM certificate (chain) and key, both or neither; use it whenever host is not loopback.
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # Beyond these a client gets 429 (with Retry-After) or 503 at once, never a slow answer
+    # (docs/api.md): per credential, per address, and open station-page event streams.
+    client_rate_per_s: float = Field(5.0, gt=0)
+    client_burst: int = Field(60, ge=1)
+    address_rate_per_s: float = Field(10.0, gt=0)
+    address_burst: int = Field(120, ge=1)
+    max_event_streams: int = Field(8, ge=1, le=1024)
 
     @model_validator(mode="after")
     def _check_tls(self) -> ApiConfig:

@@ -17,6 +17,7 @@ import structlog
 
 from factoryd import __version__
 from factoryd.api import ApiContext, create_app, serve_api
+from factoryd.api.limits import LoadLimits
 from factoryd.backends import build_hub
 from factoryd.config import Settings
 from factoryd.errors import SchemaVersionError
@@ -207,6 +208,13 @@ class Daemon:
                     passphrase=passphrase,
                     live=self.live,
                     station=station,
+                    load=LoadLimits(
+                        client_rate_per_s=settings.api.client_rate_per_s,
+                        client_burst=settings.api.client_burst,
+                        address_rate_per_s=settings.api.address_rate_per_s,
+                        address_burst=settings.api.address_burst,
+                        max_event_streams=settings.api.max_event_streams,
+                    ),
                     on_reject=self.metrics.http_rejected_request,
                 )
                 self.api_port = await stack.enter_async_context(
