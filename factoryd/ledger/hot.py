@@ -23,7 +23,7 @@ from datetime import datetime
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar, cast
 
 import psycopg
-from sqlalchemy import Table, bindparam, exists, func, insert, or_, update
+from sqlalchemy import Table, Text, and_, bindparam, cast as sql_cast, exists, func, insert, literal_column, or_, true, update
 from sqlalchemy import select as core_select
 from sqlalchemy.dialects import postgresql as postgresql_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
@@ -133,6 +133,25 @@ def _device_in_lot(values: Iterable[Any]) -> DeviceInLotRow:
     """A :class:`DeviceInLotRow` from the device columns followed by the lot name."""
     columns = tuple(values)
     return DeviceInLotRow(DeviceRowView._make(columns[:-1]), columns[-1])
+
+
+class LotDeviceRow(NamedTuple):
+    """A lot's id and state, the transaction's id (PostgreSQL), and the device row looked up with it."""
+
+    lot_id: int
+    lot_state: str
+    xid: str | None
+    device: DeviceRowView | None
+
+
+_LOT_DEVICE_COLUMNS = ("lot_id", "lot_state", "xid", *DeviceRowView._fields)
+
+
+def _lot_device(values: Iterable[Any]) -> LotDeviceRow:
+    """A :class:`LotDeviceRow` from the lot columns, the xid and the (outer-joined) device columns."""
+    columns = tuple(values)
+    device = None if columns[3] is None else DeviceRowView._make(columns[3:])
+    return LotDeviceRow(columns[0], columns[1], columns[2], device)
 
 
 class StateCountRow(NamedTuple):
@@ -265,6 +284,8 @@ class HotStatements:
     lot_id: Query[LotIdRow]
     lot_shared: Query[LotStateRow]
     lot_locked: Query[LotIdRow]
+    lot_device_by_serial: Query[LotDeviceRow]
+    lot_device_by_id: Query[LotDeviceRow]
     head_locked: Query[HeadRow]
     insert_head: Command
     insert_audit: Command
@@ -316,6 +337,20 @@ class HotStatements:
                 d,
                 LotIdRow._make,
                 LotIdRow._fields,
+            ),
+            # The lot check and the device lookup of reserve / mark_provisioned / void in one round trip,
+            # with the transaction id the lost-COMMIT read-back needs (engine.py ``_hot``).
+            lot_device_by_serial=Query(
+                _lot_device_statement(DEVICE.c.hw_serial == bindparam("hw_serial"), dialect.name),
+                d,
+                _lot_device,
+                _LOT_DEVICE_COLUMNS,
+            ),
+            lot_device_by_id=Query(
+                _lot_device_statement(DEVICE.c.device_id == bindparam("device_id"), dialect.name),
+                d,
+                _lot_device,
+                _LOT_DEVICE_COLUMNS,
             ),
             # One chain's head: appends to other chains (other stations) do not wait for it.
             head_locked=Query(
@@ -512,6 +547,44 @@ class HotStatements:
         )
 
 
+def _lot_device_statement(match: ColumnElement[bool], dialect_name: str) -> Select[Any]:
+    """The lot by name (share-locked) with its device matching ``match`` (locked), or no device.
+
+    PostgreSQL locks in the order the separate statements did: the lot row first (a materialised
+    CTE ``FOR SHARE``), then, per lot row, the device row in a ``LATERAL`` subquery ``FOR UPDATE``;
+    the select list carries ``pg_current_xact_id()``. SQLite (writers serialised by ``BEGIN
+    IMMEDIATE``) outer-joins the two tables and returns NULL for the id.
+    """
+    if dialect_name != "postgresql":
+        joined = LOT.outerjoin(DEVICE, and_(DEVICE.c.lot_id == LOT.c.id, match))
+        return (
+            core_select(
+                LOT.c.id.label("lot_id"),
+                LOT.c.state.label("lot_state"),
+                literal_column("NULL", Text).label("xid"),
+                *DEVICE_COLUMNS,
+            )
+            .select_from(joined)
+            .where(LOT.c.name == bindparam("name"))
+        )
+    lot = (
+        core_select(LOT.c.id, LOT.c.state)
+        .where(LOT.c.name == bindparam("name"))
+        .with_for_update(read=True)
+        .cte("shared_lot")
+        .prefix_with("MATERIALIZED")
+    )
+    device = (
+        core_select(*DEVICE_COLUMNS).where(DEVICE.c.lot_id == lot.c.id, match).with_for_update().lateral("dev")
+    )
+    return core_select(
+        lot.c.id.label("lot_id"),
+        lot.c.state.label("lot_state"),
+        sql_cast(func.pg_current_xact_id(), Text).label("xid"),
+        *device.c,
+    ).select_from(lot.outerjoin(device, true()))
+
+
 def _signer_allows() -> ColumnElement[bool]:
     """A lot the line's signer manages records only the certificate it signed and stands for the ID.
 
@@ -568,12 +641,14 @@ class Tx:
     psycopg's automatic preparation off (``prepare_threshold=None``) for everything else.
     """
 
-    __slots__ = ("_cursor", "_prepare")
+    __slots__ = ("_cursor", "_prepare", "xid")
 
     def __init__(self, cursor: DriverCursor) -> None:
         """Run statements on ``cursor``."""
         self._cursor = cursor
         self._prepare = isinstance(cursor, psycopg.Cursor)
+        # The PostgreSQL transaction id if a statement returned it (saves engine.py a round trip).
+        self.xid: str | None = None
 
     def _run(self, command: Command, params: Mapping[str, object] | None) -> None:
         driver_params = command.params(params or {})
