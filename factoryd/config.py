@@ -33,6 +33,8 @@ class StationSettings(_Section):
     name: str = "station-1"
     line: str = "line-1"
     state_dir: Path = Path("/var/lib/factoryd")
+    # The daemon's event loop: "auto" is uvloop when installed (pip install 'factoryd[fast]'), else asyncio.
+    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
 
 
 class LedgerSettings(_Section):

@@ -26,7 +26,7 @@ RESERVED_AT = datetime(2026, 3, 7, 14, 0, 1, 500, tzinfo=UTC)
 def test_every_statement_compiles_for_both_backends(dialect: Dialect) -> None:
     statements = HotStatements.compile(dialect)
     fields = dataclasses.fields(statements)
-    assert len(fields) == 26
+    assert len(fields) == 28
     for field in fields:
         compiled = getattr(statements, field.name)
         if field.name == "append_audit" and dialect.name != "postgresql":
@@ -37,6 +37,13 @@ def test_every_statement_compiles_for_both_backends(dialect: Dialect) -> None:
     if dialect.name == "postgresql":
         assert "FOR UPDATE SKIP LOCKED" in statements.claim.sql
         assert "FOR SHARE" in statements.lot_shared.sql
+        for merged in (statements.lot_device_by_serial, statements.lot_device_by_id):
+            # The lot is share-locked before (materialised CTE) the device row is locked (LATERAL), and
+            # the row carries the transaction id for the lost-COMMIT read-back.
+            assert merged.sql.startswith("WITH shared_lot AS MATERIALIZED"), merged.sql
+            assert merged.sql.index("FOR SHARE") < merged.sql.index("LEFT OUTER JOIN LATERAL")
+            assert "FOR UPDATE" in merged.sql.split("LATERAL", 1)[1]
+            assert "pg_current_xact_id()" in merged.sql
         assert statements.append_audit is not None
         # One round trip: the head moves only from the link it names, and the link rides on it.
         assert statements.append_audit.sql.startswith("WITH advanced AS")

@@ -28,7 +28,7 @@ from factoryd.pki.bundle import load_pkcs12_bundle
 from factoryd.pki.issuer import Issuer
 from factoryd.pki.keyimport import import_key_to_token
 from factoryd.pki.passphrase import Secret
-from factoryd.pki.pkcs11 import DEFAULT_PIN_ENV, open_token_lot
+from factoryd.pki.pkcs11 import DEFAULT_PIN_ENV, open_token_lot, reload_module
 from factoryd.pki.store import KEY_FILE, BundleStore
 from factoryd.service import StationPaths
 from tests.helpers.openssl import openssl
@@ -70,6 +70,7 @@ def softhsm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
         capture_output=True,
         timeout=30,
     )
+    reload_module(MODULE)  # the module reads SOFTHSM2_CONF (and finds tokens) in C_Initialize only
     return MODULE
 
 

@@ -34,6 +34,7 @@ from factoryd.pki.pkcs11 import (
     TokenReference,
     load_pkcs11_pin,
     open_token_lot,
+    reload_module,
 )
 from factoryd.pki.profile import CertProfile
 from factoryd.pki.signer import CaPrivateKey
@@ -86,12 +87,14 @@ def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 capture_output=True,
                 timeout=30,
             )
+        reload_module(MODULE)  # the module reads SOFTHSM2_CONF (and finds tokens) in C_Initialize only
         yield MODULE
     finally:
         if previous is None:
             os.environ.pop("SOFTHSM2_CONF", None)
         else:
             os.environ["SOFTHSM2_CONF"] = previous
+        reload_module(MODULE)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from factoryd.ledger.testing import throwaway_postgres_database
 from factoryd.pki.bundle import CaBundle
 from factoryd.pki.keyimport import import_key_to_token
 from factoryd.pki.passphrase import Secret
+from factoryd.pki.pkcs11 import reload_module
 from factoryd.pki.store import KEY_FILE
 from factoryd.sim.hub import SimHub
 from tests.helpers.signer import LOT, SignerProcess, make_signer_line, run_station
@@ -50,6 +51,7 @@ def softhsm(tmp_path: Path) -> Iterator[Path]:
     )
     previous = os.environ.get("SOFTHSM2_CONF")
     os.environ["SOFTHSM2_CONF"] = str(conf)
+    reload_module(MODULE)  # the module reads SOFTHSM2_CONF in C_Initialize only
     try:
         yield conf
     finally:
@@ -57,6 +59,7 @@ def softhsm(tmp_path: Path) -> Iterator[Path]:
             os.environ.pop("SOFTHSM2_CONF", None)
         else:
             os.environ["SOFTHSM2_CONF"] = previous
+        reload_module(MODULE)
 
 
 async def test_a_token_backed_signer_signs_for_a_station(softhsm: Path, tmp_path: Path) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import typer
 
@@ -25,7 +27,7 @@ from factoryd.cli import (
     tokens,
 )
 from factoryd.cli.opts import ConfigOption, command_group, fail, get_settings, guard
-from factoryd.errors import SchemaVersionError
+from factoryd.errors import ConfigError, SchemaVersionError
 from factoryd.log import configure_logging
 
 app = command_group("Factory bulk-provisioning line daemon.", add_completion=False)
@@ -41,6 +43,23 @@ def version() -> None:
 SCHEMA_TOO_NEW_EXIT = 78
 
 
+def run_event_loop(main: Callable[[], Coroutine[Any, Any, object]], choice: str) -> None:
+    """Run ``main()`` to completion on the chosen loop ("auto": uvloop if installed, else asyncio)."""
+    if choice != "asyncio":
+        try:
+            import uvloop  # noqa: PLC0415 - optional dependency (the `fast` extra)
+        except ImportError:
+            if choice == "uvloop":
+                raise ConfigError(
+                    '[station] event_loop = "uvloop" but uvloop is not installed: '
+                    'pip install \'factoryd[fast]\', or set it to "auto" or "asyncio"'
+                ) from None
+        else:
+            uvloop.run(main())
+            return
+    asyncio.run(main())
+
+
 @app.command()
 def run(config: ConfigOption = None) -> None:
     """Run the station daemon (what systemd starts)."""
@@ -51,7 +70,7 @@ def run(config: ConfigOption = None) -> None:
 
     def start() -> None:
         try:
-            asyncio.run(Daemon(settings).run())
+            run_event_loop(lambda: Daemon(settings).run(), settings.station.event_loop)
         except SchemaVersionError as exc:
             # Restarting cannot help; systemd/factoryd.service lists this code in RestartPreventExitStatus.
             fail(str(exc), code=SCHEMA_TOO_NEW_EXIT)

@@ -23,7 +23,8 @@ from datetime import datetime
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar, cast
 
 import psycopg
-from sqlalchemy import Table, Text, and_, bindparam, cast as sql_cast, exists, func, insert, literal_column, or_, true, update
+from sqlalchemy import Table, Text, and_, bindparam, exists, func, insert, literal_column, or_, true, update
+from sqlalchemy import cast as sql_cast
 from sqlalchemy import select as core_select
 from sqlalchemy.dialects import postgresql as postgresql_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
@@ -575,7 +576,10 @@ def _lot_device_statement(match: ColumnElement[bool], dialect_name: str) -> Sele
         .prefix_with("MATERIALIZED")
     )
     device = (
-        core_select(*DEVICE_COLUMNS).where(DEVICE.c.lot_id == lot.c.id, match).with_for_update().lateral("dev")
+        core_select(*DEVICE_COLUMNS)
+        .where(DEVICE.c.lot_id == lot.c.id, match)
+        .with_for_update()
+        .lateral("dev")
     )
     return core_select(
         lot.c.id.label("lot_id"),

@@ -15,13 +15,14 @@ from factoryd.errors import (
     IdsExhaustedError,
     InputError,
     LedgerError,
+    LotNotFoundError,
     LotStateError,
     ReservationConflictError,
 )
 from factoryd.ledger.audit import as_utc
 from factoryd.ledger.engine import require_label, require_serial, utc_now
 from factoryd.ledger.errors import DeviceNotFoundError, DeviceStateError
-from factoryd.ledger.hot import DeviceRowView, Tx
+from factoryd.ledger.hot import DeviceRowView, LotDeviceRow, Query, Tx
 from factoryd.ledger.jobs import JobBook
 from factoryd.ledger.model import (
     DeviceRecord,
@@ -157,10 +158,11 @@ class DeviceBook(JobBook):
 
         now = utc_now()
         with self._hot(write=True, on_integrity=race) as tx:
-            lot_id, lot_state = self._lot_shared(tx, lot)
+            lot_id, lot_state, existing = self._lot_and_device(
+                tx, self._sql.lot_device_by_serial, lot, {"name": lot, "hw_serial": hw_serial}
+            )
             if lot_state is not LotState.ACTIVE:
                 raise LotStateError(f"lot {lot!r} is {lot_state}; reservations need an active lot")
-            existing = tx.first(self._sql.device_by_serial_locked, {"lot_id": lot_id, "hw_serial": hw_serial})
             if existing is not None:
                 if device_id is not None and existing.device_id != device_id:
                     raise ReservationConflictError(
@@ -273,6 +275,20 @@ class DeviceBook(JobBook):
             )
         return _reservation(row, hw_serial, resumed=True)
 
+    def _lot_and_device(
+        self, tx: Tx, query: Query[LotDeviceRow], lot: str, params: dict[str, object]
+    ) -> tuple[int, LotState, DeviceRowView | None]:
+        """The lot's id and state (share-locked) and the device ``query`` matches (locked), in one round trip.
+
+        The row also carries the PostgreSQL transaction id, noted on ``tx`` for the lost-COMMIT read-back.
+        """
+        found = tx.first(query, params)
+        if found is None:
+            raise LotNotFoundError(f"no lot named {lot!r}")
+        if found.xid is not None:
+            tx.xid = found.xid
+        return found.lot_id, LotState(found.lot_state), found.device
+
     def _device_row(self, tx: Tx, lot_id: int, lot: str, device_id: str) -> DeviceRowView:
         """The ID's row, locked for the transaction; DeviceNotFoundError if the lot has no such ID."""
         row = tx.first(self._sql.device_by_id_locked, {"lot_id": lot_id, "device_id": device_id})
@@ -309,10 +325,14 @@ class DeviceBook(JobBook):
             raise InputError(f"cert_serial must be hex, got {cert_serial!r}")
         now = utc_now()
         with self._hot(write=True) as tx:
-            lot_id, lot_state = self._lot_shared(tx, lot)
+            _lot_id, lot_state, found = self._lot_and_device(
+                tx, self._sql.lot_device_by_id, lot, {"name": lot, "device_id": device_id}
+            )
             if lot_state not in (LotState.ACTIVE, LotState.PAUSED):
                 raise LotStateError(f"lot {lot!r} is {lot_state}; it records no more devices")
-            row = self._device_row(tx, lot_id, lot, device_id)
+            if found is None:
+                raise DeviceNotFoundError(f"no ID {device_id!r} in lot {lot!r}")
+            row = found
             if (
                 row.state == DeviceState.PROVISIONED
                 and row.hw_serial == hw_serial

@@ -25,6 +25,8 @@ SERIAL_BYTES = 16
 # A PEM CSR is well under 1 KiB; bigger input is refused before parsing.
 MAX_CSR_BYTES = 16 * 1024
 ACCEPTED_CSR_HASHES = ("sha256", "sha384", "sha512")
+# Rendered identities kept per issuer (one a board in flight: above the 1 024 ports a station runs).
+IDENTITY_CACHE_MAX_ENTRIES = 4096
 # PKCS#9 extensionRequest: the one CSR attribute we tolerate (empty, or with allowed extensions).
 EXTENSION_REQUEST_OID = x509.ObjectIdentifier("1.2.840.113549.1.9.14")
 # The day this factoryd release was cut (raised at each release; tests/test_faults_clock.py checks it
@@ -184,6 +186,9 @@ class Issuer:
                 raise IssuanceError("the CA key type is not supported") from None
             ski = key_identifier(ca_key)
         self._aki = ski
+        # Device ID -> (its fields, its rendered identity): a board asks for its CN, its CSR check and its
+        # certificate (3 renders of the template per board before); bounded, oldest entry dropped first.
+        self._identities: dict[str, tuple[dict[str, str], RenderedIdentity]] = {}
 
     def __repr__(self) -> str:
         subject = self._signer.certificate.subject.rfc4514_string()
@@ -214,7 +219,16 @@ class Issuer:
 
         ``fields`` is the device's metadata (the extra columns of its line in the ID list).
         """
-        return self._profile.subject.render(device_id, fields)
+        given = {} if fields is None else fields
+        cached = self._identities.get(device_id)
+        if cached is not None and cached[0] == given:
+            return cached[1]
+        identity = self._profile.subject.render(device_id, fields)
+        if len(self._identities) >= IDENTITY_CACHE_MAX_ENTRIES:
+            # Threads may share an issuer (the signer): a racing eviction of the same key is harmless.
+            self._identities.pop(next(iter(self._identities), device_id), None)
+        self._identities[device_id] = (dict(given), identity)
+        return identity
 
     def common_name(self, device_id: str, fields: Mapping[str, str] | None = None) -> str:
         """The CN the board must put in its CSR (``get_csr(common_name)``): the templated CN."""

@@ -197,6 +197,25 @@ def _library(module_path: str) -> Any:
     return library
 
 
+def reload_module(module_path: str) -> None:
+    """Close the module's token sessions and re-initialise it, so it reads its configuration again.
+
+    A PKCS#11 module reads its configuration (SoftHSM: ``SOFTHSM2_CONF``) once per process, in
+    C_Initialize, whoever loaded it first: a process that must see another token directory (the test
+    suite, a replaced token) calls this.
+    """
+    with _registry_lock:
+        for key in [key for key in _connections if key[0] == module_path]:
+            _connections.pop(key).close()
+    library = _library(module_path)
+    try:
+        library.reinitialize()
+    except p11_errors.PKCS11Error as exc:
+        raise SignerError(
+            f"cannot re-initialise PKCS#11 module {module_path}: {type(exc).__name__}"
+        ) from None
+
+
 def _describe(exc: BaseException, token_label: str) -> str:
     """A message for a token failure; python-pkcs11 exceptions never carry the PIN."""
     where = f"PKCS#11 token {token_label!r}"

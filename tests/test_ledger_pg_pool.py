@@ -1,0 +1,66 @@
+"""The PostgreSQL pool pings only connections in doubt, and still replaces the dead ones (#20b)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from sqlalchemy.engine import make_url
+
+from factoryd.ledger.bench import _claim_one, _prepare_lot
+from factoryd.ledger.core import Ledger
+from factoryd.ledger.model import DeviceState
+from factoryd.ledger.testing import throwaway_postgres_database
+
+pytestmark = pytest.mark.postgres
+STATION = "station-pool"
+TERMINATE_WAIT_S = 10.0
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    with throwaway_postgres_database() as url:
+        yield url
+
+
+def _libpq(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def _terminate_ledger_backends(url: str) -> int:
+    """Kill every other backend of the ledger's database, as a server restart does; how many."""
+    database = make_url(url).database
+    with psycopg.connect(_libpq(url), autocommit=True) as admin:
+        killed = admin.execute(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid()) AS t",
+            (database,),
+        ).fetchone()
+        deadline = time.monotonic() + TERMINATE_WAIT_S
+        while time.monotonic() < deadline:
+            left = admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                (database,),
+            ).fetchone()
+            if left is not None and left[0] == 0:
+                break
+            time.sleep(0.05)
+    return 0 if killed is None else int(killed[0])
+
+
+def test_claims_go_on_after_the_servers_backends_are_killed(pg_url: str) -> None:
+    with Ledger.open(pg_url) as ledger:
+        lot = _prepare_lot(ledger, 4)
+        first = _claim_one(ledger, lot, STATION, "SN-POOL-1", "p1")
+        # The pool holds connections the server has just closed (well under PG_PING_IDLE_S ago): the
+        # socket check must notice and replace them, or this claim fails with LedgerUnavailableError.
+        assert _terminate_ledger_backends(pg_url) >= 1
+        second = _claim_one(ledger, lot, STATION, "SN-POOL-2", "p2")
+        assert second != first
+        record = ledger.find_device(second)
+        assert record is not None
+        assert record.state is DeviceState.PROVISIONED
+        assert record.hw_serial == "SN-POOL-2"
+        assert ledger.verify_audit() >= 4
