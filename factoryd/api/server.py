@@ -28,30 +28,31 @@ STARTUP_POLL_S = 0.01
 MAX_CONNECTIONS = 64
 
 
-class _EmbeddedServer(uvicorn.Server):
-    """A uvicorn server that leaves signal handling to the daemon."""
+class EmbeddedServer(uvicorn.Server):
+    """A uvicorn server that leaves signal handling to its process (the daemon, the signer)."""
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
-        """Install nothing: SIGTERM/SIGINT belong to the daemon, which stops us by context exit."""
+        """Install nothing: SIGTERM/SIGINT belong to the process, which stops us by context exit."""
         yield
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def bind_socket(host: str, port: int, *, what: str = "the API", backlog: int = 128) -> socket.socket:
+    """A non-blocking listening socket on host:port (0: any free port); ConfigError naming ``what``."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise ConfigError(f"API host {host!r} does not resolve: {exc.strerror}") from None
+        raise ConfigError(f"{what}: host {host!r} does not resolve: {exc.strerror}") from None
     family, kind, proto, _, address = infos[0]
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
-        sock.listen(128)
+        sock.listen(backlog)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"the API cannot listen on {host}:{port}: {exc.strerror}") from None
+        raise ConfigError(f"{what} cannot listen on {host}:{port}: {exc.strerror}") from None
     return sock
 
 
@@ -107,7 +108,7 @@ async def serve_api(
     for path in (tls_cert, tls_key):
         if path is not None and not path.is_file():
             raise ConfigError(f"API TLS file {path} does not exist")
-    sock = _bind(host, port)
+    sock = bind_socket(host, port)
     bound = int(sock.getsockname()[1])
     # uvicorn's own start/stop lines ("Started server process", "Application startup complete")
     # repeat what "api listening" says; they show only when the station logs at debug level.
@@ -125,7 +126,7 @@ async def serve_api(
         ssl_certfile=str(tls_cert) if tls_cert else None,
         ssl_keyfile=str(tls_key) if tls_key else None,
     )
-    server = _EmbeddedServer(config)
+    server = EmbeddedServer(config)
     try:
         task = asyncio.create_task(server.serve(sockets=[sock]), name="api-server")
     except BaseException:

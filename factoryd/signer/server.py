@@ -16,9 +16,8 @@ import asyncio
 import contextlib
 import logging
 import signal
-import socket
 import ssl
-from collections.abc import AsyncIterator, Callable, Generator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from factoryd import __version__
+from factoryd.api.server import EmbeddedServer, bind_socket
 from factoryd.config import Settings
 from factoryd.errors import ConfigError
 from factoryd.ledger.issuance import open_issuance_ledger
@@ -187,33 +187,6 @@ def _mutual_tls_protocol(context: ssl.SSLContext, on_refused: HandshakeRefused) 
     return _MutualTls
 
 
-class _EmbeddedServer(uvicorn.Server):
-    """A uvicorn server that leaves signals to us."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        """Install nothing: SIGTERM/SIGINT belong to ``run_signer``."""
-        yield
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise ConfigError(f"signer host {host!r} does not resolve: {exc.strerror}") from None
-    family, kind, proto, _, address = infos[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(512)
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        raise ConfigError(f"the signer cannot listen on {host}:{port}: {exc.strerror}") from None
-    return sock
-
-
 @contextlib.asynccontextmanager
 async def serve_signer(
     app: Any,
@@ -225,7 +198,7 @@ async def serve_signer(
     max_connections: int,
 ) -> AsyncIterator[int]:
     """Listen with mutual TLS on host:port (0 = any free port); yield the bound port."""
-    sock = _bind(host, port)
+    sock = bind_socket(host, port, what="the signer", backlog=512)
     bound = int(sock.getsockname()[1])
     quiet = logging.getLogger().getEffectiveLevel() > logging.DEBUG
     config = uvicorn.Config(
@@ -239,7 +212,7 @@ async def serve_signer(
         limit_concurrency=max_connections,
         timeout_graceful_shutdown=int(SHUTDOWN_GRACE_S),
     )
-    server = _EmbeddedServer(config)
+    server = EmbeddedServer(config)
     try:
         task = asyncio.create_task(server.serve(sockets=[sock]), name="signer-server")
     except BaseException:
