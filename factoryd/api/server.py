@@ -126,9 +126,20 @@ async def serve_api(
         ssl_certfile=str(tls_cert) if tls_cert else None,
         ssl_keyfile=str(tls_key) if tls_key else None,
     )
+    async with running_server(config, sock, name="api-server", what="the API server"):
+        scheme = "https" if tls_cert else "http"
+        log.info("api listening", address=f"{scheme}://{host}:{bound}")
+        yield bound
+
+
+@contextlib.asynccontextmanager
+async def running_server(
+    config: uvicorn.Config, sock: socket.socket, *, name: str, what: str
+) -> AsyncIterator[None]:
+    """Serve ``config`` on ``sock`` as a task until the block ends; the socket is closed afterwards."""
     server = EmbeddedServer(config)
     try:
-        task = asyncio.create_task(server.serve(sockets=[sock]), name="api-server")
+        task = asyncio.create_task(server.serve(sockets=[sock]), name=name)
     except BaseException:
         sock.close()
         raise
@@ -139,10 +150,8 @@ async def serve_api(
                     break
                 await asyncio.sleep(STARTUP_POLL_S)
         if not server.started:
-            raise ConfigError("the API server did not start (see the log for why)")
-        scheme = "https" if tls_cert else "http"
-        log.info("api listening", address=f"{scheme}://{host}:{bound}")
-        yield bound
+            raise ConfigError(f"{what} did not start (see the log for why)")
+        yield
     finally:
         server.should_exit = True
         try:

@@ -27,7 +27,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from factoryd import __version__
-from factoryd.api.server import EmbeddedServer, bind_socket
+from factoryd.api.server import bind_socket, running_server
 from factoryd.config import Settings
 from factoryd.errors import ConfigError
 from factoryd.ledger.issuance import open_issuance_ledger
@@ -45,9 +45,8 @@ log = structlog.get_logger(__name__)
 
 # A station's handshake is a few ms on a LAN; a peer that stalls longer is dropped.
 HANDSHAKE_TIMEOUT_S = 10.0
+# Requests in flight get this long to finish when the signer stops.
 SHUTDOWN_GRACE_S = 5.0
-STARTUP_TIMEOUT_S = 10.0
-STARTUP_POLL_S = 0.01
 SIGNER_DIRNAME = "signer"
 QUOTA_DIRNAME = "quotas"
 LINE_CA_DIRNAME = "line-ca"
@@ -212,28 +211,9 @@ async def serve_signer(
         limit_concurrency=max_connections,
         timeout_graceful_shutdown=int(SHUTDOWN_GRACE_S),
     )
-    server = EmbeddedServer(config)
-    try:
-        task = asyncio.create_task(server.serve(sockets=[sock]), name="signer-server")
-    except BaseException:
-        sock.close()
-        raise
-    try:
-        async with asyncio.timeout(STARTUP_TIMEOUT_S):
-            while not server.started:
-                if task.done():
-                    break
-                await asyncio.sleep(STARTUP_POLL_S)
-        if not server.started:
-            raise ConfigError("the signer's server did not start (see the log for why)")
+    async with running_server(config, sock, name="signer-server", what="the signer's server"):
         log.info("signer listening", address=f"https://{host}:{bound}")
         yield bound
-    finally:
-        server.should_exit = True
-        try:
-            await task
-        finally:
-            sock.close()
 
 
 class SignerService:
