@@ -107,7 +107,7 @@ async def _run_station(tmp_path: Path, url: str | None) -> tuple[int, str, list[
 
 
 def _check_refusal(code: int, stderr: str, notes: list[str]) -> None:
-    # Non-zero before READY: systemd marks the unit failed (Restart=on-failure, StartLimitBurst=).
+    # 78 before READY: systemd marks the unit failed and, by RestartPreventExitStatus=78, does not retry.
     assert code == EXIT_REFUSED, stderr
     assert "READY=1" not in notes
     # One plain line naming the database's revision, this build's newest, and the fix.
@@ -145,3 +145,13 @@ async def test_the_daemon_in_process_raises_the_schema_error(tmp_path: Path) -> 
     with pytest.raises(SchemaVersionError, match="a newer factoryd wrote it"):
         await daemon.run()
     assert daemon.station is None  # no port was touched, nothing was built on the unknown schema
+
+
+def test_the_unit_does_not_restart_on_a_newer_schema() -> None:
+    unit = (Path(__file__).parent.parent / "systemd" / "factoryd.service").read_text()
+    prevented = [
+        line.split("=", 1)[1].split()
+        for line in unit.splitlines()
+        if line.startswith("RestartPreventExitStatus=")
+    ]
+    assert [str(SCHEMA_TOO_NEW_EXIT)] in prevented
