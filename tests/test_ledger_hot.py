@@ -26,7 +26,7 @@ RESERVED_AT = datetime(2026, 3, 7, 14, 0, 1, 500, tzinfo=UTC)
 def test_every_statement_compiles_for_both_backends(dialect: Dialect) -> None:
     statements = HotStatements.compile(dialect)
     fields = dataclasses.fields(statements)
-    assert len(fields) == 28
+    assert len(fields) == 27
     for field in fields:
         compiled = getattr(statements, field.name)
         if field.name == "append_audit" and dialect.name != "postgresql":

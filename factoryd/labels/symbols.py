@@ -7,18 +7,28 @@ draws them. Both see the same data the printer gets, so a preview decodes like t
 from __future__ import annotations
 
 import warnings
-from typing import Literal
+from typing import Any, Literal
 
 import segno
 from PIL import ImageFont
 
 from factoryd.labels.errors import LabelRenderError
 
-with warnings.catch_warnings():
-    # pylibdmtx 0.1.10 (its last release, 2022) checks libdmtx's version with distutils' deprecated
-    # LooseVersion at import; the wrapper itself is a thin ctypes layer over Debian's libdmtx0b.
-    warnings.simplefilter("ignore", DeprecationWarning)
-    from pylibdmtx import pylibdmtx
+
+def _libdmtx() -> Any:
+    """pylibdmtx, imported when the first DataMatrix is made: a station without labels needs no libdmtx."""
+    with warnings.catch_warnings():
+        # pylibdmtx 0.1.10 (its last release, 2022) checks libdmtx's version with distutils' deprecated
+        # LooseVersion at import; the wrapper itself is a thin ctypes layer over Debian's libdmtx0b.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            from pylibdmtx import pylibdmtx  # noqa: PLC0415
+        except ImportError as exc:
+            raise LabelRenderError(
+                f"DataMatrix codes need the libdmtx library ({exc}): apt-get install libdmtx0b"
+            ) from None
+    return pylibdmtx
+
 
 QrErrorLevel = Literal["L", "M", "Q", "H"]
 Matrix = tuple[tuple[bool, ...], ...]
@@ -55,7 +65,7 @@ def datamatrix_matrix(data: bytes) -> Matrix:
             f"a DataMatrix code holds at most {DATAMATRIX_MAX_BYTES} bytes, not {len(data)}"
         )
     try:
-        encoded = pylibdmtx.encode(data, scheme="Ascii", size="SquareAuto")
+        encoded = _libdmtx().encode(data, scheme="Ascii", size="SquareAuto")
     except Exception as exc:  # pylibdmtx raises PyLibDMTXError or ValueError for data it cannot encode
         raise LabelRenderError(f"libdmtx cannot encode {len(data)} bytes as DataMatrix: {exc}") from exc
     inner_w = encoded.width - 2 * _DMTX_MARGIN_PX

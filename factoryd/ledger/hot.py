@@ -292,7 +292,6 @@ class HotStatements:
     insert_audit: Command
     advance_head: Command
     append_audit: Command | None
-    device_by_serial_locked: Query[DeviceRowView]
     device_by_serial: Query[DeviceRowView]
     device_by_id_locked: Query[DeviceRowView]
     device_any_lot: Query[DeviceInLotRow]
@@ -389,12 +388,6 @@ class HotStatements:
             # PostgreSQL: advance the head and insert the link in one round trip (the INSERT takes the
             # RETURNING row, so no head moved means no link inserted).
             append_audit=Command(_append_audit_statement(), d) if dialect.name == "postgresql" else None,
-            device_by_serial_locked=Query(
-                devices.where(in_lot, DEVICE.c.hw_serial == bindparam("hw_serial")).with_for_update(),
-                d,
-                DeviceRowView._make,
-                DeviceRowView._fields,
-            ),
             device_by_serial=Query(
                 devices.where(in_lot, DEVICE.c.hw_serial == bindparam("hw_serial")),
                 d,
