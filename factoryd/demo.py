@@ -227,6 +227,8 @@ class DemoResult:
     complete: bool = True
     # Labels the simulated printers received (with ``DemoOptions.labels``): one per provisioned board.
     labels_printed: int = 0
+    # Labels the station could not make (their template cannot render them); the reason is in the log.
+    labels_failed: int = 0
 
     @property
     def provisioned(self) -> int:
@@ -262,6 +264,7 @@ class DemoResult:
             "stopped_by": self.stopped_by,
             "complete": self.complete,
             "labels_printed": self.labels_printed,
+            "labels_failed": self.labels_failed,
         }
 
 
@@ -640,8 +643,9 @@ async def _run_demo(options: DemoOptions, state_dir: Path, temporary: bool) -> D
         settings = settings.model_copy(update={"labels": printer_settings(printers)})
 
     def finished(station: Station) -> bool:
-        # With printers: also wait until every provisioned board's label came out.
-        return hub.exhausted and printed_labels(printers) >= (
+        # With printers: also wait until every provisioned board's label came out (or cannot).
+        failed = station.labels.failed if station.labels is not None else 0
+        return hub.exhausted and printed_labels(printers) + failed >= (
             station.outcomes["provisioned"] if printers else 0
         )
 
@@ -687,6 +691,7 @@ async def _run_demo(options: DemoOptions, state_dir: Path, temporary: bool) -> D
     result.stopped_by = daemon.stopped_by.name if daemon.stopped_by is not None else None
     result.complete = hub.exhausted
     result.labels_printed = printed_labels(printers)
+    result.labels_failed = station.labels.failed if station.labels is not None else 0
     return result
 
 

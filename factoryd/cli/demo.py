@@ -102,8 +102,9 @@ def _echo_summary(result: DemoResult, boards: int, ports: int, profile: str, tim
         f"({in_lot}certificates checked: {result.certificates_verified})"
     )
     typer.echo(f"  duplicate IDs       {result.duplicate_ids}")
-    if result.labels_printed:
-        typer.echo(f"  labels              {result.labels_printed} printed on the simulated printers")
+    if result.labels_printed or result.labels_failed:
+        failed = f", {result.labels_failed} could not be made (see the log)" if result.labels_failed else ""
+        typer.echo(f"  labels              {result.labels_printed} printed on the simulated printers{failed}")
     typer.echo(f"  audit chain         verified, {result.audit_entries} entries")
     if result.state_dir_kept:
         typer.echo(f"  manifest            {result.manifest_path} ({result.manifest_count} devices)")

@@ -184,6 +184,8 @@ class LabelQueue:
         self.telemetry = telemetry
         self.metrics = metrics
         self.queued = 0
+        # Labels that will never print (their template cannot render them) since the station started.
+        self.failed = 0
         self._stop = asyncio.Event()
         self._workers: dict[PrinterAddress, _Worker] = {}
         for port, printer in settings.printers.items():
@@ -395,6 +397,8 @@ class LabelQueue:
         except FactorydError as exc:
             log.warning("label attempt not recorded", label_job=job.id, error=str(exc))
             return
+        if outcome is LabelOutcome.FAILED:
+            self.failed += 1
         if outcome is LabelOutcome.RETRY and job.condition == condition and job.attempts > 0:
             return  # the same trouble again: already told
         self._event(updated, outcome.value if outcome is not LabelOutcome.RETRY else "queued", condition)
