@@ -32,7 +32,6 @@ def test_asyncio_is_the_standard_loop() -> None:
 
 
 def test_uvloop_and_auto_run_on_uvloop_when_installed() -> None:
-    pytest.importorskip("uvloop")
     assert _loop_module("uvloop").startswith("uvloop")
     assert _loop_module("auto").startswith("uvloop")
 
