@@ -26,6 +26,7 @@ from factoryd.protocol.messages import ObjectId
 from factoryd.service import StationPaths
 from factoryd.sim.board import FaultPlan, SimBoard
 from factoryd.sim.mcumgr import SimMcumgrBoard
+from factoryd.sim.secure_element import SimSecureElement, seeded_se_serial
 from tests.helpers.openssl import openssl
 from tests.helpers.station import LOT, Line, make_line
 
@@ -113,6 +114,14 @@ def test_a_non_matter_lot_has_no_onboarding_codes(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(90)
+def _pinned_board(line: Line, seed: int) -> SimBoard:
+    return SimBoard(
+        firmware_key=line.fw_public,
+        se=SimSecureElement(serial=seeded_se_serial(seed)),
+        faults=FaultPlan.uniform(0.1, seed=seed, per_power_on=True),
+    )
+
+
 async def test_with_faults_the_sealed_codes_match_what_each_board_finally_holds(tmp_path: Path) -> None:
     """Retries (a new passcode per attempt) must never leave a board whose verifier the codes do not open."""
     boards = 6
@@ -121,7 +130,8 @@ async def test_with_faults_the_sealed_codes_match_what_each_board_finally_holds(
     hub = line.hub(
         ports=3,
         supply=boards,
-        factory=lambda: line.board(FaultPlan.uniform(0.1, seed=next(seeds), per_power_on=True)),
+        # Each board's serial is pinned to its seed: the serial enters the fault draws, so each replays.
+        factory=lambda: _pinned_board(line, next(seeds)),
     )
     station = await line.run(hub, timeout_s=80)
     provisioned = station.outcomes["provisioned"]
