@@ -15,7 +15,8 @@ import pytest
 
 from factoryd.backends import build_hub
 from factoryd.config import BrainstemHubSettings, HubSettings, Settings
-from factoryd.errors import ConfigError, HubCommandError
+from factoryd.errors import ConfigError, HubCommandError, HubDisconnectedError
+from factoryd.hub.base import probe_hub
 from factoryd.hub.brainstem import BrainstemHub
 from factoryd.hub.ttymap import ByPathResolver
 
@@ -53,6 +54,8 @@ class FakeUsb:
 
     def setPortEnable(self, channel: int) -> int:  # noqa: N802 - the library's names
         self._enter(("enable", channel))
+        if self.api.unplugged:
+            return FakeResult.NOT_FOUND  # the link is gone under an open stem
         if self.api.set_error:
             return self.api.set_error
         if channel not in self.api.stuck:
@@ -61,6 +64,8 @@ class FakeUsb:
 
     def setPortDisable(self, channel: int) -> int:  # noqa: N802
         self._enter(("disable", channel))
+        if self.api.unplugged:
+            return FakeResult.NOT_FOUND
         if self.api.set_error:
             return self.api.set_error
         if channel not in self.api.stuck:
@@ -86,6 +91,8 @@ class FakeStem:
         self.api.connects.append((transport, serial_number))
         if self.api.connect_error:
             return self.api.connect_error
+        if self.api.unplugged:
+            return FakeResult.NOT_FOUND
         return 0 if serial_number in (0, SERIAL) else FakeResult.NOT_FOUND
 
     def disconnect(self) -> int:
@@ -106,6 +113,7 @@ class FakeBrainstemApi:
         self.connects: list[tuple[int, int]] = []
         self.disconnects = 0
         self.connect_error = 0
+        self.unplugged = False  # the USB cable pulled: discovery finds nothing, calls on a stem fail
         self.set_error = 0
         self.delay_s = 0.0
         self.active = 0
@@ -249,3 +257,20 @@ def test_build_hub_picks_brainstem(by_path: Path) -> None:
         )
     )
     assert isinstance(build_hub(settings, None), BrainstemHub)
+
+
+async def test_an_unplugged_brainstem_is_disconnected_until_it_is_back(by_path: Path) -> None:
+    api = FakeBrainstemApi()
+    hub = make_hub(api, by_path)
+    await probe_hub(hub)  # a CheckedHub: the station can ask it whether it is there
+    await hub.power_on("1")  # a stem is connected from now on
+    api.unplugged = True
+    with pytest.raises(HubCommandError, match="switching port 1 off"):
+        await hub.power_off("1")
+    # The station's probe after a failed job: a fresh discovery says the hub is gone, not one port.
+    with pytest.raises(HubDisconnectedError, match=r"no Acroname USBHub3p with serial .*unplugged"):
+        await probe_hub(hub)
+    api.unplugged = False
+    await probe_hub(hub)
+    await hub.power_off("1")
+    assert api.vbus[0] is False

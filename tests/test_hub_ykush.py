@@ -13,8 +13,9 @@ import pytest
 
 from factoryd.backends import build_hub
 from factoryd.config import HubSettings, Settings, YkushHubSettings
-from factoryd.errors import ConfigError, HubCommandError
+from factoryd.errors import ConfigError, HubCommandError, HubDisconnectedError
 from factoryd.hub import ykush as ykush_mod
+from factoryd.hub.base import probe_hub
 from factoryd.hub.ttymap import ByPathResolver
 from factoryd.hub.ykush import YkushHub
 
@@ -39,6 +40,7 @@ class FakeYkushApi:
         self.calls: list[tuple[str, int, int | None]] = []
         self.stuck: set[int] = set()  # ports whose state never changes
         self.open_error: BaseException | None = None
+        self.unplugged = False  # the USB cable pulled: no device to open, open handles fail
         self.delay_s = 0.0
         self.active = 0
         self.max_active = 0
@@ -47,7 +49,7 @@ class FakeYkushApi:
     def YKUSH(self, serial: str | None = None) -> FakeDevice:  # noqa: N802 - pykush's name
         if self.open_error is not None:
             raise self.open_error
-        if serial is not None and serial not in self.serials:
+        if self.unplugged or (serial is not None and serial not in self.serials):
             raise FakeYkushNotFoundError()
         return FakeDevice(self)
 
@@ -66,7 +68,12 @@ class FakeDevice:
         with self.api._guard:
             self.api.active -= 1
 
+    def _gone(self) -> None:
+        if self.api.unplugged:
+            raise OSError("read error")  # hidapi on a handle whose device went away
+
     def set_port_state(self, port: int, state: int) -> bool:
+        self._gone()
         self._enter()
         self.api.calls.append(("set", port, state))
         if port not in self.api.state:
@@ -76,6 +83,7 @@ class FakeDevice:
         return True
 
     def get_port_state(self, port: int) -> int:
+        self._gone()
         self.api.calls.append(("get", port, None))
         return self.api.state.get(port, ERROR)
 
@@ -240,3 +248,22 @@ def test_build_hub_picks_ykush(by_path: Path) -> None:
         )
     )
     assert isinstance(build_hub(settings, None), ykush_mod.YkushHub)
+
+
+async def test_an_unplugged_ykush_is_disconnected_until_it_is_back(by_path: Path) -> None:
+    api = FakeYkushApi()
+    hub = make_hub(api, by_path)
+    await probe_hub(hub)  # a CheckedHub: the station can ask it whether it is there
+    await hub.power_on("1")  # a handle is open from now on
+    api.unplugged = True
+    with pytest.raises(HubCommandError, match="switching port 1"):
+        await hub.power_off("1")
+    # The station's probe after a failed job: a fresh open says the hub is gone, not just one port.
+    with pytest.raises(HubDisconnectedError, match=r"no YKUSH hub with serial 'YK12345'.*unplugged"):
+        await probe_hub(hub)
+    with pytest.raises(HubDisconnectedError):
+        await hub.power_on("1")
+    api.unplugged = False
+    await probe_hub(hub)
+    await hub.power_off("1")
+    assert api.state[1] == DOWN

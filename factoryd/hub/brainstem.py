@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import structlog
 
 from factoryd.config import BrainstemHubSettings
-from factoryd.errors import ConfigError, HubCommandError
+from factoryd.errors import ConfigError, HubCommandError, HubDisconnectedError
 from factoryd.hub.switched import DEFAULT_REMOVE_TIMEOUT_S, VendorLibraryHub
 from factoryd.hub.ttymap import TtyResolver, make_resolver
 
@@ -150,13 +150,23 @@ class BrainstemHub(VendorLibraryHub):
         code = stem.discoverAndConnect(api.link.Spec.USB, self.serial_number)
         if code == NOT_FOUND:
             which = f"with serial {self.serial}" if self.serial else "at all"
-            raise HubCommandError(
+            raise HubDisconnectedError(
                 f"{self.name}: no Acroname USBHub3p {which} on USB: unplugged, unpowered or a wrong serial; "
                 f"if it is plugged in, check permissions: {UDEV_HINT}"
             )
         self._check(code, "connecting to the hub")
         self._stem = stem
         return stem
+
+    async def check(self) -> None:
+        """Raise HubDisconnectedError while no USBHub3p with this serial is on USB (a CheckedHub)."""
+        async with self._lock:
+            await self._call(self._rediscover)
+
+    def _rediscover(self) -> None:
+        # A link from before the cable was pulled may still look connected: only a fresh discovery tells.
+        self._disconnect()
+        self._connect()
 
     def _disconnect(self) -> None:
         stem, self._stem = self._stem, None

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import structlog
 
 from factoryd.config import YkushHubSettings
-from factoryd.errors import ConfigError, HubCommandError
+from factoryd.errors import ConfigError, HubCommandError, HubDisconnectedError
 from factoryd.hub.switched import DEFAULT_REMOVE_TIMEOUT_S, VendorLibraryHub
 from factoryd.hub.ttymap import TtyResolver, make_resolver, topology_key
 
@@ -120,6 +120,16 @@ class YkushHub(VendorLibraryHub):
         async with self._lock:
             return await self._call(self._read_states)
 
+    async def check(self) -> None:
+        """Raise HubDisconnectedError while no YKUSH with this serial is on the bus (a CheckedHub)."""
+        async with self._lock:
+            await self._call(self._reopen)
+
+    def _reopen(self) -> None:
+        # A handle from before the cable was pulled may still look open: only a fresh open tells.
+        self._device = None
+        self._open()
+
     def _timed_out(self) -> None:
         self._device = None
 
@@ -133,7 +143,7 @@ class YkushHub(VendorLibraryHub):
             self._device = api.YKUSH(serial=self.serial or None)
         except not_found:
             which = f"with serial {self.serial!r}" if self.serial else "at all"
-            raise HubCommandError(
+            raise HubDisconnectedError(
                 f"{self.name}: no YKUSH hub {which} (vendor 04d8): unplugged, unpowered or a wrong serial "
                 f"(`ykushcmd -l` lists them); if it is plugged in, check permissions: {UDEV_HINT}"
             ) from None
