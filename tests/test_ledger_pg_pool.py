@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 
@@ -64,3 +65,32 @@ def test_claims_go_on_after_the_servers_backends_are_killed(pg_url: str) -> None
         assert record.state is DeviceState.PROVISIONED
         assert record.hw_serial == "SN-POOL-2"
         assert ledger.verify_audit() >= 4
+
+
+def _server_form(sql: str) -> str:
+    """A statement as the server shows it: psycopg numbers the named parameters in order of appearance."""
+    numbers: dict[str, int] = {}
+    return re.sub(r"%\((\w+)\)s", lambda m: f"${numbers.setdefault(m[1], len(numbers) + 1)}", sql)
+
+
+def test_the_hot_statements_are_prepared_on_the_server_and_nothing_else_is(pg_url: str) -> None:
+    """psycopg ignores ``prepare=True`` on a connection whose prepare threshold is None: that once cost
+    every claim a parse and plan per statement on the server (twice the server's CPU per claim)."""
+    with Ledger.open(pg_url) as ledger:
+        lot = _prepare_lot(ledger, 10)
+        for index in range(6):
+            _claim_one(ledger, lot, STATION, f"serial-{index}", "1")
+        fairy = ledger._engine.raw_connection()
+        try:
+            cursor = fairy.driver_connection.cursor()  # type: ignore[union-attr]
+            cursor.execute("SELECT statement FROM pg_prepared_statements")
+            prepared = [row[0] for row in cursor.fetchall()]
+            cursor.close()
+        finally:
+            fairy.close()
+    hot = ledger._sql
+    for command in (hot.claim, hot.reserve, hot.provision, hot.lot_device_by_serial, hot.lot_device_by_id):
+        assert _server_form(command.sql) in prepared
+    # The import and the lot set-up ran on the same connection and stayed unprepared.
+    assert all(statement.startswith(("SELECT", "WITH", "UPDATE", "INSERT")) for statement in prepared)
+    assert not any("lot_id, device_id, state, metadata" in statement for statement in prepared)

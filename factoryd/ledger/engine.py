@@ -75,6 +75,8 @@ CLOCK_STEP_TOLERANCE_S = 2.0
 # How long a SQLite writer waits for another one before giving up (several stations' worth of commits).
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 PG_POOL_SIZE = 10
+# psycopg prepares a statement automatically after this many executions: never, in practice.
+PG_AUTO_PREPARE_NEVER = 2**31 - 1
 PG_MAX_OVERFLOW = 20
 # A server that does not answer a connect within this is treated as down (libpq's default is forever).
 PG_CONNECT_TIMEOUT_S = 5
@@ -182,11 +184,14 @@ def create_ledger_engine(url: str | URL) -> Engine:
             sa_url,
             pool_size=PG_POOL_SIZE,
             max_overflow=PG_MAX_OVERFLOW,
-            # No server-side prepared statements: after psycopg's default five executions the
-            # server switches to a generic plan, and for the import's ID lookups that plan is
-            # a sequential scan per chunk (minutes for a 400k-ID list instead of seconds).
+            # No automatic server-side prepared statements: after psycopg's default five executions
+            # the server switches to a generic plan, and for the import's ID lookups that plan is a
+            # sequential scan per chunk (minutes for a 400k-ID list instead of seconds). The hot
+            # path prepares its fixed statements explicitly (hot.py ``Tx``): psycopg ignores
+            # ``prepare=True`` on a connection whose threshold is None, so the threshold is a count
+            # no other statement reaches instead.
             connect_args={
-                "prepare_threshold": None,
+                "prepare_threshold": PG_AUTO_PREPARE_NEVER,
                 "connect_timeout": PG_CONNECT_TIMEOUT_S,
                 "keepalives": 1,
                 "keepalives_idle": PG_KEEPALIVES_IDLE_S,

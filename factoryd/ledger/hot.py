@@ -635,7 +635,8 @@ class Tx:
     On PostgreSQL the statements are prepared on the server on first use and reused per
     connection (psycopg ``prepare=True``): the hot path's fixed statements then skip parsing and
     planning on every execution, which is most of the server's CPU per statement. The engine keeps
-    psycopg's automatic preparation off (``prepare_threshold=None``) for everything else.
+    psycopg's automatic preparation off for everything else with a threshold no statement reaches
+    (``PG_AUTO_PREPARE_NEVER``; a threshold of None would make psycopg ignore ``prepare=True`` too).
     """
 
     __slots__ = ("_cursor", "_prepare", "xid")
