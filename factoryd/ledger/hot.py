@@ -23,7 +23,20 @@ from datetime import datetime
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar, cast
 
 import psycopg
-from sqlalchemy import Table, Text, and_, bindparam, exists, func, insert, literal_column, or_, true, update
+from sqlalchemy import (
+    Integer,
+    Table,
+    Text,
+    and_,
+    bindparam,
+    exists,
+    func,
+    insert,
+    literal_column,
+    or_,
+    true,
+    update,
+)
 from sqlalchemy import cast as sql_cast
 from sqlalchemy import select as core_select
 from sqlalchemy.dialects import postgresql as postgresql_dialect
@@ -247,7 +260,7 @@ class Query(Command, Generic[_RowT]):
 
     def __init__(
         self,
-        statement: Select[Any] | Insert,
+        statement: Select[Any] | Insert | Update,
         dialect: Dialect,
         make: Callable[[Iterable[Any]], _RowT],
         columns: tuple[str, ...],
@@ -408,29 +421,30 @@ class HotStatements:
                 _device_in_lot,
                 (*DeviceRowView._fields, "lot_name"),
             ),
-            # The claim: first available ID of the lot in import order, skipping rows other
-            # stations hold locked right now (PostgreSQL).
+            # The claim and the reservation in one statement: the first available ID of the lot in
+            # import order, skipping rows other stations hold locked right now (PostgreSQL), bound to
+            # the board; the row comes back as it now is. The state and the limit are SQL literals,
+            # not parameters: as parameters, the server's generic plan for the prepared statement
+            # looks costlier than one made for the values, and PostgreSQL planned it on every claim.
             claim=Query(
-                devices.where(in_lot, DEVICE.c.state == DeviceState.AVAILABLE.value)
-                .order_by(DEVICE.c.id)
-                .limit(1)
-                .with_for_update(skip_locked=True),
+                update(DEVICE)
+                .where(
+                    DEVICE.c.id
+                    == core_select(DEVICE.c.id)
+                    .where(in_lot, DEVICE.c.state == literal_column(f"'{DeviceState.AVAILABLE.value}'"))
+                    .order_by(DEVICE.c.id)
+                    .limit(literal_column("1", Integer))
+                    .with_for_update(skip_locked=True)
+                    .scalar_subquery()
+                )
+                .values(_reserved_values())
+                .returning(*DEVICE_COLUMNS),
                 d,
                 DeviceRowView._make,
                 DeviceRowView._fields,
             ),
             reserve=Command(
-                update(DEVICE)
-                .where(DEVICE.c.id == bindparam("row_id"))
-                .values(
-                    state=DeviceState.RESERVED.value,
-                    hw_serial=bindparam("b_hw_serial"),
-                    station=bindparam("b_station"),
-                    port=bindparam("b_port"),
-                    job_id=bindparam("b_job_id"),
-                    reserved_at=bindparam("b_at"),
-                ),
-                d,
+                update(DEVICE).where(DEVICE.c.id == bindparam("row_id")).values(_reserved_values()), d
             ),
             move_reservation=Command(
                 update(DEVICE)
@@ -580,6 +594,18 @@ def _lot_device_statement(match: ColumnElement[bool], dialect_name: str) -> Sele
         sql_cast(func.pg_current_xact_id(), Text).label("xid"),
         *device.c,
     ).select_from(lot.outerjoin(device, true()))
+
+
+def _reserved_values() -> dict[str, Any]:
+    """The columns a reservation sets (the board's serial, where it is, its job, when)."""
+    return {
+        "state": DeviceState.RESERVED.value,
+        "hw_serial": bindparam("b_hw_serial"),
+        "station": bindparam("b_station"),
+        "port": bindparam("b_port"),
+        "job_id": bindparam("b_job_id"),
+        "reserved_at": bindparam("b_at"),
+    }
 
 
 def _signer_allows() -> ColumnElement[bool]:

@@ -172,24 +172,21 @@ class DeviceBook(JobBook):
                 return self._resume(
                     tx, existing, lot, hw_serial, station=station, port=port, job_id=job_id, actor=actor
                 )
+            reserved = {
+                "b_hw_serial": hw_serial,
+                "b_station": station,
+                "b_port": port,
+                "b_job_id": job_id,
+                "b_at": now,
+            }
+            # A concurrent reservation of the same serial fails in the UPDATE (unique index), before auditing.
             if device_id is None:
-                row = tx.first(self._sql.claim, {"lot_id": lot_id})
+                row = tx.first(self._sql.claim, {"lot_id": lot_id, **reserved})
                 if row is None:
                     raise IdsExhaustedError(f"lot {lot!r} has no available IDs left")
             else:
                 row = self._chosen_row(tx, lot_id, lot, device_id)
-            # A concurrent reservation of the same serial fails here (unique index), before auditing.
-            tx.execute(
-                self._sql.reserve,
-                {
-                    "row_id": row.id,
-                    "b_hw_serial": hw_serial,
-                    "b_station": station,
-                    "b_port": port,
-                    "b_job_id": job_id,
-                    "b_at": now,
-                },
-            )
+                tx.execute(self._sql.reserve, {"row_id": row.id, **reserved})
             self._append_audit(
                 tx,
                 actor=actor,
