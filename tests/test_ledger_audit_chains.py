@@ -28,6 +28,7 @@ from factoryd.ledger.audit import ChainHead, anchors_from_manifest, chain_genesi
 from factoryd.ledger.core import audit_chain_heads, verify_audit_chains
 from factoryd.ledger.engine import create_ledger_engine
 from factoryd.ledger.migrate import alembic_config
+from factoryd.ledger.model import DeviceState
 from factoryd.ledger.tables import GENESIS_HASH, LEGACY_CHAIN, AuditEntryRow
 from factoryd.ledger.testing import throwaway_postgres_database
 from factoryd.pki import SoftwareSigner, build_manifest, verify_manifest
@@ -412,6 +413,34 @@ def test_two_ledgers_appending_to_one_chain_correct_each_others_stale_head(url: 
         assert verify_audit_chains(first)["op"].count == 6
     subjects = rows(url, "SELECT subject FROM audit_entry WHERE chain = 'op' ORDER BY chain_seq")
     assert subjects == [(f"n{i}",) for i in range(6)]
+
+
+def test_a_provision_onto_a_stale_head_still_records_its_link_in_order(url: str) -> None:
+    """On PostgreSQL the provision and its link go in one statement chained onto the remembered head;
+    when another ledger moved that head, the provision stands and its link is chained after it."""
+    with Ledger.open(url) as first, Ledger.open(url) as second:
+        first.create_lot(LOT, customer="ACME", profile=LotProfile(), target_quantity=9, actor="cli")
+        first.import_ids(LOT, "\n".join(str(uuid.uuid4()) for _ in range(4)).encode(), actor="cli")
+        first.set_lot_state(LOT, LotState.ACTIVE, actor="cli")
+        reservation = first.reserve(LOT, "se-a", station="st", port="1", job_id=None, actor="st")
+        # The other ledger appends to the same chain: the first one's remembered head is now stale.
+        claim(second, "st", "se-b")
+        first.mark_provisioned(
+            LOT,
+            reservation.device_id,
+            "se-a",
+            cert_der=CERT_DER,
+            cert_serial="01",
+            fingerprint_sha256=hashlib.sha256(CERT_DER).hexdigest(),
+            station="st",
+            port="1",
+            actor="st",
+        )
+        assert first.find_device(reservation.device_id).state is DeviceState.PROVISIONED  # type: ignore[union-attr]
+        assert verify_audit_chains(first)["st"].count == 4
+    actions = rows(url, "SELECT action, subject FROM audit_entry WHERE chain = 'st' ORDER BY chain_seq")
+    assert [a for a, _ in actions] == ["id.reserved", "id.reserved", "id.provisioned", "id.provisioned"]
+    assert actions[3] == ("id.provisioned", reservation.device_id)
 
 
 def test_the_customer_side_check_reports_the_anchors_form(url: str, pki: TestPki) -> None:

@@ -26,10 +26,10 @@ RESERVED_AT = datetime(2026, 3, 7, 14, 0, 1, 500, tzinfo=UTC)
 def test_every_statement_compiles_for_both_backends(dialect: Dialect) -> None:
     statements = HotStatements.compile(dialect)
     fields = dataclasses.fields(statements)
-    assert len(fields) == 27
+    assert len(fields) == 28
     for field in fields:
         compiled = getattr(statements, field.name)
-        if field.name == "append_audit" and dialect.name != "postgresql":
+        if field.name in ("append_audit", "provision_and_append") and dialect.name != "postgresql":
             assert compiled is None  # SQLite has no data-modifying CTEs: advance_head + insert_audit
             continue
         assert isinstance(compiled, Command), field.name
@@ -48,6 +48,13 @@ def test_every_statement_compiles_for_both_backends(dialect: Dialect) -> None:
         # One round trip: the head moves only from the link it names, and the link rides on it.
         assert statements.append_audit.sql.startswith("WITH advanced AS")
         assert "audit_head.seq = %(old_seq)s" in statements.append_audit.sql
+        # The provision and its link: the head moves only if the provision touched its row.
+        combined = statements.provision_and_append
+        assert combined is not None
+        assert combined.sql.startswith("WITH changed AS \n(UPDATE device SET state")
+        advanced = combined.sql.split("advanced AS", 1)[1].split("appended AS", 1)[0]
+        assert "audit_head.seq = %(old_seq)s" in advanced
+        assert "EXISTS (SELECT * \nFROM changed)" in advanced
         assert "FOR UPDATE" in statements.lot_locked.sql
         assert "ON CONFLICT (chain) DO NOTHING" in statements.insert_head.sql
     else:

@@ -13,7 +13,7 @@ import itertools
 import select as io_select
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -56,8 +56,11 @@ from factoryd.ledger.hot import (
     DRIVER_ERRORS,
     DRIVER_INTEGRITY_ERRORS,
     DRIVER_UNAVAILABLE_ERRORS,
+    ChangeAppendRow,
+    Command,
     HeadRow,
     HotStatements,
+    Query,
     Tx,
     driver_transaction,
 )
@@ -423,6 +426,51 @@ class LedgerBase:
     ) -> None:
         """Append one link to the actor's chain in the caller's transaction (its head row lock serialises
         that chain's writers only: other stations append to their own chains meanwhile)."""
+        link = self._pending_link(tx, actor=actor, action=action, subject=subject, details=details, at=at)
+        self._append_link(tx, link)
+
+    def _change_with_audit(
+        self,
+        tx: Tx,
+        change: Command,
+        combined: Query[ChangeAppendRow] | None,
+        change_params: Mapping[str, object],
+        *,
+        actor: str,
+        action: str,
+        subject: str,
+        details: dict[str, object],
+        at: datetime,
+    ) -> int:
+        """Run ``change`` and, if it touched a row, append its audit link; the rows it touched.
+
+        On PostgreSQL, with the chain's head remembered, both go in one round trip (``combined``, hot.py
+        ``_change_and_append_statement``); if that head was stale the change stands and the link is
+        chained after locking the head, in the same transaction as ever. A change that touches no row
+        appends nothing.
+        """
+        link = self._pending_link(tx, actor=actor, action=action, subject=subject, details=details, at=at)
+        cached = self._head_hints.get(link.actor)
+        if combined is not None and cached is not None:
+            params, new_head = self._link_params(link, cached)
+            done = tx.first(combined, {**params, **change_params})
+            if done is None or done.changed == 0:
+                return 0
+            if done.appended == 1:
+                self._head_hints[link.actor] = new_head
+                return done.changed
+            self._head_hints.pop(link.actor, None)
+            self._append_link(tx, link)
+            return done.changed
+        changed = tx.execute(change, change_params)
+        if changed:
+            self._append_link(tx, link)
+        return changed
+
+    def _pending_link(
+        self, tx: Tx, *, actor: str, action: str, subject: str, details: dict[str, object], at: datetime
+    ) -> _PendingLink:
+        """The link an append will chain, checked; a clock step back since the last one is recorded first."""
         require_label(actor, "actor")
         require_label(action, "action", 64)
         require_label(subject, "subject", AUDIT_SUBJECT_MAX_CHARS)
@@ -440,9 +488,11 @@ class LedgerBase:
             self._append_audit(
                 tx, actor=actor, action="clock.stepped_back", subject=actor, details=stepped, at=at
             )
-        details_json = canonical_json(details)
-        chain = actor
-        link = _PendingLink(at, actor, action, subject, details_json)
+        return _PendingLink(at, actor, action, subject, canonical_json(details))
+
+    def _append_link(self, tx: Tx, link: _PendingLink) -> None:
+        """Chain ``link`` onto its actor's chain: onto the remembered head, or else the locked one."""
+        chain = link.actor
         cached = self._head_hints.get(chain)
         if cached is not None and self._chain_onto(tx, chain, cached, link):
             return
@@ -457,13 +507,9 @@ class LedgerBase:
         if not self._chain_onto(tx, chain, head, link):
             raise LedgerError(f"the head of audit chain {chain!r} moved while this transaction held its lock")
 
-    def _chain_onto(self, tx: Tx, chain: str, head: HeadRow, link: _PendingLink) -> bool:
-        """Append ``link`` after ``head`` if that is still the chain's head (then locked by us); False if not.
-
-        The head is remembered per chain, so a station appending to its own chain skips reading the
-        head row. The database decides: the conditional UPDATE matches only the head it names, and a
-        remembered head that a rolled-back transaction or another writer made stale matches nothing.
-        """
+    @staticmethod
+    def _link_params(link: _PendingLink, head: HeadRow) -> tuple[dict[str, object], HeadRow]:
+        """The statement parameters that chain ``link`` onto ``head``, and the head it makes."""
         seq = head.seq + 1
         digest = link_hash(
             seq=seq,
@@ -474,11 +520,11 @@ class LedgerBase:
             details_json=link.details_json,
             prev_hash=head.hash,
         )
-        params = {
-            "chain": chain,
+        params: dict[str, object] = {
+            "chain": link.actor,
             "old_seq": head.seq,
             "old_hash": head.hash,
-            "b_chain": chain,
+            "b_chain": link.actor,
             "b_seq": seq,
             "b_hash": digest,
             "b_at": link.at,
@@ -488,6 +534,16 @@ class LedgerBase:
             "b_details": link.details_json,
             "b_prev_hash": head.hash,
         }
+        return params, HeadRow(seq, digest)
+
+    def _chain_onto(self, tx: Tx, chain: str, head: HeadRow, link: _PendingLink) -> bool:
+        """Append ``link`` after ``head`` if that is still the chain's head (then locked by us); False if not.
+
+        The head is remembered per chain, so a station appending to its own chain skips reading the
+        head row. The database decides: the conditional UPDATE matches only the head it names, and a
+        remembered head that a rolled-back transaction or another writer made stale matches nothing.
+        """
+        params, new_head = self._link_params(link, head)
         statement = self._sql.append_audit
         if statement is not None:  # PostgreSQL: one round trip
             appended = tx.execute(statement, params) == 1
@@ -497,7 +553,7 @@ class LedgerBase:
         else:
             appended = False
         if appended:
-            self._head_hints[chain] = HeadRow(seq, digest)
+            self._head_hints[chain] = new_head
         else:
             self._head_hints.pop(chain, None)
         return appended

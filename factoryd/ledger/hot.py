@@ -43,6 +43,7 @@ from sqlalchemy.dialects import postgresql as postgresql_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql import ColumnElement, Insert, Select, Update
+from sqlalchemy.sql.selectable import CTE
 
 from factoryd.errors import LedgerError
 from factoryd.ledger.model import DeviceState
@@ -305,6 +306,7 @@ class HotStatements:
     insert_audit: Command
     advance_head: Command
     append_audit: Command | None
+    provision_and_append: Query[ChangeAppendRow] | None
     device_by_serial: Query[DeviceRowView]
     device_by_id_locked: Query[DeviceRowView]
     device_any_lot: Query[DeviceInLotRow]
@@ -454,19 +456,18 @@ class HotStatements:
                 ),
                 d,
             ),
-            provision=Command(
-                update(DEVICE)
-                .where(DEVICE.c.id == bindparam("row_id"), _signer_allows())
-                .values(
-                    state=DeviceState.PROVISIONED.value,
-                    cert_der=bindparam("b_cert_der"),
-                    cert_serial=bindparam("b_cert_serial"),
-                    cert_fingerprint_sha256=bindparam("b_fingerprint"),
-                    provisioned_at=bindparam("b_at"),
-                    station=bindparam("b_station"),
-                    port=bindparam("b_port"),
-                ),
-                d,
+            provision=Command(_provision(), d),
+            # PostgreSQL: the provision and its audit link in one round trip (engine.py
+            # ``_change_with_audit``).
+            provision_and_append=(
+                Query(
+                    _change_and_append_statement(_provision()),
+                    d,
+                    ChangeAppendRow._make,
+                    ChangeAppendRow._fields,
+                )
+                if dialect.name == "postgresql"
+                else None
             ),
             void=Command(
                 update(DEVICE)
@@ -608,6 +609,23 @@ def _reserved_values() -> dict[str, Any]:
     }
 
 
+def _provision() -> Update:
+    """``UPDATE device`` to provisioned with its certificate, if the line's signer (if any) allows it."""
+    return (
+        update(DEVICE)
+        .where(DEVICE.c.id == bindparam("row_id"), _signer_allows())
+        .values(
+            state=DeviceState.PROVISIONED.value,
+            cert_der=bindparam("b_cert_der"),
+            cert_serial=bindparam("b_cert_serial"),
+            cert_fingerprint_sha256=bindparam("b_fingerprint"),
+            provisioned_at=bindparam("b_provisioned_at"),
+            station=bindparam("b_station"),
+            port=bindparam("b_port"),
+        )
+    )
+
+
 def _signer_allows() -> ColumnElement[bool]:
     """A lot the line's signer manages records only the certificate it signed and stands for the ID.
 
@@ -637,9 +655,15 @@ def _advance_head() -> Update:
     )
 
 
-def _append_audit_statement() -> Insert:
-    """``WITH advanced AS (<advance the head> RETURNING …) INSERT INTO audit_entry SELECT … FROM it``."""
-    advanced = _advance_head().returning(HEAD.c.chain, HEAD.c.seq, HEAD.c.hash).cte("advanced")
+def _append_audit_statement(after: CTE | None = None) -> Insert:
+    """``WITH advanced AS (<advance the head> RETURNING …) INSERT INTO audit_entry SELECT … FROM it``.
+
+    With ``after`` (a data-changing CTE), the head advances only if that change touched a row.
+    """
+    advance = _advance_head()
+    if after is not None:
+        advance = advance.where(exists().select_from(after))
+    advanced = advance.returning(HEAD.c.chain, HEAD.c.seq, HEAD.c.hash).cte("advanced")
     values = core_select(
         advanced.c.chain,
         advanced.c.seq,
@@ -653,6 +677,30 @@ def _append_audit_statement() -> Insert:
     )
     columns = ["chain", "chain_seq", "at", "actor", "action", "subject", "details", "prev_hash", "hash"]
     return insert(AUDIT).from_select(columns, values)
+
+
+class ChangeAppendRow(NamedTuple):
+    """What a change-and-append statement did: rows the change touched, audit links it inserted."""
+
+    changed: int
+    appended: int
+
+
+def _change_and_append_statement(change: Update) -> Select[Any]:
+    """A device change and its audit link in one statement (PostgreSQL's data-changing CTEs).
+
+    ``WITH changed AS (<change> RETURNING id), advanced AS (<advance the head, if changed>), appended
+    AS (INSERT … FROM advanced) SELECT <rows changed>, <links appended>``. The link is appended only
+    if the change touched its row and the head is still the one the link was hashed onto: a change
+    refused by its WHERE appends nothing, and a stale head (another writer, a rolled-back append)
+    leaves the change made and the link to be chained by the caller after locking the head.
+    """
+    changed = change.returning(DEVICE.c.id).cte("changed")
+    appended = _append_audit_statement(after=changed).returning(AUDIT.c.seq).cte("appended")
+    return core_select(
+        core_select(func.count()).select_from(changed).scalar_subquery().label("changed"),
+        core_select(func.count()).select_from(appended).scalar_subquery().label("appended"),
+    )
 
 
 class Tx:

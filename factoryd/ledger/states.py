@@ -353,27 +353,19 @@ class DeviceBook(JobBook):
                     f"{f' for serial {row.hw_serial!r}' if row.hw_serial else ''}, "
                     f"not reserved to serial {hw_serial!r}"
                 )
-            updated = tx.execute(
+            updated = self._change_with_audit(
+                tx,
                 self._sql.provision,
+                self._sql.provision_and_append,
                 {
                     "row_id": row.id,
                     "b_cert_der": cert_der,
                     "b_cert_serial": serial_hex,
                     "b_fingerprint": fingerprint,
-                    "b_at": now,
+                    "b_provisioned_at": now,
                     "b_station": station,
                     "b_port": port,
                 },
-            )
-            if updated != 1:
-                # The row is locked and reserved to this serial: only the signer guard of the
-                # UPDATE (hot.py ``_signer_allows``) leaves it untouched. Nothing was written.
-                raise DeviceStateError(
-                    f"ID {device_id!r} in lot {lot!r}: certificate {fingerprint} is not the one the line's "
-                    "signer signed and stands for this ID; a lot the signer manages records no other"
-                )
-            self._append_audit(
-                tx,
                 actor=actor,
                 action="id.provisioned",
                 subject=device_id,
@@ -387,6 +379,13 @@ class DeviceBook(JobBook):
                 },
                 at=now,
             )
+            if updated != 1:
+                # The row is locked and reserved to this serial: only the signer guard of the
+                # UPDATE (hot.py ``_signer_allows``) leaves it untouched. Nothing was written.
+                raise DeviceStateError(
+                    f"ID {device_id!r} in lot {lot!r}: certificate {fingerprint} is not the one the line's "
+                    "signer signed and stands for this ID; a lot the signer manages records no other"
+                )
             if finish_job is not None:
                 self._finish_job(tx, finish_job, outcome=PROVISIONED_JOB_OUTCOME, reason=None, at=now)
 
