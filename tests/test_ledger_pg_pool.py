@@ -95,3 +95,18 @@ def test_the_hot_statements_are_prepared_on_the_server_and_nothing_else_is(pg_ur
     # The import and the lot set-up ran on the same connection and stayed unprepared.
     assert all(statement.startswith(("SELECT", "WITH", "UPDATE", "INSERT")) for statement in prepared)
     assert not any("lot_id, device_id, state, metadata" in statement for statement in prepared)
+
+
+def test_an_id_import_leaves_the_device_table_analysed(pg_url: str) -> None:
+    """A fresh lot's claims plan on real statistics, not on those of the empty table (#20c)."""
+    with Ledger.open(pg_url) as ledger:
+        _prepare_lot(ledger, 500)
+    with psycopg.connect(_libpq(pg_url), autocommit=True) as admin:
+        row = admin.execute(
+            "SELECT c.reltuples, s.last_analyze FROM pg_class c JOIN pg_stat_user_tables s "
+            "ON s.relid = c.oid WHERE c.relname = 'device'"
+        ).fetchone()
+    assert row is not None
+    reltuples, last_analyze = row
+    assert reltuples >= 500
+    assert last_analyze is not None

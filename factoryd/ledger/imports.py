@@ -110,6 +110,7 @@ class IdImport(LotBook):
                 },
                 at=now,
             )
+        self._refresh_statistics(str(DeviceRow.__tablename__))
         return len(parsed.ids)
 
     def _insert_ids(self, session: Session, lot_id: int, parsed: ParsedList, source: str) -> None:
