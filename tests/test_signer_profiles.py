@@ -30,6 +30,7 @@ from sqlmodel import Session, select
 from factoryd.demo import simulated_operator
 from factoryd.jobs.profiles import board_profile
 from factoryd.ledger import Ledger, LotProfile, LotState
+from factoryd.ledger.core import verify_audit_chains
 from factoryd.ledger.errors import DeviceStateError
 from factoryd.ledger.issuance import open_issuance_ledger
 from factoryd.ledger.model import DeviceState
@@ -484,12 +485,17 @@ def test_a_signer_lot_records_only_the_certificate_the_signer_stands_by(tmp_path
         device_id, job = client.reserve(serial)
         pki = _pki(line)
         with Ledger.open(pg_url) as ledger:
+            # The ledger remembers the head of its chain, so the provision and its audit link go as one
+            # statement (ledger/hot.py ``provision_and_append``): refused, it appends nothing either.
+            ledger.audit(actor="test", action="note", subject=device_id, details={})
             # Before the signer signed anything for the lot: a certificate of a CA-key copy is refused.
             with pytest.raises(DeviceStateError, match="not the one the line's signer signed"):
                 _mark(ledger, LOT, device_id, serial, _local_certificate(pki, device_id))
             record = ledger.find_by_serial(LOT, serial)
             assert record is not None
             assert record.state is DeviceState.RESERVED
+            assert not [e for e in _audit(pg_url, "id.provisioned") if e["hw_serial"] == serial]
+            verify_audit_chains(ledger)
         # Two requests for the same reservation (a restarted job's new key): the first is superseded.
         signed = []
         for _ in range(2):
