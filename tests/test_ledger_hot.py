@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -13,7 +14,8 @@ from sqlalchemy import select as core_select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 
-from factoryd.errors import LedgerError
+from factoryd.errors import InputError, LedgerError
+from factoryd.ledger.engine import require_serial
 from factoryd.ledger.hot import LOT, Command, DeviceRowView, HotStatements, LotIdRow, LotStateRow, Query, Tx
 
 SQLITE = sqlite.dialect(paramstyle="named")
@@ -146,3 +148,13 @@ def test_tx_runs_the_compiled_sql_and_types_the_rows() -> None:
     counts = Tx(_Cursor([("available", 3), ("void", 1)])).all(statements.count_by_state, {"lot_id": 4})
     assert [(c.state, c.ids) for c in counts] == [("available", 3), ("void", 1)]
     assert Tx(_Cursor([], rowcount=2)).execute(statements.abandon_jobs, {"station": "st1"}) == 2
+
+
+def test_a_serial_with_any_unicode_whitespace_is_refused() -> None:
+    """The serial check searches for the space only (hot path): every other whitespace is unprintable."""
+    spaces = [chr(code) for code in range(sys.maxunicode + 1) if chr(code).isspace()]
+    assert len(spaces) > 20  # tab, newline, NBSP, the Unicode separators, ...
+    for space in spaces:
+        with pytest.raises(InputError):
+            require_serial(f"se{space}01")
+    assert require_serial("se-01:ab") == "se-01:ab"

@@ -134,7 +134,9 @@ def require_label(value: str, what: str, max_chars: int = LABEL_MAX_CHARS) -> st
 def require_serial(hw_serial: str) -> str:
     """``hw_serial`` if it is a printable label without whitespace; InputError otherwise."""
     require_label(hw_serial, "hw_serial", SERIAL_MAX_CHARS)
-    if any(ch.isspace() for ch in hw_serial):
+    # A printable string's only whitespace can be the ASCII space: str.isprintable() is False for every
+    # other character str.isspace() accepts (controls and separators). One C search, not a generator.
+    if " " in hw_serial:
         raise InputError(f"hw_serial must not contain whitespace, got {hw_serial!r}")
     return hw_serial
 
