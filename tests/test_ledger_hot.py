@@ -28,10 +28,11 @@ RESERVED_AT = datetime(2026, 3, 7, 14, 0, 1, 500, tzinfo=UTC)
 def test_every_statement_compiles_for_both_backends(dialect: Dialect) -> None:
     statements = HotStatements.compile(dialect)
     fields = dataclasses.fields(statements)
-    assert len(fields) == 28
+    assert len(fields) == 29
     for field in fields:
         compiled = getattr(statements, field.name)
-        if field.name in ("append_audit", "provision_and_append") and dialect.name != "postgresql":
+        postgres_only = ("append_audit", "provision_and_append", "reserve_next")
+        if field.name in postgres_only and dialect.name != "postgresql":
             assert compiled is None  # SQLite has no data-modifying CTEs: advance_head + insert_audit
             continue
         assert isinstance(compiled, Command), field.name
@@ -50,6 +51,15 @@ def test_every_statement_compiles_for_both_backends(dialect: Dialect) -> None:
         # One round trip: the head moves only from the link it names, and the link rides on it.
         assert statements.append_audit.sql.startswith("WITH advanced AS")
         assert "audit_head.seq = %(old_seq)s" in statements.append_audit.sql
+        # The lot check, the serial's own row and the claim: locks in the order of the separate statements,
+        # the claim only if the serial has no row, walking the (lot, state, id) index of the lot.
+        folded = statements.reserve_next
+        assert folded is not None
+        sql = folded.sql
+        assert sql.index("FOR SHARE") < sql.index("FOR UPDATE OF device") < sql.index("SKIP LOCKED")
+        assert "free.lot_id = (SELECT shared_lot.id" in sql
+        assert "NOT (EXISTS (SELECT * \nFROM existing))" in sql
+        assert "pg_current_xact_id()" in sql
         # The provision and its link: the head moves only if the provision touched its row.
         combined = statements.provision_and_append
         assert combined is not None

@@ -90,7 +90,8 @@ def test_the_hot_statements_are_prepared_on_the_server_and_nothing_else_is(pg_ur
             fairy.close()
     hot = ledger._sql
     assert hot.provision_and_append is not None
-    for command in (hot.claim, hot.provision_and_append, hot.lot_device_by_serial, hot.lot_device_by_id):
+    assert hot.reserve_next is not None
+    for command in (hot.reserve_next, hot.provision_and_append, hot.lot_device_by_id):
         assert _server_form(command.sql) in prepared
     # The import and the lot set-up ran on the same connection and stayed unprepared.
     assert all(statement.startswith(("SELECT", "WITH", "UPDATE", "INSERT")) for statement in prepared)

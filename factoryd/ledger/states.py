@@ -157,10 +157,29 @@ class DeviceBook(JobBook):
             return _SerialRaceError()
 
         now = utc_now()
+        reserved = {
+            "b_hw_serial": hw_serial,
+            "b_station": station,
+            "b_port": port,
+            "b_job_id": job_id,
+            "b_at": now,
+        }
         with self._hot(write=True, on_integrity=race) as tx:
-            lot_id, lot_state, existing = self._lot_and_device(
-                tx, self._sql.lot_device_by_serial, lot, {"name": lot, "hw_serial": hw_serial}
-            )
+            reserve_next = self._sql.reserve_next if device_id is None else None
+            folded = reserve_next is not None
+            claimed: DeviceRowView | None = None
+            if reserve_next is not None:
+                # PostgreSQL: the lot check, the serial's own row and the claim in one round trip.
+                found = tx.first(reserve_next, {"name": lot, "hw_serial": hw_serial, **reserved})
+                if found is None:
+                    raise LotNotFoundError(f"no lot named {lot!r}")
+                tx.xid = found.xid
+                lot_id, lot_state, existing = found.lot_id, LotState(found.lot_state), found.existing
+                claimed = found.claimed
+            else:
+                lot_id, lot_state, existing = self._lot_and_device(
+                    tx, self._sql.lot_device_by_serial, lot, {"name": lot, "hw_serial": hw_serial}
+                )
             if lot_state is not LotState.ACTIVE:
                 raise LotStateError(f"lot {lot!r} is {lot_state}; reservations need an active lot")
             if existing is not None:
@@ -172,16 +191,9 @@ class DeviceBook(JobBook):
                 return self._resume(
                     tx, existing, lot, hw_serial, station=station, port=port, job_id=job_id, actor=actor
                 )
-            reserved = {
-                "b_hw_serial": hw_serial,
-                "b_station": station,
-                "b_port": port,
-                "b_job_id": job_id,
-                "b_at": now,
-            }
             # A concurrent reservation of the same serial fails in the UPDATE (unique index), before auditing.
             if device_id is None:
-                row = tx.first(self._sql.claim, {"lot_id": lot_id, **reserved})
+                row = claimed if folded else tx.first(self._sql.claim, {"lot_id": lot_id, **reserved})
                 if row is None:
                     raise IdsExhaustedError(f"lot {lot!r} has no available IDs left")
             else:
