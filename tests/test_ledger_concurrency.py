@@ -264,3 +264,23 @@ def test_bench_reports_durable_claims(url: str) -> None:
         lot = str(result["lot"])
         assert ledger.get_lot(lot).state is LotState.CLOSED
         assert ledger.progress(lot).provisioned == 30
+
+
+def test_bench_warms_the_ledger_up_on_another_lot_first(url: str) -> None:
+    with Ledger.open(url) as ledger:
+        before = {info.name for info in ledger.list_lots()}
+    result = run_ledger_bench(url, 20, 2, warm=15)
+    assert result["claimed"] == 20
+    warm_up = result["warm_up"]
+    assert isinstance(warm_up, dict)
+    assert warm_up["claims"] == 15
+    assert warm_up["claims_per_s"] > 0
+    with Ledger.open(url) as ledger:
+        made = {
+            info.name: ledger.progress(info.name).provisioned
+            for info in ledger.list_lots()
+            if info.name not in before
+        }
+    # The warm-up claimed from a lot of its own, then the timed run from another.
+    assert sorted(made.values()) == [15, 20]
+    assert made[str(result["lot"])] == 20

@@ -136,6 +136,9 @@ def bench_ledger(
     stations: Annotated[
         int, typer.Option(min=0, help="Concurrent stations, one process each (overrides --threads).")
     ] = 0,
+    warm: Annotated[
+        int, typer.Option(min=0, help="Claims made first, untimed, so the run meets a ledger in service.")
+    ] = 0,
     out: OutOption = None,
 ) -> None:
     """Durable claims (reserve + mark provisioned) per second."""
@@ -155,7 +158,9 @@ def bench_ledger(
         else:
             tmp = stack.enter_context(tempfile.TemporaryDirectory())
             ledger_url = url or f"sqlite:///{tmp}/bench.db"
-        _write_json(guard(lambda: run_ledger_bench(ledger_url, n, threads, stations=stations)), out)
+        _write_json(
+            guard(lambda: run_ledger_bench(ledger_url, n, threads, stations=stations, warm=warm)), out
+        )
 
 
 @app.command("pki")
