@@ -73,11 +73,12 @@ from factoryd.ledger.tables import (
     AuditHeadRow,
 )
 
+log = structlog.get_logger(__name__)
+
 # A timestamp this much before the previous entry's is recorded as the clock stepping back; less is
 # the order in which concurrent writers reached the ledger (well under a second, even under load).
 CLOCK_STEP_TOLERANCE_S = 2.0
 # How long a SQLite writer waits for another one before giving up (several stations' worth of commits).
-log = structlog.get_logger(__name__)
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 PG_POOL_SIZE = 10
 # psycopg prepares a statement automatically after this many executions: never, in practice.
