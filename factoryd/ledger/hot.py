@@ -597,6 +597,17 @@ class HotStatements:
         )
 
 
+def _shared_lot() -> CTE:
+    """The lot by name, share-locked first (a materialised CTE ``FOR SHARE``): PostgreSQL."""
+    return (
+        core_select(LOT.c.id, LOT.c.state)
+        .where(LOT.c.name == bindparam("name"))
+        .with_for_update(read=True)
+        .cte("shared_lot")
+        .prefix_with("MATERIALIZED")
+    )
+
+
 def _lot_device_statement(match: ColumnElement[bool], dialect_name: str) -> Select[Any]:
     """The lot by name (share-locked) with its device matching ``match`` (locked), or no device.
 
@@ -617,13 +628,7 @@ def _lot_device_statement(match: ColumnElement[bool], dialect_name: str) -> Sele
             .select_from(joined)
             .where(LOT.c.name == bindparam("name"))
         )
-    lot = (
-        core_select(LOT.c.id, LOT.c.state)
-        .where(LOT.c.name == bindparam("name"))
-        .with_for_update(read=True)
-        .cte("shared_lot")
-        .prefix_with("MATERIALIZED")
-    )
+    lot = _shared_lot()
     device = (
         core_select(*DEVICE_COLUMNS)
         .where(DEVICE.c.lot_id == lot.c.id, match)
@@ -648,13 +653,7 @@ def _reserve_next_statement() -> Select[Any]:
     serial's row; the claimed row is skipped by others, never waited for). The candidate row may be
     locked even when the serial has its own row; it is released at COMMIT and others skip it meanwhile.
     """
-    lot = (
-        core_select(LOT.c.id, LOT.c.state)
-        .where(LOT.c.name == bindparam("name"))
-        .with_for_update(read=True)
-        .cte("shared_lot")
-        .prefix_with("MATERIALIZED")
-    )
+    lot = _shared_lot()
     existing = (
         core_select(*DEVICE_COLUMNS)
         .where(DEVICE.c.lot_id == lot.c.id, DEVICE.c.hw_serial == bindparam("hw_serial"))
