@@ -324,8 +324,8 @@ class LedgerBase:
         ):
             yield session
 
-    def _refresh_statistics(self, table: str) -> None:
-        """PostgreSQL: ANALYZE a table a bulk insert just grew (an ID import), before claims plan on it.
+    def _refresh_statistics(self, *tables: str) -> None:
+        """PostgreSQL: ANALYZE tables a bulk insert just grew (an ID import), before claims plan on them.
 
         The hot path's prepared statements switch to a generic plan after five executions and keep it
         for the connection's life; planned on the statistics of a table that was empty (a fresh lot
@@ -337,10 +337,10 @@ class LedgerBase:
             return
         try:
             with self._engine.connect() as connection:
-                connection.exec_driver_sql(f"ANALYZE {table}")  # a table name of ours, not input
+                connection.exec_driver_sql(f"ANALYZE {', '.join(tables)}")  # our table names, not input
                 connection.commit()
         except SQLAlchemyError as exc:
-            log.warning("ledger statistics not refreshed", table=table, error=str(exc))
+            log.warning("ledger statistics not refreshed", tables=list(tables), error=str(exc))
 
     @contextmanager
     def _hot(

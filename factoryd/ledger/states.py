@@ -166,7 +166,6 @@ class DeviceBook(JobBook):
         }
         with self._hot(write=True, on_integrity=race) as tx:
             reserve_next = self._sql.reserve_next if device_id is None else None
-            folded = reserve_next is not None
             claimed: DeviceRowView | None = None
             if reserve_next is not None:
                 # PostgreSQL: the lot check, the serial's own row and the claim in one round trip.
@@ -193,7 +192,11 @@ class DeviceBook(JobBook):
                 )
             # A concurrent reservation of the same serial fails in the UPDATE (unique index), before auditing.
             if device_id is None:
-                row = claimed if folded else tx.first(self._sql.claim, {"lot_id": lot_id, **reserved})
+                row = (
+                    claimed
+                    if reserve_next is not None
+                    else tx.first(self._sql.claim, {"lot_id": lot_id, **reserved})
+                )
                 if row is None:
                     raise IdsExhaustedError(f"lot {lot!r} has no available IDs left")
             else:
