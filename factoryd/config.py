@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Literal, Self
+from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import (
@@ -23,6 +23,9 @@ from factoryd.errors import ConfigError
 _CONFIG_PATH: ContextVar[Path | None] = ContextVar("factoryd_config_path", default=None)
 
 
+_Cpu = Annotated[int, Field(ge=0)]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -35,6 +38,9 @@ class StationSettings(_Section):
     state_dir: Path = Path("/var/lib/factoryd")
     # The daemon's event loop: "auto" is uvloop when installed (pip install 'factoryd[fast]'), else asyncio.
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
+    # CPUs the daemon's threads run on: "auto" = the one the event loop starts on, "all" = the
+    # scheduler decides, or a list of CPU numbers (limits.py apply_cpu_affinity).
+    cpu_affinity: Literal["auto", "all"] | Annotated[list[_Cpu], Field(min_length=1)] = "auto"
 
 
 class LedgerSettings(_Section):

@@ -1,4 +1,4 @@
-"""Process limits a station needs: open descriptors for every port's tty.
+"""Process limits a station needs: open descriptors for every port's tty, and the CPUs it runs on.
 
 A station holds one descriptor per open tty plus a few per port for the hub backend, and a fixed
 base (ledger connections, sockets, the event loop's own). Linux's usual soft limit is 1024, which
@@ -6,13 +6,28 @@ a 1,024-port hub exceeds; the hard limit (systemd's default: 524 288) is far abo
 raises its soft limit to what it needs, at most the hard limit, before opening anything. Under the
 unit's system-call filter ``setrlimit`` is refused, which is why ``systemd/factoryd.service``
 sets ``LimitNOFILE=`` itself; the check then only confirms it.
+
+CPU affinity: the daemon is one event-loop thread plus the ledger's worker thread, and CPython's
+GIL lets only one of them run Python at a time. On two cores every hand-over between them (each
+SQLite call releases the GIL) is a cross-core wake-up and the objects they share change caches;
+kept on one core, the kernel just switches between them. ``bench overhead --affinity all --affinity
+auto`` measured 20 % less CPU per board on one core (docs/performance.md), so ``[station]
+cpu_affinity = "auto"`` (the default) keeps all the daemon's threads on the CPU the event loop
+starts on; other processes move off it under the kernel's load balancing. ``"all"`` leaves the
+threads to the scheduler; a list names the CPUs (a core kept free with ``isolcpus``, say).
 """
 
 from __future__ import annotations
 
+import os
 import resource
+from collections.abc import Sequence
+from contextlib import suppress
+from typing import Literal
 
 import structlog
+
+from factoryd.errors import ConfigError
 
 log = structlog.get_logger(__name__)
 
@@ -54,4 +69,61 @@ def raise_open_files_limit(ports: int) -> int:
         return soft
     if target < needed:
         log.warning("open-files hard limit too low for the hub", hard=hard, needed=needed, ports=ports)
+    return target
+
+
+CpuAffinity = Literal["auto", "all"] | Sequence[int]
+# /proc/<pid>/task/<tid>/stat, after the command: field 39 ("processor", the CPU it last ran on).
+_STAT_PROCESSOR_INDEX = 36
+
+
+def current_cpu() -> int | None:
+    """The CPU the calling thread last ran on (None where /proc does not say)."""
+    try:
+        with open("/proc/thread-self/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[_STAT_PROCESSOR_INDEX])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def apply_cpu_affinity(setting: CpuAffinity) -> frozenset[int] | None:
+    """Keep every thread of this process on the CPUs ``setting`` names; the set applied (None: unchanged).
+
+    ``"auto"``: the CPU the calling thread is on, when the process may use more than one; ``"all"``:
+    nothing changes; a list: exactly those CPUs, which must be among the process's allowed CPUs
+    (ConfigError otherwise). Threads started later inherit the set from the thread that starts them.
+    Where the system refuses (a system-call filter without ``sched_setaffinity``), logs a warning
+    and changes nothing: the station runs, at some CPU cost.
+    """
+    if setting == "all" or not hasattr(os, "sched_setaffinity"):
+        return None
+    allowed = os.sched_getaffinity(0)
+    if setting == "auto":
+        if len(allowed) < 2:
+            return None
+        cpu = current_cpu()
+        target = frozenset({cpu if cpu in allowed else min(allowed)})
+    else:
+        target = frozenset(setting)
+        outside = sorted(target - allowed)
+        if not target or outside:
+            raise ConfigError(
+                f"[station] cpu_affinity = {sorted(target)}: CPUs {outside} are not among the CPUs this "
+                f"process may use ({sorted(allowed)})"
+                if outside
+                else "[station] cpu_affinity names no CPU"
+            )
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            with suppress(ProcessLookupError):  # the thread ended meanwhile
+                os.sched_setaffinity(int(tid), target)
+    except OSError as exc:
+        log.warning(
+            "CPU affinity not applied",
+            cpus=sorted(target),
+            error=str(exc),
+            fix="allow sched_setaffinity in the unit's SystemCallFilter=, or set [station] cpu_affinity",
+        )
+        return None
+    log.info("CPU affinity applied", cpus=sorted(target))
     return target

@@ -317,6 +317,8 @@ def test_run_without_an_active_lot_says_it_waits_and_logs_each_thing_once(tmp_pa
         try:
             while b"READY=1" not in notify.recv(4096):
                 pass
+            # [station] cpu_affinity = "auto" (the example config's): every thread of the daemon on one CPU.
+            cpus = {_cpus_allowed(task) for task in Path(f"/proc/{proc.pid}/task").iterdir()}
             proc.send_signal(signal.SIGTERM)
             output, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
         finally:
@@ -332,8 +334,22 @@ def test_run_without_an_active_lot_says_it_waits_and_logs_each_thing_once(tmp_pa
     ]
     assert events.count("api listening") == 1
     assert events.count("metrics listening") == 1
+    if len(os.sched_getaffinity(0)) > 1:
+        assert len(cpus) == 1, cpus
+        assert next(iter(cpus)).isdigit(), cpus  # one CPU, not a list or range
+        assert events.count("CPU affinity applied") == 1
+    else:  # nothing to choose between
+        assert "CPU affinity applied" not in events
     assert "Started server process" not in output
     assert "Application startup complete" not in output
+
+
+def _cpus_allowed(task: Path) -> str:
+    """A thread's Cpus_allowed_list from /proc (e.g. "1" or "0-1")."""
+    for line in (task / "status").read_text().splitlines():
+        if line.startswith("Cpus_allowed_list:"):
+            return line.split(":", 1)[1].strip()
+    raise AssertionError(f"no Cpus_allowed_list in {task}/status")
 
 
 # `factoryd status` with nothing running --------------------------------------------------------------

@@ -115,6 +115,10 @@ def test_unit_sandbox() -> None:
     assert service["RestrictAddressFamilies"] == ["AF_UNIX AF_INET AF_INET6 AF_NETLINK"]
     assert service["SystemCallArchitectures"] == ["native"]
     assert "@system-service" in service["SystemCallFilter"]
+    # @resources is denied but for the one call the daemon uses to keep its threads on one CPU
+    # ([station] cpu_affinity); the allow line must come after the deny line to win.
+    filters = service["SystemCallFilter"]
+    assert filters.index("sched_setaffinity") > filters.index("~@privileged @resources")
     for key in (
         "ProtectKernelTunables",
         "ProtectKernelModules",
@@ -150,6 +154,21 @@ def test_ci_systemd_check_verifies_and_reports_exposure(tmp_path: Path) -> None:
     assert "verify ok (factoryd.service + hub-sysfs.conf)" in proc.stdout
     exposure = float(figure_file.read_text())
     assert 0.0 < exposure <= MAX_EXPOSURE, proc.stdout
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_the_one_call_allowed_back_is_in_the_denied_set_by_that_name() -> None:
+    # systemd's own list: the unit's re-allowed call is a member of @resources (else the line is moot).
+    proc = subprocess.run(  # noqa: S603 - fixed arguments
+        [str(shutil.which("systemd-analyze")), "syscall-filter", "@resources"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    members = {line.strip() for line in proc.stdout.splitlines() if line.startswith("    ")}
+    assert "sched_setaffinity" in members
+    assert "setrlimit" in members  # still denied: LimitNOFILE= is the unit's job
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")

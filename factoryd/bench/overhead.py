@@ -12,6 +12,7 @@ the ratio daemon/floor. With ``profile`` the window is also profiled by layer (`
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -24,6 +25,7 @@ from typing import Any
 from factoryd.bench.floor import CommitCounter, run_floor
 from factoryd.bench.harness import run_remote_line
 from factoryd.bench.layers import LayerProfiler
+from factoryd.limits import apply_cpu_affinity
 
 DEFAULT_PORTS = (1, 8, 64, 256)
 # Enough boards per port count that start-up transients do not dominate.
@@ -111,14 +113,16 @@ def run_overhead_bench(
     profile: bool = False,
     repeat: int = 1,
     loops: tuple[str, ...] = ("asyncio",),
+    affinities: tuple[str, ...] = ("auto",),
 ) -> dict[str, Any]:
-    """Run each port count (``repeat`` times, loops alternating) in its own child process and aggregate."""
+    """Run each port count (``repeat`` times, loops and affinities alternating) in its own child process."""
     runs = []
     for _ in range(repeat):
         for ports in ports_list:
-            for loop in loops:
+            for loop, affinity in itertools.product(loops, affinities):
                 args = [sys.executable, "-m", "factoryd", "bench", "overhead", "--single"]
-                args += ["--ports", str(ports), "--loop", loop, *(["--profile"] if profile else [])]
+                args += ["--ports", str(ports), "--loop", loop, "--affinity", affinity]
+                args += ["--profile"] if profile else []
                 out = subprocess.run(  # noqa: S603 - our own interpreter and module
                     args, capture_output=True, check=True, text=True, timeout=RUN_TIMEOUT_S
                 )
@@ -148,8 +152,16 @@ def _load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def single_main(ports: int, *, profile: bool = False, loop: str = "asyncio") -> dict[str, Any]:
-    """Entry for the child process, on asyncio's default loop or uvloop (``pip install factoryd[fast]``)."""
+def single_main(
+    ports: int, *, profile: bool = False, loop: str = "asyncio", affinity: str = "auto"
+) -> dict[str, Any]:
+    """Entry for the child process: asyncio's loop or uvloop, the CPUs set as ``factoryd run`` sets them.
+
+    ``affinity`` is ``[station] cpu_affinity``: "auto" (the daemon's default: all its threads on one
+    CPU, applied before the loop and the ledger's worker exist, as ``factoryd run`` does) or "all".
+    The boards' ``factoryd sim hub`` process starts unpinned (its CPU is not the daemon's).
+    """
+    cpus = apply_cpu_affinity("auto" if affinity == "auto" else "all")
     work = run_single(ports, devices_for(ports), profile=profile)
     if loop == "uvloop":
         import uvloop  # noqa: PLC0415 - optional dependency
@@ -158,4 +170,6 @@ def single_main(ports: int, *, profile: bool = False, loop: str = "asyncio") -> 
     else:
         result = asyncio.run(work)
     result["loop"] = loop
+    result["affinity"] = affinity
+    result["cpus"] = sorted(cpus) if cpus is not None else None
     return result

@@ -85,6 +85,21 @@ def bench_signer(
     _write_json(result, out)
 
 
+def _event_loop_name(name: str) -> str:
+    """The loop a ``--loop`` value runs: ``auto`` resolves as ``[station] event_loop = "auto"`` does."""
+    if name not in ("auto", "asyncio", "uvloop"):
+        fail(f"--loop must be auto, asyncio or uvloop, not {name!r}")
+    if name == "asyncio":
+        return name
+    try:
+        import uvloop  # noqa: F401, PLC0415 - only checking it is installed
+    except ImportError:
+        if name == "uvloop":
+            fail("--loop uvloop needs uvloop: pip install uvloop")
+        return "asyncio"
+    return "uvloop"
+
+
 @app.command("overhead")
 def bench_overhead(
     ports: Annotated[list[int] | None, typer.Option(help="Port counts (repeatable).")] = None,
@@ -95,29 +110,38 @@ def bench_overhead(
     repeat: Annotated[int, typer.Option(min=1, help="Runs per port count, interleaved.")] = 1,
     loop: Annotated[
         list[str] | None,
-        typer.Option(help="Event loop(s): asyncio, uvloop (repeatable: runs alternate, A/B)."),
+        typer.Option(
+            help="Event loop(s): auto (the daemon's default: uvloop when installed), asyncio, uvloop "
+            "(repeatable: runs alternate, A/B)."
+        ),
+    ] = None,
+    affinity: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="[station] cpu_affinity: auto (the daemon's default: one CPU) or all (repeatable: A/B)."
+        ),
     ] = None,
     out: OutOption = None,
 ) -> None:
     """Daemon CPU per device against the floor (same run), devices per second, RSS per port."""
     from factoryd.bench.overhead import DEFAULT_PORTS, run_overhead_bench, single_main  # noqa: PLC0415
 
-    loops = tuple(loop or ["asyncio"])
-    for name in loops:
-        if name not in ("asyncio", "uvloop"):
-            fail(f"--loop must be asyncio or uvloop, not {name!r}")
-    if "uvloop" in loops:
-        try:
-            import uvloop  # noqa: F401, PLC0415 - only checking it is installed
-        except ImportError:
-            fail("--loop uvloop needs uvloop: pip install 'factoryd[fast]'")
+    loops = tuple(_event_loop_name(name) for name in loop or ["auto"])
+    affinities = tuple(affinity or ["auto"])
+    for name in affinities:
+        if name not in ("auto", "all"):
+            fail(f"--affinity must be auto or all, not {name!r}")
     configure_logging("error", "console")
     if single:
-        result = guard(lambda: single_main((ports or [8])[0], profile=profile, loop=loops[0]))
+        result = guard(
+            lambda: single_main((ports or [8])[0], profile=profile, loop=loops[0], affinity=affinities[0])
+        )
         typer.echo(json.dumps(result))
         return
     result = guard(
-        lambda: run_overhead_bench(tuple(ports or DEFAULT_PORTS), profile=profile, repeat=repeat, loops=loops)
+        lambda: run_overhead_bench(
+            tuple(ports or DEFAULT_PORTS), profile=profile, repeat=repeat, loops=loops, affinities=affinities
+        )
     )
     _write_json(result, out)
 

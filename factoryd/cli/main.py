@@ -28,6 +28,7 @@ from factoryd.cli import (
 )
 from factoryd.cli.opts import ConfigOption, command_group, fail, get_settings, guard
 from factoryd.errors import ConfigError, SchemaVersionError
+from factoryd.limits import apply_cpu_affinity
 from factoryd.log import configure_logging
 
 app = command_group("Factory bulk-provisioning line daemon.", add_completion=False)
@@ -69,6 +70,8 @@ def run(config: ConfigOption = None) -> None:
     configure_logging(settings.log.level, settings.log.format)
 
     def start() -> None:
+        # Before the loop and the ledger's worker thread exist: they inherit the CPUs.
+        apply_cpu_affinity(settings.station.cpu_affinity)
         try:
             run_event_loop(lambda: Daemon(settings).run(), settings.station.event_loop)
         except SchemaVersionError as exc:

@@ -1,0 +1,118 @@
+"""``[station] cpu_affinity``: the daemon's threads on one CPU (#20d, factoryd/limits.py).
+
+Each case that changes the affinity runs in a child process: a pytest worker pinned to one CPU
+would stay pinned for every test after it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import structlog
+
+from factoryd.config import Settings
+from factoryd.errors import ConfigError
+from factoryd.limits import apply_cpu_affinity, current_cpu
+
+ALLOWED = sorted(os.sched_getaffinity(0))
+CHILD_TIMEOUT_S = 60
+
+# Starts a thread, applies the setting, starts another: every thread's CPUs, and what was applied.
+_CHILD = """
+import json, os, sys, threading
+from factoryd.limits import apply_cpu_affinity
+
+stop = threading.Event()
+before = threading.Thread(target=stop.wait, daemon=True)
+before.start()
+setting = json.loads(sys.argv[1])
+applied = apply_cpu_affinity(setting)
+after = threading.Thread(target=stop.wait, daemon=True)
+after.start()
+threads = {tid: sorted(os.sched_getaffinity(int(tid))) for tid in os.listdir("/proc/self/task")}
+stop.set()
+print(json.dumps({"applied": sorted(applied) if applied is not None else None, "threads": threads}))
+"""
+
+
+def _in_child(setting: object) -> dict[str, object]:
+    out = subprocess.run(  # noqa: S603 - our own interpreter
+        [sys.executable, "-c", _CHILD, json.dumps(setting)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=CHILD_TIMEOUT_S,
+    )
+    result: dict[str, object] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_auto_puts_every_thread_on_one_cpu_and_new_threads_inherit_it() -> None:
+    result = _in_child("auto")
+    threads = result["threads"]
+    assert isinstance(threads, dict)
+    assert len(threads) >= 3  # the main thread, one started before, one after
+    if len(ALLOWED) < 2:
+        # One CPU allowed: nothing to choose, nothing changed.
+        assert result["applied"] is None
+        assert all(cpus == ALLOWED for cpus in threads.values())
+        return
+    applied = result["applied"]
+    assert isinstance(applied, list)
+    assert len(applied) == 1
+    assert applied[0] in ALLOWED
+    assert all(cpus == applied for cpus in threads.values()), threads
+
+
+def test_all_leaves_the_threads_to_the_scheduler() -> None:
+    result = _in_child("all")
+    assert result["applied"] is None
+    threads = result["threads"]
+    assert isinstance(threads, dict)
+    assert all(cpus == ALLOWED for cpus in threads.values())
+
+
+def test_a_list_names_the_cpus_exactly() -> None:
+    wanted = [ALLOWED[-1]]
+    result = _in_child(wanted)
+    assert result["applied"] == wanted
+    threads = result["threads"]
+    assert isinstance(threads, dict)
+    assert all(cpus == wanted for cpus in threads.values())
+
+
+def test_cpus_the_process_may_not_use_are_refused_and_nothing_changes() -> None:
+    outside = max(ALLOWED) + 1
+    with pytest.raises(ConfigError, match=rf"CPUs \[{outside}\] are not among the CPUs this process may use"):
+        apply_cpu_affinity([ALLOWED[0], outside])
+    assert sorted(os.sched_getaffinity(0)) == ALLOWED
+
+
+def test_a_refusing_system_call_filter_costs_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What the unit's SystemCallFilter answers without sched_setaffinity (SystemCallErrorNumber=EPERM).
+    def refused(_tid: int, _cpus: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setaffinity", refused)
+    with structlog.testing.capture_logs() as logs:
+        assert apply_cpu_affinity([ALLOWED[0]]) is None
+    warning = next(entry for entry in logs if entry["event"] == "CPU affinity not applied")
+    assert warning["log_level"] == "warning"
+    assert "SystemCallFilter" in warning["fix"]
+    assert sorted(os.sched_getaffinity(0)) == ALLOWED
+
+
+def test_current_cpu_is_one_this_thread_may_run_on() -> None:
+    assert current_cpu() in ALLOWED
+
+
+def test_setting_defaults_to_auto_and_refuses_nonsense() -> None:
+    assert Settings().station.cpu_affinity == "auto"
+    assert Settings.model_validate({"station": {"cpu_affinity": [0, 1]}}).station.cpu_affinity == [0, 1]
+    for bad in ("none", [], [-1], ["x"]):
+        with pytest.raises(ValueError, match="cpu_affinity"):
+            Settings.model_validate({"station": {"cpu_affinity": bad}})
