@@ -36,7 +36,7 @@ class StationSettings(_Section):
     name: str = "station-1"
     line: str = "line-1"
     state_dir: Path = Path("/var/lib/factoryd")
-    # The daemon's event loop: "auto" is uvloop when installed (pip install 'factoryd[fast]'), else asyncio.
+    # The daemon's event loop: "auto" is uvloop (a dependency) where it is installed, else asyncio.
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
     # CPUs the daemon's threads run on: "auto" = the one the event loop starts on, "all" = the
     # scheduler decides, or a list of CPU numbers (limits.py apply_cpu_affinity).

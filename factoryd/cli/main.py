@@ -48,12 +48,12 @@ def run_event_loop(main: Callable[[], Coroutine[Any, Any, object]], choice: str)
     """Run ``main()`` to completion on the chosen loop ("auto": uvloop if installed, else asyncio)."""
     if choice != "asyncio":
         try:
-            import uvloop  # noqa: PLC0415 - optional dependency (the `fast` extra)
+            import uvloop  # noqa: PLC0415 - a dependency, but not built for every platform
         except ImportError:
             if choice == "uvloop":
                 raise ConfigError(
                     '[station] event_loop = "uvloop" but uvloop is not installed: '
-                    'pip install \'factoryd[fast]\', or set it to "auto" or "asyncio"'
+                    'pip install uvloop, or set it to "auto" or "asyncio"'
                 ) from None
         else:
             uvloop.run(main())
