@@ -164,7 +164,7 @@ def single_main(
     cpus = apply_cpu_affinity("auto" if affinity == "auto" else "all")
     work = run_single(ports, devices_for(ports), profile=profile)
     if loop == "uvloop":
-        import uvloop  # noqa: PLC0415 - optional dependency
+        import uvloop  # noqa: PLC0415 - a dependency, but not built for every platform
 
         result = uvloop.run(work)
     else:
