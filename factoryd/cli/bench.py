@@ -8,7 +8,8 @@ from typing import Annotated, Any, Literal
 
 import typer
 
-from factoryd.cli.opts import command_group, fail, guard, run_async
+from factoryd.cli.opts import command_group, event_loop_for, fail, guard, run_async
+from factoryd.errors import ConfigError
 from factoryd.log import configure_logging
 
 app = command_group("Benchmarks (results as JSON).")
@@ -89,15 +90,10 @@ def _event_loop_name(name: str) -> str:
     """The loop a ``--loop`` value runs: ``auto`` resolves as ``[station] event_loop = "auto"`` does."""
     if name not in ("auto", "asyncio", "uvloop"):
         fail(f"--loop must be auto, asyncio or uvloop, not {name!r}")
-    if name == "asyncio":
-        return name
     try:
-        import uvloop  # noqa: F401, PLC0415 - only checking it is installed
-    except ImportError:
-        if name == "uvloop":
-            fail("--loop uvloop needs uvloop: pip install uvloop")
-        return "asyncio"
-    return "uvloop"
+        return event_loop_for(name)
+    except ConfigError as exc:
+        fail(f"--loop {name}: {exc}")
 
 
 @app.command("overhead")

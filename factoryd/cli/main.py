@@ -26,8 +26,8 @@ from factoryd.cli import (
     status,
     tokens,
 )
-from factoryd.cli.opts import ConfigOption, command_group, fail, get_settings, guard
-from factoryd.errors import ConfigError, SchemaVersionError
+from factoryd.cli.opts import ConfigOption, command_group, event_loop_for, fail, get_settings, guard
+from factoryd.errors import SchemaVersionError
 from factoryd.limits import apply_cpu_affinity
 from factoryd.log import configure_logging
 
@@ -46,18 +46,11 @@ SCHEMA_TOO_NEW_EXIT = 78
 
 def run_event_loop(main: Callable[[], Coroutine[Any, Any, object]], choice: str) -> None:
     """Run ``main()`` to completion on the chosen loop ("auto": uvloop if installed, else asyncio)."""
-    if choice != "asyncio":
-        try:
-            import uvloop  # noqa: PLC0415 - a dependency, but not built for every platform
-        except ImportError:
-            if choice == "uvloop":
-                raise ConfigError(
-                    '[station] event_loop = "uvloop" but uvloop is not installed: '
-                    'pip install uvloop, or set it to "auto" or "asyncio"'
-                ) from None
-        else:
-            uvloop.run(main())
-            return
+    if event_loop_for(choice) == "uvloop":
+        import uvloop  # noqa: PLC0415 - a dependency, but not built for every platform
+
+        uvloop.run(main())
+        return
     asyncio.run(main())
 
 

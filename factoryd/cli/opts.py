@@ -14,7 +14,7 @@ import typer
 from typer.core import TyperGroup
 
 from factoryd.config import Settings, load_settings
-from factoryd.errors import FactorydError
+from factoryd.errors import ConfigError, FactorydError
 
 if TYPE_CHECKING:
     from factoryd.api.client import ApiClient
@@ -180,3 +180,23 @@ def write_public(path: Path, data: bytes) -> None:
         write_private(path, data, mode=PUBLIC_FILE_MODE)
     except OSError as exc:
         fail(f"cannot write {path}: {exc.strerror or exc}")
+
+
+def event_loop_for(choice: str) -> str:
+    """The loop ``[station] event_loop`` runs: "uvloop" or "asyncio" ("auto": uvloop where installed).
+
+    ConfigError if the choice is "uvloop" and uvloop is not installed (it is a dependency, but not
+    built for every platform).
+    """
+    if choice == "asyncio":
+        return choice
+    try:
+        import uvloop  # noqa: F401, PLC0415 - only checking it is installed
+    except ImportError:
+        if choice == "uvloop":
+            raise ConfigError(
+                '[station] event_loop = "uvloop" but uvloop is not installed: '
+                'pip install uvloop, or set it to "auto" or "asyncio"'
+            ) from None
+        return "asyncio"
+    return "uvloop"
