@@ -89,9 +89,11 @@ def test_the_hot_statements_are_prepared_on_the_server_and_nothing_else_is(pg_ur
         finally:
             fairy.close()
     hot = ledger._sql
-    assert hot.provision_and_append is not None
-    assert hot.reserve_next is not None
-    for command in (hot.reserve_next, hot.provision_and_append, hot.lot_device_by_id):
+    assert hot.reserve_and_append is not None
+    assert hot.provision_at_once is not None
+    # With the chain's head remembered (the lot's set-up appended to it), each reservation and each
+    # provision is one autocommit statement.
+    for command in (hot.reserve_and_append, hot.provision_at_once):
         assert _server_form(command.sql) in prepared
     # The import and the lot set-up ran on the same connection and stayed unprepared.
     assert all(statement.startswith(("SELECT", "WITH", "UPDATE", "INSERT")) for statement in prepared)

@@ -88,6 +88,35 @@ def link_hash(
     return hashlib.sha256(canonical_json(entry).encode()).hexdigest()
 
 
+def link_hash_prefix(
+    *, seq: int, at: datetime, actor: str, action: str, details_json: str, prev_hash: str
+) -> str:
+    """The canonical JSON that :func:`link_hash` hashes, cut before the subject's value.
+
+    ``subject`` sorts last of the entry's keys, so the hashed text is this prefix, the subject as a
+    JSON string, and ``}``: a database that learns the subject only as it writes the link (the ID a
+    claim picks) completes the hash itself (PostgreSQL: ``sha256(prefix || to_json(subject) || '}')``,
+    whose string escaping is JSON's, as Python's with ``ensure_ascii=False``).
+    """
+    entry = {
+        "seq": seq,
+        "at": as_utc(at).isoformat(timespec="microseconds"),
+        "actor": actor,
+        "action": action,
+        "subject": "",
+        "details": json.loads(details_json),
+        "prev_hash": prev_hash,
+    }
+    text = canonical_json(entry)
+    if not text.endswith(_EMPTY_SUBJECT_TAIL):
+        raise LedgerError("the audit entry's subject is not its last key")  # a changed entry format
+    return text[: -len('""}')]
+
+
+# How an entry's canonical JSON ends when its subject is empty ("subject" sorts after every other key).
+_EMPTY_SUBJECT_TAIL = '"subject":""}'
+
+
 @dataclass(frozen=True, slots=True)
 class VerifiedChain:
     """A chain that verified: its length, and the hashes at the positions asked for (anchors)."""

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import structlog
@@ -104,12 +104,18 @@ COMMIT_RESOLVE_MAX_S = 2.0
 # are tens of seconds at the least; keepalive, PG_KEEPALIVES_*, marks a dead peer's socket in error).
 PG_PING_IDLE_S = 5.0
 _CHECKED_IN_AT_KEY = "factoryd_checked_in_at"
+# A pooled PostgreSQL connection's server process: (pid, backend_start), read once per connection.
+_BACKEND_KEY = "factoryd_backend"
+# How long the read-back of a lost one-statement write waits for its server process to be gone, per try.
+_TERMINATE_WAIT_MS = 5_000
 # The execution option that makes a SQLite transaction a writer from its BEGIN.
 WRITE_OPTION = "factoryd_ledger_write"
 _INTEGRITY_ERRORS: tuple[type[Exception], ...] = (IntegrityError, *DRIVER_INTEGRITY_ERRORS)
 _OTHER_DB_ERRORS: tuple[type[Exception], ...] = (SQLAlchemyError, *DRIVER_ERRORS)
 # What asking a restarting server about a transaction may raise (the pool's connect is SQLAlchemy's).
 _RESOLVE_ERRORS: tuple[type[Exception], ...] = (*DRIVER_UNAVAILABLE_ERRORS, OperationalError, InterfaceError)
+_RowT = TypeVar("_RowT")
+_T = TypeVar("_T")
 
 
 def _unavailable(error: BaseException) -> LedgerUnavailableError:
@@ -381,9 +387,19 @@ class LedgerBase:
                     fairy.close()
 
     def _committed_after_all(self, xid: str, lost: Exception) -> bool:
-        """Whether a transaction whose COMMIT lost its connection committed (True) or not (False).
+        """Whether a transaction whose COMMIT lost its connection committed (True) or not (False)."""
 
-        Asked on a fresh connection with capped backoff; if the server stays out of reach past
+        def ask() -> bool | None:
+            # "in progress": the server has not yet finished the COMMIT it received.
+            return {"committed": True, "aborted": False}.get(self._xact_status(xid) or "")
+
+        return self._resolved(ask, lost, f"COMMIT of transaction {xid}")
+
+    def _resolved(self, ask: Callable[[], _T | None], lost: Exception, during: str) -> _T:
+        """Ask the server what became of a write whose connection was lost, until it can tell.
+
+        ``ask`` returns None while the server cannot tell yet (or raises: unreachable). Asked on fresh
+        connections with capped backoff; if the server stays out of reach past
         COMMIT_RESOLVE_TIMEOUT_S, LedgerCommitUnknownError: the caller must not assume either way.
         """
         deadline = time.monotonic() + COMMIT_RESOLVE_TIMEOUT_S
@@ -391,21 +407,112 @@ class LedgerBase:
         last: Exception = lost
         while True:
             try:
-                status = self._xact_status(xid)
+                answer = ask()
             except _RESOLVE_ERRORS as exc:
-                status, last = None, exc
-            if status == "committed":
-                return True
-            if status == "aborted":
-                return False
-            # "in progress": the server has not yet finished the COMMIT it received (or None: unreachable).
+                answer, last = None, exc
+            if answer is not None:
+                return answer
             if time.monotonic() + delay_s > deadline:
                 raise LedgerCommitUnknownError(
-                    f"the ledger connection was lost during COMMIT of transaction {xid} and the server "
-                    f"could not be asked within {COMMIT_RESOLVE_TIMEOUT_S:.0f} s whether it committed: {last}"
+                    f"the ledger connection was lost during {during} and the server could not be asked "
+                    f"within {COMMIT_RESOLVE_TIMEOUT_S:.0f} s whether it committed: {last}"
                 ) from lost
             time.sleep(delay_s)
             delay_s = min(delay_s * 2, COMMIT_RESOLVE_MAX_S)
+
+    def _hot_statement(
+        self,
+        query: Query[_RowT],
+        params: Mapping[str, object],
+        *,
+        landed: Callable[[Tx], _T | None],
+        on_integrity: Callable[[Exception], Exception] | None = None,
+    ) -> tuple[_RowT | None, _T | None]:
+        """PostgreSQL: one statement that is its own transaction (autocommit: no BEGIN or COMMIT round trip).
+
+        Returns ``(row, None)``: the statement's first row (or None), committed by the time it is
+        here. If the connection is lost on the way, the outcome is read back instead of guessed: the
+        statement's server process is ended and waited for (``pg_terminate_backend``; only then can
+        nothing of it still commit), then ``landed`` looks for what the statement writes, in a
+        transaction on a fresh connection. Found: ``(None, what landed returned)``. Not found: the
+        statement did not commit and LedgerUnavailableError says so (a retry is safe). Unresolvable:
+        LedgerCommitUnknownError, as for a transaction's lost COMMIT.
+        """
+        with self._translated(on_integrity):
+            fairy = self._engine.raw_connection()
+            driver: psycopg.Connection[Any] = fairy.driver_connection  # type: ignore[assignment]
+            backend: tuple[int, datetime] | None = None
+            try:
+                backend = self._backend_of(fairy, driver)
+                driver.autocommit = True
+                with driver.cursor() as cursor:
+                    row = Tx(cursor).first(query, params)
+                driver.autocommit = False
+            except DRIVER_UNAVAILABLE_ERRORS as exc:
+                fairy.invalidate()  # checks it in: a lost server connection must not go back to the pool
+                if backend is None:
+                    raise
+                outcome = self._resolved(lambda: self._landed(backend, landed), exc, "a one-statement write")
+                if outcome[0]:
+                    return None, outcome[1]
+                raise
+            except BaseException:
+                with suppress(*DRIVER_ERRORS):
+                    driver.autocommit = False
+                fairy.close()
+                raise
+            fairy.close()
+            return row, None
+
+    @staticmethod
+    def _backend_of(fairy: Any, driver: psycopg.Connection[Any]) -> tuple[int, datetime] | None:
+        """The connection's server process (pid, start time), read on its first use and kept with it."""
+        backend: tuple[int, datetime] | None = fairy.info.get(_BACKEND_KEY)
+        if backend is None:
+            with driver.cursor() as cursor:
+                cursor.execute("SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()")
+                row = cursor.fetchone()
+            driver.rollback()
+            if row is not None:
+                backend = (int(row[0]), row[1])
+                fairy.info[_BACKEND_KEY] = backend
+        return backend
+
+    def _landed(
+        self, backend: tuple[int, datetime], landed: Callable[[Tx], _T | None]
+    ) -> tuple[bool, _T | None] | None:
+        """A lost statement's outcome once its server process is gone; None while it is not gone yet.
+
+        The pid is matched with its start time, so a later process that reuses the pid is never signalled.
+        """
+        fairy = self._engine.raw_connection()
+        driver: Any = fairy.driver_connection
+        try:
+            with driver.cursor() as cursor:
+                cursor.execute(
+                    "SELECT pg_terminate_backend(pid, %(wait)s) FROM pg_stat_activity "
+                    "WHERE pid = %(pid)s AND backend_start = %(started)s",
+                    {"pid": backend[0], "started": backend[1], "wait": _TERMINATE_WAIT_MS},
+                )
+                signalled = cursor.fetchone()
+                # Still running after the wait: ask again. Else gone, and what it wrote is all there is.
+                value = None if signalled is not None and not signalled[0] else landed(Tx(cursor))
+                gone = signalled is None or bool(signalled[0])
+            driver.rollback()
+        except DRIVER_UNAVAILABLE_ERRORS:
+            fairy.invalidate()
+            raise
+        except psycopg.errors.InsufficientPrivilege as exc:
+            fairy.invalidate()
+            raise LedgerCommitUnknownError(
+                f"the ledger connection was lost during a one-statement write and its server process "
+                f"{backend[0]} could not be ended to read the outcome back: {exc}"
+            ) from exc
+        except BaseException:
+            fairy.invalidate()
+            raise
+        fairy.close()
+        return (value is not None, value) if gone else None
 
     def _xact_status(self, xid: str) -> str | None:
         """pg_xact_status of a transaction id, on a new pooled connection."""
@@ -497,21 +604,36 @@ class LedgerBase:
         require_label(actor, "actor")
         require_label(action, "action", 64)
         require_label(subject, "subject", AUDIT_SUBJECT_MAX_CHARS)
-        last, self._last_audit_at = self._last_audit_at, at
-        # Threads of one process take their timestamps before they queue for a head lock, so entries a
-        # few milliseconds out of order are concurrency, not a clock step.
-        if last is not None and (last - at).total_seconds() > CLOCK_STEP_TOLERANCE_S:
+        last = self._last_audit_at
+        stepped = self._clock_stepped(at)
+        self._last_audit_at = at
+        if stepped and last is not None:
             # The station clock stepped back (NTP step, RTC reset): the chain keeps its order by seq and
             # records the step once, so a reader knows why the timestamps go backwards here.
             self._last_audit_at = None
-            stepped = {
+            step = {
                 "last_at": as_utc(last).isoformat(), "now": as_utc(at).isoformat(),
                 "stepped_back_s": round((last - at).total_seconds(), 3),
             }  # fmt: skip
             self._append_audit(
-                tx, actor=actor, action="clock.stepped_back", subject=actor, details=stepped, at=at
+                tx, actor=actor, action="clock.stepped_back", subject=actor, details=step, at=at
             )
         return _PendingLink(at, actor, action, subject, canonical_json(details))
+
+    def _lock_head(self, tx: Tx, chain: str) -> None:
+        """Lock ``chain``'s head row now (if it has one), remembered as the next append's head."""
+        head = tx.first(self._sql.head_locked, {"chain": chain})
+        if head is not None:
+            self._head_hints[chain] = head
+
+    def _clock_stepped(self, at: datetime) -> bool:
+        """Whether ``at`` is earlier than this process's last audit timestamp by more than concurrency allows.
+
+        Threads of one process take their timestamps before they queue for a head lock, so entries a
+        few milliseconds out of order are concurrency, not a clock step.
+        """
+        last = self._last_audit_at
+        return last is not None and (last - at).total_seconds() > CLOCK_STEP_TOLERANCE_S
 
     def _append_link(self, tx: Tx, link: _PendingLink) -> None:
         """Chain ``link`` onto its actor's chain: onto the remembered head, or else the locked one."""

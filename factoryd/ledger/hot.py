@@ -33,6 +33,7 @@ from sqlalchemy import (
     func,
     insert,
     literal_column,
+    null,
     or_,
     true,
     update,
@@ -170,11 +171,13 @@ def _lot_device(values: Iterable[Any]) -> LotDeviceRow:
 
 
 class LotReserveRow(NamedTuple):
-    """The lot check, the serial's own row if it has one, and the ID claimed for it if it had none."""
+    """The lot check, the chain's head (locked; None before its first link), the serial's own row if it
+    has one, and the ID claimed for it if it had none."""
 
     lot_id: int
     lot_state: str
     xid: str | None
+    head: HeadRow | None
     existing: DeviceRowView | None
     claimed: DeviceRowView | None
 
@@ -184,19 +187,57 @@ _LOT_RESERVE_COLUMNS = (
     "lot_id",
     "lot_state",
     "xid",
+    "head_seq",
+    "head_hash",
     *(f"e_{name}" for name in DeviceRowView._fields),
     *(f"c_{name}" for name in DeviceRowView._fields),
 )
 
 
 def _lot_reserve(values: Iterable[Any]) -> LotReserveRow:
-    """A :class:`LotReserveRow` from the lot columns, the xid and the two (outer-joined) device rows."""
+    """A :class:`LotReserveRow` from the lot columns, the xid, the head and the (outer-joined) device rows."""
     columns = tuple(values)
-    existing, claimed = columns[3 : 3 + _DEVICE_WIDTH], columns[3 + _DEVICE_WIDTH :]
+    existing, claimed = columns[5 : 5 + _DEVICE_WIDTH], columns[5 + _DEVICE_WIDTH :]
     return LotReserveRow(
         columns[0],
         columns[1],
         columns[2],
+        None if columns[3] is None else HeadRow(columns[3], columns[4]),
+        None if existing[0] is None else DeviceRowView._make(existing),
+        None if claimed[0] is None else DeviceRowView._make(claimed),
+    )
+
+
+class ReserveAppendRow(NamedTuple):
+    """What a one-statement reservation did: the lot, whether the head was current, the link it wrote."""
+
+    lot_id: int
+    lot_state: str
+    head_current: bool
+    link_hash: str | None
+    existing: DeviceRowView | None
+    claimed: DeviceRowView | None
+
+
+_RESERVE_APPEND_COLUMNS = (
+    "lot_id",
+    "lot_state",
+    "head_current",
+    "link_hash",
+    *(f"e_{name}" for name in DeviceRowView._fields),
+    *(f"c_{name}" for name in DeviceRowView._fields),
+)
+
+
+def _reserve_append(values: Iterable[Any]) -> ReserveAppendRow:
+    """A :class:`ReserveAppendRow` from the lot columns, the head's test, the link and the two device rows."""
+    columns = tuple(values)
+    existing, claimed = columns[4 : 4 + _DEVICE_WIDTH], columns[4 + _DEVICE_WIDTH :]
+    return ReserveAppendRow(
+        columns[0],
+        columns[1],
+        bool(columns[2]),
+        columns[3],
         None if existing[0] is None else DeviceRowView._make(existing),
         None if claimed[0] is None else DeviceRowView._make(claimed),
     )
@@ -340,11 +381,14 @@ class HotStatements:
     advance_head: Command
     append_audit: Command | None
     provision_and_append: Query[ChangeAppendRow] | None
+    provision_at_once: Query[ProvisionAtOnceRow] | None
+    provision_at_once_finishing: Query[ProvisionAtOnceRow] | None
     device_by_serial: Query[DeviceRowView]
     device_by_id_locked: Query[DeviceRowView]
     device_any_lot: Query[DeviceInLotRow]
     claim: Query[DeviceRowView]
     reserve_next: Query[LotReserveRow] | None
+    reserve_and_append: Query[ReserveAppendRow] | None
     reserve: Command
     move_reservation: Command
     provision: Command
@@ -486,6 +530,13 @@ class HotStatements:
                 if dialect.name == "postgresql"
                 else None
             ),
+            # PostgreSQL: the whole reservation, its audit link included, in one autocommit statement
+            # (``_reserve_and_append_statement``; engine.py ``_hot_statement``).
+            reserve_and_append=(
+                Query(_reserve_and_append_statement(), d, _reserve_append, _RESERVE_APPEND_COLUMNS)
+                if dialect.name == "postgresql"
+                else None
+            ),
             reserve=Command(
                 update(DEVICE).where(DEVICE.c.id == bindparam("row_id")).values(_reserved_values()), d
             ),
@@ -506,6 +557,28 @@ class HotStatements:
                     d,
                     ChangeAppendRow._make,
                     ChangeAppendRow._fields,
+                )
+                if dialect.name == "postgresql"
+                else None
+            ),
+            # PostgreSQL: the whole provision (and the job's close) in one autocommit statement
+            # (``_provision_at_once_statement``; engine.py ``_hot_statement``).
+            provision_at_once=(
+                Query(
+                    _provision_at_once_statement(finishing=False),
+                    d,
+                    ProvisionAtOnceRow._make,
+                    ProvisionAtOnceRow._fields,
+                )
+                if dialect.name == "postgresql"
+                else None
+            ),
+            provision_at_once_finishing=(
+                Query(
+                    _provision_at_once_statement(finishing=True),
+                    d,
+                    ProvisionAtOnceRow._make,
+                    ProvisionAtOnceRow._fields,
                 )
                 if dialect.name == "postgresql"
                 else None
@@ -643,26 +716,10 @@ def _lot_device_statement(match: ColumnElement[bool], dialect_name: str) -> Sele
     ).select_from(lot.outerjoin(device, true()))
 
 
-def _reserve_next_statement() -> Select[Any]:
-    """The lot share-locked, the serial's own device row locked, and the next free ID claimed if it has none.
-
-    ``WITH shared_lot AS MATERIALIZED (lot FOR SHARE), existing AS MATERIALIZED (the serial's row FOR
-    UPDATE), claimed AS (UPDATE device SET <reserved> WHERE id = (next available, SKIP LOCKED) AND the
-    lot is active AND NOT EXISTS existing RETURNING …) SELECT lot, xid, existing, claimed``: what
-    ``lot_device_by_serial`` and then ``claim`` did, locks taken in the same order (the lot, then the
-    serial's row; the claimed row is skipped by others, never waited for). The candidate row may be
-    locked even when the serial has its own row; it is released at COMMIT and others skip it meanwhile.
-    """
-    lot = _shared_lot()
-    existing = (
-        core_select(*DEVICE_COLUMNS)
-        .where(DEVICE.c.lot_id == lot.c.id, DEVICE.c.hw_serial == bindparam("hw_serial"))
-        .with_for_update(of=DEVICE)
-        .cte("existing")
-        .prefix_with("MATERIALIZED")
-    )
+def _next_free_id(lot: CTE) -> ColumnElement[Any]:
+    """The id of the lot's first available row in import order, if the lot is active (locked, SKIP LOCKED)."""
     free = DEVICE.alias("free")  # not the UPDATE's own row: the subquery must not correlate to it
-    candidate = (
+    return (
         core_select(free.c.id)
         .where(
             # Scalar subqueries (one-time InitPlans), not a join: the planner then walks the (lot, state,
@@ -676,9 +733,42 @@ def _reserve_next_statement() -> Select[Any]:
         .with_for_update(of=free, skip_locked=True)
         .scalar_subquery()
     )
+
+
+def _reserve_next_statement() -> Select[Any]:
+    """The lot share-locked, the serial's own device row locked, and the next free ID claimed if it has none.
+
+    ``WITH shared_lot AS MATERIALIZED (lot FOR SHARE), existing AS MATERIALIZED (the serial's row FOR
+    UPDATE), claimed AS (UPDATE device SET <reserved> WHERE id = (next available, SKIP LOCKED) AND the
+    lot is active AND NOT EXISTS existing RETURNING …) SELECT lot, xid, existing, claimed``: what
+    ``lot_device_by_serial`` and then ``claim`` did, locks taken in the same order (the lot, then the
+    serial's row; the claimed row is skipped by others, never waited for). The candidate row may be
+    locked even when the serial has its own row; it is released at COMMIT and others skip it meanwhile.
+
+    The chain's head is locked too, after the serial's row and before the claim binds the serial
+    (``head AS MATERIALIZED (… FOR UPDATE)``, returned for the append): the order the one-statement
+    reservation (``_reserve_and_append_statement``) takes them in. Binding a serial makes a second
+    binder of it wait on the unique index; had this path bound it before locking the head, it and a
+    one-statement reservation of the same serial on the same chain could each wait for the other.
+    """
+    lot = _shared_lot()
+    existing = (
+        core_select(*DEVICE_COLUMNS)
+        .where(DEVICE.c.lot_id == lot.c.id, DEVICE.c.hw_serial == bindparam("hw_serial"))
+        .with_for_update(of=DEVICE)
+        .cte("existing")
+        .prefix_with("MATERIALIZED")
+    )
+    head = (
+        core_select(HEAD.c.seq, HEAD.c.hash)
+        .where(HEAD.c.chain == bindparam("chain"), _evaluated(existing))
+        .with_for_update(of=HEAD)
+        .cte("head")
+        .prefix_with("MATERIALIZED")
+    )
     claimed = (
         update(DEVICE)
-        .where(DEVICE.c.id == candidate, ~exists().select_from(existing))
+        .where(DEVICE.c.id == _next_free_id(lot), ~exists().select_from(existing), _evaluated(head))
         .values(_reserved_values())
         .returning(*DEVICE_COLUMNS)
         .cte("claimed")
@@ -687,9 +777,107 @@ def _reserve_next_statement() -> Select[Any]:
         lot.c.id.label("lot_id"),
         lot.c.state.label("lot_state"),
         sql_cast(func.pg_current_xact_id(), Text).label("xid"),
+        head.c.seq.label("head_seq"),
+        head.c.hash.label("head_hash"),
         *(column.label(f"e_{column.key}") for column in existing.c),
         *(column.label(f"c_{column.key}") for column in claimed.c),
-    ).select_from(lot.outerjoin(existing, true()).outerjoin(claimed, true()))
+    ).select_from(lot.outerjoin(head, true()).outerjoin(existing, true()).outerjoin(claimed, true()))
+
+
+def _evaluated(cte: CTE) -> ColumnElement[bool]:
+    """A condition that is always true but makes PostgreSQL run ``cte`` (and take its locks) first."""
+    return core_select(func.count()).select_from(cte).scalar_subquery() >= 0
+
+
+def _head_if_current(after: CTE, *, unless: bool = False) -> CTE:
+    """The chain's head row if it is still the remembered one, locked (a materialised CTE ``FOR UPDATE``).
+
+    It is taken only if ``after`` (a locked device row) has a row, or with ``unless`` has none: so
+    that row's lock (and the lot's before it) comes first, in the order of the transactional path,
+    which locks the head last but for the job. (Taken first, a reservation holding the head would
+    wait for a serial's row that another, holding it, wants the head for: a deadlock.)
+    """
+    found = exists().select_from(after)
+    return (
+        core_select(HEAD.c.chain, HEAD.c.seq)
+        .where(
+            HEAD.c.chain == bindparam("chain"),
+            HEAD.c.seq == bindparam("old_seq"),
+            HEAD.c.hash == bindparam("old_hash"),
+            ~found if unless else found,
+        )
+        .with_for_update(of=HEAD)
+        .cte("head")
+        .prefix_with("MATERIALIZED")
+    )
+
+
+def _reserve_and_append_statement() -> Select[Any]:
+    """A whole reservation in one autocommit statement (PostgreSQL): the claim and its audit link.
+
+    ``_reserve_next_statement`` with two conditions more and the link: the claim happens only if the
+    chain's head is still the one the station remembers (``_head_if_current``, locked after the lot and
+    the serial's row, and only if the serial has none), and then the
+    head advances and the link is inserted with the hash completed on the server, since the ID it
+    covers is the one the claim picks: ``sha256(b_prefix || to_json(device_id) || '}')`` (audit.py
+    ``link_hash_prefix``; the station checks the hash it gets back). Anything else (the serial holds
+    an ID, the lot is not active, the head moved, no ID left) writes nothing and is told by the row.
+    """
+    lot = _shared_lot()
+    existing = (
+        core_select(*DEVICE_COLUMNS)
+        .where(DEVICE.c.lot_id == lot.c.id, DEVICE.c.hw_serial == bindparam("hw_serial"))
+        .with_for_update(of=DEVICE)
+        .cte("existing")
+        .prefix_with("MATERIALIZED")
+    )
+    head = _head_if_current(existing, unless=True)
+    claimed = (
+        update(DEVICE)
+        .where(DEVICE.c.id == _next_free_id(lot), ~exists().select_from(existing), exists().select_from(head))
+        .values(_reserved_values())
+        .returning(*DEVICE_COLUMNS)
+        .cte("claimed")
+    )
+    text = (
+        bindparam("b_prefix", type_=Text)
+        + sql_cast(func.to_json(claimed.c.device_id), Text)
+        + literal_column("'}'", Text)
+    )
+    utf8: ColumnElement[str] = literal_column("'UTF8'")
+    digest = func.encode(func.sha256(func.convert_to(text, utf8)), literal_column("'hex'"))
+    advanced = (
+        update(HEAD)
+        .where(
+            HEAD.c.chain == bindparam("chain"),
+            HEAD.c.seq == bindparam("old_seq"),
+            exists().select_from(claimed),
+        )
+        .values(seq=bindparam("b_seq"), hash=core_select(digest).scalar_subquery())
+        .returning(HEAD.c.chain, HEAD.c.seq, HEAD.c.hash)
+        .cte("advanced")
+    )
+    values = core_select(
+        advanced.c.chain,
+        advanced.c.seq,
+        bindparam("b_at", type_=AUDIT.c.at.type),
+        bindparam("b_actor", type_=AUDIT.c.actor.type),
+        literal_column("'id.reserved'", Text),
+        claimed.c.device_id,
+        bindparam("b_details", type_=AUDIT.c.details.type),
+        bindparam("old_hash", type_=AUDIT.c.prev_hash.type),
+        advanced.c.hash,
+    ).select_from(advanced.join(claimed, true()))
+    columns = ["chain", "chain_seq", "at", "actor", "action", "subject", "details", "prev_hash", "hash"]
+    appended = insert(AUDIT).from_select(columns, values).returning(AUDIT.c.hash).cte("appended")
+    return core_select(
+        lot.c.id.label("lot_id"),
+        lot.c.state.label("lot_state"),
+        exists().select_from(head).label("head_current"),
+        appended.c.hash.label("link_hash"),
+        *(column.label(f"e_{column.key}") for column in existing.c),
+        *(column.label(f"c_{column.key}") for column in claimed.c),
+    ).select_from(lot.outerjoin(existing, true()).outerjoin(claimed, true()).outerjoin(appended, true()))
 
 
 def _reserved_values() -> dict[str, Any]:
@@ -709,16 +897,103 @@ def _provision() -> Update:
     return (
         update(DEVICE)
         .where(DEVICE.c.id == bindparam("row_id"), _signer_allows())
-        .values(
-            state=DeviceState.PROVISIONED.value,
-            cert_der=bindparam("b_cert_der"),
-            cert_serial=bindparam("b_cert_serial"),
-            cert_fingerprint_sha256=bindparam("b_fingerprint"),
-            provisioned_at=bindparam("b_provisioned_at"),
-            station=bindparam("b_station"),
-            port=bindparam("b_port"),
-        )
+        .values(_provisioned_values())
     )
+
+
+def _provisioned_values() -> dict[str, Any]:
+    """The columns a provision sets (the certificate, when, where)."""
+    return {
+        "state": DeviceState.PROVISIONED.value,
+        "cert_der": bindparam("b_cert_der"),
+        "cert_serial": bindparam("b_cert_serial"),
+        "cert_fingerprint_sha256": bindparam("b_fingerprint"),
+        "provisioned_at": bindparam("b_provisioned_at"),
+        "station": bindparam("b_station"),
+        "port": bindparam("b_port"),
+    }
+
+
+class ProvisionAtOnceRow(NamedTuple):
+    """What a one-statement provision did (the lot, the head's test, rows changed, links, jobs closed)."""
+
+    lot_id: int
+    lot_state: str
+    head_current: bool
+    changed: int
+    appended: int
+    finished: int
+
+
+def _provision_at_once_statement(*, finishing: bool) -> Select[Any]:
+    """A whole provision in one autocommit statement (PostgreSQL), and with ``finishing`` its job's close.
+
+    The lot share-locked, the ID's row locked, the chain's head if it is still the remembered one
+    (locked), and the job if it is open (locked): the locks of the transactional path, in its order.
+    The row is provisioned only if it is reserved to the board's serial, the lot records devices
+    (active or paused), the line's signer allows the certificate, the head is current and the job is
+    open; then the link is appended (hashed by the station: every field is known) and the job closed.
+    Anything else writes nothing, and the transactional path decides what it is.
+    """
+    lot = _shared_lot()
+    target = (
+        core_select(DEVICE.c.id, DEVICE.c.state, DEVICE.c.hw_serial)
+        .where(DEVICE.c.lot_id == lot.c.id, DEVICE.c.device_id == bindparam("device_id"))
+        .with_for_update(of=DEVICE)
+        .cte("target")
+        .prefix_with("MATERIALIZED")
+    )
+    head = _head_if_current(target)
+    conditions = [
+        DEVICE.c.id
+        == core_select(target.c.id)
+        .where(
+            target.c.state == literal_column(f"'{DeviceState.RESERVED.value}'"),
+            target.c.hw_serial == bindparam("hw_serial"),
+        )
+        .scalar_subquery(),
+        core_select(lot.c.state)
+        .scalar_subquery()
+        .in_([literal_column(f"'{LotState.ACTIVE.value}'"), literal_column(f"'{LotState.PAUSED.value}'")]),
+        _signer_allows(),
+        exists().select_from(head),
+    ]
+    job = None
+    if finishing:
+        job = (
+            core_select(JOB.c.id)
+            .where(
+                JOB.c.id == bindparam("job_id"),
+                JOB.c.finished_at.is_(None),
+                exists().select_from(head),
+            )
+            .with_for_update(of=JOB)
+            .cte("open_job")
+            .prefix_with("MATERIALIZED")
+        )
+        conditions.append(exists().select_from(job))
+    changed = (
+        update(DEVICE).where(*conditions).values(_provisioned_values()).returning(DEVICE.c.id).cte("changed")
+    )
+    appended = _append_audit_statement(after=changed).returning(AUDIT.c.seq).cte("appended")
+    finished: ColumnElement[Any] = literal_column("0", Integer)
+    if finishing:
+        closed = (
+            update(JOB)
+            .where(JOB.c.id == bindparam("job_id"), exists().select_from(changed))
+            .values(finished_at=bindparam("b_at"), outcome=bindparam("b_outcome"), reason=null())
+            .returning(JOB.c.id)
+            .cte("closed")
+        )
+        finished = core_select(func.count()).select_from(closed).scalar_subquery()
+    return core_select(
+        lot.c.id.label("lot_id"),
+        lot.c.state.label("lot_state"),
+        exists().select_from(head).label("head_current"),
+        core_select(func.count()).select_from(changed).scalar_subquery().label("changed"),
+        core_select(func.count()).select_from(appended).scalar_subquery().label("appended"),
+        finished.label("finished"),
+    ).select_from(lot)
 
 
 def _signer_allows() -> ColumnElement[bool]:

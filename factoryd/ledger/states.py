@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
+from datetime import datetime
 
 from factoryd.errors import (
     IdsExhaustedError,
@@ -19,10 +21,10 @@ from factoryd.errors import (
     LotStateError,
     ReservationConflictError,
 )
-from factoryd.ledger.audit import as_utc
-from factoryd.ledger.engine import require_label, require_serial, utc_now
+from factoryd.ledger.audit import as_utc, canonical_json, link_hash, link_hash_prefix
+from factoryd.ledger.engine import _PendingLink, require_label, require_serial, utc_now
 from factoryd.ledger.errors import DeviceNotFoundError, DeviceStateError
-from factoryd.ledger.hot import DeviceRowView, LotDeviceRow, Query, Tx
+from factoryd.ledger.hot import DeviceRowView, HeadRow, LotDeviceRow, Query, Tx
 from factoryd.ledger.jobs import JobBook
 from factoryd.ledger.model import (
     DeviceRecord,
@@ -164,15 +166,25 @@ class DeviceBook(JobBook):
             "b_job_id": job_id,
             "b_at": now,
         }
+        if device_id is None:
+            at_once = self._reserve_at_once(
+                lot, hw_serial, station=station, port=port, job_id=job_id, actor=actor, now=now, race=race
+            )
+            if at_once is not None:
+                return at_once
         with self._hot(write=True, on_integrity=race) as tx:
             reserve_next = self._sql.reserve_next if device_id is None else None
             claimed: DeviceRowView | None = None
             if reserve_next is not None:
                 # PostgreSQL: the lot check, the serial's own row and the claim in one round trip.
-                found = tx.first(reserve_next, {"name": lot, "hw_serial": hw_serial, **reserved})
+                found = tx.first(
+                    reserve_next, {"name": lot, "hw_serial": hw_serial, "chain": actor, **reserved}
+                )
                 if found is None:
                     raise LotNotFoundError(f"no lot named {lot!r}")
                 tx.xid = found.xid
+                if found.head is not None:
+                    self._head_hints[actor] = found.head  # locked by this transaction: the append's head
                 lot_id, lot_state, existing = found.lot_id, LotState(found.lot_state), found.existing
                 claimed = found.claimed
             else:
@@ -201,6 +213,10 @@ class DeviceBook(JobBook):
                     raise IdsExhaustedError(f"lot {lot!r} has no available IDs left")
             else:
                 row = self._chosen_row(tx, lot_id, lot, device_id)
+                if self._is_postgres:
+                    # The head before the serial is bound, as every reservation takes them (hot.py
+                    # ``_reserve_next_statement``).
+                    self._lock_head(tx, actor)
                 tx.execute(self._sql.reserve, {"row_id": row.id, **reserved})
             self._append_audit(
                 tx,
@@ -223,6 +239,100 @@ class DeviceBook(JobBook):
                 state=DeviceState.RESERVED,
                 metadata=dict(row.metadata),
             )
+
+    def _reserve_at_once(
+        self,
+        lot: str,
+        hw_serial: str,
+        *,
+        station: str,
+        port: str,
+        job_id: int | None,
+        actor: str,
+        now: datetime,
+        race: Callable[[Exception], Exception],
+    ) -> Reservation | None:
+        """PostgreSQL: a fresh reservation and its audit link in one round trip (hot.py
+        ``_reserve_and_append_statement``), when the actor's chain head is remembered.
+
+        None: nothing was written (the serial already holds an ID, the remembered head moved, the
+        clock stepped back) and the transactional path decides, as it always did.
+        """
+        query = self._sql.reserve_and_append
+        head = self._head_hints.get(actor)
+        if query is None or head is None or self._clock_stepped(now):
+            return None
+        require_label(actor, "actor")
+        details = {"lot": lot, "hw_serial": hw_serial, "station": station, "port": port, "job_id": job_id}
+        details_json = canonical_json(details)
+        seq, action = head.seq + 1, "id.reserved"
+        prefix = link_hash_prefix(
+            seq=seq, at=now, actor=actor, action=action, details_json=details_json, prev_hash=head.hash
+        )
+        params = {
+            "name": lot,
+            "hw_serial": hw_serial,
+            "b_hw_serial": hw_serial,
+            "b_station": station,
+            "b_port": port,
+            "b_job_id": job_id,
+            "b_at": now,
+            "chain": actor,
+            "old_seq": head.seq,
+            "old_hash": head.hash,
+            "b_seq": seq,
+            "b_prefix": prefix,
+            "b_actor": actor,
+            "b_details": details_json,
+        }
+
+        def landed(tx: Tx) -> Reservation | None:
+            # The lost statement's own reservation: this serial, here, at exactly this moment.
+            found = tx.first(self._sql.lot_device_by_serial, {"name": lot, "hw_serial": hw_serial})
+            row = None if found is None else found.device
+            if row is None or row.state != DeviceState.RESERVED or row.reserved_at != now:
+                return None
+            if (row.station, row.port, row.job_id) != (station, port, job_id):
+                return None
+            return _reservation(row, hw_serial, resumed=False)
+
+        outcome = self._hot_statement(query, params, landed=landed, on_integrity=race)
+        found, read_back = outcome
+        if read_back is not None:
+            self._head_hints.pop(actor, None)  # its new hash is the server's: re-read under lock next time
+            self._last_audit_at = now
+            return read_back
+        if found is None:
+            raise LotNotFoundError(f"no lot named {lot!r}")
+        lot_state = LotState(found.lot_state)
+        if lot_state is not LotState.ACTIVE:
+            raise LotStateError(f"lot {lot!r} is {lot_state}; reservations need an active lot")
+        claimed = found.claimed
+        if claimed is None:
+            if found.existing is not None:
+                return None  # the serial holds an ID: resumed (or refused) by the transactional path
+            if not found.head_current:
+                self._head_hints.pop(actor, None)
+                return None
+            raise IdsExhaustedError(f"lot {lot!r} has no available IDs left")
+        expected = link_hash(
+            seq=seq,
+            at=now,
+            actor=actor,
+            action=action,
+            subject=claimed.device_id,
+            details_json=details_json,
+            prev_hash=head.hash,
+        )
+        if found.link_hash != expected:
+            self._head_hints.pop(actor, None)
+            raise LedgerError(
+                f"audit chain {actor!r} seq {seq}: the server hashed the reservation of "
+                f"{claimed.device_id!r} as {found.link_hash}, not {expected} (the chain breaks there)"
+            )
+        self._head_hints[actor] = HeadRow(seq, expected)
+        self._last_audit_at = now
+        return _reservation(claimed, hw_serial, resumed=False)
 
     def _chosen_row(self, tx: Tx, lot_id: int, lot: str, device_id: str) -> DeviceRowView:
         """The available row of exactly ``device_id``, locked; ReservationConflictError otherwise."""
@@ -336,6 +446,26 @@ class DeviceBook(JobBook):
         if not _HEX.fullmatch(serial_hex) or len(serial_hex) > CERT_SERIAL_MAX_HEX_DIGITS:
             raise InputError(f"cert_serial must be hex, got {cert_serial!r}")
         now = utc_now()
+        provision = {
+            "b_cert_der": cert_der,
+            "b_cert_serial": serial_hex,
+            "b_fingerprint": fingerprint,
+            "b_provisioned_at": now,
+            "b_station": station,
+            "b_port": port,
+        }
+        details: dict[str, object] = {
+            "lot": lot,
+            "hw_serial": hw_serial,
+            "station": station,
+            "port": port,
+            "cert_serial": serial_hex,
+            "fingerprint_sha256": fingerprint,
+        }
+        if self._provision_at_once(
+            lot, device_id, hw_serial, provision, details, actor=actor, finish_job=finish_job, now=now
+        ):
+            return
         with self._hot(write=True) as tx:
             _lot_id, lot_state, found = self._lot_and_device(
                 tx, self._sql.lot_device_by_id, lot, {"name": lot, "device_id": device_id}
@@ -372,26 +502,11 @@ class DeviceBook(JobBook):
                 tx,
                 self._sql.provision,
                 self._sql.provision_and_append,
-                {
-                    "row_id": row.id,
-                    "b_cert_der": cert_der,
-                    "b_cert_serial": serial_hex,
-                    "b_fingerprint": fingerprint,
-                    "b_provisioned_at": now,
-                    "b_station": station,
-                    "b_port": port,
-                },
+                {"row_id": row.id, **provision},
                 actor=actor,
                 action="id.provisioned",
                 subject=device_id,
-                details={
-                    "lot": lot,
-                    "hw_serial": hw_serial,
-                    "station": station,
-                    "port": port,
-                    "cert_serial": serial_hex,
-                    "fingerprint_sha256": fingerprint,
-                },
+                details=details,
                 at=now,
             )
             if updated != 1:
@@ -403,6 +518,71 @@ class DeviceBook(JobBook):
                 )
             if finish_job is not None:
                 self._finish_job(tx, finish_job, outcome=PROVISIONED_JOB_OUTCOME, reason=None, at=now)
+
+    def _provision_at_once(
+        self,
+        lot: str,
+        device_id: str,
+        hw_serial: str,
+        provision: dict[str, object],
+        details: dict[str, object],
+        *,
+        actor: str,
+        finish_job: int | None,
+        now: datetime,
+    ) -> bool:
+        """PostgreSQL: the provision, its audit link and the job's close in one round trip (hot.py
+        ``_provision_at_once_statement``), when the actor's chain head is remembered.
+
+        False: nothing was written (a retry of a recorded provision, a conflict, the signer's refusal,
+        a moved head, a closed job…) and the transactional path decides and says what it is.
+        """
+        query = self._sql.provision_at_once if finish_job is None else self._sql.provision_at_once_finishing
+        head = self._head_hints.get(actor)
+        if query is None or head is None or self._clock_stepped(now):
+            return False
+        require_label(actor, "actor")
+        link = _PendingLink(now, actor, "id.provisioned", device_id, canonical_json(details))
+        link_params, new_head = self._link_params(link, head)
+        params = {
+            **link_params,
+            **provision,
+            "name": lot,
+            "device_id": device_id,
+            "hw_serial": hw_serial,
+            "job_id": finish_job,
+            "b_outcome": PROVISIONED_JOB_OUTCOME,
+        }
+
+        def landed(tx: Tx) -> bool | None:
+            # The lost statement's own provision: this certificate, recorded at exactly this moment.
+            found = tx.first(self._sql.lot_device_by_id, {"name": lot, "device_id": device_id})
+            row = None if found is None else found.device
+            if row is None or row.state != DeviceState.PROVISIONED or row.provisioned_at != now:
+                return None
+            if (row.hw_serial, row.cert_fingerprint_sha256) != (hw_serial, provision["b_fingerprint"]):
+                return None
+            return True
+
+        outcome = self._hot_statement(query, params, landed=landed)
+        done, read_back = outcome
+        if read_back is not None:
+            self._head_hints.pop(actor, None)
+            self._last_audit_at = now
+            return True
+        if done is None or done.changed == 0:
+            if done is not None and not done.head_current:
+                self._head_hints.pop(actor, None)
+            return False
+        if done.appended != 1 or (finish_job is not None and done.finished != 1):
+            self._head_hints.pop(actor, None)
+            raise LedgerError(
+                f"ID {device_id!r} in lot {lot!r}: provisioned in one statement without its audit link "
+                f"or its job's close ({done}); the head was locked and current, so this is a ledger bug"
+            )
+        self._head_hints[actor] = new_head
+        self._last_audit_at = now
+        return True
 
     def void(self, lot: str, device_id: str, reason: str, *, actor: str) -> None:
         """Take an ID out of use for good, keeping its serial binding and certificate on record."""
