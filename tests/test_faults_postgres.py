@@ -388,3 +388,117 @@ def test_an_unresolvable_commit_is_unknown_never_success(
     assert again.resumed
     assert ledger.progress(LOT).reserved == 1
     ledger.verify_audit()
+
+
+# -- a one-statement write whose reply is lost (no COMMIT on the wire: autocommit) -----------------
+
+
+def _warm_head(ledger: Ledger) -> None:
+    """One claim through the transactional path, so the chain's head is remembered and the next
+    reservation and provision are one autocommit statement each."""
+    serial = secrets.token_hex(8)
+    reservation = ledger.reserve(LOT, serial, station="s1", port="1", job_id=None, actor="t")
+    ledger.mark_provisioned(
+        LOT, reservation.device_id, serial, **_certificate(b"warm"), station="s1", port="1", actor="t"
+    )
+    assert "t" in ledger._head_hints
+
+
+def _certificate(der: bytes) -> dict[str, str | bytes]:
+    import hashlib
+
+    return {"cert_der": der, "cert_serial": "01", "fingerprint_sha256": hashlib.sha256(der).hexdigest()}
+
+
+def _entries(ledger: Ledger, action: str, serial: str) -> int:
+    with ledger._engine.connect() as connection:  # the test reads the raw audit rows
+        from sqlalchemy import text
+
+        return int(
+            connection.execute(
+                text("SELECT count(*) FROM audit_entry WHERE action = :a AND details LIKE :s"),
+                {"a": action, "s": f"%{serial}%"},
+            ).scalar_one()
+        )
+
+
+def test_a_one_statement_reservation_whose_reply_is_lost_is_read_back(
+    proxied_ledger: tuple[Ledger, TcpProxy, str],
+) -> None:
+    ledger, proxy, _ = proxied_ledger
+    _warm_head(ledger)
+    serial = secrets.token_hex(8)
+    # The serial travels in the statement's parameters: the server runs it (and, autocommitting,
+    # commits it); the reply never arrives. The read-back first ends the statement's server process.
+    proxy.cut_on(serial.encode(), forward=True)
+    timer = _restore_later(proxy, 1.0)
+    reservation = ledger.reserve(LOT, serial, station="s1", port="1", job_id=None, actor="t")
+    timer.join()
+    assert proxy.pattern_cuts == 1
+    assert not reservation.resumed
+    record = ledger.find_by_serial(LOT, serial)
+    assert record is not None
+    assert record.device_id == reservation.device_id
+    assert str(record.state) == "reserved"
+    assert _entries(ledger, "id.reserved", serial) == 1  # not retried blindly
+    # The head the server computed is not remembered: the next append re-reads it under lock.
+    again = secrets.token_hex(8)
+    ledger.reserve(LOT, again, station="s1", port="1", job_id=None, actor="t")
+    ledger.verify_audit()
+
+
+def test_a_one_statement_reservation_that_never_reached_the_server_is_unavailable_then_retried(
+    proxied_ledger: tuple[Ledger, TcpProxy, str],
+) -> None:
+    ledger, proxy, _ = proxied_ledger
+    _warm_head(ledger)
+    serial = secrets.token_hex(8)
+    proxy.cut_on(serial.encode(), forward=False)
+    timer = _restore_later(proxy, 0.5)
+    with pytest.raises(LedgerUnavailableError):
+        ledger.reserve(LOT, serial, station="s1", port="1", job_id=None, actor="t")
+    timer.join()
+    assert ledger.find_by_serial(LOT, serial) is None  # nothing half-written
+    reservation = ledger.reserve(LOT, serial, station="s1", port="1", job_id=None, actor="t")
+    assert not reservation.resumed
+    assert _entries(ledger, "id.reserved", serial) == 1
+    ledger.verify_audit()
+
+
+def test_a_one_statement_provision_whose_reply_is_lost_is_read_back(
+    proxied_ledger: tuple[Ledger, TcpProxy, str],
+) -> None:
+    ledger, proxy, _ = proxied_ledger
+    _warm_head(ledger)
+    serial = secrets.token_hex(8)
+    reservation = ledger.reserve(LOT, serial, station="s1", port="1", job_id=None, actor="t")
+    certificate = _certificate(serial.encode())
+    proxy.cut_on(str(certificate["fingerprint_sha256"]).encode(), forward=True)
+    timer = _restore_later(proxy, 1.0)
+    ledger.mark_provisioned(
+        LOT, reservation.device_id, serial, **certificate, station="s1", port="1", actor="t"
+    )
+    timer.join()
+    assert proxy.pattern_cuts == 1
+    record = ledger.find_by_serial(LOT, serial)
+    assert record is not None
+    assert str(record.state) == "provisioned"
+    assert _entries(ledger, "id.provisioned", serial) == 1
+    ledger.verify_audit()
+
+
+def test_an_unresolvable_one_statement_write_is_unknown_never_success(
+    proxied_ledger: tuple[Ledger, TcpProxy, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger, proxy, _ = proxied_ledger
+    _warm_head(ledger)
+    monkeypatch.setattr(ledger_engine, "COMMIT_RESOLVE_TIMEOUT_S", 0.5)
+    serial = secrets.token_hex(8)
+    proxy.cut_on(serial.encode(), forward=True)
+    with pytest.raises(LedgerCommitUnknownError, match="one-statement write"):
+        ledger.reserve(LOT, serial, station="s1", port="1", job_id=None, actor="t")
+    proxy.restore()
+    again = ledger.reserve(LOT, serial, station="s1", port="1", job_id=None, actor="t")
+    assert again.resumed  # it had committed: the serial holds its ID, no second one
+    assert _entries(ledger, "id.reserved", serial) == 1
+    ledger.verify_audit()
