@@ -55,7 +55,7 @@ inherit :class:`TimeoutError` so ``except TimeoutError`` keeps working.
     │   ├── JobNotFoundError
     │   ├── LedgerUnavailableError        database unreachable or locked (transient)
     │   │   └── LedgerStorageFullError    the ledger's disk is full (SQLite; transient): intake pauses
-    │   ├── LedgerCommitUnknownError      a commit's outcome stayed unknown (connection lost in COMMIT)
+    │   ├── LedgerCommitUnknownError      a commit's outcome stayed unknown (connection lost committing)
     │   ├── LotStateError                 e.g. a closed or paused lot
     │   ├── IdsExhaustedError             no available ID left in the lot
     │   ├── ReservationConflictError      the ID/serial binding would break exactly-once
@@ -237,7 +237,8 @@ class ReservationConflictError(LedgerError):
 
 
 class LedgerCommitUnknownError(LedgerError):
-    """The connection died in COMMIT and its outcome could not be read back in time; never retried blindly."""
+    """The connection died in COMMIT (or in a self-committing statement) and its outcome could not be read
+    back in time; never retried blindly."""
 
 
 class SchemaVersionError(LedgerError):

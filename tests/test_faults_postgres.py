@@ -431,7 +431,7 @@ def test_a_one_statement_reservation_whose_reply_is_lost_is_read_back(
     # The serial travels in the statement's parameters: the server runs it (and, autocommitting,
     # commits it); the reply never arrives. The read-back first ends the statement's server process.
     proxy.cut_on(serial.encode(), forward=True)
-    timer = _restore_later(proxy, 1.0)
+    timer = _restore_later(proxy, 0.5)
     reservation = ledger.reserve(LOT, serial, station="s1", port="1", job_id=None, actor="t")
     timer.join()
     assert proxy.pattern_cuts == 1
@@ -474,7 +474,7 @@ def test_a_one_statement_provision_whose_reply_is_lost_is_read_back(
     reservation = ledger.reserve(LOT, serial, station="s1", port="1", job_id=None, actor="t")
     certificate = _certificate(serial.encode())
     proxy.cut_on(str(certificate["fingerprint_sha256"]).encode(), forward=True)
-    timer = _restore_later(proxy, 1.0)
+    timer = _restore_later(proxy, 0.5)
     ledger.mark_provisioned(
         LOT, reservation.device_id, serial, **certificate, station="s1", port="1", actor="t"
     )
@@ -487,16 +487,18 @@ def test_a_one_statement_provision_whose_reply_is_lost_is_read_back(
     ledger.verify_audit()
 
 
-def test_an_unresolvable_one_statement_write_is_unknown_never_success(
-    proxied_ledger: tuple[Ledger, TcpProxy, str], monkeypatch: pytest.MonkeyPatch
+def test_a_one_statement_write_lost_in_an_outage_is_unavailable_and_its_retry_reads_it_back(
+    proxied_ledger: tuple[Ledger, TcpProxy, str],
 ) -> None:
+    """Not answered within STATEMENT_RESOLVE_TIMEOUT_S: the station is told at once (and pauses)."""
     ledger, proxy, _ = proxied_ledger
     _warm_head(ledger)
-    monkeypatch.setattr(ledger_engine, "COMMIT_RESOLVE_TIMEOUT_S", 0.5)
     serial = secrets.token_hex(8)
     proxy.cut_on(serial.encode(), forward=True)
-    with pytest.raises(LedgerCommitUnknownError, match="one-statement write"):
+    began = time.monotonic()
+    with pytest.raises(LedgerUnavailableError, match="read when it is retried"):
         ledger.reserve(LOT, serial, station="s1", port="1", job_id=None, actor="t")
+    assert time.monotonic() - began < ledger_engine.COMMIT_RESOLVE_TIMEOUT_S  # not the COMMIT's patience
     proxy.restore()
     again = ledger.reserve(LOT, serial, station="s1", port="1", job_id=None, actor="t")
     assert again.resumed  # it had committed: the serial holds its ID, no second one

@@ -284,3 +284,20 @@ def test_bench_warms_the_ledger_up_on_another_lot_first(url: str) -> None:
     # The warm-up claimed from a lot of its own, then the timed run from another.
     assert sorted(made.values()) == [15, 20]
     assert made[str(result["lot"])] == 20
+
+
+@pytest.mark.postgres
+def test_bench_stations_each_keep_their_own_chain_and_report_both_sides_cpu(pg_url: str) -> None:
+    """``bench ledger --stations``: processes of their own, one chain each, no ID twice; the server's CPU
+    is read from this machine's postgres processes (the test's cluster runs here)."""
+    result = run_ledger_bench(pg_url, 40, 1, stations=2)
+    assert result["claimed"] == 40
+    assert result["duplicate_ids"] == 0
+    per_station = result["per_station"]
+    assert isinstance(per_station, dict)
+    assert sum(per_station.values()) == 40
+    assert result["audit_chain_entries"] == {name: 2 * count for name, count in per_station.items()}
+    for side in ("station_cpu_ms_per_claim", "server_cpu_ms_per_claim"):
+        value = result[side]
+        assert isinstance(value, float)
+        assert value > 0, side

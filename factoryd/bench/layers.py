@@ -48,17 +48,48 @@ def layer_of(filename: str, function: str) -> str:
     return "other"
 
 
+def stat_cpu_s(path: str, *, children: bool = False) -> tuple[str, float] | None:
+    """A process's or thread's command name and CPU seconds (user + system) from its ``stat`` file.
+
+    With ``children``, the CPU of its children that ended and were waited for is added. None if it
+    ended meanwhile.
+    """
+    try:
+        with open(path) as fh:
+            head, tail = fh.read().rsplit(")", 1)
+    except OSError:
+        return None
+    fields = tail.split()
+    # Fields after the command: state is [0], utime [11], stime [12], cutime [13], cstime [14]
+    # (proc(5) fields 14-17).
+    own = int(fields[11]) + int(fields[12])
+    ended = int(fields[13]) + int(fields[14]) if children else 0
+    return head.partition("(")[2], (own + ended) / TICKS_PER_S
+
+
 def thread_cpu_s() -> dict[int, float]:
     """CPU seconds (user + system) of every thread of this process, by native thread id."""
     result: dict[int, float] = {}
     for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # the thread ended meanwhile
-        # Fields after the command: state is [0], utime [11], stime [12] (proc(5) fields 14, 15).
-        result[int(tid)] = (int(fields[11]) + int(fields[12])) / TICKS_PER_S
+        found = stat_cpu_s(f"/proc/self/task/{tid}/stat")
+        if found is not None:
+            result[int(tid)] = found[1]
+    return result
+
+
+def processes_cpu_s(command: str) -> dict[int, float]:
+    """CPU seconds of every process on this machine whose command name is ``command``, by pid.
+
+    Each process's own and its ended children's: a server's connection processes that exit between two
+    readings (a client closing its pool) are then counted in their parent's, not lost.
+    """
+    result: dict[int, float] = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        found = stat_cpu_s(f"/proc/{pid}/stat", children=True)
+        if found is not None and found[0] == command:
+            result[int(pid)] = found[1]
     return result
 
 

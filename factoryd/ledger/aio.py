@@ -35,7 +35,10 @@ _THREAD_NAME = "factoryd-ledger"
 # Told a call found the ledger unavailable (and how long that call has waited so far, in seconds):
 # True retries the call, False lets the error through. Retrying is safe because such a call changed
 # nothing: its transaction failed before COMMIT, or its COMMIT was read back as aborted (engine.py);
-# a COMMIT whose outcome stayed unknown is LedgerCommitUnknownError, which is never retried here.
+# a COMMIT whose outcome stayed unknown is LedgerCommitUnknownError, which is never retried here. The
+# exception: PostgreSQL's one-statement reservation and provision, whose outcome may be unknown when
+# they report the outage; both are idempotent (the retry resumes the serial's ID, or finds the
+# provision recorded), so the retry is what reads it back.
 UnavailableHandler = Callable[[LedgerUnavailableError, float], Awaitable[bool]]
 
 

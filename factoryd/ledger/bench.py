@@ -18,6 +18,7 @@ from multiprocessing.synchronize import Event as EventType
 from statistics import quantiles
 from typing import Any
 
+from factoryd.bench.layers import processes_cpu_s
 from factoryd.errors import IdsExhaustedError, InputError, LedgerError
 from factoryd.ledger.core import Ledger, verify_audit_chains
 from factoryd.ledger.model import LotState
@@ -29,6 +30,8 @@ _FAKE_CERT_DER = b"\x30\x03\x02\x01\x01"
 # A station process imports factoryd and opens its pool before the start signal; generous for CI.
 STATION_START_TIMEOUT_S = 120.0
 STATION_RUN_TIMEOUT_S = 600.0
+# The command name of PostgreSQL's server processes (for the server's CPU when it runs on this machine).
+POSTGRES_COMMAND = "postgres"
 
 
 def _claim_one(ledger: Ledger, lot: str, station: str, serial: str, port: str) -> str:
@@ -104,6 +107,14 @@ def run_ledger_bench(
     if warmed is not None:
         result["warm_up"] = {"claims": warm, "claims_per_s": warmed["claims_per_s"]}
     return result
+
+
+def _server_ms_per_claim(before: dict[int, float], after: dict[int, float], claims: int) -> float | None:
+    """CPU of this machine's postgres processes per claim between two readings; None if there are none."""
+    if not after or claims < 1:
+        return None
+    used = sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
+    return round(used / claims * 1000, 3)
 
 
 def _settle(url: str) -> None:
@@ -215,9 +226,11 @@ def _run_stations(url: str, n: int, stations: int) -> dict[str, object]:
     try:
         for _ in procs:
             ready.get(timeout=STATION_START_TIMEOUT_S)
+        server_before = processes_cpu_s(POSTGRES_COMMAND)
         started = time.time()
         go.set()
         reports = [results.get(timeout=STATION_RUN_TIMEOUT_S) for _ in procs]
+        server_after = processes_cpu_s(POSTGRES_COMMAND)
     finally:
         for proc in procs:
             proc.join(timeout=10)
@@ -253,5 +266,8 @@ def _run_stations(url: str, n: int, stations: int) -> dict[str, object]:
         "station_cpu_ms_per_claim": round(
             sum(r["cpu_s"] for r in reports) / max(len(latencies), 1) * 1000, 3
         ),
+        # The server's, if it runs on this machine: every postgres process (backends, WAL writer,
+        # autovacuum) over the same window; processes that ended meanwhile are missing from it.
+        "server_cpu_ms_per_claim": _server_ms_per_claim(server_before, server_after, len(latencies)),
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }

@@ -104,10 +104,13 @@ COMMIT_RESOLVE_MAX_S = 2.0
 # are tens of seconds at the least; keepalive, PG_KEEPALIVES_*, marks a dead peer's socket in error).
 PG_PING_IDLE_S = 5.0
 _CHECKED_IN_AT_KEY = "factoryd_checked_in_at"
+# A one-statement write (autocommit) whose connection is lost is read back for this long; past it the
+# caller is told the ledger is unavailable (and pauses), since such a write is idempotent to retry.
+STATEMENT_RESOLVE_TIMEOUT_S = 2.0
 # A pooled PostgreSQL connection's server process: (pid, backend_start), read once per connection.
 _BACKEND_KEY = "factoryd_backend"
 # How long the read-back of a lost one-statement write waits for its server process to be gone, per try.
-_TERMINATE_WAIT_MS = 5_000
+_TERMINATE_WAIT_MS = 1_000
 # The execution option that makes a SQLite transaction a writer from its BEGIN.
 WRITE_OPTION = "factoryd_ledger_write"
 _INTEGRITY_ERRORS: tuple[type[Exception], ...] = (IntegrityError, *DRIVER_INTEGRITY_ERRORS)
@@ -395,14 +398,17 @@ class LedgerBase:
 
         return self._resolved(ask, lost, f"COMMIT of transaction {xid}")
 
-    def _resolved(self, ask: Callable[[], _T | None], lost: Exception, during: str) -> _T:
+    def _resolved(
+        self, ask: Callable[[], _T | None], lost: Exception, during: str, *, timeout_s: float | None = None
+    ) -> _T:
         """Ask the server what became of a write whose connection was lost, until it can tell.
 
         ``ask`` returns None while the server cannot tell yet (or raises: unreachable). Asked on fresh
-        connections with capped backoff; if the server stays out of reach past
-        COMMIT_RESOLVE_TIMEOUT_S, LedgerCommitUnknownError: the caller must not assume either way.
+        connections with capped backoff; if the server stays out of reach past ``timeout_s``
+        (COMMIT_RESOLVE_TIMEOUT_S), LedgerCommitUnknownError: the caller must not assume either way.
         """
-        deadline = time.monotonic() + COMMIT_RESOLVE_TIMEOUT_S
+        timeout_s = COMMIT_RESOLVE_TIMEOUT_S if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
         delay_s = COMMIT_RESOLVE_INITIAL_S
         last: Exception = lost
         while True:
@@ -415,7 +421,7 @@ class LedgerBase:
             if time.monotonic() + delay_s > deadline:
                 raise LedgerCommitUnknownError(
                     f"the ledger connection was lost during {during} and the server could not be asked "
-                    f"within {COMMIT_RESOLVE_TIMEOUT_S:.0f} s whether it committed: {last}"
+                    f"within {timeout_s:.0f} s whether it committed: {last}"
                 ) from lost
             time.sleep(delay_s)
             delay_s = min(delay_s * 2, COMMIT_RESOLVE_MAX_S)
@@ -435,8 +441,9 @@ class LedgerBase:
         statement's server process is ended and waited for (``pg_terminate_backend``; only then can
         nothing of it still commit), then ``landed`` looks for what the statement writes, in a
         transaction on a fresh connection. Found: ``(None, what landed returned)``. Not found: the
-        statement did not commit and LedgerUnavailableError says so (a retry is safe). Unresolvable:
-        LedgerCommitUnknownError, as for a transaction's lost COMMIT.
+        statement did not commit and LedgerUnavailableError says so (a retry is safe). Not answered
+        within STATEMENT_RESOLVE_TIMEOUT_S: LedgerUnavailableError too, so that the station notices the
+        outage at once; only idempotent writes use this (a retry finds what the lost one did).
         """
         with self._translated(on_integrity):
             fairy = self._engine.raw_connection()
@@ -452,7 +459,22 @@ class LedgerBase:
                 fairy.invalidate()  # checks it in: a lost server connection must not go back to the pool
                 if backend is None:
                     raise
-                outcome = self._resolved(lambda: self._landed(backend, landed), exc, "a one-statement write")
+                lost_in = backend
+                try:
+                    outcome = self._resolved(
+                        lambda: self._landed(lost_in, landed),
+                        exc,
+                        "a one-statement write",
+                        timeout_s=STATEMENT_RESOLVE_TIMEOUT_S,
+                    )
+                except LedgerCommitUnknownError:
+                    # Not answered soon: an outage. The station pauses on it and retries later, which is
+                    # safe here though the write may have landed: these writes are idempotent (a
+                    # reservation resumes the serial's ID, a recorded provision is recognised).
+                    raise LedgerUnavailableError(
+                        f"ledger database unavailable: {exc}; whether the write landed is read when it is "
+                        "retried"
+                    ) from exc
                 if outcome[0]:
                     return None, outcome[1]
                 raise
