@@ -432,14 +432,17 @@ class LedgerBase:
         params: Mapping[str, object],
         *,
         landed: Callable[[Tx], _T | None],
+        chain: str,
+        at: datetime,
         on_integrity: Callable[[Exception], Exception] | None = None,
     ) -> tuple[_RowT | None, _T | None]:
         """PostgreSQL: one statement that is its own transaction (autocommit: no BEGIN or COMMIT round trip).
 
         Returns ``(row, None)``: the statement's first row (or None), committed by the time it is
-        here. If the connection is lost on the way, the outcome is read back instead of guessed: the
-        statement's server process is ended and waited for (``pg_terminate_backend``; only then can
-        nothing of it still commit), then ``landed`` looks for what the statement writes, in a
+        here (it appends to the audit chain ``chain`` at ``at``). If the connection is lost on the
+        way, the outcome is read back instead of guessed: the statement's server process is ended and
+        waited for (``pg_terminate_backend``; only then can nothing of it still commit), then
+        ``landed`` looks for what the statement writes, in a
         transaction on a fresh connection. Found: ``(None, what landed returned)``. Not found: the
         statement did not commit and LedgerUnavailableError says so (a retry is safe). Not answered
         within STATEMENT_RESOLVE_TIMEOUT_S: LedgerUnavailableError too, so that the station notices the
@@ -476,6 +479,10 @@ class LedgerBase:
                         "retried"
                     ) from exc
                 if outcome[0]:
+                    # It landed, appending to ``chain`` a link whose hash the server may have made:
+                    # the next append re-reads the head under lock.
+                    self._head_hints.pop(chain, None)
+                    self._last_audit_at = at
                     return None, outcome[1]
                 raise
             except BaseException:

@@ -183,29 +183,28 @@ class LotReserveRow(NamedTuple):
 
 
 _DEVICE_WIDTH = len(DeviceRowView._fields)
-_LOT_RESERVE_COLUMNS = (
-    "lot_id",
-    "lot_state",
-    "xid",
-    "head_seq",
-    "head_hash",
+# The serial's own row and the row claimed for it, outer-joined side by side (their columns e_*, c_*).
+_DEVICE_PAIR_COLUMNS = (
     *(f"e_{name}" for name in DeviceRowView._fields),
     *(f"c_{name}" for name in DeviceRowView._fields),
 )
+_LOT_RESERVE_COLUMNS = ("lot_id", "lot_state", "xid", "head_seq", "head_hash", *_DEVICE_PAIR_COLUMNS)
+
+
+def _device_pair(columns: tuple[Any, ...]) -> tuple[DeviceRowView | None, DeviceRowView | None]:
+    """The serial's own row and the claimed row from a row's last columns (None where not joined)."""
+    existing, claimed = columns[-2 * _DEVICE_WIDTH : -_DEVICE_WIDTH], columns[-_DEVICE_WIDTH:]
+    return (
+        None if existing[0] is None else DeviceRowView._make(existing),
+        None if claimed[0] is None else DeviceRowView._make(claimed),
+    )
 
 
 def _lot_reserve(values: Iterable[Any]) -> LotReserveRow:
     """A :class:`LotReserveRow` from the lot columns, the xid, the head and the (outer-joined) device rows."""
     columns = tuple(values)
-    existing, claimed = columns[5 : 5 + _DEVICE_WIDTH], columns[5 + _DEVICE_WIDTH :]
-    return LotReserveRow(
-        columns[0],
-        columns[1],
-        columns[2],
-        None if columns[3] is None else HeadRow(columns[3], columns[4]),
-        None if existing[0] is None else DeviceRowView._make(existing),
-        None if claimed[0] is None else DeviceRowView._make(claimed),
-    )
+    head = None if columns[3] is None else HeadRow(columns[3], columns[4])
+    return LotReserveRow(columns[0], columns[1], columns[2], head, *_device_pair(columns))
 
 
 class ReserveAppendRow(NamedTuple):
@@ -219,28 +218,13 @@ class ReserveAppendRow(NamedTuple):
     claimed: DeviceRowView | None
 
 
-_RESERVE_APPEND_COLUMNS = (
-    "lot_id",
-    "lot_state",
-    "head_current",
-    "link_hash",
-    *(f"e_{name}" for name in DeviceRowView._fields),
-    *(f"c_{name}" for name in DeviceRowView._fields),
-)
+_RESERVE_APPEND_COLUMNS = ("lot_id", "lot_state", "head_current", "link_hash", *_DEVICE_PAIR_COLUMNS)
 
 
 def _reserve_append(values: Iterable[Any]) -> ReserveAppendRow:
     """A :class:`ReserveAppendRow` from the lot columns, the head's test, the link and the two device rows."""
     columns = tuple(values)
-    existing, claimed = columns[4 : 4 + _DEVICE_WIDTH], columns[4 + _DEVICE_WIDTH :]
-    return ReserveAppendRow(
-        columns[0],
-        columns[1],
-        bool(columns[2]),
-        columns[3],
-        None if existing[0] is None else DeviceRowView._make(existing),
-        None if claimed[0] is None else DeviceRowView._make(claimed),
-    )
+    return ReserveAppendRow(columns[0], columns[1], bool(columns[2]), columns[3], *_device_pair(columns))
 
 
 class StateCountRow(NamedTuple):
@@ -563,26 +547,8 @@ class HotStatements:
             ),
             # PostgreSQL: the whole provision (and the job's close) in one autocommit statement
             # (``_provision_at_once_statement``; engine.py ``_hot_statement``).
-            provision_at_once=(
-                Query(
-                    _provision_at_once_statement(finishing=False),
-                    d,
-                    ProvisionAtOnceRow._make,
-                    ProvisionAtOnceRow._fields,
-                )
-                if dialect.name == "postgresql"
-                else None
-            ),
-            provision_at_once_finishing=(
-                Query(
-                    _provision_at_once_statement(finishing=True),
-                    d,
-                    ProvisionAtOnceRow._make,
-                    ProvisionAtOnceRow._fields,
-                )
-                if dialect.name == "postgresql"
-                else None
-            ),
+            provision_at_once=_provision_at_once(d, finishing=False),
+            provision_at_once_finishing=_provision_at_once(d, finishing=True),
             void=Command(
                 update(DEVICE)
                 .where(DEVICE.c.id == bindparam("row_id"))
@@ -668,6 +634,14 @@ class HotStatements:
                 d,
             ),
         )
+
+
+def _provision_at_once(dialect: Dialect, *, finishing: bool) -> Query[ProvisionAtOnceRow] | None:
+    """The one-statement provision compiled for PostgreSQL (None elsewhere: no data-modifying CTEs)."""
+    if dialect.name != "postgresql":
+        return None
+    statement = _provision_at_once_statement(finishing=finishing)
+    return Query(statement, dialect, ProvisionAtOnceRow._make, ProvisionAtOnceRow._fields)
 
 
 def _shared_lot() -> CTE:

@@ -105,6 +105,12 @@ def _provisioned(row: DeviceRowView, lot: str) -> ProvisionedDevice:
     )
 
 
+def _device_now(tx: Tx, query: Query[LotDeviceRow], params: dict[str, object]) -> DeviceRowView | None:
+    """The device row a lot + device lookup finds now (reading back a write whose reply was lost)."""
+    found = tx.first(query, params)
+    return None if found is None else found.device
+
+
 class DeviceBook(JobBook):
     """Reservations, provisioning and voids of device IDs, and what the ledger knows of each."""
 
@@ -288,19 +294,16 @@ class DeviceBook(JobBook):
 
         def landed(tx: Tx) -> Reservation | None:
             # The lost statement's own reservation: this serial, here, at exactly this moment.
-            found = tx.first(self._sql.lot_device_by_serial, {"name": lot, "hw_serial": hw_serial})
-            row = None if found is None else found.device
+            row = _device_now(tx, self._sql.lot_device_by_serial, {"name": lot, "hw_serial": hw_serial})
             if row is None or row.state != DeviceState.RESERVED or row.reserved_at != now:
                 return None
             if (row.station, row.port, row.job_id) != (station, port, job_id):
                 return None
             return _reservation(row, hw_serial, resumed=False)
 
-        outcome = self._hot_statement(query, params, landed=landed, on_integrity=race)
+        outcome = self._hot_statement(query, params, landed=landed, chain=actor, at=now, on_integrity=race)
         found, read_back = outcome
         if read_back is not None:
-            self._head_hints.pop(actor, None)  # its new hash is the server's: re-read under lock next time
-            self._last_audit_at = now
             return read_back
         if found is None:
             raise LotNotFoundError(f"no lot named {lot!r}")
@@ -556,19 +559,16 @@ class DeviceBook(JobBook):
 
         def landed(tx: Tx) -> bool | None:
             # The lost statement's own provision: this certificate, recorded at exactly this moment.
-            found = tx.first(self._sql.lot_device_by_id, {"name": lot, "device_id": device_id})
-            row = None if found is None else found.device
+            row = _device_now(tx, self._sql.lot_device_by_id, {"name": lot, "device_id": device_id})
             if row is None or row.state != DeviceState.PROVISIONED or row.provisioned_at != now:
                 return None
             if (row.hw_serial, row.cert_fingerprint_sha256) != (hw_serial, provision["b_fingerprint"]):
                 return None
             return True
 
-        outcome = self._hot_statement(query, params, landed=landed)
+        outcome = self._hot_statement(query, params, landed=landed, chain=actor, at=now)
         done, read_back = outcome
         if read_back is not None:
-            self._head_hints.pop(actor, None)
-            self._last_audit_at = now
             return True
         if done is None or done.changed == 0:
             if done is not None and not done.head_current:
