@@ -23,6 +23,7 @@ from factoryd.ledger.engine import create_ledger_engine
 from factoryd.ledger.labels import LabelKind, LabelState
 from factoryd.ledger.tables import AuditEntryRow
 from factoryd.sim.printer import SimPrinter
+from tests.helpers.line_procs import wait_for
 from tests.helpers.station import LOT, Line, make_line
 from tests.test_labels_line import QR_TEMPLATE, qr_texts
 
@@ -168,6 +169,12 @@ async def page_checks(
     await printer.wait_printed(3, timeout_s=10)
     labels = station.labels
     assert labels is not None
+
+    async def drained() -> bool:
+        return labels.queued == 0
+
+    # The queue's count (and its gauge) is refreshed by the queue's poll, up to poll_s after the print.
+    await wait_for(drained, 10, "the label queue's count to drop to 0 after the reprint")
     seen["device_id"] = job["device_id"]
     seen["done"] = True
 

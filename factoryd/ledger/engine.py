@@ -442,9 +442,9 @@ class LedgerBase:
         here (it appends to the audit chain ``chain`` at ``at``). If the connection is lost on the
         way, the outcome is read back instead of guessed: the statement's server process is ended and
         waited for (``pg_terminate_backend``; only then can nothing of it still commit), then
-        ``landed`` looks for what the statement writes, in a
-        transaction on a fresh connection. Found: ``(None, what landed returned)``. Not found: the
-        statement did not commit and LedgerUnavailableError says so (a retry is safe). Not answered
+        ``landed`` looks for what the statement writes, in a transaction on a fresh connection.
+        Found: ``(None, what landed returned)``. Not found: the statement did not commit and
+        LedgerUnavailableError says so (a retry is safe). Not answered
         within STATEMENT_RESOLVE_TIMEOUT_S: LedgerUnavailableError too, so that the station notices the
         outage at once; only idempotent writes use this (a retry finds what the lost one did).
         """
