@@ -690,6 +690,17 @@ def _lot_device_statement(match: ColumnElement[bool], dialect_name: str) -> Sele
     ).select_from(lot.outerjoin(device, true()))
 
 
+def _serials_row(lot: CTE) -> CTE:
+    """The row the board's serial already holds in the lot, if any, locked (a materialised CTE)."""
+    return (
+        core_select(*DEVICE_COLUMNS)
+        .where(DEVICE.c.lot_id == lot.c.id, DEVICE.c.hw_serial == bindparam("hw_serial"))
+        .with_for_update(of=DEVICE)
+        .cte("existing")
+        .prefix_with("MATERIALIZED")
+    )
+
+
 def _next_free_id(lot: CTE) -> ColumnElement[Any]:
     """The id of the lot's first available row in import order, if the lot is active (locked, SKIP LOCKED)."""
     free = DEVICE.alias("free")  # not the UPDATE's own row: the subquery must not correlate to it
@@ -726,13 +737,7 @@ def _reserve_next_statement() -> Select[Any]:
     one-statement reservation of the same serial on the same chain could each wait for the other.
     """
     lot = _shared_lot()
-    existing = (
-        core_select(*DEVICE_COLUMNS)
-        .where(DEVICE.c.lot_id == lot.c.id, DEVICE.c.hw_serial == bindparam("hw_serial"))
-        .with_for_update(of=DEVICE)
-        .cte("existing")
-        .prefix_with("MATERIALIZED")
-    )
+    existing = _serials_row(lot)
     head = (
         core_select(HEAD.c.seq, HEAD.c.hash)
         .where(HEAD.c.chain == bindparam("chain"), _evaluated(existing))
@@ -798,13 +803,7 @@ def _reserve_and_append_statement() -> Select[Any]:
     an ID, the lot is not active, the head moved, no ID left) writes nothing and is told by the row.
     """
     lot = _shared_lot()
-    existing = (
-        core_select(*DEVICE_COLUMNS)
-        .where(DEVICE.c.lot_id == lot.c.id, DEVICE.c.hw_serial == bindparam("hw_serial"))
-        .with_for_update(of=DEVICE)
-        .cte("existing")
-        .prefix_with("MATERIALIZED")
-    )
+    existing = _serials_row(lot)
     head = _head_if_current(existing, unless=True)
     claimed = (
         update(DEVICE)
