@@ -324,14 +324,15 @@ def _restore_later(proxy: TcpProxy, delay_s: float) -> threading.Timer:
     return timer
 
 
-def _reserved_entries(ledger: Ledger, serial: str) -> int:
+def _entries(ledger: Ledger, action: str, serial: str) -> int:
+    """Audit entries of ``action`` whose details name ``serial``."""
     with ledger._engine.connect() as connection:  # the test reads the raw audit rows
         from sqlalchemy import text
 
         return int(
             connection.execute(
-                text("SELECT count(*) FROM audit_entry WHERE action = 'id.reserved' AND details LIKE :s"),
-                {"s": f"%{serial}%"},
+                text("SELECT count(*) FROM audit_entry WHERE action = :a AND details LIKE :s"),
+                {"a": action, "s": f"%{serial}%"},
             ).scalar_one()
         )
 
@@ -351,7 +352,7 @@ def test_a_commit_whose_reply_is_lost_is_read_back_as_committed(
     assert record.device_id == reservation.device_id
     assert str(record.state) == "reserved"
     # Exactly one reservation happened (the call was not retried blindly), and the chain holds.
-    assert _reserved_entries(ledger, serial) == 1
+    assert _entries(ledger, "id.reserved", serial) == 1
     assert ledger.progress(LOT).reserved == 1
     ledger.verify_audit()
 
@@ -369,7 +370,7 @@ def test_a_commit_that_never_reached_the_server_is_reported_unavailable_then_ret
     assert ledger.find_by_serial(LOT, serial) is None  # nothing half-written
     reservation = ledger.reserve(LOT, serial, station="s1", port="1", job_id=None, actor="t")
     assert not reservation.resumed
-    assert _reserved_entries(ledger, serial) == 1
+    assert _entries(ledger, "id.reserved", serial) == 1
     ledger.verify_audit()
 
 
@@ -408,18 +409,6 @@ def _certificate(der: bytes) -> dict[str, str | bytes]:
     import hashlib
 
     return {"cert_der": der, "cert_serial": "01", "fingerprint_sha256": hashlib.sha256(der).hexdigest()}
-
-
-def _entries(ledger: Ledger, action: str, serial: str) -> int:
-    with ledger._engine.connect() as connection:  # the test reads the raw audit rows
-        from sqlalchemy import text
-
-        return int(
-            connection.execute(
-                text("SELECT count(*) FROM audit_entry WHERE action = :a AND details LIKE :s"),
-                {"a": action, "s": f"%{serial}%"},
-            ).scalar_one()
-        )
 
 
 def test_a_one_statement_reservation_whose_reply_is_lost_is_read_back(

@@ -43,6 +43,14 @@ def _certificate(der: bytes) -> dict[str, Any]:
     return {"cert_der": der, "cert_serial": "0a", "fingerprint_sha256": hashlib.sha256(der).hexdigest()}
 
 
+def _claim(ledger: Ledger, lot: str, serial: str) -> str:
+    """Reserve an ID for ``serial`` and record it provisioned (a certificate of its own); the ID."""
+    reservation = ledger.reserve(lot, serial, station="s", port="1", job_id=None, actor=ACTOR)
+    cert = _certificate(serial.encode())
+    ledger.mark_provisioned(lot, reservation.device_id, serial, **cert, station="s", port="1", actor=ACTOR)
+    return reservation.device_id
+
+
 class _Counted:
     """Counts the ledger's one-statement writes (the real method runs)."""
 
@@ -76,12 +84,7 @@ def test_ids_that_need_escaping_chain_and_verify(pg_url: str, monkeypatch: pytes
         got = []
         for n in range(len(ids)):
             serial = f"sn-{uuid.uuid4().hex[:12]}-{n}"
-            reservation = ledger.reserve(lot, serial, station="s", port="1", job_id=None, actor=ACTOR)
-            ledger.mark_provisioned(
-                lot, reservation.device_id, serial, **_certificate(serial.encode()), station="s", port="1",
-                actor=ACTOR,
-            )  # fmt: skip
-            got.append(reservation.device_id)
+            got.append(_claim(ledger, lot, serial))
         assert sorted(got) == sorted(ids)
         # The lot's set-up left the head remembered: every reservation and provision was one statement.
         assert counted.calls == 2 * len(ids)
@@ -98,12 +101,7 @@ def test_a_moved_head_sends_the_claim_down_the_transactional_path(
         for n in range(6):
             ledger = (first, second)[n % 2]
             serial = f"moved-{n}"
-            reservation = ledger.reserve(lot, serial, station="s", port="1", job_id=None, actor=ACTOR)
-            ledger.mark_provisioned(
-                lot, reservation.device_id, serial, **_certificate(serial.encode()), station="s", port="1",
-                actor=ACTOR,
-            )  # fmt: skip
-            seen.append(reservation.device_id)
+            seen.append(_claim(ledger, lot, serial))
         assert sorted(seen) == [f"M-{n}" for n in range(6)]
         assert first.progress(lot).provisioned == 6
         first.verify_audit()
