@@ -217,6 +217,7 @@ async def test_readback_differs_is_caught_on_read_with_revision_1_firmware() -> 
 
 async def test_readback_differs_is_caught_by_the_write_digest_from_revision_2() -> None:
     board = SimBoard(faults=FaultPlan.only(Fault.READBACK_DIFFERS))
+    board.revision = READBACK_REVISION
     async with serve_pty(board) as pty, await BoardClient.open(pty.path, timeouts=FAST_TIMEOUTS) as client:
         assert (await client.hello()).version == READBACK_REVISION
         assert client.write_reply_reads_back

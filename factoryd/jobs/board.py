@@ -32,7 +32,7 @@ import functools
 import hashlib
 import json
 import secrets
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
@@ -484,6 +484,20 @@ class ReadBackWriter(Protocol):
         ...
 
 
+@runtime_checkable
+class PipelinedWriter(Protocol):
+    """A client that can send every WRITE and the challenge's SIGN in one burst (native revision 3)."""
+
+    @property
+    def pipelines(self) -> bool:
+        """True when the board takes requests back to back and answers them in order."""
+        ...
+
+    async def write_all_and_sign(self, objects: Sequence[tuple[ObjectId, bytes]], challenge: bytes) -> bytes:
+        """WRITE each object (digest checked) and SIGN the challenge; the raw r||s signature."""
+        ...
+
+
 def reads_back_on_write(client: SecureElementClient) -> bool:
     """Whether the client's WRITE digest already proves the read-back (asked once per board: slow check)."""
     return isinstance(client, ReadBackWriter) and client.write_reply_reads_back
@@ -521,10 +535,16 @@ async def provision_secure_element(
     objects = board_objects(lot, device_id, issued.der)
     if lot.matter is not None:
         objects.append((ObjectId.MATTER_COMMISSIONING, await matter_commissioning(host, device_id, issued)))
-    for obj, data in objects:
-        await host.step(Step.WRITE, functools.partial(write_verified, client, obj, data, read_back=read_back))
     challenge = secrets.token_bytes(CHALLENGE_BYTES)
-    signature = await host.step(Step.CHALLENGE, lambda: client.sign(challenge))
+    if not read_back and isinstance(client, PipelinedWriter) and client.pipelines:
+        # One burst: every WRITE (digest over the read-back) and the challenge's SIGN (§4.3).
+        signature = await host.step(Step.WRITE, lambda: client.write_all_and_sign(objects, challenge))
+    else:
+        for obj, data in objects:
+            await host.step(
+                Step.WRITE, functools.partial(write_verified, client, obj, data, read_back=read_back)
+            )
+        signature = await host.step(Step.CHALLENGE, lambda: client.sign(challenge))
     verify_challenge(issued.cert, challenge, signature)
     return issued
 

@@ -28,7 +28,7 @@ Correlation styles:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum, IntEnum
 from types import TracebackType
@@ -243,6 +243,49 @@ class RequestEngine(Generic[F, C]):
                     # Cancelled from outside: its reply may still come and must not answer the next one.
                     self._late_reply_possible = True
                 waiter.future.cancel()
+
+    async def call_many(self, calls: Sequence[tuple[int, C, bytes, float]]) -> list[F]:
+        """Pipelined keyed requests (key, command, encoded, timeout_s): sent in one write, replies in order.
+
+        Only for a board that queues requests and answers them in order (native revision 3). Each
+        request's timer covers the ones before it (the board works through them one by one); resends,
+        NACKs and garbled replies are handled per request as for ``call``. The first request (in order)
+        that fails raises at once and the rest are given up (their late replies are dropped unmatched):
+        the caller retries the burst or restarts the job, which every request in a burst must allow.
+        """
+        if self.exclusive:
+            raise RuntimeError("call_many on an exclusive engine (one request at a time)")
+        self.check_open()
+        waiters: list[tuple[int, Waiter[F, C]]] = []
+        budget_s = 0.0
+        for key, command, data, timeout_s in calls:
+            budget_s += timeout_s
+            waiter = Waiter(
+                command,
+                data,
+                self._loop.create_future(),
+                self.resends,
+                budget_s,
+                resend_on_timeout=self.policy.resend_on_timeout(command),
+            )
+            self._waiters[key] = waiter
+            waiters.append((key, waiter))
+        self.stats.requests += len(waiters)
+        try:
+            self.link.send(b"".join(waiter.data for _, waiter in waiters), frames=len(waiters))
+            for _, waiter in waiters:
+                waiter.timer = self._loop.call_later(waiter.timeout_s, self._timed_out, waiter)
+            return [await waiter.future for _, waiter in waiters]
+        finally:
+            for key, waiter in waiters:
+                del self._waiters[key]
+                if waiter.timer is not None:
+                    waiter.timer.cancel()
+                future = waiter.future
+                if not future.done():
+                    future.cancel()
+                elif not future.cancelled():
+                    future.exception()  # retrieved: a second failure is not reported as unhandled
 
     async def _drop_late_replies(self) -> None:
         before = self.stats.unmatched

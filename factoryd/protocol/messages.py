@@ -20,6 +20,10 @@ HOST_PROTOCOL_VERSION = 1
 # LOCK reply carries the lock state read back from the secure element: the host then needs no READ
 # of what it wrote and no HELLO after LOCK. Revision 1 firmware keeps both round trips.
 READBACK_REVISION = 2
+# From revision 3 the firmware takes requests sent back to back without waiting for each reply: its
+# receive path queues them and it answers each in the order received (docs/protocol.md §4.3). The
+# host then sends the four WRITEs and the challenge's SIGN in one burst: 5 round trips become 1.
+PIPELINE_REVISION = 3
 SHA256_LEN = 32
 RAW_SIGNATURE_LEN = 64
 P256_POINT_LEN = 65

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Self, TypeVar
+from typing import Any, Self, TypeVar
 
 import structlog
 
@@ -30,10 +31,12 @@ from factoryd.protocol.engine import EngineClient, RequestEngine, Route
 from factoryd.protocol.messages import (
     IDENTITY_SLOT,
     MAX_FW_CHUNK,
+    PIPELINE_REVISION,
     READBACK_REVISION,
     AttestedKeyReply,
     BoardInfo,
     Command,
+    DigestReply,
     FwBegin,
     FwChunk,
     FwEnd,
@@ -48,6 +51,7 @@ from factoryd.protocol.messages import (
     Reply,
     RequestFor,
     Sign,
+    SignatureReply,
     Status,
     Write,
 )
@@ -178,19 +182,22 @@ class BoardClient(EngineClient[Frame, Command]):
         link = await SerialLink.open(path, FrameDecoder(), baudrate=baudrate)
         return cls(link, timeouts=timeouts, resends=resends)
 
-    async def request(self, request: RequestFor[R]) -> R:
-        """Send a request; return its reply, decoded as the type the request names."""
+    def _framed(self, request: RequestFor[Any]) -> tuple[int, Command, bytes, float]:
+        """A request as the engine sends it: its seq, command, encoded frame and reply timeout."""
         command = request.command
-        engine = self._engine
-        seq = engine.next_key()
+        seq = self._engine.next_key()
         frame = Frame(FrameKind.REQUEST, seq, command, 0, request.encode())
         # Wire time both ways for the frame, so slow baud rates do not look like timeouts.
         timeout_s = self.timeouts.for_command(command) + 2 * self.link.wire_time_s(
             len(frame.payload) + FRAME_ALLOWANCE_BYTES
         )
-        reply = await engine.call(seq, command, frame.encode(), timeout_s)
+        return seq, command, frame.encode(), timeout_s
+
+    async def request(self, request: RequestFor[R]) -> R:
+        """Send a request; return its reply, decoded as the type the request names."""
+        reply = await self._engine.call(*self._framed(request))
         if reply.status:
-            _raise_status(command, reply.status)
+            _raise_status(request.command, reply.status)
         return request.reply.decode(reply.payload)
 
     # Commands -----------------------------------------------------------------------------
@@ -205,6 +212,35 @@ class BoardClient(EngineClient[Frame, Command]):
     def write_reply_reads_back(self) -> bool:
         """Whether a WRITE's digest is over the object read back from the board's store (revision 2)."""
         return self.revision >= READBACK_REVISION
+
+    @property
+    def pipelines(self) -> bool:
+        """Whether the board takes requests back to back, answering them in order (revision 3)."""
+        return self.revision >= PIPELINE_REVISION
+
+    async def write_all_and_sign(
+        self, objects: Sequence[tuple[ObjectId, bytes]], challenge: bytes, slot: int = IDENTITY_SLOT
+    ) -> bytes:
+        """WRITE every object and SIGN the challenge in one burst (revision 3); the raw r||s signature.
+
+        Each WRITE's digest is checked as ``write`` checks it (from revision 2 it is over the object
+        read back from the store). Every request in the burst may be repeated: a resend or a retried
+        burst writes the same bytes again and signs the same challenge again.
+        """
+        if not self.pipelines:
+            raise RuntimeError(f"write_all_and_sign() to a revision {self.revision} board (needs 3)")
+        requests: list[RequestFor[Any]] = [Write(obj, data) for obj, data in objects]
+        requests.append(Sign(slot, challenge))
+        replies = await self._engine.call_many([self._framed(request) for request in requests])
+        for request, reply in zip(requests, replies, strict=True):
+            if reply.status:
+                _raise_status(request.command, reply.status)
+        for (obj, data), reply in zip(objects, replies, strict=False):
+            if DigestReply.decode(reply.payload).sha256 != hashlib.sha256(data).digest():
+                raise ReadbackMismatchError(
+                    f"board stored a different {obj.name} than was sent (digest differs)"
+                )
+        return SignatureReply.decode(replies[-1].payload).signature
 
     async def genkey(self, slot: int = IDENTITY_SLOT) -> bytes:
         """Generate a key in the secure element; return the public key point."""

@@ -24,6 +24,7 @@ from factoryd.protocol.messages import (
     HOST_PROTOCOL_VERSION,
     MAX_FW_CHUNK,
     MAX_OBJECT,
+    PIPELINE_REVISION,
     READBACK_REVISION,
     REQUEST_TYPES,
     AttestedKeyReply,
@@ -260,8 +261,11 @@ class SimBoard:
         self.replay_csr = False
         self.flood_bytes = 0
         # The protocol revision the firmware implements (HELLO's version): 1 is older firmware whose
-        # WRITE digest is over the received bytes and whose LOCK reply is empty.
-        self.revision = READBACK_REVISION
+        # WRITE digest is over the received bytes and whose LOCK reply is empty; 2 reads back itself;
+        # 3 (the latest) also takes requests back to back (docs/protocol.md §4.3).
+        self.revision = PIPELINE_REVISION
+        # The most requests that were queued in the board's receive path at once (PtyBoard counts).
+        self.max_queued_requests = 0
         self.attest_mode = AttestMode.GENUINE
         self._first_attestation: bytes | None = None
         self._first_csr: dict[int, bytes] = {}

@@ -182,6 +182,8 @@ class PtyBoard(PtyEndpoint):
             return
         for frame in self._decoder.feed(data):
             self._inbox.put_nowait(frame)
+        # How many requests have waited at once (tests: only revision 3 boards are sent bursts).
+        self.board.max_queued_requests = max(self.board.max_queued_requests, self._inbox.qsize())
         for _ in range(self._decoder.take_errors()):
             self._inbox.put_nowait(_NACK)
 

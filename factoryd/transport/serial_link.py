@@ -60,6 +60,8 @@ class LinkCounters:
 
     frames_sent: int = 0
     bytes_sent: int = 0
+    # Writes handed to the transport: one per request, or one for a burst of pipelined requests.
+    writes: int = 0
     bytes_received: int = 0
 
 
@@ -158,12 +160,13 @@ class SerialLink(Generic[D]):
         if self.state is LinkState.CLOSED:
             listener.link_lost(None)
 
-    def send(self, data: bytes) -> None:
-        """Queue one encoded frame for sending; raise LinkClosedError when the link is gone."""
+    def send(self, data: bytes, *, frames: int = 1) -> None:
+        """Queue encoded frames (``frames`` of them, back to back) in one write; LinkClosedError when gone."""
         transport = self._transport
         if self.state is not LinkState.OPEN or not isinstance(transport, asyncio.WriteTransport):
             raise LinkClosedError(f"serial link {self.path} is closed")
-        self.stats.frames_sent += 1
+        self.stats.writes += 1
+        self.stats.frames_sent += frames
         self.stats.bytes_sent += len(data)
         transport.write(data)
 
