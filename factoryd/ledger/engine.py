@@ -12,12 +12,13 @@ from __future__ import annotations
 import itertools
 import select as io_select
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import psycopg
 import structlog
@@ -273,6 +274,34 @@ class _PendingLink:
     details_json: str
 
 
+class _Group:
+    """One group commit's SQLite transaction (``LedgerBase._group_commit``), begun by its first call."""
+
+    __slots__ = ("began", "cursor")
+
+    def __init__(self, cursor: sqlite3.Cursor) -> None:
+        self.cursor = cursor
+        self.began = False
+
+    @contextmanager
+    def savepoint(self) -> Iterator[Tx]:
+        """One call's transaction as a savepoint: released on success, rolled back alone on any error."""
+        cursor = self.cursor
+        if not self.began:
+            cursor.execute("BEGIN IMMEDIATE")
+            self.began = True
+        cursor.execute("SAVEPOINT hot_call")
+        try:
+            yield Tx(cursor)
+        except BaseException:
+            # The original error is the one to report; if even this fails, the group's COMMIT will.
+            with suppress(*DRIVER_ERRORS):
+                cursor.execute("ROLLBACK TO hot_call")
+                cursor.execute("RELEASE hot_call")
+            raise
+        cursor.execute("RELEASE hot_call")
+
+
 class LedgerBase:
     """Connections, transactions and the audit trail that every part of the ledger runs on."""
 
@@ -294,6 +323,45 @@ class LedgerBase:
         self._closed = False
         # This process's last audit timestamp: an entry earlier than it means the clock stepped back.
         self._last_audit_at: datetime | None = None
+        # The group commit running on this thread, if any (_group_commit; SQLite only).
+        self._group_state = threading.local()
+
+    @contextmanager
+    def _group_commit(self) -> Iterator[None]:
+        """Hot-path calls made in the block share one SQLite transaction, committed when it ends.
+
+        Each call's transaction becomes a savepoint in it: a call that fails is rolled back to its
+        savepoint alone, with its error as ever, and the others stand; every call sees the ones
+        before it. Nothing is durable until the block's COMMIT, which raises (translated, like any
+        COMMIT) if it fails: then none of the calls happened. So a caller must not act on a call's
+        result before the block has ended (``AsyncLedger`` settles them after it). Only hot-path
+        calls may run in the block (an ORM transaction would wait on the group's write lock: it
+        raises instead). On PostgreSQL, or inside a group already, the calls run as they always do.
+        """
+        if self._is_postgres or getattr(self._group_state, "group", None) is not None:
+            yield
+            return
+        with self._translated(None):
+            fairy = self._engine.raw_connection()
+        driver = cast(sqlite3.Connection, fairy.driver_connection)
+        group = _Group(driver.cursor())
+        self._group_state.group = group
+        try:
+            try:
+                yield
+            finally:
+                self._group_state.group = None
+            if group.began:
+                with self._translated(None):
+                    driver.commit()
+        except BaseException:
+            if group.began:
+                with suppress(*DRIVER_ERRORS):
+                    driver.rollback()
+            raise
+        finally:
+            group.cursor.close()
+            fairy.close()
 
     @contextmanager
     def _translated(self, on_integrity: Callable[[Exception], Exception] | None) -> Iterator[None]:
@@ -325,6 +393,8 @@ class LedgerBase:
         snapshot: bool = False,
     ) -> Iterator[Session]:
         """One ORM transaction: committed on success, rolled back on any error, DB errors translated."""
+        if getattr(self._group_state, "group", None) is not None:
+            raise RuntimeError("an ORM transaction inside a group commit (only hot-path calls may group)")
         bind = self._write_engine if write else self._snapshot_engine if snapshot else self._engine
         with (
             self._translated(on_integrity),
@@ -355,7 +425,15 @@ class LedgerBase:
     def _hot(
         self, *, write: bool, on_integrity: Callable[[Exception], Exception] | None = None
     ) -> Iterator[Tx]:
-        """One hot-path transaction on a pooled connection's driver: committed before it returns."""
+        """One hot-path transaction on a pooled connection's driver: committed before it returns.
+
+        Inside ``_group_commit`` it is a savepoint of the group's transaction instead.
+        """
+        group: _Group | None = getattr(self._group_state, "group", None)
+        if group is not None:
+            with self._translated(on_integrity), group.savepoint() as tx:
+                yield tx
+            return
         with self._translated(on_integrity):
             fairy = self._engine.raw_connection()
             checked_in = False

@@ -176,8 +176,15 @@ class SerialLink(Generic[D]):
 
     async def close(self) -> None:
         """Close the tty and wait until the transport is gone."""
-        if self._transport is not None and self.state is not LinkState.CLOSED:
-            self._transport.close()
+        transport = self._transport
+        if transport is not None and self.state is not LinkState.CLOSED:
+            if isinstance(transport, asyncio.WriteTransport) and not transport.get_write_buffer_size():
+                # Nothing is left to send: close at once, without pyserial-asyncio-fast's separate
+                # flush (tcdrain) before the close, each a hop to a thread. The kernel's close of a
+                # tty still waits for what the tty has queued (its closing_wait), as the drain would.
+                transport.abort()
+            else:
+                transport.close()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._closed), 2.0)
         self.state = LinkState.CLOSED
