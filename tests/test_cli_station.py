@@ -319,6 +319,10 @@ def test_run_without_an_active_lot_says_it_waits_and_logs_each_thing_once(tmp_pa
                 pass
             # [station] cpu_affinity = "auto" (the example config's): every thread of the daemon on one CPU.
             cpus = {_cpus_allowed(task) for task in Path(f"/proc/{proc.pid}/task").iterdir()}
+            policies = {
+                int(task.name): os.sched_getscheduler(int(task.name))
+                for task in Path(f"/proc/{proc.pid}/task").iterdir()
+            }
             proc.send_signal(signal.SIGTERM)
             output, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
         finally:
@@ -338,8 +342,12 @@ def test_run_without_an_active_lot_says_it_waits_and_logs_each_thing_once(tmp_pa
         assert len(cpus) == 1, cpus
         assert next(iter(cpus)).isdigit(), cpus  # one CPU, not a list or range
         assert events.count("CPU affinity applied") == 1
+        # Sharing the loop's CPU, the helper threads (the ledger's worker among them) yield to it.
+        assert policies.pop(proc.pid) == os.SCHED_OTHER
+        assert os.SCHED_BATCH in policies.values(), policies
     else:  # nothing to choose between
         assert "CPU affinity applied" not in events
+        assert set(policies.values()) == {os.SCHED_OTHER}
     assert "Started server process" not in output
     assert "Application startup complete" not in output
 

@@ -16,7 +16,7 @@ import structlog
 
 from factoryd.config import Settings
 from factoryd.errors import ConfigError
-from factoryd.limits import apply_cpu_affinity, current_cpu
+from factoryd.limits import apply_cpu_affinity, current_cpu, helper_executor, yield_helper_threads
 
 ALLOWED = sorted(os.sched_getaffinity(0))
 CHILD_TIMEOUT_S = 60
@@ -116,3 +116,67 @@ def test_setting_defaults_to_auto_and_refuses_nonsense() -> None:
     for bad in ("none", [], [-1], ["x"]):
         with pytest.raises(ValueError, match="cpu_affinity"):
             Settings.model_validate({"station": {"cpu_affinity": bad}})
+
+
+# Helper threads (the ledger's worker, the loop's default executor) with and without yielding.
+_HELPERS_CHILD = """
+import asyncio, json, os, sys
+from factoryd.limits import helper_executor, yield_helper_threads
+from factoryd.ledger.aio import _new_executor
+
+yield_helper_threads(json.loads(sys.argv[1]))
+
+async def main():
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(helper_executor())
+    tty_thread = await loop.run_in_executor(None, os.sched_getscheduler, 0)
+    ledger = _new_executor()
+    ledger_thread = ledger.submit(os.sched_getscheduler, 0).result()
+    ledger.shutdown()
+    return {"loop": os.sched_getscheduler(0), "tty": tty_thread, "ledger": ledger_thread}
+
+print(json.dumps(asyncio.run(main())))
+"""
+
+
+def _helper_policies(enabled: bool) -> dict[str, int]:
+    out = subprocess.run(  # noqa: S603 - our own interpreter
+        [sys.executable, "-c", _HELPERS_CHILD, json.dumps(enabled)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=CHILD_TIMEOUT_S,
+    )
+    policies: dict[str, int] = json.loads(out.stdout.strip().splitlines()[-1])
+    return policies
+
+
+def test_helper_threads_yield_to_the_loop_when_enabled_and_the_loop_keeps_its_policy() -> None:
+    assert _helper_policies(True) == {"loop": os.SCHED_OTHER, "tty": os.SCHED_BATCH, "ledger": os.SCHED_BATCH}
+
+
+def test_helper_threads_keep_the_normal_policy_unless_enabled() -> None:
+    assert _helper_policies(False) == {
+        "loop": os.SCHED_OTHER,
+        "tty": os.SCHED_OTHER,
+        "ledger": os.SCHED_OTHER,
+    }
+
+
+def test_a_filter_refusing_the_policy_costs_a_warning_and_the_thread_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # What the unit's SystemCallFilter answers without sched_setscheduler (SystemCallErrorNumber=EPERM).
+    def refused(_pid: int, _policy: int, _param: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setscheduler", refused)
+    yield_helper_threads(True)
+    try:
+        with structlog.testing.capture_logs() as logs, helper_executor() as pool:
+            assert pool.submit(os.sched_getscheduler, 0).result() == os.SCHED_OTHER
+    finally:
+        yield_helper_threads(False)
+    warning = next(e for e in logs if e["event"] == "helper thread keeps the normal scheduling policy")
+    assert warning["log_level"] == "warning"
+    assert "sched_setscheduler" in warning["fix"]

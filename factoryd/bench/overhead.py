@@ -25,7 +25,8 @@ from typing import Any
 from factoryd.bench.floor import CommitCounter, run_floor
 from factoryd.bench.harness import run_remote_line
 from factoryd.bench.layers import LayerProfiler
-from factoryd.limits import apply_cpu_affinity
+from factoryd.cli.opts import run_event_loop
+from factoryd.limits import apply_cpu_affinity, yield_helper_threads
 
 DEFAULT_PORTS = (1, 8, 64, 256)
 # Enough boards per port count that start-up transients do not dominate.
@@ -158,17 +159,13 @@ def single_main(
     """Entry for the child process: asyncio's loop or uvloop, the CPUs set as ``factoryd run`` sets them.
 
     ``affinity`` is ``[station] cpu_affinity``: "auto" (the daemon's default: all its threads on one
-    CPU, applied before the loop and the ledger's worker exist, as ``factoryd run`` does) or "all".
+    CPU, applied before the loop and the ledger's worker exist, its helper threads yielding to the
+    loop, as ``factoryd run`` does) or "all".
     The boards' ``factoryd sim hub`` process starts unpinned (its CPU is not the daemon's).
     """
     cpus = apply_cpu_affinity("auto" if affinity == "auto" else "all")
-    work = run_single(ports, devices_for(ports), profile=profile)
-    if loop == "uvloop":
-        import uvloop  # noqa: PLC0415 - a dependency, but not built for every platform
-
-        result = uvloop.run(work)
-    else:
-        result = asyncio.run(work)
+    yield_helper_threads(cpus is not None)
+    result = run_event_loop(lambda: run_single(ports, devices_for(ports), profile=profile), loop)
     result["loop"] = loop
     result["affinity"] = affinity
     result["cpus"] = sorted(cpus) if cpus is not None else None

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable, Coroutine
-from typing import Any
-
 import typer
 
 from factoryd import __version__
@@ -26,9 +22,16 @@ from factoryd.cli import (
     status,
     tokens,
 )
-from factoryd.cli.opts import ConfigOption, command_group, event_loop_for, fail, get_settings, guard
+from factoryd.cli.opts import (
+    ConfigOption,
+    command_group,
+    fail,
+    get_settings,
+    guard,
+    run_event_loop,
+)
 from factoryd.errors import SchemaVersionError
-from factoryd.limits import apply_cpu_affinity
+from factoryd.limits import apply_cpu_affinity, yield_helper_threads
 from factoryd.log import configure_logging
 
 app = command_group("Factory bulk-provisioning line daemon.", add_completion=False)
@@ -44,16 +47,6 @@ def version() -> None:
 SCHEMA_TOO_NEW_EXIT = 78
 
 
-def run_event_loop(main: Callable[[], Coroutine[Any, Any, object]], choice: str) -> None:
-    """Run ``main()`` to completion on the chosen loop ("auto": uvloop if installed, else asyncio)."""
-    if event_loop_for(choice) == "uvloop":
-        import uvloop  # noqa: PLC0415 - a dependency, but not built for every platform
-
-        uvloop.run(main())
-        return
-    asyncio.run(main())
-
-
 @app.command()
 def run(config: ConfigOption = None) -> None:
     """Run the station daemon (what systemd starts)."""
@@ -63,8 +56,9 @@ def run(config: ConfigOption = None) -> None:
     configure_logging(settings.log.level, settings.log.format)
 
     def start() -> None:
-        # Before the loop and the ledger's worker thread exist: they inherit the CPUs.
-        apply_cpu_affinity(settings.station.cpu_affinity)
+        # Before the loop and the ledger's worker thread exist: they inherit the CPUs; sharing the
+        # loop's, its helper threads yield to it.
+        yield_helper_threads(apply_cpu_affinity(settings.station.cpu_affinity) is not None)
         try:
             run_event_loop(lambda: Daemon(settings).run(), settings.station.event_loop)
         except SchemaVersionError as exc:

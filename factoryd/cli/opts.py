@@ -15,6 +15,7 @@ from typer.core import TyperGroup
 
 from factoryd.config import Settings, load_settings
 from factoryd.errors import ConfigError, FactorydError
+from factoryd.limits import helper_executor
 
 if TYPE_CHECKING:
     from factoryd.api.client import ApiClient
@@ -200,3 +201,21 @@ def event_loop_for(choice: str) -> str:
             ) from None
         return "asyncio"
     return "uvloop"
+
+
+def run_event_loop(main: Callable[[], Coroutine[Any, Any, T]], choice: str) -> T:
+    """Run ``main()`` to completion on the chosen loop ("auto": uvloop if installed, else asyncio).
+
+    The loop's default executor is made of the daemon's helper threads (``limits.helper_executor``:
+    on the loop's CPU they yield to it when ``factoryd run`` enabled that).
+    """
+
+    async def with_helpers() -> T:
+        asyncio.get_running_loop().set_default_executor(helper_executor())
+        return await main()
+
+    if event_loop_for(choice) == "uvloop":
+        import uvloop  # noqa: PLC0415 - a dependency, but not built for every platform
+
+        return uvloop.run(with_helpers())
+    return asyncio.run(with_helpers())

@@ -29,6 +29,7 @@ from factoryd.ledger.matter import OnboardingRecord
 from factoryd.ledger.model import DeviceRecord, LotInfo, LotProgress, LotState, ProvisionedDevice, Reservation
 from factoryd.ledger.profile import LotProfile
 from factoryd.ledger.registrations import CloudRegistration, RegistrationStep
+from factoryd.limits import helper_thread_started
 from factoryd.matter.payload import OnboardingCodes
 
 _P = ParamSpec("_P")
@@ -45,7 +46,10 @@ UnavailableHandler = Callable[[LedgerUnavailableError, float], Awaitable[bool]]
 
 
 def _new_executor() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=_THREAD_NAME)
+    # A helper thread of the loop: with the daemon on one CPU it yields to the loop (factoryd/limits.py).
+    return ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix=_THREAD_NAME, initializer=helper_thread_started
+    )
 
 
 class _GroupCommits:
