@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, Self, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, Self, TypeVar, cast, runtime_checkable
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -474,7 +474,6 @@ def csr_key_point(csr: x509.CertificateSigningRequest) -> bytes:
     return public.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
 
 
-@runtime_checkable
 class ReadBackWriter(Protocol):
     """A client that knows whether its board's WRITE digest is over the object read back (native rev. 2)."""
 
@@ -484,7 +483,6 @@ class ReadBackWriter(Protocol):
         ...
 
 
-@runtime_checkable
 class PipelinedWriter(Protocol):
     """A client that can send every WRITE and the challenge's SIGN in one burst (native revision 3)."""
 
@@ -498,9 +496,26 @@ class PipelinedWriter(Protocol):
         ...
 
 
+@functools.cache
+def _offers(cls: type, protocol: type) -> bool:
+    """Whether instances of ``cls`` have every public member ``protocol`` declares (once per class).
+
+    Not ``isinstance`` against a runtime-checkable protocol: that collects the protocol's members
+    anew on every call, tens of µs a board on the hot path.
+    """
+    return all(hasattr(cls, name) for name in vars(protocol) if not name.startswith("_"))
+
+
 def reads_back_on_write(client: SecureElementClient) -> bool:
-    """Whether the client's WRITE digest already proves the read-back (asked once per board: slow check)."""
-    return isinstance(client, ReadBackWriter) and client.write_reply_reads_back
+    """Whether the client's WRITE digest already proves the read-back."""
+    return _offers(type(client), ReadBackWriter) and cast(ReadBackWriter, client).write_reply_reads_back
+
+
+def pipelines(client: SecureElementClient) -> PipelinedWriter | None:
+    """The client as a PipelinedWriter when its board takes the WRITEs and SIGN in one burst."""
+    if _offers(type(client), PipelinedWriter) and cast(PipelinedWriter, client).pipelines:
+        return cast(PipelinedWriter, client)
+    return None
 
 
 async def write_verified(
@@ -536,9 +551,10 @@ async def provision_secure_element(
     if lot.matter is not None:
         objects.append((ObjectId.MATTER_COMMISSIONING, await matter_commissioning(host, device_id, issued)))
     challenge = secrets.token_bytes(CHALLENGE_BYTES)
-    if not read_back and isinstance(client, PipelinedWriter) and client.pipelines:
+    burst = None if read_back else pipelines(client)
+    if burst is not None:
         # One burst: every WRITE (digest over the read-back) and the challenge's SIGN (§4.3).
-        signature = await host.step(Step.WRITE, lambda: client.write_all_and_sign(objects, challenge))
+        signature = await host.step(Step.WRITE, lambda: burst.write_all_and_sign(objects, challenge))
     else:
         for obj, data in objects:
             await host.step(
