@@ -3,7 +3,8 @@
 The event loop never blocks on the database. A call that is cancelled while it
 runs still completes (and commits) on the worker; that is safe because every
 ledger operation is idempotent for the same board (reservations are keyed by
-the secure-element serial).
+the secure-element serial). On SQLite the per-board writes that are queued for the
+worker together share one COMMIT and are settled only after it (``_GroupCommits``).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ Correlation styles:
 
 - **keyed** (native ``factoryd-v1``): many requests in flight, each keyed by its seq
   (``next_key``); the client's own event handling (BOOT) uses ``waiters``/``resend``/``fail``.
+  ``call_many`` sends several in one write, to a board that queues them (native revision 3).
 - **exclusive** (``arduino-v1``, no seq numbers): one request at a time under a lock, key
   ``EXCLUSIVE_KEY``. After a timeout or a cancelled request a late reply may still arrive, so the
   next request first listens to the line for ``late_reply_s`` and drops what comes
