@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 import structlog
@@ -39,15 +40,20 @@ print(json.dumps({"applied": sorted(applied) if applied is not None else None, "
 """
 
 
-def _in_child(setting: object) -> dict[str, object]:
+def _run_child(script: str, argument: object) -> Any:
+    """Run ``script`` in a fresh interpreter with ``argument`` as JSON; the JSON it printed last."""
     out = subprocess.run(  # noqa: S603 - our own interpreter
-        [sys.executable, "-c", _CHILD, json.dumps(setting)],
+        [sys.executable, "-c", script, json.dumps(argument)],
         capture_output=True,
         text=True,
         check=True,
         timeout=CHILD_TIMEOUT_S,
     )
-    result: dict[str, object] = json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _in_child(setting: object) -> dict[str, object]:
+    result: dict[str, object] = _run_child(_CHILD, setting)
     return result
 
 
@@ -140,14 +146,7 @@ print(json.dumps(asyncio.run(main())))
 
 
 def _helper_policies(enabled: bool) -> dict[str, int]:
-    out = subprocess.run(  # noqa: S603 - our own interpreter
-        [sys.executable, "-c", _HELPERS_CHILD, json.dumps(enabled)],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=CHILD_TIMEOUT_S,
-    )
-    policies: dict[str, int] = json.loads(out.stdout.strip().splitlines()[-1])
+    policies: dict[str, int] = _run_child(_HELPERS_CHILD, enabled)
     return policies
 
 

@@ -7,7 +7,6 @@ are never sent a burst, and a burst survives the link faults a single request su
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from factoryd.protocol.native import BoardClient
 from factoryd.sim.board import Fault, FaultPlan, SimBoard
 from factoryd.sim.pty import serve_pty
 from tests.helpers.boards import FAST_TIMEOUTS
-from tests.helpers.station import LOT, make_line
+from tests.helpers.station import provision_one
 
 CN = "0b6f6c9e-2d1a-4c7e-9f3b-5a4d3c2b1a09"
 OBJECTS = [
@@ -118,38 +117,9 @@ async def test_a_reset_during_the_burst_fails_it_as_a_reset_and_leaves_no_waiter
         assert client.pending == 0
 
 
-def _counting(board: SimBoard) -> Counter[int]:
-    seen: Counter[int] = Counter()
-    execute = board._execute
-
-    async def counted(request: object) -> object:
-        seen[type(request).command] += 1  # type: ignore[attr-defined]
-        return await execute(request)  # type: ignore[arg-type]
-
-    board._execute = counted  # type: ignore[method-assign]
-    return seen
-
-
-async def _provision_one(tmp_path: Path, revision: int) -> tuple[SimBoard, Counter[int]]:
-    line = await make_line(tmp_path)
-    board = line.board()
-    board.revision = revision
-    seen = _counting(board)
-    hub = line.hub(ports=1, supply=0)
-    hub.insert("1", board)
-    station = await line.run(hub)
-    assert station.outcomes == Counter({"provisioned": 1})
-    with line.ledger() as ledger:
-        record = ledger.find_by_serial(LOT, board.serial_hex)
-    assert record is not None
-    assert record.cert_der == board.se.objects[ObjectId.DEVICE_CERT]
-    assert board.se.locked
-    return board, seen
-
-
 async def test_the_station_bursts_to_revision_3_boards_only_with_the_same_commands(tmp_path: Path) -> None:
-    old, old_seen = await _provision_one(tmp_path / "rev2", READBACK_REVISION)
-    new, new_seen = await _provision_one(tmp_path / "rev3", PIPELINE_REVISION)
+    old, old_seen = await provision_one(tmp_path / "rev2", READBACK_REVISION)
+    new, new_seen = await provision_one(tmp_path / "rev3", PIPELINE_REVISION)
     # The same commands run on the board either way: the burst saves round trips, not checks.
     assert old_seen == new_seen
     assert new_seen[Command.WRITE] == 4

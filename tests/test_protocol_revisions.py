@@ -13,48 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from factoryd.protocol.messages import READBACK_REVISION, Command, LockReply, ObjectId
-from factoryd.sim.board import Fault, FaultPlan, SimBoard
-from tests.helpers.station import LOT, make_line
+from factoryd.protocol.messages import READBACK_REVISION, Command, LockReply
+from factoryd.sim.board import Fault, FaultPlan
+from tests.helpers.station import LOT, make_line, provision_one
 
 # READ of the 4 objects and the HELLO after LOCK.
 ROUND_TRIPS_SAVED = 5
 
 
-def _counting(board: SimBoard) -> Counter[int]:
-    """Count the commands the board executes (resends answered from the cache are not counted)."""
-    seen: Counter[int] = Counter()
-    execute = board._execute
-
-    async def counted(request: object) -> object:
-        seen[type(request).command] += 1  # type: ignore[attr-defined]
-        return await execute(request)  # type: ignore[arg-type]
-
-    board._execute = counted  # type: ignore[method-assign]
-    return seen
-
-
-async def _provision_one(tmp_path: Path, revision: int) -> Counter[int]:
-    """Provision one board of ``revision`` on a fresh line; the commands it executed."""
-    line = await make_line(tmp_path)
-    board = line.board()
-    board.revision = revision
-    seen = _counting(board)
-    hub = line.hub(ports=1, supply=0)
-    hub.insert("1", board)
-    station = await line.run(hub)
-    assert station.outcomes == Counter({"provisioned": 1})
-    with line.ledger() as ledger:
-        record = ledger.find_by_serial(LOT, board.serial_hex)
-    assert record is not None
-    assert record.cert_der == board.se.objects[ObjectId.DEVICE_CERT]
-    assert board.se.locked
-    return seen
-
-
 async def test_both_revisions_provision_and_revision_2_needs_five_round_trips_less(tmp_path: Path) -> None:
-    old = await _provision_one(tmp_path / "rev1", 1)
-    new = await _provision_one(tmp_path / "rev2", READBACK_REVISION)
+    _, old = await provision_one(tmp_path / "rev1", 1)
+    _, new = await provision_one(tmp_path / "rev2", READBACK_REVISION)
     assert old[Command.WRITE] == new[Command.WRITE] == 4
     assert old[Command.READ] == 4  # every object read back by the station
     assert new[Command.READ] == 0  # the board read them back itself

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,6 +16,7 @@ from factoryd.daemon import Daemon, DaemonHooks
 from factoryd.demo import DEMO_LOT, DemoOptions, demo_settings, prepare_lot
 from factoryd.jobs.scheduler import Station
 from factoryd.ledger import Ledger
+from factoryd.protocol.messages import ObjectId
 from factoryd.sim.board import FaultPlan, SimBoard
 from factoryd.sim.hub import SimHub
 from factoryd.telemetry.events import TelemetrySink
@@ -70,3 +72,34 @@ async def make_line(tmp_path: Path, **option_overrides: object) -> Line:
     passphrase = secrets.token_urlsafe(16).encode()
     fw_public = await asyncio.to_thread(prepare_lot, options, settings, passphrase)
     return Line(options, settings, passphrase, fw_public)
+
+
+def count_commands(board: SimBoard) -> Counter[int]:
+    """Count the commands the board executes (resends answered from its reply cache are not counted)."""
+    seen: Counter[int] = Counter()
+    execute = board._execute
+
+    async def counted(request: object) -> object:
+        seen[type(request).command] += 1  # type: ignore[attr-defined]
+        return await execute(request)  # type: ignore[arg-type]
+
+    board._execute = counted  # type: ignore[method-assign]
+    return seen
+
+
+async def provision_one(tmp_path: Path, revision: int) -> tuple[SimBoard, Counter[int]]:
+    """Provision one board of protocol ``revision`` on a fresh line, checked; it and the commands it ran."""
+    line = await make_line(tmp_path)
+    board = line.board()
+    board.revision = revision
+    seen = count_commands(board)
+    hub = line.hub(ports=1, supply=0)
+    hub.insert("1", board)
+    station = await line.run(hub)
+    assert station.outcomes == Counter({"provisioned": 1})
+    with line.ledger() as ledger:
+        record = ledger.find_by_serial(DEMO_LOT, board.serial_hex)
+    assert record is not None
+    assert record.cert_der == board.se.objects[ObjectId.DEVICE_CERT]
+    assert board.se.locked
+    return board, seen
