@@ -21,7 +21,7 @@ handed work by the loop, and a thread woken on the same CPU preempts the one tha
 would stop at once for a thread that cannot run yet (the loop holds the GIL), and the kernel switches
 back. Marked ``SCHED_BATCH`` (``yield_helper_threads``, a normal-priority policy that only gives up
 wake-up preemption), a helper runs when the loop waits, its work queued meanwhile: 5-9 % less CPU
-per board at 8 ports and 12-26 % at 64 and 256 on the machine of #20f (docs/performance.md), and the
+per board at 8 ports and 12-27 % at 64 and 256 on the machine of #20f (docs/performance.md), and the
 ledger's group commits grow (a commit per 5-12 boards at 64 ports and more).
 """
 
