@@ -29,7 +29,7 @@ from factoryd.jobs.pipeline import Pipeline, PipelineSettings
 from factoryd.jobs.scheduler import LotSource, Station
 from factoryd.labels.queue import LabelQueue, build_label_queue
 from factoryd.ledger import AsyncLedger
-from factoryd.ledger.aio import held_ledger
+from factoryd.ledger.aio import held_ledger, observe_group_commits
 from factoryd.ledger.model import LotInfo
 from factoryd.limits import raise_open_files_limit
 from factoryd.pki.store import BundleStore
@@ -144,6 +144,7 @@ class Daemon:
                 log.error("refusing to start: the ledger has a newer schema", error=str(exc))
                 self.notifier.notify(f"STATUS=refusing to start: {exc}")
                 raise
+            observe_group_commits(ledger, self.metrics.ledger_group_committed)
             abandoned = await ledger.abandon_open_jobs(settings.station.name, reason="station restarted")
             if abandoned:
                 log.warning("closed jobs left open by the previous run", jobs=abandoned)

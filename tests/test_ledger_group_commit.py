@@ -18,11 +18,14 @@ from typing import Any
 import pytest
 
 from factoryd.bench.floor import CommitCounter
+from factoryd.daemon import Daemon, DaemonHooks
 from factoryd.errors import LedgerError
 from factoryd.ledger import AsyncLedger
+from factoryd.ledger.aio import observe_group_commits
 from factoryd.ledger.core import Ledger
 from factoryd.ledger.model import DeviceState, LotState
 from factoryd.ledger.profile import LotProfile
+from tests.helpers.station import make_line
 
 ACTOR = "station-g"
 CERT = b"\x30\x03\x02\x01\x01"
@@ -193,3 +196,70 @@ async def test_a_failed_group_commit_fails_every_write_in_it_and_none_lands(
     assert all(isinstance(r, LedgerError) for r in failed)
     assert len(landed) == BOARDS - len(failed)
     assert "se-000" not in landed
+
+
+async def test_the_observer_is_told_of_every_group_that_committed(db: Path) -> None:
+    counter = CommitCounter()
+    counter.install()
+    ids = _ids(BOARDS)
+    told: list[tuple[int, float]] = []
+    async with AsyncLedger.open(f"sqlite:///{db}") as aledger:
+        lot = await asyncio.to_thread(_active_lot, aledger.sync, ids)
+        observe_group_commits(aledger, lambda writes, seconds: told.append((writes, seconds)))
+        before = counter.commits
+
+        async def board(index: int) -> None:
+            serial = f"se-{index:03d}"
+            job = await aledger.start_job(lot, station=ACTOR, port=str(index), hw_serial=serial)
+            await aledger.reserve(lot, serial, station=ACTOR, port=str(index), job_id=job, actor=ACTOR)
+            await aledger.finish_job(job, outcome="provisioned", reason=None)
+
+        await asyncio.gather(*(board(index) for index in range(BOARDS)))
+        commits = counter.commits - before
+    # One report per COMMIT, and together they hold every write (3 a board).
+    assert len(told) == commits
+    assert sum(writes for writes, _ in told) == 3 * BOARDS
+    assert all(writes >= 1 and seconds >= 0 for writes, seconds in told)
+
+
+async def test_a_station_exports_its_group_commits(tmp_path: Path) -> None:
+    line = await make_line(tmp_path, boards=12, ports=4)
+    hub = line.hub(ports=4, supply=12)
+    daemon = Daemon(
+        line.settings, DaemonHooks(hub=hub, passphrase=line.passphrase, stop_when=lambda _s: hub.exhausted)
+    )
+    async with asyncio.timeout(60):
+        station = await daemon.run()
+    assert station.outcomes["provisioned"] == 12
+    registry = daemon.metrics.registry
+    groups = registry.get_sample_value("factoryd_ledger_group_writes_count")
+    writes = registry.get_sample_value("factoryd_ledger_group_writes_sum")
+    assert groups is not None
+    assert writes is not None
+    # Four writes a board at least (job start, reservation, issuance record, provision), in fewer
+    # or as many commits; the transactions' time is recorded for each.
+    assert writes >= 4 * 12
+    assert 1 <= groups <= writes
+    assert registry.get_sample_value("factoryd_ledger_group_seconds_count") == groups
+
+
+async def test_an_observer_that_fails_keeps_no_write_waiting(db: Path) -> None:
+    ids = _ids(3)
+    async with AsyncLedger.open(f"sqlite:///{db}") as aledger:
+        lot = await asyncio.to_thread(_active_lot, aledger.sync, ids)
+
+        def broken(_writes: int, _seconds: float) -> None:
+            raise RuntimeError("observer broke")
+
+        observe_group_commits(aledger, broken)
+        got = await asyncio.wait_for(
+            asyncio.gather(
+                *(
+                    aledger.reserve(lot, f"se-{index}", station=ACTOR, port="1", job_id=None, actor=ACTOR)
+                    for index in range(3)
+                )
+            ),
+            10,
+        )
+    assert sorted(r.device_id for r in got) == sorted(ids)
+    assert _reserved_serials(db) == {"se-0", "se-1", "se-2"}

@@ -20,6 +20,8 @@ from contextlib import suppress
 from types import TracebackType
 from typing import ParamSpec, Self, TypeVar, cast
 
+import structlog
+
 from factoryd.errors import LedgerError
 from factoryd.ledger.certificates import IssuedCertificateEntry, RevokedCertificate
 from factoryd.ledger.core import Ledger
@@ -33,6 +35,7 @@ from factoryd.ledger.registrations import CloudRegistration, RegistrationStep
 from factoryd.limits import helper_thread_started
 from factoryd.matter.payload import OnboardingCodes
 
+log = structlog.get_logger(__name__)
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 _THREAD_NAME = "factoryd-ledger"
@@ -44,6 +47,8 @@ _THREAD_NAME = "factoryd-ledger"
 # they report the outage; both are idempotent (the retry resumes the serial's ID, or finds the
 # provision recorded), so the retry is what reads it back.
 UnavailableHandler = Callable[[LedgerUnavailableError, float], Awaitable[bool]]
+# Told of a group commit that landed: how many writes it held, and the seconds its transaction took.
+GroupObserver = Callable[[int, float], None]
 
 
 def _new_executor() -> ThreadPoolExecutor:
@@ -71,6 +76,8 @@ class _GroupCommits:
         self._lock = threading.Lock()
         self._queued: list[tuple[Callable[[], object], asyncio.Future[object]]] = []
         self._drain_scheduled = False
+        # Told of every group that committed (its writes, its seconds), on the worker thread.
+        self.observer: GroupObserver | None = None
 
     def submit(self, call: Callable[[], _T]) -> asyncio.Future[_T]:
         """Queue ``call`` for the next drain; its future is settled after that drain's COMMIT."""
@@ -88,6 +95,7 @@ class _GroupCommits:
             batch, self._queued = self._queued, []
             self._drain_scheduled = False
         outcomes: list[tuple[asyncio.Future[object], object, BaseException | None]] = []
+        started = time.monotonic()
         try:
             with self._ledger._group_commit():
                 for call, future in batch:
@@ -99,6 +107,13 @@ class _GroupCommits:
             # The COMMIT (or the BEGIN) failed: none of them happened.
             own = {id(future): error for future, _, error in outcomes if error is not None}
             outcomes = [(future, None, own.get(id(future), exc)) for _, future in batch]
+        else:
+            committed = sum(1 for _, _, error in outcomes if error is None)
+            if committed and self.observer is not None:
+                try:
+                    self.observer(committed, time.monotonic() - started)
+                except Exception:  # an observer's failure never keeps the writes' callers waiting
+                    log.exception("group commit observer failed", writes=committed)
         if outcomes:
             with suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
                 outcomes[0][0].get_loop().call_soon_threadsafe(_settle, outcomes)
@@ -112,6 +127,16 @@ def _settle(outcomes: list[tuple[asyncio.Future[object], object, BaseException |
             future.set_result(result)
         else:
             future.set_exception(error)
+
+
+def observe_group_commits(ledger: AsyncLedger, observer: GroupObserver) -> None:
+    """Have ``observer(writes, seconds)`` told of every group commit (SQLite; nothing on PostgreSQL).
+
+    It is called on the ledger's worker thread and must return at once and never raise.
+    (A function, not a method: AsyncLedger offers exactly Ledger's methods.)
+    """
+    if ledger._groups is not None:
+        ledger._groups.observer = observer
 
 
 def held_ledger(ledger: AsyncLedger, handler: UnavailableHandler) -> AsyncLedger:

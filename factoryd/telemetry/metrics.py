@@ -57,6 +57,11 @@ JOB_DURATION_BUCKETS_S = (2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 12
 # Steps range from a HELLO round trip (ms) to key generation on an ECC608 (~1 s) and firmware chunks.
 STEP_DURATION_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
+# Per-board ledger writes that shared one SQLite commit (group commit, ledger/aio.py), and how long
+# the worker held that transaction (the fdatasync dominates: a slow disk shows here first).
+LEDGER_GROUP_WRITES_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+LEDGER_GROUP_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
 LOT_ID_STATES = ("available", "reserved", "provisioned", "void")
 FAILED_JOB_OUTCOMES = frozenset({"failed", "aborted", "refused"})
 
@@ -177,6 +182,18 @@ class Metrics(TelemetrySink):
             buckets=STEP_DURATION_BUCKETS_S,
             registry=r,
         )
+        self.ledger_group_writes = Histogram(
+            "factoryd_ledger_group_writes",
+            "Per-board ledger writes committed together in one SQLite transaction (group commit).",
+            buckets=LEDGER_GROUP_WRITES_BUCKETS,
+            registry=r,
+        )
+        self.ledger_group_seconds = Histogram(
+            "factoryd_ledger_group_seconds",
+            "Time the ledger's worker held one group transaction, its first write to its COMMIT.",
+            buckets=LEDGER_GROUP_SECONDS_BUCKETS,
+            registry=r,
+        )
         self.retries = Counter(
             "factoryd_retries",
             "Retries (step-level and job-level) by the step that was retried.",
@@ -288,6 +305,17 @@ class Metrics(TelemetrySink):
     def intake_pause(self, reason: str, paused: bool) -> None:
         """Set the paused-intake gauge for one reason code (the scheduler's pause and resume)."""
         self.intake_paused.labels(reason=self._reasons(reason, UNKNOWN_LABEL)).set(1 if paused else 0)
+
+    def ledger_group_committed(self, writes: int, seconds: float) -> None:
+        """One group commit landed: how many writes it held and how long its transaction took.
+
+        Called on the ledger's worker thread (prometheus-client is thread-safe); never raises.
+        """
+        try:
+            self.ledger_group_writes.observe(writes)
+            self.ledger_group_seconds.observe(max(seconds, 0.0))
+        except Exception:  # a sink never raises (TelemetrySink contract)
+            _log.exception("metrics_ledger_group_failed", writes=writes)
 
     def mqtt_state(
         self,
