@@ -326,6 +326,11 @@ class LedgerBase:
         # The group commit running on this thread, if any (_group_commit; SQLite only).
         self._group_state = threading.local()
 
+    def _current_group(self) -> _Group | None:
+        """The group commit running on this thread, if any."""
+        group: _Group | None = getattr(self._group_state, "group", None)
+        return group
+
     @contextmanager
     def _group_commit(self) -> Iterator[None]:
         """Hot-path calls made in the block share one SQLite transaction, committed when it ends.
@@ -338,7 +343,7 @@ class LedgerBase:
         calls may run in the block (an ORM transaction would wait on the group's write lock: it
         raises instead). On PostgreSQL, or inside a group already, the calls run as they always do.
         """
-        if self._is_postgres or getattr(self._group_state, "group", None) is not None:
+        if self._is_postgres or self._current_group() is not None:
             yield
             return
         with self._translated(None):
@@ -393,7 +398,7 @@ class LedgerBase:
         snapshot: bool = False,
     ) -> Iterator[Session]:
         """One ORM transaction: committed on success, rolled back on any error, DB errors translated."""
-        if getattr(self._group_state, "group", None) is not None:
+        if self._current_group() is not None:
             raise RuntimeError("an ORM transaction inside a group commit (only hot-path calls may group)")
         bind = self._write_engine if write else self._snapshot_engine if snapshot else self._engine
         with (
@@ -429,7 +434,7 @@ class LedgerBase:
 
         Inside ``_group_commit`` it is a savepoint of the group's transaction instead.
         """
-        group: _Group | None = getattr(self._group_state, "group", None)
+        group = self._current_group()
         if group is not None:
             with self._translated(on_integrity), group.savepoint() as tx:
                 yield tx

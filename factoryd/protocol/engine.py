@@ -220,30 +220,41 @@ class RequestEngine(Generic[F, C]):
 
     async def _exchange(self, key: int, command: C, data: bytes, timeout_s: float) -> F:
         self.check_open()
-        future: asyncio.Future[F] = self._loop.create_future()
+        waiter = self._register(key, command, data, timeout_s)
+        try:
+            self.link.send(data)
+            waiter.timer = self._loop.call_later(timeout_s, self._timed_out, waiter)
+            return await waiter.future
+        finally:
+            self._release(key, waiter)
+
+    def _register(self, key: int, command: C, data: bytes, timeout_s: float) -> Waiter[F, C]:
+        """A waiter for ``key``, registered before its frame is sent."""
         waiter = Waiter(
             command,
             data,
-            future,
+            self._loop.create_future(),
             self.resends,
             timeout_s,
             resend_on_timeout=self.policy.resend_on_timeout(command),
         )
         self._waiters[key] = waiter
         self.stats.requests += 1
-        try:
-            self.link.send(data)
-            waiter.timer = self._loop.call_later(timeout_s, self._timed_out, waiter)
-            return await waiter.future
-        finally:
-            del self._waiters[key]
-            if waiter.timer is not None:
-                waiter.timer.cancel()
-            if not waiter.future.done():
-                if self.exclusive:
-                    # Cancelled from outside: its reply may still come and must not answer the next one.
-                    self._late_reply_possible = True
-                waiter.future.cancel()
+        return waiter
+
+    def _release(self, key: int, waiter: Waiter[F, C]) -> None:
+        """Remove a waiter whatever ended it: timer cancelled, an unsettled future cancelled."""
+        del self._waiters[key]
+        if waiter.timer is not None:
+            waiter.timer.cancel()
+        future = waiter.future
+        if not future.done():
+            if self.exclusive:
+                # Cancelled from outside: its reply may still come and must not answer the next one.
+                self._late_reply_possible = True
+            future.cancel()
+        elif not future.cancelled():
+            future.exception()  # retrieved: a burst's second failure is not reported as unhandled
 
     async def call_many(self, calls: Sequence[tuple[int, C, bytes, float]]) -> list[F]:
         """Pipelined keyed requests (key, command, encoded, timeout_s): sent in one write, replies in order.
@@ -261,17 +272,7 @@ class RequestEngine(Generic[F, C]):
         budget_s = 0.0
         for key, command, data, timeout_s in calls:
             budget_s += timeout_s
-            waiter = Waiter(
-                command,
-                data,
-                self._loop.create_future(),
-                self.resends,
-                budget_s,
-                resend_on_timeout=self.policy.resend_on_timeout(command),
-            )
-            self._waiters[key] = waiter
-            waiters.append((key, waiter))
-        self.stats.requests += len(waiters)
+            waiters.append((key, self._register(key, command, data, budget_s)))
         try:
             self.link.send(b"".join(waiter.data for _, waiter in waiters), frames=len(waiters))
             for _, waiter in waiters:
@@ -279,14 +280,7 @@ class RequestEngine(Generic[F, C]):
             return [await waiter.future for _, waiter in waiters]
         finally:
             for key, waiter in waiters:
-                del self._waiters[key]
-                if waiter.timer is not None:
-                    waiter.timer.cancel()
-                future = waiter.future
-                if not future.done():
-                    future.cancel()
-                elif not future.cancelled():
-                    future.exception()  # retrieved: a second failure is not reported as unhandled
+                self._release(key, waiter)
 
     async def _drop_late_replies(self) -> None:
         before = self.stats.unmatched

@@ -236,10 +236,7 @@ class BoardClient(EngineClient[Frame, Command]):
             if reply.status:
                 _raise_status(request.command, reply.status)
         for (obj, data), reply in zip(objects, replies, strict=False):
-            if DigestReply.decode(reply.payload).sha256 != hashlib.sha256(data).digest():
-                raise ReadbackMismatchError(
-                    f"board stored a different {obj.name} than was sent (digest differs)"
-                )
+            _check_stored(obj, data, DigestReply.decode(reply.payload).sha256)
         return SignatureReply.decode(replies[-1].payload).signature
 
     async def genkey(self, slot: int = IDENTITY_SLOT) -> bytes:
@@ -259,9 +256,7 @@ class BoardClient(EngineClient[Frame, Command]):
 
         From revision 2 the digest is over the object as the board reads it back from its store.
         """
-        digest = (await self.request(Write(obj, data))).sha256
-        if digest != hashlib.sha256(data).digest():
-            raise ReadbackMismatchError(f"board stored a different {obj.name} than was sent (digest differs)")
+        _check_stored(obj, data, (await self.request(Write(obj, data))).sha256)
 
     async def read(self, obj: ObjectId) -> bytes:
         """Read an object back."""
@@ -323,6 +318,12 @@ class BoardClient(EngineClient[Frame, Command]):
                     waiter,
                     BoardResetError(f"board on {self.link.path} rebooted during {waiter.command.name}"),
                 )
+
+
+def _check_stored(obj: ObjectId, data: bytes, digest: bytes) -> None:
+    """A WRITE reply's digest must be the SHA-256 of what was sent (ReadbackMismatchError otherwise)."""
+    if digest != hashlib.sha256(data).digest():
+        raise ReadbackMismatchError(f"board stored a different {obj.name} than was sent (digest differs)")
 
 
 def _raise_status(command: Command, code: int) -> None:
