@@ -139,3 +139,23 @@ def test_bundle_repr_hides_key(pki: TestPki) -> None:
     assert "Issuing CA" in text
     assert "PRIVATE" not in text
     assert "private_key" not in text
+
+
+def test_wrong_passphrase_that_decrypts_to_garbage_is_still_a_wrong_passphrase(pki: TestPki) -> None:
+    # About one wrong passphrase in 200 decrypts the key to bytes whose padding passes; cryptography
+    # then reports an ASN.1 error instead of "incorrect password". Find such an encryption (bounded).
+    right, wrong = b"the-right-passphrase", b"not-the-passphrase"
+    encryption = serialization.BestAvailableEncryption(right)
+    for _ in range(5000):
+        key_pem = pki.issuing_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
+        )
+        try:
+            serialization.load_pem_private_key(key_pem, wrong)
+        except ValueError as exc:
+            if "password" not in str(exc):
+                break
+    else:
+        pytest.fail("no encryption whose wrong-passphrase decryption passes the padding check")
+    with pytest.raises(BundleError, match="wrong passphrase"):
+        load_pem_bundle(key_pem, pki.chain_pem, wrong)

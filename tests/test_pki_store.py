@@ -169,7 +169,9 @@ def test_key_at_rest_is_encrypted_under_station_passphrase(tmp_path: Path, bundl
     assert key_pem.startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
     with pytest.raises(TypeError):
         serialization.load_pem_private_key(key_pem, None)
-    with pytest.raises(ValueError, match="password"):
+    # A wrong passphrase is a ValueError: "Incorrect password", or (about one time in 200, when the
+    # garbage it decrypts to has valid padding) an ASN.1 error.
+    with pytest.raises(ValueError, match=r"password|deserialize"):
         serialization.load_pem_private_key(key_pem, UPLOAD_PASSPHRASE)
     for path in lot_dir.iterdir():
         assert STATION_PASSPHRASE not in path.read_bytes()

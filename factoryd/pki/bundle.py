@@ -129,8 +129,10 @@ def load_pem_bundle(
             "the CA private key is not encrypted; export it as encrypted PKCS#8 "
             "(e.g. openssl pkcs8 -topk8 -v2 aes-256-cbc)"
         ) from None
-    except ValueError as exc:
-        if "password" in str(exc).lower() or "decrypt" in str(exc).lower():
+    except ValueError:
+        if _is_encrypted_key(key_pem):
+            # A wrong passphrase usually fails the padding check ("Incorrect password"), but about one
+            # in 200 decrypts to padding that passes and then fails as ASN.1: both are a wrong passphrase.
             raise BundleError("wrong passphrase for the CA private key") from None
         raise BundleError("malformed key file: no readable PEM private key") from None
     except UnsupportedAlgorithm:
@@ -147,6 +149,17 @@ def validate_bundle(
 ) -> None:
     """Re-run every bundle check on an assembled bundle (e.g. before starting a lot)."""
     _validate(bundle, profile or CertProfile(), utc_now(now))
+
+
+def _is_encrypted_key(key_pem: bytes) -> bool:
+    """Whether ``key_pem`` is a well-formed encrypted private key (its passphrase aside)."""
+    try:
+        serialization.load_pem_private_key(key_pem, None)
+    except TypeError:  # "password was not given but private key is encrypted"
+        return True
+    except (ValueError, UnsupportedAlgorithm):
+        return False
+    return False
 
 
 def _check_size(what: str, data: bytes, max_bytes: int) -> None:
