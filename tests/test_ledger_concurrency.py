@@ -260,6 +260,9 @@ def test_bench_reports_durable_claims(url: str) -> None:
     assert isinstance(result["claims_per_s"], float)
     assert result["claims_per_s"] > 0
     assert result["backend"] in ("sqlite", "postgresql")
+    # The machine it ran on: the interpreter's speed (docs/performance.md compares machines by it).
+    assert isinstance(result["python_10m_adds_s"], float)
+    assert result["python_10m_adds_s"] > 0
     with Ledger.open(url) as ledger:
         lot = str(result["lot"])
         assert ledger.get_lot(lot).state is LotState.CLOSED

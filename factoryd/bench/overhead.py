@@ -14,8 +14,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -25,6 +23,7 @@ from typing import Any
 from factoryd.bench.floor import CommitCounter, run_floor
 from factoryd.bench.harness import run_remote_line
 from factoryd.bench.layers import LayerProfiler
+from factoryd.bench.machine import machine_info, python_speed_s
 from factoryd.cli.opts import run_event_loop
 from factoryd.limits import apply_cpu_affinity, yield_helper_threads
 
@@ -117,6 +116,7 @@ def run_overhead_bench(
     affinities: tuple[str, ...] = ("auto",),
 ) -> dict[str, Any]:
     """Run each port count (``repeat`` times, loops and affinities alternating) in its own child process."""
+    speed = python_speed_s()
     runs = []
     for _ in range(repeat):
         for ports in ports_list:
@@ -136,21 +136,14 @@ def run_overhead_bench(
     return {
         "bench": "overhead",
         "boards": "zero-latency, separate process (factoryd sim hub), real PTYs",
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
         "runs": runs,
         "rss_per_port_bytes": round(rss_per_port) if rss_per_port is not None else None,
         "rss_per_port_mib": round(rss_per_port / 2**20, 4) if rss_per_port is not None else None,
         "max_cpu_ms_per_device": max(r["cpu_ms_per_device"] for r in runs),
         "max_ratio": max(r["ratio"] for r in runs),
         "targets": {"cpu_ms_per_device": TARGET_CPU_MS_PER_DEVICE, "ratio": TARGET_RATIO},
-        "load_average": _load_average(),
+        **machine_info(speed),
     }
-
-
-def _load_average() -> list[float]:
-    """The machine's 1/5/15-minute load (how busy it was: others share it)."""
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 def single_main(

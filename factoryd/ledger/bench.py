@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
-import os
 import threading
 import time
 import uuid
@@ -19,6 +18,7 @@ from statistics import quantiles
 from typing import Any
 
 from factoryd.bench.layers import processes_cpu_s
+from factoryd.bench.machine import machine_info, python_speed_s
 from factoryd.errors import IdsExhaustedError, InputError, LedgerError
 from factoryd.ledger.core import Ledger, verify_audit_chains
 from factoryd.ledger.model import LotState
@@ -99,14 +99,20 @@ def run_ledger_bench(
     rather than a fresh one. The lots (``bench-<uuid>``) and their audit entries stay in the database:
     run it on a scratch database.
     """
+    speed = python_speed_s()
     warmed: dict[str, object] | None = None
     if warm:
-        warmed = run_ledger_bench(url, warm, threads, stations=stations)
+        warmed = _run(url, warm, threads, stations)
         _settle(url)
-    result = _run_stations(url, n, stations) if stations else _run_threads(url, n, threads)
+    result = _run(url, n, threads, stations)
     if warmed is not None:
         result["warm_up"] = {"claims": warm, "claims_per_s": warmed["claims_per_s"]}
+    result.update(machine_info(speed))
     return result
+
+
+def _run(url: str, n: int, threads: int, stations: int) -> dict[str, object]:
+    return _run_stations(url, n, stations) if stations else _run_threads(url, n, threads)
 
 
 def _server_ms_per_claim(before: dict[int, float], after: dict[int, float], claims: int) -> float | None:
@@ -269,5 +275,4 @@ def _run_stations(url: str, n: int, stations: int) -> dict[str, object]:
         # The server's, if it runs on this machine: every postgres process (backends, WAL writer,
         # autovacuum) over the same window; processes that ended meanwhile are missing from it.
         "server_cpu_ms_per_claim": _server_ms_per_claim(server_before, server_after, len(latencies)),
-        "load_average": [round(x, 2) for x in os.getloadavg()],
     }
