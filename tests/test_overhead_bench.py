@@ -93,6 +93,38 @@ async def test_a_line_of_many_ports_provisions_every_board(tmp_path: Path) -> No
     assert Counter(b["device_id"] for b in finished).most_common(1)[0][1] == 1
 
 
+class _HubAffinityProbe:
+    """Reads, when the window opens, the CPUs every thread of the ``factoryd sim hub`` child may use."""
+
+    def __init__(self) -> None:
+        self.cpus: list[frozenset[int]] = []
+
+    def start(self) -> None:
+        children = set()
+        for tid in os.listdir("/proc/self/task"):
+            children.update(Path(f"/proc/self/task/{tid}/children").read_text().split())
+        for pid in children:
+            if b"sim\0hub" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    self.cpus.append(frozenset(os.sched_getaffinity(int(tid))))
+
+    def stop(self) -> None:
+        pass
+
+
+async def test_the_boards_process_runs_on_the_cpus_it_is_given(tmp_path: Path) -> None:
+    # bench overhead pins the daemon to one CPU and gives the boards the others (real boards never
+    # share the station's CPU); here the boards get one CPU, whatever this process may use.
+    board_cpus = frozenset({max(os.sched_getaffinity(0))})
+    probe = _HubAffinityProbe()
+    run = await run_remote_line(
+        tmp_path, ports=2, devices=4, timing="zero", probe=probe, board_cpus=board_cpus
+    )
+    assert run.outcomes == {"provisioned": 4}
+    assert len(probe.cpus) >= 1  # the hub process and its threads were found while the line ran
+    assert set(probe.cpus) == {board_cpus}
+
+
 @pytest.fixture
 def low_soft_limit() -> Iterator[tuple[int, int]]:
     """The soft RLIMIT_NOFILE lowered to 512 for the test, restored afterwards."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import resource
 import secrets
 import subprocess
@@ -89,8 +90,14 @@ async def run_remote_line(
     lock: bool = True,
     profile: DemoProfile = "factoryd-v1",
     probe: WindowProbe | None = None,
+    board_cpus: frozenset[int] | None = None,
 ) -> RemoteRun:
-    """Prepare a lot, start a sim hub process, run the daemon until the supply is used up."""
+    """Prepare a lot, start a sim hub process, run the daemon until the supply is used up.
+
+    ``board_cpus``: the CPUs the boards' process runs on (None: this process's, which it inherits).
+    A daemon pinned to one CPU (``cpu_affinity = "auto"``) would otherwise share it with every
+    simulated board, which real boards never do: each reply would preempt the daemon on its own CPU.
+    """
     options = DemoOptions(
         ports=ports, boards=devices, timing=timing, flash=flash, lock=lock, log_level="error", profile=profile
     )
@@ -118,6 +125,10 @@ async def run_remote_line(
     with (workdir / "sim-hub.log").open("wb") as log:
         # Popen returns at once (no waiting on the loop); the child is reaped off-loop in `finally`.
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)  # noqa: S603, ASYNC220
+    if board_cpus:
+        # Popen returns after the exec and before the interpreter has started any thread of its own:
+        # every thread of the hub process inherits the set.
+        os.sched_setaffinity(proc.pid, board_cpus)
     try:
         # The daemon enters the hub, which waits for the hub process to listen.
         hub = RemoteSimHub(socket, pool=CONNECTION_POOL, connect_timeout_s=HUB_START_TIMEOUT_S)

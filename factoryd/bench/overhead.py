@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -65,13 +66,20 @@ class _Window:
         self.commits = self._counter.commits - self._at_start
 
 
-async def run_single(ports: int, devices: int, *, profile: bool = False) -> dict[str, Any]:
-    """One run in this process (called in a child by run_overhead_bench), then the floor."""
+async def run_single(
+    ports: int, devices: int, *, profile: bool = False, board_cpus: frozenset[int] | None = None
+) -> dict[str, Any]:
+    """One run in this process (called in a child by run_overhead_bench), then the floor.
+
+    ``board_cpus``: where the boards' process runs (see ``run_remote_line``).
+    """
     counter = CommitCounter()
     counter.install()
     window = _Window(counter, LayerProfiler() if profile else None)
     with tempfile.TemporaryDirectory(prefix="factoryd-overhead-") as tmp:
-        run = await run_remote_line(Path(tmp), ports=ports, devices=devices, timing="zero", probe=window)
+        run = await run_remote_line(
+            Path(tmp), ports=ports, devices=devices, timing="zero", probe=window, board_cpus=board_cpus
+        )
     boards = max(run.provisioned, 1)
     result = run.summary()
     result["devices_per_second"] = round(run.provisioned / run.window_s, 1) if run.window_s else None
@@ -154,12 +162,18 @@ def single_main(
     ``affinity`` is ``[station] cpu_affinity``: "auto" (the daemon's default: all its threads on one
     CPU, applied before the loop and the ledger's worker exist, its helper threads yielding to the
     loop, as ``factoryd run`` does) or "all".
-    The boards' ``factoryd sim hub`` process starts unpinned (its CPU is not the daemon's).
+    The boards' ``factoryd sim hub`` process runs on the CPUs the daemon is not pinned to (when there
+    are any): on a line the boards are hardware of their own, not the daemon's CPU.
     """
+    allowed = frozenset(os.sched_getaffinity(0))
     cpus = apply_cpu_affinity("auto" if affinity == "auto" else "all")
     yield_helper_threads(cpus is not None)
-    result = run_event_loop(lambda: run_single(ports, devices_for(ports), profile=profile), loop)
+    board_cpus = ((allowed - cpus) or None) if cpus is not None else None
+    result = run_event_loop(
+        lambda: run_single(ports, devices_for(ports), profile=profile, board_cpus=board_cpus), loop
+    )
     result["loop"] = loop
     result["affinity"] = affinity
     result["cpus"] = sorted(cpus) if cpus is not None else None
+    result["board_cpus"] = sorted(board_cpus) if board_cpus is not None else None
     return result
