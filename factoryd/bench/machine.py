@@ -24,12 +24,13 @@ def python_speed_s(adds: int = CALIBRATION_ADDS, repeats: int = CALIBRATION_REPE
     """Seconds a pure-Python loop of 10 million additions takes here (best of ``repeats``, scaled)."""
     if adds <= 0 or repeats <= 0:
         raise ValueError("the calibration needs at least one addition and one run")
+    # At module level (names in a dict, as in ``python -c``), the loop the notes have always timed:
+    # in a function (fast locals) the same loop runs about four times faster.
+    loop = compile(f"total = 0\nfor i in range({adds}):\n    total += i\n", "<calibration>", "exec")
     best = float("inf")
     for _ in range(repeats):
-        total = 0
         started = time.perf_counter()
-        for i in range(adds):
-            total += i
+        exec(loop, {})  # noqa: S102 - our own constant loop
         best = min(best, time.perf_counter() - started)
     return round(best * REPORTED_ADDS / adds, 3)
 
