@@ -9,10 +9,6 @@ subprocess in its own process group, killed whole on timeout.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import os
-import signal
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +19,7 @@ import structlog
 from factoryd.errors import FirmwareRejectedError, HubCommandError
 from factoryd.files import write_new
 from factoryd.firmware import LotFirmware
+from factoryd.procs import run_tool
 
 log = structlog.get_logger(__name__)
 # Output kept from a failing tool for the error message.
@@ -54,26 +51,15 @@ class ExternalFlasher:
             argv = self.argv(tty, image)
             log.info("flashing", tool=argv[0], tty=tty, version=firmware.version)
             try:
-                proc = await asyncio.create_subprocess_exec(
-                    *argv,
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.STDOUT,
-                    start_new_session=True,
-                )
+                # procs.run_tool: no fork of the daemon; the tool's process group is killed on a
+                # timeout or a cancellation.
+                result = await run_tool(argv, self.timeout_s, merge_stderr=True)
             except OSError as exc:
                 raise HubCommandError(f"cannot run flashing tool {argv[0]!r}: {exc.strerror}") from exc
-            try:
-                async with asyncio.timeout(self.timeout_s):
-                    output, _ = await proc.communicate()
             except TimeoutError:
                 raise HubCommandError(
                     f"flashing tool {argv[0]!r} did not finish in {self.timeout_s:.0f} s"
                 ) from None
-            finally:
-                if proc.returncode is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    await proc.wait()
-        if proc.returncode != 0:
-            tail = output.decode("utf-8", "replace")[-TOOL_OUTPUT_TAIL:].strip()
-            raise HubCommandError(f"flashing tool {argv[0]!r} failed (exit {proc.returncode}): {tail}")
+        if result.returncode != 0:
+            tail = result.stdout.decode("utf-8", "replace")[-TOOL_OUTPUT_TAIL:].strip()
+            raise HubCommandError(f"flashing tool {argv[0]!r} failed (exit {result.returncode}): {tail}")

@@ -205,6 +205,19 @@ def bench_attestation(
     _write_json(run_attestation_bench(rounds), out)
 
 
+@app.command("tools")
+def bench_tools(
+    runs: Annotated[int, typer.Option(min=5, help="Tool runs each way.")] = 100,
+    rss_mib: Annotated[int, typer.Option(min=1, help="Grow this process to a daemon's size first.")] = 150,
+    loop: Annotated[str, typer.Option(help="auto (the daemon's: uvloop), asyncio or uvloop.")] = "auto",
+    out: OutOption = None,
+) -> None:
+    """What one external tool run (uhubctl, a flasher) costs the daemon's process and its loop."""
+    from factoryd.bench.tools import run_tools_bench  # noqa: PLC0415
+
+    _write_json(guard(lambda: run_tools_bench(runs, rss_mib=rss_mib, loop=_event_loop_name(loop))), out)
+
+
 @app.command("load")
 def bench_load(
     ports: Annotated[int, typer.Option(min=1, max=256, help="Ports on the line.")] = 8,

@@ -19,11 +19,7 @@ Older releases print ``Current status for hub 20-1, vendor 2109:2811, 4 ports`` 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import os
 import re
-import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -34,6 +30,7 @@ from factoryd.config import UhubctlSettings
 from factoryd.errors import HubCommandError, HubDisconnectedError
 from factoryd.hub.switched import DEFAULT_REMOVE_TIMEOUT_S, SwitchedHub
 from factoryd.hub.ttymap import TtyResolver, make_resolver
+from factoryd.procs import run_tool
 
 log = structlog.get_logger(__name__)
 
@@ -148,38 +145,23 @@ def _excerpt(text: str) -> str:
 
 
 async def run_command(argv: Sequence[str], timeout_s: float) -> CommandResult:
-    """Run a command without blocking the loop; kill its process group on timeout or cancellation."""
+    """Run a command without blocking the loop (``procs.run_tool``: no fork of the daemon); kill its
+    process group on timeout or cancellation."""
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            # Its own process group, so a kill reaches anything it started.
-            start_new_session=True,
-        )
+        result = await run_tool(argv, timeout_s)
     except FileNotFoundError as exc:
         raise HubCommandError(
             f"{argv[0]}: not found (install the 'uhubctl' package or set hub.uhubctl.binary)"
         ) from exc
     except PermissionError as exc:
         raise HubCommandError(f"{argv[0]}: cannot execute ({exc.strerror})") from exc
-    try:
-        async with asyncio.timeout(timeout_s):
-            out, err = await proc.communicate()
     except TimeoutError:
         raise HubCommandError(f"{' '.join(argv)}: no answer after {timeout_s:.1f} s (killed)") from None
-    finally:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            # Reap it: no zombie, also when we are being cancelled.
-            await proc.wait()
     return CommandResult(
         tuple(argv),
-        proc.returncode if proc.returncode is not None else -1,
-        out.decode("utf-8", "replace"),
-        err.decode("utf-8", "replace"),
+        result.returncode,
+        result.stdout.decode("utf-8", "replace"),
+        result.stderr.decode("utf-8", "replace"),
     )
 
 
