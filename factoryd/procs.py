@@ -1,10 +1,11 @@
 """External tools run from the event loop without copying the daemon: ``run_tool``.
 
 uvloop starts a child with libuv's ``fork()``, which copies the page tables of the whole daemon
-(~150 MiB and up): ~12 ms of the daemon's CPU and ~27 ms with its event loop stopped, per command, on
-the machine of docs/performance.md (#20g). A station switching its ports with ``uhubctl`` runs two
-commands a board. ``subprocess.Popen`` uses ``vfork()`` (no copy: ~1 ms), so tools start through it
-whatever the loop, and the blocking wait for the tool's output runs in a worker thread.
+(~150 MiB and up): 7-14 ms of the daemon's CPU and 16-31 ms with its event loop stopped, per command,
+on the machine of docs/performance.md (#20g, ``factoryd bench tools``). A station switching its ports
+with ``uhubctl`` runs two commands a board. ``subprocess.Popen`` uses ``vfork()`` (no copy: ~1 ms), so
+tools start through it whatever the loop, and the blocking wait for the tool's output runs in a thread
+of the tools' own pool.
 """
 
 from __future__ import annotations
@@ -15,10 +16,30 @@ import os
 import signal
 import subprocess
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+
+from factoryd.limits import helper_thread_started
 
 # How long to wait for a killed tool's output to close (it is SIGKILLed, process group and all).
 KILL_GRACE_S = 5.0
+# Threads that wait for tools: their own pool, one per tool running at once (a flasher takes minutes
+# on every port of a 1 024-port line; the loop's default executor, which opens the ttys, stays free).
+TOOL_THREADS_MAX = 1024
+
+_waiters: ThreadPoolExecutor | None = None
+
+
+def _tool_waiters() -> ThreadPoolExecutor:
+    """The pool of threads waiting for tools (created on first use; threads start as needed)."""
+    global _waiters  # noqa: PLW0603 - one pool per process, made lazily
+    if _waiters is None:
+        _waiters = ThreadPoolExecutor(
+            max_workers=TOOL_THREADS_MAX,
+            thread_name_prefix="factoryd-tool",
+            initializer=helper_thread_started,
+        )
+    return _waiters
 
 
 @dataclass(frozen=True)
@@ -46,7 +67,7 @@ async def run_tool(argv: Sequence[str], timeout_s: float, *, merge_stderr: bool 
         # Its own process group, so a kill reaches anything it started.
         start_new_session=True,
     )
-    output = asyncio.ensure_future(asyncio.to_thread(proc.communicate))
+    output = asyncio.get_running_loop().run_in_executor(_tool_waiters(), proc.communicate)
     try:
         async with asyncio.timeout(timeout_s):
             out, err = await asyncio.shield(output)

@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -101,3 +103,23 @@ def test_a_missing_or_unexecutable_tool_is_an_os_error(tmp_path: Path) -> None:
     plain.write_text("#!/bin/sh\n")
     with pytest.raises(PermissionError):
         asyncio.run(run_tool([str(plain)], 5.0))
+
+
+def test_tools_wait_in_their_own_threads_not_the_loops_default_executor() -> None:
+    # A line flashing on every port keeps many tools waiting for minutes; the loop's default executor
+    # (which opens and closes the ttys) must stay free, and the tools must not queue behind it.
+    async def scenario() -> list[int]:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=1))
+        release = threading.Event()
+        busy = loop.run_in_executor(None, release.wait, 30.0)  # the default executor's only thread
+        argv = [sys.executable, "-c", "import time; time.sleep(0.3)"]
+        try:
+            async with asyncio.timeout(20.0):
+                results = await asyncio.gather(*(run_tool(argv, 20.0) for _ in range(4)))
+        finally:
+            release.set()
+            await busy
+        return [r.returncode for r in results]
+
+    assert asyncio.run(scenario()) == [0, 0, 0, 0]
