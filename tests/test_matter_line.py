@@ -133,7 +133,7 @@ async def test_with_faults_the_sealed_codes_match_what_each_board_finally_holds(
         # Each board's serial is pinned to its seed: the serial enters the fault draws, so each replays.
         factory=lambda: _pinned_board(line, next(seeds)),
     )
-    station = await line.run(hub, timeout_s=80)
+    station = await line.run(hub, timeout_s=80, settings=line.without_attention())
     provisioned = station.outcomes["provisioned"]
     assert provisioned >= 1
     # The faults really happened, and some of them during the write phase (where the passcode changes).

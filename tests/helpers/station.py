@@ -41,6 +41,16 @@ class Line:
         """A simulated hub fed with this line's boards."""
         return SimHub(ports, factory or self.board, supply=supply)
 
+    def without_attention(self) -> Settings:
+        """The line's settings with ports that never stop for the operator (attention).
+
+        A run fed faulty boards can give one port three failures in a row; the port then waits for the
+        operator holding the next board the simulated hub put in, so the supply never runs out and
+        ``run`` waits for its timeout. Tests that are not about the attention rule use these settings.
+        """
+        jobs = self.settings.jobs.model_copy(update={"attention_after_failures": 1_000_000})
+        return self.settings.model_copy(update={"jobs": jobs})
+
     def ledger(self) -> Ledger:
         """A sync ledger on the line's database."""
         return Ledger.open(self.settings.ledger_url)

@@ -52,11 +52,8 @@ async def test_soak_attestation_with_impostors(tmp_path: Path) -> None:
         return board
 
     hub = line.hub(ports=PORTS, supply=DEVICES, factory=supply)
-    # With 10 % faulty boards a port sometimes gets three failures in a row and would stop for the
-    # operator (attention) holding its next board, so the supply would never run out: this soak is
-    # about IDs and impostors, the attention rule has its own tests (tests/test_pipeline.py).
-    jobs = line.settings.jobs.model_copy(update={"attention_after_failures": DEVICES + 1})
-    station = await line.run(hub, timeout_s=800, settings=line.settings.model_copy(update={"jobs": jobs}))
+    # This soak is about IDs and impostors: no port stops for attention (tests/test_pipeline.py has that).
+    station = await line.run(hub, timeout_s=800, settings=line.without_attention())
     assert impostors, "the supply had no impostor"
 
     refused = {r.hw_serial: r for r in station.results if r.outcome == "refused"}
