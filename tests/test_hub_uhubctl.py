@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from factoryd.errors import ConfigError, EnumerationTimeoutError, HubCommandErro
 from factoryd.hub.base import Hub
 from factoryd.hub.ttymap import ByPathResolver, TtyStillPresentError
 from factoryd.hub.uhubctl import UhubctlHub, parse_uhubctl, run_command
+from tests.helpers.processes import pid_alive
 
 DATA = Path(__file__).parent / "data" / "uhubctl"
 USB3_HALVES = {
@@ -79,15 +79,6 @@ def plug(by_path: Path, port: int, controller: str = "pci-0000:00:14.0") -> Path
     link = by_path / f"{controller}-usb-0:1.4.{port}:1.0"
     link.symlink_to(target)
     return link
-
-
-def pid_alive(pid: int) -> bool:
-    """True while a process (or an unreaped zombie) with this pid exists."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 # --- parsing recorded output -------------------------------------------------------------------

@@ -15,6 +15,7 @@ import pytest
 
 from factoryd.ledger.testing import throwaway_postgres_database
 from tests.helpers.postgres import PG_ADMIN_URL_ENV, PostgresCluster, PostgresServer, find_postgres_bindir
+from tests.helpers.processes import pid_alive
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEM_PG_PORT = 5432
@@ -24,14 +25,6 @@ def _port_open(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(1.0)
         return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_cluster_starts_serves_and_is_gone_after_stop() -> None:
@@ -48,7 +41,7 @@ def test_cluster_starts_serves_and_is_gone_after_stop() -> None:
             assert f":{cluster.port}/" in url
     finally:
         cluster.stop()
-    assert not _pid_alive(pid)
+    assert not pid_alive(pid)
     assert not _port_open(cluster.port)
     assert not cluster.workdir.exists()
 
@@ -111,6 +104,6 @@ def test_a_session_starts_its_own_cluster_and_stops_it_at_the_end(tmp_path: Path
     assert seen["env"] == seen["url"]
     assert seen["port"] != SYSTEM_PG_PORT
     assert f":{seen['port']}/" in seen["url"]
-    assert not _pid_alive(seen["pid"])
+    assert not pid_alive(seen["pid"])
     assert not _port_open(seen["port"])
     assert not Path(seen["workdir"]).exists()

@@ -7,7 +7,6 @@ exit status come back whole otherwise.
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 import threading
 import time
@@ -20,16 +19,9 @@ import pytest
 import uvloop
 
 from factoryd.procs import run_tool
+from tests.helpers.processes import pid_alive
 
 LOOPS: dict[str, Callable[[Coroutine[Any, Any, Any]], Any]] = {"asyncio": asyncio.run, "uvloop": uvloop.run}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _spawner(tmp_path: Path) -> list[str]:
@@ -75,12 +67,12 @@ def test_a_tool_that_hangs_is_killed_with_its_children(loop: str, tmp_path: Path
         return pids
 
     tool, grandchild = LOOPS[loop](scenario())
-    assert not _alive(tool)  # killed and reaped: no zombie either
+    assert not pid_alive(tool)  # killed and reaped: no zombie either
     for _ in range(200):  # the grandchild is the init process's to reap once killed
-        if not _alive(grandchild):
+        if not pid_alive(grandchild):
             break
         time.sleep(0.01)
-    assert not _alive(grandchild)
+    assert not pid_alive(grandchild)
 
 
 @pytest.mark.parametrize("loop", sorted(LOOPS))
@@ -93,7 +85,7 @@ def test_cancelling_the_caller_kills_the_tool(loop: str, tmp_path: Path) -> None
             await task
         return tool
 
-    assert not _alive(LOOPS[loop](scenario()))
+    assert not pid_alive(LOOPS[loop](scenario()))
 
 
 def test_a_missing_or_unexecutable_tool_is_an_os_error(tmp_path: Path) -> None:
